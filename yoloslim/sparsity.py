@@ -1,0 +1,291 @@
+"""Sparsity training (Network Slimming, Liu et al. 2017): L1 on BatchNorm scale factors, as an Ultralytics plugin.
+
+Definition of `sr`. After every optimizer step Ultralytics actually takes (one per nominal batch of `nbs` images; a
+step that AMP skips for inf gradients adds no penalty either), each prunable BatchNorm scale gamma in a parameter
+group whose current learning rate is lr is soft-thresholded:
+
+    gamma <- sign(gamma) * max(|gamma| - lr * sr_t, 0)
+
+This is the proximal step of the penalty sr_t * sum|gamma| with step size lr: what plain SGD does to that term. It is
+applied after the optimizer's own step, on the parameters directly, so Adam's gradient normalisation, the AMP loss
+scale, the loss being multiplied by the batch size, gradient accumulation and gradient-norm clipping cannot change it.
+sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
+on the epoch, so a resumed run continues it exactly.
+
+Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
+rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them under the
+top-level key "yoloslim", which Ultralytics' final strip keeps, so `resume=True` continues with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+from ultralytics.engine import trainer as trainer_module
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils.patches import torch_load
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+
+from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import write_text_atomic
+
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = ("constant", "linear", "cosine")
+CHECKPOINT_KEY = "yoloslim"
+GAMMA_HISTORY = "gamma_history.json"
+GAMMA_PLOT = "gamma_distribution.png"
+# |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
+_LOG_EDGES = np.concatenate([[0.0], np.logspace(-6, 1, 57)])
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How hard and where to push BatchNorm gammas towards zero."""
+
+    sr: float = 1e-3
+    schedule: Schedule = "constant"
+    final_ratio: float = 0.0  # sr at the last epoch, as a fraction of sr (linear and cosine schedules)
+    include_head: bool = False  # also shrink the Detect head's BatchNorms
+
+    def __post_init__(self):
+        if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
+            raise YoloslimError(f"sr must be a finite number >= 0, got {self.sr}; try --sr 1e-3")
+        if self.schedule not in SCHEDULES:
+            raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.final_ratio <= 1:
+            raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
+
+    def sr_at(self, epoch: int, epochs: int) -> float:
+        """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
+        progress = min(max(epoch / max(epochs - 1, 1), 0.0), 1.0)
+        if self.schedule == "constant":
+            return self.sr
+        if self.schedule == "linear":
+            decay = 1 - progress
+        else:
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.sr * (self.final_ratio + (1 - self.final_ratio) * decay)
+
+
+def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The BatchNorms whose channels pruning may remove: backbone and neck, plus the head's if asked."""
+    model = unwrap_model(model)
+    layers = model.model
+    head = layers[-1]
+    found = []
+    for index, layer in enumerate(layers):
+        if layer is head and not include_head:
+            continue
+        found += [(f"model.{index}.{name}", m) for name, m in layer.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    return found
+
+
+def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
+    """In place: shrink every entry's magnitude by `amount`, stopping at zero."""
+    weight.copy_(weight.sign() * (weight.abs() - amount).clamp_(min=0))
+
+
+def gamma_magnitudes(model: nn.Module, include_head: bool = False) -> np.ndarray:
+    gammas = [bn.weight.detach().abs().flatten().float().cpu() for _, bn in prunable_batchnorms(model, include_head)]
+    return torch.cat(gammas).numpy() if gammas else np.zeros(0)
+
+
+def gamma_summary(gammas: np.ndarray) -> dict[str, float]:
+    """The per-epoch figures users read to choose a pruning threshold."""
+    p10, p50, p90 = np.quantile(gammas, [0.1, 0.5, 0.9])
+    return {
+        "gamma/p10": float(p10),
+        "gamma/p50": float(p50),
+        "gamma/p90": float(p90),
+        "gamma/below_1e-2": float((gammas < 1e-2).mean()),
+        "gamma/below_1e-3": float((gammas < 1e-3).mean()),
+    }
+
+
+class SparsityCallback:
+    """Carries the settings into DDP workers and sets the epoch's sr on the trainer at each epoch start."""
+
+    def __init__(self, config: SparsityConfig):
+        self.config = config
+
+    def __call__(self, trainer) -> None:
+        trainer.sr = self.config.sr_at(trainer.epoch, trainer.epochs)
+
+
+class SparsityTrainer(DetectionTrainer):
+    """Ultralytics DetectionTrainer with the L1 penalty on BatchNorm gammas, gamma monitoring and atomic saves.
+
+    Use as `YOLO(w).train(data=..., trainer=SparsityTrainer.with_config(SparsityConfig(sr=1e-3)))`; plain
+    `trainer=SparsityTrainer` uses the default SparsityConfig (or the checkpoint's on resume).
+    """
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None, sparsity: SparsityConfig | None = None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+        carried = self._carried_callback()
+        resumed = self._config_from_checkpoint() if self.resume else None
+        if resumed and sparsity and sparsity != resumed:
+            LOGGER.warning(f"Resume keeps the checkpoint's sparsity settings {resumed}, ignoring {sparsity}.")
+        self.sparsity = resumed or (carried.config if carried else None) or sparsity or SparsityConfig()
+        if carried:
+            carried.config = self.sparsity
+        else:
+            self.add_callback("on_train_epoch_start", SparsityCallback(self.sparsity))
+        self.sr = self.sparsity.sr_at(0, self.epochs)
+
+    @classmethod
+    def with_config(cls, config: SparsityConfig):
+        """A trainer factory for `YOLO.train(trainer=...)` that uses `config`."""
+        return partial(cls, sparsity=config)
+
+    def _carried_callback(self) -> SparsityCallback | None:
+        found = [c for c in self.callbacks["on_train_epoch_start"] if isinstance(c, SparsityCallback)]
+        return found[0] if found else None
+
+    def _config_from_checkpoint(self) -> SparsityConfig | None:
+        saved = torch_load(self.args.resume, map_location="cpu").get(CHECKPOINT_KEY, {}).get("sparsity")
+        return SparsityConfig(**saved) if saved else None
+
+    # -- the penalty -----------------------------------------------------------------------------------------------
+    def build_optimizer(self, model, *args, **kwargs):
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        gammas = {id(bn.weight) for _, bn in prunable_batchnorms(model, self.sparsity.include_head)}
+        self._gamma_groups = [[p for p in g["params"] if id(p) in gammas] for g in optimizer.param_groups]
+        # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
+        optimizer.register_step_post_hook(self._apply_sparsity)
+        return optimizer
+
+    @torch.no_grad()
+    def _apply_sparsity(self, optimizer, args, kwargs) -> None:
+        for group, gammas in zip(optimizer.param_groups, self._gamma_groups):
+            amount = group["lr"] * self.sr
+            if amount > 0:
+                for weight in gammas:
+                    soft_threshold_(weight, amount)
+
+    # -- monitoring ------------------------------------------------------------------------------------------------
+    def save_metrics(self, metrics):
+        drop_rows_from_epoch(self.csv, self.epoch + 1)
+        gammas = gamma_magnitudes(self.ema.ema, self.sparsity.include_head)
+        super().save_metrics({**metrics, "sparsity/sr": self.sr, **gamma_summary(gammas)})
+        history = record_gamma_histogram(self.save_dir / GAMMA_HISTORY, self.epoch, self.sr, gammas)
+        if self.args.plots:
+            plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def save_model(self):
+        """Ultralytics' save_model, but staged to temporary files that are renamed into place (never torn)."""
+        final = (self.last, self.best)
+        staged = [p.with_name(f".{p.name}.saving") for p in final]
+        for path in staged:
+            path.unlink(missing_ok=True)
+        self.last, self.best = staged
+        try:
+            saved = super().save_model()
+        finally:
+            self.last, self.best = final
+        for stage, target in zip(staged, final):
+            if stage.exists():
+                self._embed_settings(stage)
+                os.replace(stage, target)
+        return saved
+
+    def _embed_settings(self, path: Path) -> None:
+        ckpt = torch_load(path, map_location="cpu")
+        ckpt[CHECKPOINT_KEY] = {"sparsity": asdict(self.sparsity)}
+        torch.save(ckpt, path)
+
+    def final_eval(self):
+        # Ultralytics strips last.pt and best.pt in place here; stage those writes too.
+        with mock.patch.object(trainer_module, "strip_optimizer", strip_optimizer_atomic):
+            return super().final_eval()
+
+
+def strip_optimizer_atomic(f, s: str = "", updates=None) -> dict:
+    """ultralytics' strip_optimizer, writing to a temporary file renamed onto the target."""
+    target = Path(s or f)
+    stage = target.with_name(f".{target.name}.stripping")
+    try:
+        ckpt = strip_optimizer(f, s=str(stage), updates=updates)
+        if ckpt:
+            os.replace(stage, target)
+        return ckpt
+    finally:
+        stage.unlink(missing_ok=True)
+
+
+def drop_rows_from_epoch(csv: Path, epoch: int) -> None:
+    """Remove results.csv rows of `epoch` (1-based) and later: a run killed after logging an epoch but before saving
+    it redoes that epoch on resume, and Ultralytics would otherwise log it twice."""
+    if not csv.exists():
+        return
+    header, *rows = csv.read_text().splitlines()
+    kept = [row for row in rows if int(float(row.split(",")[0])) < epoch]
+    if len(kept) < len(rows):
+        write_text_atomic(csv, "\n".join([header, *kept]) + "\n")
+
+
+def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:
+    """Append this epoch's |gamma| histogram to the run's history (replacing entries a resume re-runs)."""
+    history = json.loads(path.read_text()) if path.exists() else {"edges": _LOG_EDGES.tolist(), "epochs": []}
+    history["epochs"] = [e for e in history["epochs"] if e["epoch"] < epoch]
+    counts, _ = np.histogram(gammas, bins=np.append(_LOG_EDGES, np.inf))
+    history["epochs"].append({"epoch": epoch, "sr": sr, "counts": counts.tolist(), **gamma_summary(gammas)})
+    write_text_atomic(path, json.dumps(history))
+    return history
+
+
+def plot_gamma_history(history: dict, path: Path) -> None:
+    """Heat map of the |gamma| distribution per epoch with its quantiles: where a gap opens, a threshold fits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] + 1 for e in history["epochs"]]
+    counts = np.array([e["counts"] for e in history["epochs"]], dtype=float).T
+    edges = np.array(history["edges"])
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    y = np.append(np.maximum(edges, 1e-7), 20.0)  # zero bin drawn just below 1e-6
+    x = np.append(np.array(epochs) - 0.5, epochs[-1] + 0.5)
+    mesh = ax.pcolormesh(x, y, np.log1p(counts), cmap="viridis", shading="flat")
+    for key, style in (("gamma/p10", ":"), ("gamma/p50", "-"), ("gamma/p90", "--")):
+        ax.plot(epochs, [max(e[key], 1e-7) for e in history["epochs"]], "w" + style, lw=1.2, label=key.split("/")[1])
+    ax.set(yscale="log", xlabel="epoch", ylabel="|gamma| (prunable BatchNorms)", title="BatchNorm gamma distribution")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.colorbar(mesh, ax=ax, label="log(1 + channels)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train_sparse(weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args):
+    """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under `yoloslim train`."""
+    from ultralytics import YOLO
+
+    from yoloslim.data import resolve_data
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    if str(weights).endswith(".pt"):
+        load_detection_checkpoint(weights)
+    trainer = SparsityTrainer.with_config(config or SparsityConfig())
+    if resume:
+        return YOLO(weights).train(resume=True, trainer=trainer, **train_args)
+    return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)
+
+
+__all__ = ["SparsityConfig", "SparsityTrainer", "SparsityCallback", "train_sparse", "prunable_batchnorms"]
