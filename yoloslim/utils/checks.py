@@ -6,11 +6,14 @@ that names the file, the problem and the fix.
 
 from __future__ import annotations
 
+import pickletools
+import zipfile
 from pathlib import Path
 
 from yoloslim.utils.errors import YoloslimError
 
-_ORIGINAL_YOLOV5_HINT = "originally trained with https://github.com/ultralytics/yolov5"
+# Checkpoints of github.com/ultralytics/yolov5 pickle classes from its top-level `models` package.
+_ORIGINAL_YOLOV5_MODULES = {"models.yolo", "models.common", "models.experimental"}
 
 
 def load_detection_checkpoint(weights: str | Path):
@@ -22,20 +25,42 @@ def load_detection_checkpoint(weights: str | Path):
         raise YoloslimError(f"weights file {path} does not exist; pass --weights path/to/best.pt")
     if path.suffix != ".pt":
         raise YoloslimError(f"{path} is not a PyTorch checkpoint (.pt); pass the best.pt that Ultralytics training wrote")
+    # Checked before Ultralytics sees the file: it maps a name like yolov5s.pt to yolov5su.pt and downloads that.
+    if pickled_modules(path) & _ORIGINAL_YOLOV5_MODULES:
+        raise YoloslimError(
+            f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which yoloslim cannot "
+            "read; retrain it with the ultralytics package (model yolov5n.yaml) and pass that best.pt"
+        )
     try:
         model, ckpt = load_checkpoint(path)
     except (TypeError, ModuleNotFoundError) as e:
-        if _ORIGINAL_YOLOV5_HINT in str(e):
-            raise YoloslimError(
-                f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which yoloslim cannot "
-                "read; retrain it with the ultralytics package (model yolov5n.yaml) and pass that best.pt"
-            ) from None
         raise YoloslimError(f"{path} is not a loadable Ultralytics checkpoint ({_first_line(e)}); pass another file") from None
-    task = getattr(model, "task", None)
-    if task != "detect" or type(model) is not DetectionModel:
-        kind = task or type(model).__name__
+    if type(model) is not DetectionModel:  # subclasses are the segment, pose and obb models
+        kind = type(model).__name__.removesuffix("Model").lower()
         raise YoloslimError(f"{path} is a {kind} model; yoloslim slims detection models only, pass a detection best.pt")
     return model, ckpt
+
+
+def pickled_modules(path: Path) -> set[str]:
+    """Modules whose classes a torch checkpoint references, read from its pickle without executing it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            data = archive.read(name)
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        return set()  # not a zip checkpoint; the loader reports what is wrong
+    modules, strings = set(), []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                modules.add(arg.split(" ")[0])
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                modules.add(strings[-2])
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except ValueError:
+        pass  # a damaged pickle: keep what was read, the loader reports the damage
+    return modules
 
 
 def check_data_yaml(data: str | Path) -> Path:

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+
+
+def run_cli(*argv) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", *argv], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr.strip()
+
+
+def save_model(path, model) -> str:
+    torch.save({"model": model, "train_args": {}}, path)
+    return str(path)
+
+
+@pytest.fixture
+def detection_pt(tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    return save_model(tmp_path / "det.pt", DetectionModel("yolov5n.yaml", nc=2, verbose=False))
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_missing_weights(tmp_path):
+    assert_one_line_error(*run_cli("train", "--weights", str(tmp_path / "nope.pt")), "does not exist", "--weights")
+
+
+@pytest.mark.parametrize("kind", ["classify", "segment"])
+def test_non_detection_checkpoints_are_refused(tmp_path, kind):
+    from ultralytics.nn.tasks import ClassificationModel, SegmentationModel
+
+    model = ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False) if kind == "classify" else SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)
+    weights = save_model(tmp_path / f"{kind}.pt", model)
+    assert_one_line_error(*run_cli("train", "--weights", weights), "is a classification model" if kind == "classify" else "is a segmentation model", "detection")
+
+
+def test_original_yolov5_repository_checkpoint_is_refused(tmp_path, monkeypatch):
+    # Checkpoints of github.com/ultralytics/yolov5 pickle classes from its top-level `models` package.
+    package, module = types.ModuleType("models"), types.ModuleType("models.yolo")
+    model_class = type("Model", (torch.nn.Module,), {"__module__": "models.yolo"})
+    module.Model = model_class
+    package.yolo = module
+    monkeypatch.setitem(sys.modules, "models", package)
+    monkeypatch.setitem(sys.modules, "models.yolo", module)
+    weights = save_model(tmp_path / "yolov5s.pt", model_class())
+    monkeypatch.delitem(sys.modules, "models")
+    monkeypatch.delitem(sys.modules, "models.yolo")
+    assert_one_line_error(*run_cli("train", "--weights", weights), "original YOLOv5 repository")
+
+
+def test_missing_dataset_yaml(tmp_path, detection_pt):
+    err = run_cli("train", "--weights", detection_pt, "--data", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(*err, "nope.yaml does not exist", "--data")
+
+
+def test_negative_sr(detection_pt):
+    assert_one_line_error(*run_cli("train", "--weights", detection_pt, "--sr=-1e-3"), "sr must be")
+
+
+def test_unknown_passthrough_argument(detection_pt):
+    assert_one_line_error(*run_cli("train", "--weights", detection_pt, "lr00=0.1"), "'lr00'")
+
+
+def test_stages_not_built_say_so():
+    code, err = run_cli("slim")
+    assert code != 0 and err == "yoloslim slim: not built yet (planned in issue #5)"
+
+
+def test_console_script_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train" in result.stdout

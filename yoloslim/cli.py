@@ -1,0 +1,114 @@
+"""The `yoloslim` command: a thin layer that parses arguments and calls the Python API of each stage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from yoloslim.utils.errors import YoloslimError
+
+BASELINE = "yolov5n-synthetic.pt"
+
+# Stages still to come, with the issue that builds each.
+_NOT_BUILT = {
+    "prune": ("remove channels from a (sparsity-trained) model", 3),
+    "finetune": ("finetune a pruned model, optionally distilled", 3),
+    "export": ("export to ONNX, Q/DQ INT8 ONNX or a TensorRT engine", 4),
+    "detect": ("run a model on images, videos or a camera", 4),
+    "doctor": ("report what this device has for each command", 4),
+    "eval": ("mAP with confidence intervals for every backend", 5),
+    "bench": ("latency and FPS for every backend", 5),
+    "report": ("the comparison report of every variant", 5),
+    "slim": ("the whole pipeline in one command", 5),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # no network here: skip Ultralytics' online checks and their time-outs
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except YoloslimError as e:
+        print(f"yoloslim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoloslim", description="Slim Ultralytics YOLOv5 detectors for edge devices.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(commands)
+    for name, (summary, issue) in _NOT_BUILT.items():
+        sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(run=_not_built(name, issue))
+    return parser
+
+
+def _not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    def run(_args) -> int:
+        print(f"yoloslim {name}: not built yet (planned in issue #{issue})", file=sys.stderr)
+        return 3
+
+    return run
+
+
+def _add_train(commands) -> None:
+    sub = commands.add_parser(
+        "train",
+        help="sparsity training (L1 on BatchNorm gamma) of a detection model",
+        description="Sparsity training: Ultralytics training plus an L1 penalty on BatchNorm scale factors. "
+        "Extra Ultralytics train arguments pass through as key=value (e.g. lr0=0.002 close_mosaic=5).",
+    )
+    sub.add_argument("--weights", help=f"detection checkpoint to train (default: the shipped {BASELINE})")
+    sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
+    sub.add_argument("--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)")
+    sub.add_argument("--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)")
+    sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
+    sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
+    sub.add_argument("--epochs", type=int)
+    sub.add_argument("--imgsz", type=int)
+    sub.add_argument("--batch", type=int)
+    sub.add_argument("--device")
+    sub.add_argument("--project", help="runs are written under PROJECT/NAME (default runs/detect/train*)")
+    sub.add_argument("--name")
+    sub.add_argument("--resume", action="store_true", help="continue the run whose last.pt is --weights")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics train arguments")
+    sub.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from yoloslim.sparsity import SparsityConfig, train_sparse
+    from yoloslim.utils.assets import shipped_file
+
+    config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head)
+    named = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch", "device", "project", "name")}
+    train_args = {**parse_overrides(args.overrides), **{k: v for k, v in named.items() if v is not None}}
+    weights = args.weights or str(shipped_file("weights", BASELINE))
+    train_sparse(weights, config, data=args.data, resume=args.resume, **train_args)
+    return 0
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """Turn `key=value` words into Ultralytics arguments, refusing keys Ultralytics does not know."""
+    import yaml
+    from ultralytics.utils import DEFAULT_CFG_KEYS
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise YoloslimError(f"argument {pair!r} is not key=value; write it like lr0=0.002")
+        if key not in DEFAULT_CFG_KEYS:
+            raise YoloslimError(f"{key!r} is not an Ultralytics train argument; run 'yolo cfg' to list them")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
