@@ -1,0 +1,205 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from yoloslim.prune import PruneConfig, file_sha256, plan_pruning, prune, prune_model
+from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
+from yoloslim.prune.graph import build_graph, group_in_convs, group_out_convs
+from yoloslim.prune.plan import round_channels
+from yoloslim.utils.errors import YoloslimError
+
+
+def random_model(nc: int = 3, cfg: str = "yolov5n.yaml", seed: int = 0) -> nn.Module:
+    """A detection model with varied BatchNorm parameters and statistics, so removed channels carry real constants."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=nc, verbose=False)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.0, 1.0)
+            bn.bias.normal_(0, 0.3)
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def decoded(model, x):
+    out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@pytest.mark.parametrize("method", ["bn", "l1"])
+def test_without_compensation_pruning_equals_zeroed_activations(method):
+    """Proves the channel bookkeeping across residual adds, concats and the head's inputs, borders included."""
+    model = random_model()
+    planned = plan_pruning(model, PruneConfig(method=method, ratio=0.5, compensate=False, imgsz=64))
+    removed = removed_batchnorm_channels(planned.graph, planned.groups, planned.plans)
+    sizes = [(64, 64), (96, 128), (160, 96)]
+    inputs = [torch.rand(2, 3, h, w) for h, w in sizes]
+    with torch.no_grad(), zeroed_gammas(removed, also_beta=True):  # SiLU(0) = 0: the activation is forced to zero
+        expected = [decoded(model, x) for x in inputs]
+    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=False)
+    assert sum(len(p.removed) for p in planned.plans) > 0
+    with torch.no_grad():
+        for x, want in zip(inputs, expected):
+            got = decoded(model, x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def _consumers(planned):
+    """consuming conv -> (removed input channels, kept output channels), in the original numbering."""
+    removed_in, kept_out = {}, {}
+    for group, plan in zip(planned.groups, planned.plans):
+        gone = set(plan.removed)
+        for conv, idxs, roots in group_in_convs(planned.graph, group):
+            removed_in.setdefault(conv, set()).update(i for i, r in zip(idxs, roots) if r in gone)
+        for conv, idxs, roots in group_out_convs(planned.graph, group):
+            kept_out[conv] = [i for i, r in zip(idxs, roots) if r not in gone]
+    return {c: (sorted(r), kept_out.get(c)) for c, r in removed_in.items() if r}
+
+
+def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
+    model = random_model()
+    planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
+    consumers = _consumers(planned)
+    wrapper = {m.conv: m for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d)}
+    layer = {conv: wrapper.get(conv, conv) for conv in consumers}  # conv+BN+act, or a bare conv with bias
+    seen = {}
+    hooks = [layer[c].register_forward_hook(lambda m, a, o: seen.__setitem__(m, (a[0], o))) for c in consumers]
+    with torch.no_grad(), zeroed_gammas(removed_batchnorm_channels(planned.graph, planned.groups, planned.plans)):
+        model(torch.rand(1, 3, 128, 128))
+    for h in hooks:
+        h.remove()
+    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=True)
+
+    checked = 0
+    for conv, (removed_in, kept_out) in consumers.items():
+        x_ref, y_ref = seen[layer[conv]]
+        kept_in = [i for i in range(x_ref.shape[1]) if i not in set(removed_in)]
+        with torch.no_grad():
+            y = layer[conv](x_ref[:, kept_in])
+        want = y_ref if kept_out is None else y_ref[:, kept_out]
+        p = conv.padding[0]
+        interior = (slice(None), slice(None), slice(p, y.shape[2] - p), slice(p, y.shape[3] - p))
+        torch.testing.assert_close(y[interior], want[interior], rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked >= 10
+
+
+def test_every_conv_and_batchnorm_is_consistent():
+    result = prune_model(random_model(nc=80), PruneConfig(ratio=0.6, imgsz=64))
+    for m in result.model.modules():
+        if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            assert m.conv.out_channels == m.bn.num_features == m.bn.running_mean.numel()
+    head = result.model.model[-1]
+    assert [b[-1].out_channels for b in head.cv2] == [64] * 3 and [b[-1].out_channels for b in head.cv3] == [80] * 3
+    assert result.after["gflops"] < 0.75 * result.before["gflops"]
+
+
+@pytest.mark.parametrize("round_to", [1, 8, 32])
+def test_guards_min_keep_and_rounding(round_to):
+    result = prune_model(random_model(), PruneConfig(ratio=0.9, min_keep=0.25, round_to=round_to, imgsz=64))
+    pruned_layers = 0
+    for name, (before, after) in result.widths.items():
+        assert after >= min(before, round_to) and after >= 0.25 * before - 1e-9
+        if before > round_to and after < before:
+            assert after % round_to == 0, name
+            pruned_layers += 1
+    assert pruned_layers > 0
+    assert round_channels(9, 64, 8) == 16 and round_channels(0, 64, 8) == 8 and round_channels(3, 4, 8) == 4
+
+
+def test_threshold_and_target_flops():
+    model = random_model()
+    by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
+    assert by_threshold.threshold == 0.5 and 0.3 < by_threshold.removed_fraction < 0.7
+    target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
+    assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
+    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable"):
+        prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+
+
+@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor")])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(YoloslimError):
+        PruneConfig(**bad)
+
+
+def test_later_families_are_refused():
+    from ultralytics.nn.tasks import DetectionModel
+
+    with pytest.raises(YoloslimError, match="YOLOv8/YOLO11"):
+        build_graph(DetectionModel("yolov8n.yaml", nc=2, verbose=False))
+
+
+# -- the checkpoint ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_pt(tmp_path_factory):
+    """A checkpoint as Ultralytics writes it (EMA half model, train_args), from random but varied weights."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    path = tmp_path_factory.mktemp("w") / "best.pt"
+    model = random_model(nc=6).half()
+    model.args = dict(DEFAULT_CFG_DICT)
+    model.names = {i: f"c{i}" for i in range(6)}
+    torch.save({"model": None, "ema": model, "train_args": dict(DEFAULT_CFG_DICT), "epoch": -1, "version": "8.4.190"}, path)
+    return path
+
+
+def test_dry_run_writes_nothing_and_input_is_untouched(trained_pt):
+    digest, files = file_sha256(trained_pt), set(trained_pt.parent.iterdir())
+    result = prune(trained_pt, PruneConfig(ratio=0.5, imgsz=64), dry_run=True)
+    assert result.out is None and set(trained_pt.parent.iterdir()) == files
+    assert file_sha256(trained_pt) == digest
+
+
+def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    digest = file_sha256(trained_pt)
+    out = tmp_path / "pruned.pt"
+    result = prune(trained_pt, PruneConfig(ratio=0.5, imgsz=64), out=out)
+    assert file_sha256(trained_pt) == digest and result.out == out
+    assert out.with_name("pruned-report.md").read_text().count("|") > 20
+    assert out.with_name("pruned-report.png").stat().st_size > 0
+
+    ckpt = torch.load(out, weights_only=False)
+    meta = ckpt["yoloslim"]["prune"]
+    assert meta["source_sha256"] == digest and meta["settings"]["ratio"] == 0.5
+    assert any(b != a for b, a in meta["widths"].values())
+    assert {type(m).__module__.split(".")[0] for m in ckpt["model"].modules()} <= {"torch", "ultralytics"}
+
+    # plain Ultralytics, in a fresh interpreter without yoloslim importable, also with safe loading
+    probe = (
+        "import sys; from ultralytics import YOLO; m = YOLO(sys.argv[1]); "
+        "assert 'yoloslim' not in sys.modules; r = m.predict(sys.argv[2], imgsz=64, verbose=False); print(len(r))"
+    )
+    image = next((Path(tiny_data).parent / "images" / "val").glob("*.jpg"))
+    for safe in ("0", "1"):
+        env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": safe, "PYTHONPATH": "", "YOLO_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", probe, str(out), str(image)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    model = YOLO(str(out))
+    metrics = model.val(data=str(tiny_data), imgsz=64, batch=2, plots=False, verbose=False, project=str(tmp_path), name="val")
+    assert 0 <= metrics.box.map <= 1
+
+    onnx_path = Path(model.export(format="onnx", imgsz=64, opset=17, simplify=False, dynamic=False))
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    torch_model = YOLO(str(out)).model.float().eval()
+    with torch.no_grad():
+        want = decoded(torch_model, torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

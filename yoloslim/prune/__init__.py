@@ -1,0 +1,202 @@
+"""Channel pruning of Ultralytics YOLOv5 detectors: `prune()` is the API under `yoloslim prune`.
+
+graph.py says what is coupled, importance.py what matters, plan.py which channels go, apply.py removes them (with
+bias compensation), report.py shows the result. The output is an ordinary Ultralytics checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from yoloslim.prune.apply import apply_plan
+from yoloslim.prune.graph import build_graph
+from yoloslim.prune.importance import IMPORTANCES
+from yoloslim.prune.plan import GroupPlan, PruneConfig, plan_for_threshold, removed_fraction, threshold_for_ratio
+from yoloslim.utils.errors import YoloslimError
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning", "model_stats"]
+
+
+@dataclass
+class PruneResult:
+    """What pruning did: the model and the figures of its report."""
+
+    model: nn.Module
+    config: PruneConfig
+    threshold: float
+    removed_fraction: float  # of prunable channels, after rounding
+    before: dict  # params, gflops
+    after: dict
+    widths: dict  # conv name -> [channels before, after]
+    scores: list = field(repr=False, default_factory=list)  # per-group channel scores (for the histogram)
+    out: Path | None = None
+
+    def metadata(self, source: Path) -> dict:
+        """Plain-typed prune metadata stored in the checkpoint (readable with ULTRALYTICS_SAFE_LOAD=1)."""
+        return {
+            "source": str(source),
+            "source_sha256": file_sha256(source),
+            "date": datetime.now(timezone.utc).isoformat(),
+            "settings": asdict(self.config),
+            "threshold": self.threshold,
+            "removed_fraction": self.removed_fraction,
+            "before": self.before,
+            "after": self.after,
+            "widths": self.widths,
+        }
+
+
+def model_stats(model: nn.Module, imgsz: int) -> dict:
+    from ultralytics.utils.torch_utils import get_flops
+
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(model, imgsz)), 4)}
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@dataclass
+class Planned:
+    """A model's dependency graph, its channel groups, their scores and the plan for each."""
+
+    graph: object
+    groups: list
+    scores: list
+    threshold: float
+    plans: list[GroupPlan]
+
+
+def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = None) -> Planned:
+    """Score every channel group of `model` and decide, per group, which channels stay."""
+    graph, groups = build_graph(model)
+    importance = IMPORTANCES[config.method]
+    scores = [importance(graph, g) for g in groups]
+    roots = [g.root for g in groups]
+    gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
+    threshold = _choose_threshold(model, roots, scores, config, gflops)
+    return Planned(graph, groups, scores, threshold, plan_for_threshold(roots, scores, threshold, config))
+
+
+def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
+    """Prune a float32 detection model (a copy is pruned; `model` is left alone)."""
+    model = deepcopy(model).float().cpu().eval()
+    before_widths = conv_widths(model)
+    before = model_stats(model, config.imgsz)
+    planned = plan_pruning(model, config, before["gflops"])
+    apply_plan(model, planned.graph, planned.groups, planned.plans, config.compensate)
+    after_widths = conv_widths(model)
+    return PruneResult(
+        model=model,
+        config=config,
+        threshold=planned.threshold,
+        removed_fraction=removed_fraction(planned.plans),
+        before=before,
+        after=model_stats(model, config.imgsz),
+        widths={k: [before_widths[k], after_widths[k]] for k in before_widths},
+        scores=[s.tolist() for s in planned.scores],
+    )
+
+
+def _choose_threshold(model, roots, scores, config: PruneConfig, gflops: float) -> float:
+    if config.threshold is not None:
+        return config.threshold
+    if config.target_flops is None:
+        return threshold_for_ratio(scores, config.effective_ratio)
+    return _threshold_for_flops(model, roots, scores, config, gflops)
+
+
+def _gflops_with(model, roots, scores, threshold, config) -> float:
+    trial = deepcopy(model)
+    graph, groups = build_graph(trial)
+    apply_plan(trial, graph, groups, plan_for_threshold(roots, scores, threshold, config), compensate=False)
+    return model_stats(trial, config.imgsz)["gflops"]
+
+
+def _threshold_for_flops(model, roots, scores, config, gflops: float) -> float:
+    """Smallest global threshold whose pruned model fits the GFLOPs budget (bisection over the sorted scores)."""
+    budget = config.target_flops * gflops
+    candidates = torch.unique(torch.cat(scores)).tolist() + [math.inf]
+    lowest = _gflops_with(model, roots, scores, math.inf, config)
+    if lowest > budget:
+        raise YoloslimError(
+            f"--target-flops cannot be reached with --min-keep {config.min_keep} and --round-to {config.round_to}: the "
+            f"smallest reachable model keeps {lowest / gflops:.3f} of the GFLOPs; ask for that or lower the guards"
+        )
+    lo, hi = 0, len(candidates) - 1  # invariant: candidates[hi] fits the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _gflops_with(model, roots, scores, candidates[mid], config) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[hi]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_output(weights: Path) -> Path:
+    from ultralytics.utils.files import increment_path
+
+    return Path(increment_path(weights.with_name(f"{weights.stem}-pruned.pt"), sep=""))
+
+
+def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Path | None = None, dry_run: bool = False) -> PruneResult:
+    """Prune a checkpoint; unless dry_run, write an ordinary Ultralytics checkpoint and its report beside it."""
+    from yoloslim.prune.report import write_prune_report
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    config = config or PruneConfig()
+    weights = Path(weights)
+    model, ckpt = load_detection_checkpoint(weights)
+    result = prune_model(model, config)
+    if dry_run:
+        return result
+    out = Path(out) if out else default_output(weights)
+    if out.resolve() == weights.resolve():
+        raise YoloslimError(f"--out {out} is the input file; yoloslim never overwrites its input, choose another path")
+    save_pruned_checkpoint(result, ckpt, weights, out)
+    result.out = out
+    write_prune_report(result, out.with_suffix(""))
+    return result
+
+
+def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: Path) -> None:
+    from ultralytics import __version__
+
+    from yoloslim.utils.files import atomic_path
+
+    model = deepcopy(result.model).half()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.args = dict(getattr(model, "args", {}) or {})
+    carried = {k: ckpt.get(k) for k in ("train_args", "license", "docs") if k in ckpt}
+    previous = ckpt.get("yoloslim") or {}
+    payload = {
+        **carried,
+        "date": datetime.now().astimezone().isoformat(),
+        "version": __version__,
+        "epoch": -1,
+        "best_fitness": None,
+        "model": model,
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "yoloslim": {**previous, "prune": result.metadata(source)},
+    }
+    with atomic_path(out) as tmp:
+        torch.save(payload, tmp)

@@ -1,0 +1,110 @@
+"""What is coupled: torch-pruning's dependency graph over an Ultralytics YOLOv5 detection model.
+
+A ChannelGroup is one set of output channels that must shrink together: a conv and its BatchNorm, plus every conv
+joined to it by a residual add (Bottleneck, C3), with the consumers' input channels that follow, through concats
+(C3, SPPF, the neck's Concat layers) at the right offsets. The graph is traced with the Detect head in training mode,
+whose forward stops at the raw per-level maps: the box decoding and DFL that follow would otherwise couple the head's
+outputs across levels. The head's final box and class convolutions (and the DFL) keep their output shapes; its inner
+convolutions are prunable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from yoloslim.utils.errors import YoloslimError
+
+# Blocks of later Ultralytics families whose split/attention ops this pruner has not been validated on.
+_UNSUPPORTED_BLOCKS = {"C2f", "C3k2", "C2PSA", "A2C2f", "C2fAttn", "RepNCSPELAN4", "SCDown", "PSA", "C2fCIB"}
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable set of coupled output channels."""
+
+    group: tp.Group  # full-index torch-pruning group
+    root: str  # name of the conv the group is rooted at
+    size: int  # channels in the group
+
+    def items(self):
+        return self.group.items
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse model families whose coupling has not been validated: better a clear no than a broken checkpoint."""
+    blocks = {type(m).__name__ for m in model.modules()}
+    unsupported = sorted(blocks & _UNSUPPORTED_BLOCKS)
+    head = model.model[-1]
+    if unsupported or getattr(head, "end2end", False):
+        found = ", ".join(unsupported) or "an end-to-end (NMS-free) head"
+        raise YoloslimError(
+            f"this model has {found}: a YOLOv8/YOLO11-or-later architecture that yoloslim prune does not support yet; "
+            "pass a YOLOv5 model (Ultralytics yolov5*.yaml)"
+        )
+
+
+def fixed_head_layers(model: nn.Module) -> list[nn.Module]:
+    """The Detect head layers whose output shapes are fixed by the decoding: final box/class convs and the DFL."""
+    head = model.model[-1]
+    fixed = [branch[-1] for branch in (*head.cv2, *head.cv3)]
+    if hasattr(head, "dfl") and isinstance(head.dfl, nn.Module):
+        fixed.append(head.dfl)
+    return fixed
+
+
+def _raw_head_forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.model[-1].train()  # raw per-level maps; torch-pruning has put everything else in eval mode
+    try:
+        out = model(images)
+    finally:
+        model.model[-1].eval()
+    parts = out.values() if isinstance(out, dict) else out
+    return sum(t.float().sum() for t in parts if isinstance(t, torch.Tensor))
+
+
+def build_graph(model: nn.Module, imgsz: int = 64) -> tuple[tp.DependencyGraph, list[ChannelGroup]]:
+    """Trace `model` (float32, CPU) and return the graph and every prunable channel group."""
+    check_supported(model)
+    for p in model.parameters():
+        p.requires_grad_(True)  # tracing relies on autograd; loaded checkpoints have it switched off
+    example = torch.zeros(1, 3, imgsz, imgsz)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=_raw_head_forward, verbose=False)
+    names = {m: n for n, m in model.named_modules()}
+    fixed = fixed_head_layers(model)
+    groups = [
+        ChannelGroup(group=g, root=names[g[0].dep.target.module], size=len(g[0].idxs))
+        for g in graph.get_all_groups(ignored_layers=fixed, root_module_types=[nn.Conv2d])
+    ]
+    return graph, groups
+
+
+def is_out_channel_item(graph: tp.DependencyGraph, item) -> bool:
+    return graph.is_out_channel_pruning_fn(item.dep.handler)
+
+
+def group_batchnorms(graph: tp.DependencyGraph, group: ChannelGroup):
+    """(BatchNorm, its channel indices, the matching group channel indices) for each BN in the group."""
+    for item in group.items():
+        module = item.dep.target.module
+        if isinstance(module, nn.BatchNorm2d) and is_out_channel_item(graph, item):
+            yield module, list(item.idxs), list(item.root_idxs)
+
+
+def group_out_convs(graph: tp.DependencyGraph, group: ChannelGroup):
+    """(Conv2d, its output channel indices, the matching group channel indices) for each producing conv."""
+    for item in group.items():
+        module = item.dep.target.module
+        if isinstance(module, nn.Conv2d) and is_out_channel_item(graph, item):
+            yield module, list(item.idxs), list(item.root_idxs)
+
+
+def group_in_convs(graph: tp.DependencyGraph, group: ChannelGroup):
+    """(Conv2d, its input channel indices, the matching group channel indices) for each consuming conv."""
+    for item in group.items():
+        module = item.dep.target.module
+        if isinstance(module, nn.Conv2d) and graph.is_in_channel_pruning_fn(item.dep.handler):
+            yield module, list(item.idxs), list(item.root_idxs)

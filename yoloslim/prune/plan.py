@@ -1,0 +1,90 @@
+"""Which channels go: a global threshold on channel scores, per-layer guards, and widths rounded for TensorRT."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from yoloslim.utils.errors import YoloslimError
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How much to prune and how. Give at most one of ratio, threshold and target_flops (default: ratio 0.5)."""
+
+    method: Literal["bn", "l1"] = "bn"  # bn: BatchNorm |gamma| (after sparsity training); l1: filter L1 norm
+    ratio: Optional[float] = None  # fraction of prunable channels to remove, before rounding
+    threshold: Optional[float] = None  # remove channels scoring below this (|gamma| for method bn)
+    target_flops: Optional[float] = None  # fraction of the original GFLOPs to keep
+    min_keep: float = 0.1  # per-layer minimum fraction of channels kept
+    round_to: int = 8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 1: off)
+    compensate: bool = True  # fold removed channels' constant act(beta) into the consumers
+    imgsz: int = 640  # image size at which GFLOPs are reported
+
+    def __post_init__(self):
+        given = [k for k in ("ratio", "threshold", "target_flops") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise YoloslimError(f"give only one of --ratio, --threshold and --target-flops, not {' and '.join(given)}")
+        if self.method not in ("bn", "l1"):
+            raise YoloslimError(f"unknown pruning criterion {self.method!r}; use bn or l1")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise YoloslimError(f"--ratio must lie in [0, 1), got {self.ratio}")
+        if self.target_flops is not None and not 0 < self.target_flops <= 1:
+            raise YoloslimError(f"--target-flops is the fraction of GFLOPs to keep, in (0, 1]; got {self.target_flops}")
+        if self.threshold is not None and self.threshold < 0:
+            raise YoloslimError(f"--threshold must be >= 0, got {self.threshold}")
+        if not 0 <= self.min_keep <= 1:
+            raise YoloslimError(f"--min-keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
+        if self.round_to < 1:
+            raise YoloslimError(f"--round-to must be >= 1, got {self.round_to}")
+
+    @property
+    def effective_ratio(self) -> Optional[float]:
+        return 0.5 if self.ratio is None and self.threshold is None and self.target_flops is None else self.ratio
+
+
+@dataclass
+class GroupPlan:
+    root: str
+    size: int
+    keep: list[int]  # group channel indices kept, most important first
+
+    @property
+    def removed(self) -> list[int]:
+        kept = set(self.keep)
+        return [i for i in range(self.size) if i not in kept]
+
+
+def round_channels(count: int, size: int, round_to: int) -> int:
+    """Round a kept width up to a multiple of round_to, within [round_to, size]; a layer narrower than round_to stays."""
+    if size <= round_to:
+        return size
+    return min(size, max(round_to, math.ceil(count / round_to) * round_to))
+
+
+def kept_width(scores: torch.Tensor, threshold: float, config: PruneConfig) -> int:
+    size = len(scores)
+    above = int((scores >= threshold).sum()) if threshold > -math.inf else size
+    return round_channels(max(above, math.ceil(config.min_keep * size), 1), size, config.round_to)
+
+
+def plan_for_threshold(roots: list[str], scores: list[torch.Tensor], threshold: float, config: PruneConfig) -> list[GroupPlan]:
+    plans = []
+    for root, s in zip(roots, scores):
+        order = torch.argsort(s, descending=True, stable=True)
+        plans.append(GroupPlan(root=root, size=len(s), keep=order[: kept_width(s, threshold, config)].tolist()))
+    return plans
+
+
+def threshold_for_ratio(scores: list[torch.Tensor], ratio: float) -> float:
+    """The score below which `ratio` of all prunable channels lie (one global threshold, as in Network Slimming)."""
+    everything = torch.sort(torch.cat(scores)).values
+    index = int(ratio * len(everything))
+    return -math.inf if index == 0 else float(everything[index])
+
+
+def removed_fraction(plans: list[GroupPlan]) -> float:
+    return sum(len(p.removed) for p in plans) / max(sum(p.size for p in plans), 1)

@@ -1,0 +1,67 @@
+"""The prune report: per-layer widths, parameters, GFLOPs, file size, and the score histogram with the threshold."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from yoloslim.utils.files import write_text_atomic
+
+
+def plan_table(result) -> str:
+    """Per-layer widths and totals as Markdown (also what --dry-run prints)."""
+    rows = ["| layer | channels before | after | kept |", "| --- | ---: | ---: | ---: |"]
+    for name, (before, after) in result.widths.items():
+        rows.append(f"| {name} | {before} | {after} | {after / before:.0%} |")
+    b, a = result.before, result.after
+    summary = [
+        "| | before | after | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        f"| parameters | {b['params']:,} | {a['params']:,} | {a['params'] / b['params']:.3f} |",
+        f"| GFLOPs at {result.config.imgsz} px | {b['gflops']:.3f} | {a['gflops']:.3f} | {a['gflops'] / b['gflops']:.3f} |",
+    ]
+    threshold = "none" if result.threshold == -math.inf else f"{result.threshold:.4g}"
+    head = (f"criterion {result.config.method}, threshold {threshold}, removed {result.removed_fraction:.1%} of prunable "
+            f"channels after rounding to multiples of {result.config.round_to}")
+    return "\n".join([head, "", *summary, "", *rows])
+
+
+def write_prune_report(result, stem: Path) -> None:
+    """Write <stem>.md and <stem>.png beside the pruned checkpoint."""
+    png = stem.with_name(stem.name + "-report.png")
+    md = stem.with_name(stem.name + "-report.md")
+    _plot(result, png)
+    size = f"{result.out.stat().st_size / 1e6:.2f} MB" if result.out else "n/a"
+    text = [f"# Prune report: {result.out.name if result.out else stem.name}", "", f"Checkpoint size: {size}", "",
+            plan_table(result), "", f"![scores and widths]({png.name})", ""]
+    write_text_atomic(md, "\n".join(text))
+
+
+def _plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scores = np.concatenate([np.asarray(s) for s in result.scores]) if result.scores else np.zeros(1)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), dpi=100)
+    positive = scores[scores > 0]
+    low = max(positive.min() if positive.size else 1e-6, 1e-6)
+    bins = np.logspace(np.log10(low), np.log10(max(scores.max(), low * 10)), 60)
+    ax1.hist(np.clip(scores, low, None), bins=bins, color="tab:blue")
+    ax1.set(xscale="log", xlabel=f"channel score ({result.config.method})", ylabel="channels", title="Channel scores")
+    if math.isfinite(result.threshold) and result.threshold > 0:
+        ax1.axvline(result.threshold, color="tab:red", lw=2, label=f"threshold {result.threshold:.3g}")
+        ax1.legend()
+    names = list(result.widths)
+    before = [result.widths[n][0] for n in names]
+    after = [result.widths[n][1] for n in names]
+    x = np.arange(len(names))
+    ax2.bar(x, before, color="lightgray", label="before")
+    ax2.bar(x, after, color="tab:green", label="after")
+    ax2.set(xlabel="conv layer (model order)", ylabel="output channels", title="Widths per layer")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
