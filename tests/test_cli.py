@@ -80,3 +80,24 @@ def test_stages_not_built_say_so():
 def test_console_script_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_prune_dry_run_prints_the_plan_and_writes_nothing(detection_pt):
+    from pathlib import Path
+
+    folder = Path(detection_pt).parent
+    before = set(folder.iterdir())
+    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "prune", "--weights", detection_pt, "--ratio", "0.4", "--dry-run", "--imgsz", "64"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "GFLOPs at 64 px" in result.stdout and "model.2.cv1.conv" in result.stdout
+    assert set(folder.iterdir()) == before
+
+
+def test_prune_conflicting_targets_are_refused(detection_pt):
+    code, err = run_cli("prune", "--weights", detection_pt, "--ratio", "0.4", "--target-flops", "0.5")
+    assert code == 2 and "not allowed with" in err
+
+
+def test_prune_unreachable_target_names_the_nearest(detection_pt):
+    assert_one_line_error(*run_cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"), "smallest reachable")

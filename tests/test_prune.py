@@ -203,3 +203,13 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
     with torch.no_grad():
         want = decoded(torch_model, torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_ratio_holds_when_scores_tie():
+    """A model never sparsity-trained can have equal gammas everywhere; the global ratio must still hold."""
+    model = random_model()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.fill_(1.0)
+    result = prune_model(model, PruneConfig(ratio=0.3, round_to=1, min_keep=0.0, imgsz=64))
+    assert result.removed_fraction == pytest.approx(0.3, abs=0.01)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from yoloslim.utils.training import CHECKPOINT_KEY
 from yoloslim.sparsity import (
-    CHECKPOINT_KEY,
     GAMMA_HISTORY,
     GAMMA_PLOT,
     SparsityCallback,

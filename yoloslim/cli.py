@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 from yoloslim.utils.errors import YoloslimError
 
 BASELINE = "yolov5n-synthetic.pt"
+SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 # Stages still to come, with the issue that builds each.
 _NOT_BUILT = {
-    "prune": ("remove channels from a (sparsity-trained) model", 3),
     "finetune": ("finetune a pruned model, optionally distilled", 3),
     "export": ("export to ONNX, Q/DQ INT8 ONNX or a TensorRT engine", 4),
     "detect": ("run a model on images, videos or a camera", 4),
@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloslim", description="Slim Ultralytics YOLOv5 detectors for edge devices.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
+    _add_prune(commands)
     for name, (summary, issue) in _NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -91,6 +92,45 @@ def _run_train(args: argparse.Namespace) -> int:
     train_args = {**parse_overrides(args.overrides), **{k: v for k, v in named.items() if v is not None}}
     weights = args.weights or str(shipped_file("weights", BASELINE))
     train_sparse(weights, config, data=args.data, resume=args.resume, **train_args)
+    return 0
+
+
+def _add_prune(commands) -> None:
+    sub = commands.add_parser(
+        "prune",
+        help="remove backbone, neck and head-inner channels for real",
+        description="Channel pruning: smaller convolutions, consistent residual adds, concats and Detect head; "
+        "writes an ordinary Ultralytics checkpoint and a report beside it. Default: --ratio 0.5.",
+    )
+    sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
+    how = sub.add_mutually_exclusive_group()
+    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove, before rounding")
+    how.add_argument("--threshold", type=float, help="remove channels whose score (|gamma| for --method bn) is below this")
+    how.add_argument("--target-flops", type=float, help="fraction of the original GFLOPs to keep")
+    sub.add_argument("--method", default="bn", choices=["bn", "l1"], help="bn: BatchNorm |gamma| (default); l1: filter L1 norm")
+    sub.add_argument("--min-keep", type=float, default=0.1, help="per-layer minimum fraction of channels kept (default 0.1)")
+    sub.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (8 FP16, 32 INT8 on Orin, 1 off)")
+    sub.add_argument("--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers")
+    sub.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figures (default 640)")
+    sub.add_argument("--out", help="output checkpoint (default: <weights>-pruned.pt beside the input, never overwriting)")
+    sub.add_argument("--dry-run", action="store_true", help="print the plan (widths, GFLOPs, params) and write nothing")
+    sub.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from yoloslim.prune import PruneConfig, prune
+    from yoloslim.prune.report import plan_table
+    from yoloslim.utils.assets import shipped_file
+
+    config = PruneConfig(
+        method=args.method, ratio=args.ratio, threshold=args.threshold, target_flops=args.target_flops,
+        min_keep=args.min_keep, round_to=args.round_to, compensate=not args.no_compensate, imgsz=args.imgsz,
+    )
+    weights = args.weights or str(shipped_file("weights", SPARSE_BASELINE))
+    result = prune(weights, config, out=args.out, dry_run=args.dry_run)
+    print(plan_table(result))
+    if result.out:
+        print(f"\nwrote {result.out} and its report {result.out.with_suffix('')}-report.md")
     return 0
 
 

@@ -26,23 +26,19 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
-from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
-from ultralytics.engine import trainer as trainer_module
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import LOGGER, RANK
-from ultralytics.utils.patches import torch_load
-from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
+from yoloslim.utils.training import SafeDetectionTrainer
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
-CHECKPOINT_KEY = "yoloslim"
 GAMMA_HISTORY = "gamma_history.json"
 GAMMA_PLOT = "gamma_distribution.png"
 # |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
@@ -123,7 +119,7 @@ class SparsityCallback:
         trainer.sr = self.config.sr_at(trainer.epoch, trainer.epochs)
 
 
-class SparsityTrainer(DetectionTrainer):
+class SparsityTrainer(SafeDetectionTrainer):
     """Ultralytics DetectionTrainer with the L1 penalty on BatchNorm gammas, gamma monitoring and atomic saves.
 
     Use as `YOLO(w).train(data=..., trainer=SparsityTrainer.with_config(SparsityConfig(sr=1e-3)))`; plain
@@ -155,7 +151,7 @@ class SparsityTrainer(DetectionTrainer):
         return found[0] if found else None
 
     def _config_from_checkpoint(self) -> SparsityConfig | None:
-        saved = torch_load(self.args.resume, map_location="cpu").get(CHECKPOINT_KEY, {}).get("sparsity")
+        saved = self.resumed_extras().get("sparsity")
         return SparsityConfig(**saved) if saved else None
 
     # -- the penalty -----------------------------------------------------------------------------------------------
@@ -177,64 +173,15 @@ class SparsityTrainer(DetectionTrainer):
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
-        drop_rows_from_epoch(self.csv, self.epoch + 1)
         gammas = gamma_magnitudes(self.ema.ema, self.sparsity.include_head)
         super().save_metrics({**metrics, "sparsity/sr": self.sr, **gamma_summary(gammas)})
         history = record_gamma_histogram(self.save_dir / GAMMA_HISTORY, self.epoch, self.sr, gammas)
         if self.args.plots:
             plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
 
-    # -- checkpoints -----------------------------------------------------------------------------------------------
-    def save_model(self):
-        """Ultralytics' save_model, but staged to temporary files that are renamed into place (never torn)."""
-        final = (self.last, self.best)
-        staged = [p.with_name(f".{p.name}.saving") for p in final]
-        for path in staged:
-            path.unlink(missing_ok=True)
-        self.last, self.best = staged
-        try:
-            saved = super().save_model()
-        finally:
-            self.last, self.best = final
-        for stage, target in zip(staged, final):
-            if stage.exists():
-                self._embed_settings(stage)
-                os.replace(stage, target)
-        return saved
-
-    def _embed_settings(self, path: Path) -> None:
-        ckpt = torch_load(path, map_location="cpu")
-        ckpt[CHECKPOINT_KEY] = {"sparsity": asdict(self.sparsity)}
-        torch.save(ckpt, path)
-
-    def final_eval(self):
-        # Ultralytics strips last.pt and best.pt in place here; stage those writes too.
-        with mock.patch.object(trainer_module, "strip_optimizer", strip_optimizer_atomic):
-            return super().final_eval()
-
-
-def strip_optimizer_atomic(f, s: str = "", updates=None) -> dict:
-    """ultralytics' strip_optimizer, writing to a temporary file renamed onto the target."""
-    target = Path(s or f)
-    stage = target.with_name(f".{target.name}.stripping")
-    try:
-        ckpt = strip_optimizer(f, s=str(stage), updates=updates)
-        if ckpt:
-            os.replace(stage, target)
-        return ckpt
-    finally:
-        stage.unlink(missing_ok=True)
-
-
-def drop_rows_from_epoch(csv: Path, epoch: int) -> None:
-    """Remove results.csv rows of `epoch` (1-based) and later: a run killed after logging an epoch but before saving
-    it redoes that epoch on resume, and Ultralytics would otherwise log it twice."""
-    if not csv.exists():
-        return
-    header, *rows = csv.read_text().splitlines()
-    kept = [row for row in rows if int(float(row.split(",")[0])) < epoch]
-    if len(kept) < len(rows):
-        write_text_atomic(csv, "\n".join([header, *kept]) + "\n")
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def checkpoint_extras(self) -> dict:
+        return {"sparsity": asdict(self.sparsity)}
 
 
 def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:

@@ -19,7 +19,15 @@ from torch import nn
 from yoloslim.prune.apply import apply_plan
 from yoloslim.prune.graph import build_graph
 from yoloslim.prune.importance import IMPORTANCES
-from yoloslim.prune.plan import GroupPlan, PruneConfig, plan_for_threshold, removed_fraction, threshold_for_ratio
+from yoloslim.prune.plan import (
+    GroupPlan,
+    PruneConfig,
+    counts_above_ratio,
+    counts_above_threshold,
+    cut_score,
+    plan_from_counts,
+    removed_fraction,
+)
 from yoloslim.utils.errors import YoloslimError
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning", "model_stats"]
@@ -81,9 +89,13 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
     importance = IMPORTANCES[config.method]
     scores = [importance(graph, g) for g in groups]
     roots = [g.root for g in groups]
-    gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
-    threshold = _choose_threshold(model, roots, scores, config, gflops)
-    return Planned(graph, groups, scores, threshold, plan_for_threshold(roots, scores, threshold, config))
+    if config.effective_ratio is not None:
+        threshold, above = cut_score(scores, config.effective_ratio), counts_above_ratio(scores, config.effective_ratio)
+    else:
+        gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
+        threshold = config.threshold if config.threshold is not None else _threshold_for_flops(model, roots, scores, config, gflops)
+        above = counts_above_threshold(scores, threshold)
+    return Planned(graph, groups, scores, threshold, plan_from_counts(roots, scores, above, config))
 
 
 def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
@@ -106,18 +118,11 @@ def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
     )
 
 
-def _choose_threshold(model, roots, scores, config: PruneConfig, gflops: float) -> float:
-    if config.threshold is not None:
-        return config.threshold
-    if config.target_flops is None:
-        return threshold_for_ratio(scores, config.effective_ratio)
-    return _threshold_for_flops(model, roots, scores, config, gflops)
-
-
 def _gflops_with(model, roots, scores, threshold, config) -> float:
     trial = deepcopy(model)
     graph, groups = build_graph(trial)
-    apply_plan(trial, graph, groups, plan_for_threshold(roots, scores, threshold, config), compensate=False)
+    plans = plan_from_counts(roots, scores, counts_above_threshold(scores, threshold), config)
+    apply_plan(trial, graph, groups, plans, compensate=False)
     return model_stats(trial, config.imgsz)["gflops"]
 
 

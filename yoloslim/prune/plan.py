@@ -65,25 +65,35 @@ def round_channels(count: int, size: int, round_to: int) -> int:
     return min(size, max(round_to, math.ceil(count / round_to) * round_to))
 
 
-def kept_width(scores: torch.Tensor, threshold: float, config: PruneConfig) -> int:
-    size = len(scores)
-    above = int((scores >= threshold).sum()) if threshold > -math.inf else size
-    return round_channels(max(above, math.ceil(config.min_keep * size), 1), size, config.round_to)
+def counts_above_threshold(scores: list[torch.Tensor], threshold: float) -> list[int]:
+    return [int((s >= threshold).sum()) for s in scores]
 
 
-def plan_for_threshold(roots: list[str], scores: list[torch.Tensor], threshold: float, config: PruneConfig) -> list[GroupPlan]:
-    plans = []
-    for root, s in zip(roots, scores):
-        order = torch.argsort(s, descending=True, stable=True)
-        plans.append(GroupPlan(root=root, size=len(s), keep=order[: kept_width(s, threshold, config)].tolist()))
-    return plans
+def counts_above_ratio(scores: list[torch.Tensor], ratio: float) -> list[int]:
+    """Per group, how many channels rank above the global `ratio` cut (ties broken by order, so the ratio holds
+    even when many scores are equal, as in a model that was never sparsity-trained)."""
+    everything = torch.cat(scores)
+    order = torch.argsort(everything, stable=True)
+    above = torch.ones(len(everything), dtype=torch.bool)
+    above[order[: int(ratio * len(everything))]] = False
+    return [int(part.sum()) for part in torch.split(above, [len(s) for s in scores])]
 
 
-def threshold_for_ratio(scores: list[torch.Tensor], ratio: float) -> float:
-    """The score below which `ratio` of all prunable channels lie (one global threshold, as in Network Slimming)."""
+def cut_score(scores: list[torch.Tensor], ratio: float) -> float:
+    """The score at the global `ratio` cut, for reports."""
     everything = torch.sort(torch.cat(scores)).values
     index = int(ratio * len(everything))
     return -math.inf if index == 0 else float(everything[index])
+
+
+def plan_from_counts(roots: list[str], scores: list[torch.Tensor], above: list[int], config: PruneConfig) -> list[GroupPlan]:
+    """Keep each group's best channels: those above the cut, raised to min_keep, rounded up to round_to."""
+    plans = []
+    for root, s, count in zip(roots, scores, above):
+        width = round_channels(max(count, math.ceil(config.min_keep * len(s)), 1), len(s), config.round_to)
+        order = torch.argsort(s, descending=True, stable=True)
+        plans.append(GroupPlan(root=root, size=len(s), keep=order[:width].tolist()))
+    return plans
 
 
 def removed_fraction(plans: list[GroupPlan]) -> float:

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from yoloslim.finetune import FinetuneTrainer, finetune
+from yoloslim.prune import PruneConfig, prune
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def saved_widths(path) -> list[int]:
+    ckpt = torch.load(path, weights_only=False)
+    return conv_widths(ckpt.get("ema") or ckpt["model"])
+
+
+@pytest.fixture(scope="module")
+def pruned_pt(tmp_path_factory, tiny_data):
+    """A small model trained one epoch on the tiny dataset, then pruned by 40%."""
+    from ultralytics import YOLO
+
+    root = tmp_path_factory.mktemp("ft")
+    YOLO("yolov5n.yaml").train(data=str(tiny_data), imgsz=64, epochs=1, batch=4, workers=0, plots=False, verbose=False, project=str(root), name="base", val=False)
+    base = root / "base" / "weights" / "last.pt"
+    out = root / "pruned.pt"
+    prune(base, PruneConfig(ratio=0.4, imgsz=64), out=out)
+    return base, out
+
+
+def run_args(train_args, **extra):
+    return {k: v for k, v in dict(train_args, **extra).items() if k not in {"model", "data"}}
+
+
+def test_finetuning_keeps_pruned_widths_also_after_resume(pruned_pt, train_args, tiny_data):
+    from ultralytics import YOLO
+
+    base, pruned = pruned_pt
+    widths = saved_widths(pruned)
+    assert widths != saved_widths(base)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_save(trainer):
+        raise Interrupt
+
+    model = YOLO(str(pruned))
+    model.add_callback("on_model_save", stop_after_first_save)
+    with pytest.raises(Interrupt):
+        model.train(data=str(tiny_data), trainer=FinetuneTrainer, **run_args(train_args, epochs=2))
+    last = model.trainer.last
+    assert saved_widths(last) == widths
+
+    resumed = YOLO(str(last))
+    resumed.train(resume=True, trainer=FinetuneTrainer)
+    for path in (resumed.trainer.last, resumed.trainer.best):
+        ckpt = torch.load(path, weights_only=False)
+        assert conv_widths(ckpt["model"]) == widths
+        assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4  # the lineage travels with the model
+
+
+def test_plain_ultralytics_training_falls_into_the_trap(pruned_pt, train_args, tiny_data):
+    """Documents why `yoloslim finetune` exists: Ultralytics rebuilds the original widths from the yaml."""
+    from ultralytics import YOLO
+
+    base, pruned = pruned_pt
+    model = YOLO(str(pruned))
+    model.train(data=str(tiny_data), **run_args(train_args, epochs=1, name="trap"))
+    assert saved_widths(model.trainer.last) == saved_widths(base)
+
+
+def test_distillation_from_the_unpruned_model_keeps_student_widths(pruned_pt, train_args, tiny_data):
+    base, pruned = pruned_pt
+    widths = saved_widths(pruned)
+    finetune(pruned, data=tiny_data, teacher=base, **run_args(train_args, epochs=1, name="distill"))
+    best = next((p for p in (train_args_dir(train_args) / "distill" / "weights").glob("best.pt")))
+    ckpt = torch.load(best, weights_only=False)
+    assert conv_widths(ckpt["model"]) == widths
+    assert ckpt["yoloslim"]["finetune"]["teacher"] == str(base)
+
+
+def train_args_dir(train_args):
+    from pathlib import Path
+
+    return Path(train_args["project"])

@@ -1,0 +1,59 @@
+"""Finetuning a pruned model without losing its pruned widths, optionally distilled from the unpruned model.
+
+The trap: Ultralytics' trainer rebuilds every model from its yaml (which still describes the original widths) and
+then loads only the tensors whose shapes match, so `YOLO("pruned.pt").train()` silently trains an unpruned,
+mostly re-initialised network. FinetuneTrainer trains the pruned module itself, on a fresh run and on `resume=True`.
+
+Distillation uses Ultralytics' own `distill_model` (its DistillationModel projects the student's features to the
+teacher's widths, so a pruned student works as is).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+from torch import nn
+from ultralytics.utils.patches import torch_load
+
+from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.training import CHECKPOINT_KEY, SafeDetectionTrainer
+
+
+class FinetuneTrainer(SafeDetectionTrainer):
+    """DetectionTrainer that trains the given (pruned) module instead of rebuilding it from its yaml."""
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if not isinstance(weights, nn.Module):
+            raise YoloslimError("finetuning starts from a checkpoint's model; pass --weights pruned.pt, not a model yaml")
+        model = deepcopy(weights).float()
+        if getattr(model, "nc", self.data["nc"]) != self.data["nc"]:
+            raise YoloslimError(
+                f"the dataset has {self.data['nc']} classes but the model was trained for {model.nc}; finetune on the "
+                "dataset the model was trained on"
+            )
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def checkpoint_extras(self) -> dict:
+        if not hasattr(self, "_lineage"):
+            source = self.args.resume if self.resume else self.args.model
+            self._lineage = (torch_load(source, map_location="cpu").get(CHECKPOINT_KEY) or {}) if str(source).endswith(".pt") else {}
+        return {**self._lineage, "finetune": {"teacher": self.args.distill_model}}
+
+
+def finetune(weights: str | Path, data: str | Path | None = None, teacher: str | Path | None = None, resume: bool = False, **train_args):
+    """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics."""
+    from ultralytics import YOLO
+
+    from yoloslim.data import resolve_data
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    load_detection_checkpoint(weights)
+    if resume:
+        return YOLO(str(weights)).train(resume=True, trainer=FinetuneTrainer, **train_args)
+    if teacher is not None:
+        load_detection_checkpoint(teacher)
+        train_args["distill_model"] = str(teacher)
+    return YOLO(str(weights)).train(data=str(resolve_data(data)), trainer=FinetuneTrainer, **train_args)

@@ -1,0 +1,93 @@
+"""What every yoloslim trainer adds to Ultralytics' DetectionTrainer: checkpoints that a kill cannot tear, a resume
+that does not log an epoch twice, and a place in the checkpoint for yoloslim's own settings.
+
+Ultralytics writes last.pt and best.pt in place (in save_model, and again when final_eval strips the optimizer), so a
+kill during a write leaves a truncated file that `resume` cannot read. Here each write goes to a staging file that is
+renamed into place. yoloslim's settings live under the checkpoint's top-level key "yoloslim", which Ultralytics'
+final strip keeps (it drops unknown train arguments, so they cannot live there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import torch
+from ultralytics.engine import trainer as trainer_module
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils.patches import torch_load
+from ultralytics.utils.torch_utils import strip_optimizer
+
+from yoloslim.utils.files import write_text_atomic
+
+CHECKPOINT_KEY = "yoloslim"
+
+
+class SafeDetectionTrainer(DetectionTrainer):
+    """DetectionTrainer with atomic checkpoint writes and yoloslim metadata in every checkpoint."""
+
+    def checkpoint_extras(self) -> dict:
+        """yoloslim metadata for the checkpoint's "yoloslim" key; subclasses add theirs."""
+        return {}
+
+    def resumed_extras(self) -> dict:
+        """The "yoloslim" metadata of the checkpoint a resumed run continues from."""
+        return torch_load(self.args.resume, map_location="cpu").get(CHECKPOINT_KEY) or {}
+
+    def save_metrics(self, metrics):
+        drop_rows_from_epoch(self.csv, self.epoch + 1)
+        super().save_metrics(metrics)
+
+    def save_model(self):
+        """Ultralytics' save_model, staged to temporary files that are renamed into place."""
+        final = (self.last, self.best)
+        staged = [p.with_name(f".{p.name}.saving") for p in final]
+        for path in staged:
+            path.unlink(missing_ok=True)
+        self.last, self.best = staged
+        try:
+            saved = super().save_model()
+        finally:
+            self.last, self.best = final
+        for stage, target in zip(staged, final):
+            if stage.exists():
+                self._embed_extras(stage)
+                os.replace(stage, target)
+        return saved
+
+    def _embed_extras(self, path: Path) -> None:
+        extras = self.checkpoint_extras()
+        if extras:
+            ckpt = torch_load(path, map_location="cpu")
+            ckpt[CHECKPOINT_KEY] = {**(ckpt.get(CHECKPOINT_KEY) or {}), **extras}
+            torch.save(ckpt, path)
+
+    def final_eval(self):
+        # Ultralytics strips last.pt and best.pt in place here; stage those writes too.
+        with mock.patch.object(trainer_module, "strip_optimizer", strip_optimizer_atomic):
+            return super().final_eval()
+
+
+def strip_optimizer_atomic(f, s: str = "", updates=None) -> dict:
+    """ultralytics' strip_optimizer, writing to a temporary file renamed onto the target."""
+    target = Path(s or f)
+    stage = target.with_name(f".{target.name}.stripping")
+    try:
+        ckpt = strip_optimizer(f, s=str(stage), updates=updates)
+        if ckpt:
+            os.replace(stage, target)
+        return ckpt
+    finally:
+        stage.unlink(missing_ok=True)
+
+
+def drop_rows_from_epoch(csv: Path, epoch: int) -> None:
+    """Remove results.csv rows of `epoch` (1-based) and later: a run killed after logging an epoch but before saving
+    it redoes that epoch on resume, and Ultralytics would otherwise log it twice."""
+    if not csv.exists():
+        return
+    header, *rows = csv.read_text().splitlines()
+    kept = [row for row in rows if int(float(row.split(",")[0])) < epoch]
+    if len(kept) < len(rows):
+        write_text_atomic(csv, "\n".join([header, *kept]) + "\n")
