@@ -14,11 +14,9 @@ SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 # Stages still to come, with the issue that builds each.
 _NOT_BUILT = {
-    "finetune": ("finetune a pruned model, optionally distilled", 3),
     "export": ("export to ONNX, Q/DQ INT8 ONNX or a TensorRT engine", 4),
     "detect": ("run a model on images, videos or a camera", 4),
     "doctor": ("report what this device has for each command", 4),
-    "eval": ("mAP with confidence intervals for every backend", 5),
     "bench": ("latency and FPS for every backend", 5),
     "report": ("the comparison report of every variant", 5),
     "slim": ("the whole pipeline in one command", 5),
@@ -44,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
     _add_prune(commands)
+    _add_finetune(commands)
+    _add_eval(commands)
     for name, (summary, issue) in _NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -72,6 +72,11 @@ def _add_train(commands) -> None:
     sub.add_argument("--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)")
     sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
+    _add_ultralytics_train_args(sub)
+    sub.set_defaults(run=_run_train)
+
+
+def _add_ultralytics_train_args(sub) -> None:
     sub.add_argument("--epochs", type=int)
     sub.add_argument("--imgsz", type=int)
     sub.add_argument("--batch", type=int)
@@ -80,7 +85,11 @@ def _add_train(commands) -> None:
     sub.add_argument("--name")
     sub.add_argument("--resume", action="store_true", help="continue the run whose last.pt is --weights")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics train arguments")
-    sub.set_defaults(run=_run_train)
+
+
+def _ultralytics_train_args(args: argparse.Namespace) -> dict:
+    named = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch", "device", "project", "name")}
+    return {**parse_overrides(args.overrides), **{k: v for k, v in named.items() if v is not None}}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -88,10 +97,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.utils.assets import shipped_file
 
     config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head)
-    named = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch", "device", "project", "name")}
-    train_args = {**parse_overrides(args.overrides), **{k: v for k, v in named.items() if v is not None}}
     weights = args.weights or str(shipped_file("weights", BASELINE))
-    train_sparse(weights, config, data=args.data, resume=args.resume, **train_args)
+    train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0
 
 
@@ -131,6 +138,56 @@ def _run_prune(args: argparse.Namespace) -> int:
     print(plan_table(result))
     if result.out:
         print(f"\nwrote {result.out} and its report {result.out.with_suffix('')}-report.md")
+    return 0
+
+
+def _add_finetune(commands) -> None:
+    sub = commands.add_parser(
+        "finetune",
+        help="finetune a pruned model, keeping its widths; optionally distilled",
+        description="Ultralytics training that keeps the pruned architecture (plain YOLO('pruned.pt').train() "
+        "rebuilds the original widths from the yaml). Extra Ultralytics train arguments pass through as key=value.",
+    )
+    sub.add_argument("--weights", required=True, help="pruned checkpoint")
+    sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
+    sub.add_argument("--teacher", help="unpruned checkpoint to distill from (Ultralytics distill_model)")
+    _add_ultralytics_train_args(sub)
+    sub.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from yoloslim.finetune import finetune
+
+    finetune(args.weights, data=args.data, teacher=args.teacher, resume=args.resume, **_ultralytics_train_args(args))
+    return 0
+
+
+def _add_eval(commands) -> None:
+    sub = commands.add_parser(
+        "eval",
+        help="mAP with 95% bootstrap intervals, for .pt and .onnx models alike",
+        description="One evaluator for every backend: the runtime's letterbox and NMS, COCO AP arithmetic "
+        "(101-point, IoU 0.50:0.05:0.95), and a 95%% bootstrap interval over images.",
+    )
+    sub.add_argument("--weights", nargs="+", required=True, help="models to evaluate (.pt, .onnx)")
+    sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
+    sub.add_argument("--imgsz", type=int, default=640, help="input size for dynamic models (default 640)")
+    sub.add_argument("--split", default="val", choices=["train", "val", "test"])
+    sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+    sub.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores), recorded")
+    sub.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from yoloslim.evaluate import evaluate
+
+    print("| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for weights in args.weights:
+        r = evaluate(weights, args.data, imgsz=args.imgsz, split=args.split, bootstrap=args.bootstrap, threads=args.threads)
+        ci = {k: f" ({lo:.3f}-{hi:.3f})" for k, (lo, hi) in r.ci95.items()}
+        print(f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
+              f"{r.recall:.3f} | {r.images} | {r.instances} |")
     return 0
 
 

@@ -1,0 +1,284 @@
+"""mAP for every backend, with the runtime's own preprocessing and NMS, and bootstrap confidence intervals.
+
+The AP arithmetic is COCO's: per class, detections of all images sorted by score are matched greedily (highest score
+first) to the best still-unmatched ground truth of that class with IoU >= t, for t in 0.50:0.05:0.95; precision is
+made monotone and read at 101 recall points; classes without ground truth are left out of the mean. Small validation
+sets make a point of mAP meaningless without an interval, so a 95% bootstrap interval over images comes with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from yoloslim.runtime.postprocess import Detections, postprocess
+from yoloslim.runtime.preprocess import preprocess
+from yoloslim.utils.errors import YoloslimError
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageRecord:
+    """One image's matched detections: scores (D,), classes (D,), tp (D, 10) per IoU threshold; gt classes (G,)."""
+
+    scores: np.ndarray
+    classes: np.ndarray
+    tp: np.ndarray
+    gt_classes: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    map50: float
+    map: float  # mAP50-95
+    precision: float
+    recall: float
+    per_class_ap: dict  # class name -> AP50-95
+    ci95: dict = field(default_factory=dict)  # "map50" / "map" -> (low, high)
+    images: int = 0
+    instances: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def match_image(det: Detections, gt_boxes: np.ndarray, gt_classes: np.ndarray) -> ImageRecord:
+    """COCO matching within one image: per class, by descending score, to the best unmatched ground truth."""
+    tp = np.zeros((len(det), len(IOU_THRESHOLDS)), dtype=bool)
+    for c in np.unique(det.classes):
+        d_idx = np.nonzero(det.classes == c)[0]
+        d_idx = d_idx[np.argsort(-det.scores[d_idx], kind="mergesort")]
+        g_idx = np.nonzero(gt_classes == c)[0]
+        if not len(g_idx):
+            continue
+        ious = box_iou_matrix(det.boxes[d_idx], gt_boxes[g_idx])
+        for t, threshold in enumerate(IOU_THRESHOLDS):
+            taken = np.zeros(len(g_idx), dtype=bool)
+            for row, d in enumerate(d_idx):
+                candidates = np.where(taken, -1.0, ious[row])
+                best = int(candidates.argmax())
+                if candidates[best] >= threshold:
+                    taken[best] = True
+                    tp[d, t] = True
+    return ImageRecord(det.scores, det.classes, tp, gt_classes)
+
+
+def average_precision(tp: np.ndarray, n_gt: int) -> np.ndarray:
+    """101-point interpolated AP per IoU threshold for one class; `tp` (D, T) is sorted by descending score."""
+    tps = np.cumsum(tp, axis=0)
+    fps = np.cumsum(~tp, axis=0)
+    recall = tps / n_gt
+    precision = tps / np.maximum(tps + fps, 1e-12)
+    ap = np.zeros(tp.shape[1])
+    for t in range(tp.shape[1]):
+        p = np.maximum.accumulate(precision[::-1, t])[::-1]  # monotone: best precision at this recall or beyond
+        idx = np.searchsorted(recall[:, t], RECALL_POINTS, side="left")
+        ap[t] = np.where(idx < len(p), p[np.minimum(idx, len(p) - 1)], 0.0).mean()
+    return ap
+
+
+def _concat(records: list, attr: str, width: int | None = None) -> np.ndarray:
+    parts = [getattr(r, attr) for r in records]
+    if not parts:
+        return np.zeros((0, width) if width else 0)
+    return np.concatenate(parts)
+
+
+def class_aps(records: list, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """AP (C, 10) per class and threshold, and the ground-truth count per class (C,)."""
+    scores, classes = _concat(records, "scores"), _concat(records, "classes")
+    tp = _concat(records, "tp", len(IOU_THRESHOLDS)).astype(bool)
+    n_gt = np.bincount(_concat(records, "gt_classes").astype(np.int64), minlength=num_classes)[:num_classes]
+    aps = np.zeros((num_classes, len(IOU_THRESHOLDS)))
+    for c in np.nonzero(n_gt)[0]:
+        mask = classes == c
+        order = np.argsort(-scores[mask], kind="mergesort")
+        if mask.any():
+            aps[c] = average_precision(tp[mask][order], int(n_gt[c]))
+    return aps, n_gt
+
+
+def mean_ap(records: list, num_classes: int) -> tuple[float, float]:
+    aps, n_gt = class_aps(records, num_classes)
+    present = n_gt > 0
+    if not present.any():
+        return 0.0, 0.0
+    return float(aps[present, 0].mean()), float(aps[present].mean())
+
+
+def precision_recall_at_best_f1(records: list, num_classes: int) -> tuple[float, float]:
+    """Mean precision and recall over classes at IoU 0.5, at the confidence that maximises their mean F1."""
+    scores, classes = _concat(records, "scores"), _concat(records, "classes")
+    tp = _concat(records, "tp", len(IOU_THRESHOLDS))[:, 0].astype(bool) if len(scores) else np.zeros(0, bool)
+    n_gt = np.bincount(_concat(records, "gt_classes").astype(np.int64), minlength=num_classes)[:num_classes]
+    present = np.nonzero(n_gt)[0]
+    if not len(present):
+        return 0.0, 0.0
+    grid = np.linspace(0, 1, 1001)
+    p, r = np.zeros((len(present), len(grid))), np.zeros((len(present), len(grid)))
+    for i, c in enumerate(present):
+        s, t = scores[classes == c], tp[classes == c]
+        above = s[None, :] >= grid[:, None]
+        hits = (above & t[None, :]).sum(1)
+        p[i] = hits / np.maximum(above.sum(1), 1)
+        r[i] = hits / n_gt[c]
+    f1 = (2 * p * r / np.maximum(p + r, 1e-12)).mean(0)
+    best = int(f1.argmax())
+    return float(p[:, best].mean()), float(r[:, best].mean())
+
+
+def bootstrap_ci(records: list, num_classes: int, samples: int = 1000, seed: int = 0) -> dict:
+    """95% percentile intervals of mAP50 and mAP50-95 over images resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    values = np.array([mean_ap([records[i] for i in rng.integers(0, len(records), len(records))], num_classes) for _ in range(samples)])
+    low, high = np.percentile(values, [2.5, 97.5], axis=0)
+    return {"map50": (float(low[0]), float(high[0])), "map": (float(low[1]), float(high[1]))}
+
+
+def summarise(records: list, names: dict, bootstrap: int = 1000, seed: int = 0) -> EvalResult:
+    num_classes = max(len(names), 1)
+    aps, n_gt = class_aps(records, num_classes)
+    map50, map_ = mean_ap(records, num_classes)
+    precision, recall = precision_recall_at_best_f1(records, num_classes)
+    return EvalResult(
+        map50=map50,
+        map=map_,
+        precision=precision,
+        recall=recall,
+        per_class_ap={names.get(c, str(c)): float(aps[c].mean()) for c in np.nonzero(n_gt)[0]},
+        ci95=bootstrap_ci(records, num_classes, bootstrap, seed) if bootstrap else {},
+        images=len(records),
+        instances=int(n_gt.sum()),
+    )
+
+
+# -- datasets ---------------------------------------------------------------------------------------------------------
+
+
+def split_images(data_yaml: str | Path, split: str = "val") -> tuple[list[Path], dict]:
+    """Image paths of a split of an Ultralytics dataset yaml, and its class names."""
+    import yaml
+
+    data_yaml = Path(data_yaml)
+    spec = yaml.safe_load(data_yaml.read_text())
+    if split not in spec:
+        raise YoloslimError(f"{data_yaml} has no '{split}' split; use --split with one of {', '.join(k for k in ('train', 'val', 'test') if k in spec)}")
+    root = (data_yaml.parent / spec.get("path", "")).resolve()  # Ultralytics resolves a relative path from the yaml
+    names = spec["names"] if isinstance(spec["names"], dict) else dict(enumerate(spec["names"]))
+    images = []
+    for entry in spec[split] if isinstance(spec[split], list) else [spec[split]]:
+        location = root / entry
+        if location.is_dir():
+            images += sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif location.suffix == ".txt" and location.is_file():
+            images += [(root / line.strip()).resolve() for line in location.read_text().splitlines() if line.strip()]
+        else:
+            raise YoloslimError(f"split '{split}' of {data_yaml} points to {location}, which does not exist")
+    return images, {int(k): v for k, v in names.items()}
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' convention: the last /images/ in the path becomes /labels/, the suffix .txt."""
+    parts = list(image.parts)
+    index = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:index], "labels", *parts[index + 1 :]).with_suffix(".txt")
+
+
+def read_labels(image: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth boxes (xyxy pixels) and classes of an image from its YOLO txt label file."""
+    path = label_path(image)
+    rows = np.loadtxt(path, ndmin=2, dtype=np.float64) if path.is_file() and path.stat().st_size else np.zeros((0, 5))
+    h, w = shape
+    cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
+    boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+    return boxes, rows[:, 0].astype(np.int64)
+
+
+# -- backends and the evaluation loop -----------------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """An Ultralytics .pt checkpoint run with torch, on the same preprocessed batches as the other backends."""
+
+    def __init__(self, weights: str | Path, threads: int | None = None):
+        import torch
+
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        model, _ = load_detection_checkpoint(weights)
+        self.model = model.float().eval()
+        self.names = dict(model.names)
+        self.imgsz = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(batch))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+def load_backend(weights: str | Path, threads: int | None = None):
+    """The backend for a weights file, chosen by suffix."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise YoloslimError(f"weights file {weights} does not exist; pass --weights path/to/model.pt|.onnx|.engine")
+    if weights.suffix == ".onnx":
+        from yoloslim.runtime.backends import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(str(weights), threads=threads)
+    if weights.suffix == ".pt":
+        return TorchBackend(weights, threads=threads)
+    raise YoloslimError(f"{weights.suffix} models cannot be evaluated yet; pass a .pt or .onnx file")
+
+
+def predict_records(backend: Callable, images: Iterable[Path], imgsz: int, conf: float = 0.001, iou: float = 0.7, progress: bool = True) -> list:
+    """Run the backend over the images (batch 1) and match each image's detections to its labels."""
+    import cv2
+
+    records = []
+    images = list(images)
+    iterator = images
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(images, desc="evaluating", unit="img")
+    for path in iterator:
+        image = cv2.imread(str(path))
+        if image is None:
+            raise YoloslimError(f"cannot read image {path}; remove it from the split or replace it")
+        batch, boxes = preprocess([image], imgsz)
+        det = postprocess(backend(batch), boxes, conf=conf, iou=iou, max_det=300, multi_label=True)[0]
+        gt_boxes, gt_classes = read_labels(path, image.shape[:2])
+        records.append(match_image(det, gt_boxes, gt_classes))
+    return records
+
+
+def evaluate(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", bootstrap: int = 1000, threads: int | None = None) -> EvalResult:
+    """mAP50, mAP50-95 (with 95% bootstrap intervals), precision, recall and per-class AP of one model."""
+    from yoloslim.data import resolve_data
+
+    images, names = split_images(resolve_data(data), split)
+    if not images:
+        raise YoloslimError(f"split '{split}' has no images")
+    backend = load_backend(weights, threads)
+    imgsz = backend.imgsz or imgsz
+    return summarise(predict_records(backend, images, imgsz), names, bootstrap=bootstrap)

@@ -1,0 +1,101 @@
+"""Decoding the model output, NMS and mapping boxes back to the original image: numpy only.
+
+The exported detection head outputs (batch, 4 + classes, anchors): box centre x, y, width, height in input pixels,
+then per-class scores (already sigmoid). NMS follows Ultralytics' non_max_suppression: candidates above `conf`, at
+most `max_nms` of them by score, class-aware (classes never suppress each other), greedy IoU suppression, at most
+`max_det` kept, optionally one candidate per class above `conf` per anchor (multi_label, as Ultralytics' validator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+
+from yoloslim.runtime.preprocess import Letterbox
+
+
+@dataclass
+class Detections:
+    """Boxes (N, 4) xyxy in original image pixels, scores (N,), classes (N,) int."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    out = np.empty_like(boxes)
+    half_w, half_h = boxes[:, 2] / 2, boxes[:, 3] / 2
+    out[:, 0], out[:, 1] = boxes[:, 0] - half_w, boxes[:, 1] - half_h
+    out[:, 2], out[:, 3] = boxes[:, 0] + half_w, boxes[:, 1] + half_h
+    return out
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of `boxes`."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS: indices kept, highest score first."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best = order[0]
+        keep.append(best)
+        rest = order[1:]
+        order = rest[box_iou(boxes[best], boxes[rest]) <= iou]
+    return np.array(keep, dtype=np.int64)
+
+
+def non_max_suppression(
+    output: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False, max_nms: int = 30000
+) -> List[Detections]:
+    """Per image of a (batch, 4 + nc, anchors) output: detections in input-pixel xyxy coordinates."""
+    max_wh = 7680  # class offset that keeps classes apart in one NMS pass
+    results = []
+    for pred in output:
+        pred = pred.T  # (anchors, 4 + nc)
+        boxes, class_scores = xywh_to_xyxy(pred[:, :4]), pred[:, 4:]
+        if multi_label:
+            anchor, cls = np.nonzero(class_scores > conf)
+            boxes, scores = boxes[anchor], class_scores[anchor, cls]
+        else:
+            cls = class_scores.argmax(1)
+            scores = class_scores[np.arange(len(cls)), cls]
+            boxes, scores, cls = boxes[scores > conf], scores[scores > conf], cls[scores > conf]
+        if len(scores) > max_nms:
+            top = np.argsort(-scores, kind="stable")[:max_nms]
+            boxes, scores, cls = boxes[top], scores[top], cls[top]
+        keep = nms(boxes + cls[:, None] * max_wh, scores, iou)[:max_det]
+        results.append(Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32), cls[keep].astype(np.int64)))
+    return results
+
+
+def scale_to_original(det: Detections, box: Letterbox) -> Detections:
+    """Undo the letterbox: input-pixel boxes to original-image pixels, clipped to the image."""
+    boxes = det.boxes.copy()
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - box.pad_x) / box.gain_x
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - box.pad_y) / box.gain_y
+    h, w = box.orig_shape
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    return Detections(boxes, det.scores, det.classes)
+
+
+def postprocess(output: np.ndarray, boxes: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False) -> List[Detections]:
+    """Model output batch -> detections in each original image's pixels."""
+    found = non_max_suppression(output, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
+    return [scale_to_original(d, b) for d, b in zip(found, boxes)]
