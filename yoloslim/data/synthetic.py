@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from yoloslim.utils.assets import cache_dir, shipped_file
+from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_dir
 
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so caches regenerate
@@ -33,6 +34,12 @@ class SyntheticConfig:
     distractors_per_image: tuple = (3, 12)
     min_visible_fraction: float = 0.45
     noise_sigma: tuple = (2.0, 12.0)
+
+    def __post_init__(self):
+        if not 0 < self.object_size[0] <= self.object_size[1] <= self.image_size:
+            raise YoloslimError(f"object_size {self.object_size} must be increasing and fit image_size {self.image_size}")
+        if not self.classes:
+            raise YoloslimError("the synthetic dataset needs at least one class")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SyntheticConfig":
