@@ -150,6 +150,21 @@ def bootstrap_ci(records: list, num_classes: int, samples: int = 1000, seed: int
     return {"map50": (float(low[0]), float(high[0])), "map": (float(low[1]), float(high[1]))}
 
 
+def paired_bootstrap_delta(records_a: list, records_b: list, num_classes: int, samples: int = 1000, seed: int = 0) -> dict:
+    """mAP(b) - mAP(a) on the same images, with a 95% interval from resampling images jointly (paired)."""
+    if len(records_a) != len(records_b):
+        raise ValueError("paired comparison needs the same images for both models")
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(samples):
+        idx = rng.integers(0, len(records_a), len(records_a))
+        a, b = mean_ap([records_a[i] for i in idx], num_classes), mean_ap([records_b[i] for i in idx], num_classes)
+        deltas.append((b[0] - a[0], b[1] - a[1]))
+    a, b = mean_ap(records_a, num_classes), mean_ap(records_b, num_classes)
+    low, high = np.percentile(np.array(deltas), [2.5, 97.5], axis=0)
+    return {"map50": (b[0] - a[0], float(low[0]), float(high[0])), "map": (b[1] - a[1], float(low[1]), float(high[1]))}
+
+
 def summarise(records: list, names: dict, bootstrap: int = 1000, seed: int = 0) -> EvalResult:
     num_classes = max(len(names), 1)
     aps, n_gt = class_aps(records, num_classes)

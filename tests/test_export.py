@@ -1,0 +1,85 @@
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import SHARED
+from yoloslim.evaluate import load_backend, paired_bootstrap_delta, predict_records, split_images
+from yoloslim.export.onnx import export_onnx
+from yoloslim.export.qdq import calibration_images, check_tensorrt_qdq, head_nodes_kept_in_float, quantize_int8
+from yoloslim.utils.errors import YoloslimError
+
+LICENSE_PLATE = SHARED / "data" / "license_plate" / "data.yaml"
+USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
+needs_shared = pytest.mark.skipif(not USER_WEIGHTS.exists(), reason="../shared is not beside the project")
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    return export_onnx(USER_WEIGHTS, imgsz=320, out=tmp_path_factory.mktemp("onnx") / "lp.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(fp32_onnx):
+    return quantize_int8(fp32_onnx, LICENSE_PLATE)
+
+
+@needs_shared
+def test_onnx_is_opset_17_with_documented_layout(fp32_onnx):
+    model = onnx.load(str(fp32_onnx))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(model.graph.input[0]) == [1, 3, 320, 320]
+    assert dims(model.graph.output[0]) == [1, 5, (40 * 40 + 20 * 20 + 10 * 10)]
+
+
+@needs_shared
+def test_qdq_graph_obeys_tensorrt_rules(fp32_onnx, int8_onnx):
+    model = onnx.load(str(int8_onnx))
+    assert check_tensorrt_qdq(model) == []
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 100
+    # the head's decoding, DFL and final convs stay in float: nothing there reads a dequantized tensor
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    float_head = set(head_nodes_kept_in_float(onnx.load(str(fp32_onnx))))
+    assert {"/model.24/Sigmoid", "/model.24/dfl/conv/Conv", "/model.24/cv2.0/cv2.0.2/Conv"} <= float_head
+    for node in model.graph.node:
+        if node.name in float_head:
+            assert not dequantized & set(node.input), node.name
+    assert {p.key: p.value for p in model.metadata_props}["precision"] == "int8"
+
+
+@needs_shared
+def test_checker_catches_what_tensorrt_refuses(int8_onnx):
+    model = onnx.load(str(int8_onnx))
+    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute))
+    next(a for a in weight_dq.attribute if a.name == "axis").i = 1
+    zero = next(t for t in model.graph.initializer if t.name == model.graph.node[[n.op_type for n in model.graph.node].index("QuantizeLinear")].input[2])
+    zero.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(zero) + 3, zero.name))
+    problems = " ".join(check_tensorrt_qdq(model))
+    assert "axis 0" in problems and "zero point must be 0" in problems
+
+
+@needs_shared
+def test_int8_loses_at_most_one_point_of_map(fp32_onnx, int8_onnx):
+    images, names = split_images(LICENSE_PLATE, "val")
+    records = [predict_records(load_backend(p, threads=2), images, 320, progress=False) for p in (fp32_onnx, int8_onnx)]
+    delta = paired_bootstrap_delta(*records, num_classes=len(names), samples=300)
+    change, low, high = delta["map"]
+    assert change > -0.01, f"INT8 lost {-change:.4f} mAP50-95 (95% CI {low:.4f}..{high:.4f})"
+    assert low <= change <= high
+
+
+@needs_shared
+def test_calibration_never_uses_validation_images():
+    images = calibration_images(LICENSE_PLATE)
+    val = {p.resolve() for p in split_images(LICENSE_PLATE, "val")[0]}
+    assert len(images) == 500 and not val & {p.resolve() for p in images}
+    with pytest.raises(YoloslimError, match="also in its val split"):
+        calibration_images(SHARED / "data" / "coco128" / "data.yaml")
+
+
+@needs_shared
+def test_head_exclusion_spares_inner_convs(fp32_onnx):
+    kept = head_nodes_kept_in_float(onnx.load(str(fp32_onnx)))
+    assert any("cv2.0.2" in n for n in kept) and any("/dfl/" in n for n in kept)
+    assert not any("cv3.1.0" in n or "cv2.2.1" in n for n in kept)

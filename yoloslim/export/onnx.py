@@ -1,0 +1,45 @@
+"""ONNX export for TensorRT 8.5 through 11 and ONNX Runtime.
+
+Opset 17 through the TorchScript exporter (`dynamo=False`): TensorRT 8.5 and 8.6 parse opset 17 at most, and torch
+2.14's default (dynamo) exporter emits 18 and up. Ultralytics' exporter already passes dynamo=False and embeds its
+metadata (names, stride, imgsz, task) in the ONNX, so it does the work.
+
+Output layout: one input `images` (batch, 3, imgsz, imgsz) float32 RGB in [0, 1] (letterboxed, see
+yoloslim.runtime.preprocess); one output `output0` (batch, 4 + classes, anchors) float32: box centre x, centre y,
+width, height in input pixels, then each class's sigmoid score. Anchors = sum over strides 8, 16, 32 of
+(imgsz / stride)^2. NMS is not in the graph; yoloslim.runtime.postprocess does it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from yoloslim.utils.errors import YoloslimError
+
+OPSET = 17
+
+
+def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False, out: str | Path | None = None) -> Path:
+    """Export an Ultralytics detection checkpoint to ONNX (static batch `batch`, or dynamic); return its path."""
+    from ultralytics import YOLO
+
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    weights = Path(weights)
+    load_detection_checkpoint(weights)
+    if batch < 1:
+        raise YoloslimError(f"--batch must be >= 1, got {batch}")
+    target = Path(out) if out else weights.with_suffix(".onnx")
+    if target.resolve() == weights.resolve():
+        raise YoloslimError(f"--out {target} is the input file; choose another path")
+    work = target.parent / f".{target.stem}.export"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        staged = work / weights.name
+        shutil.copyfile(weights, staged)  # Ultralytics writes its export beside the weights; keep that away from the input
+        exported = YOLO(str(staged)).export(format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu")
+        Path(exported).replace(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
