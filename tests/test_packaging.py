@@ -17,3 +17,7 @@ def test_installed_wheel_finds_the_embedded_default(tmp_path):
     module, config = (Path(line) for line in result.stdout.split())
     assert module.is_relative_to(target) and config.is_relative_to(target)
     assert config.read_text() == (ROOT / "data" / "synthetic.yaml").read_text()
+
+    shipped = {p.relative_to(target).as_posix() for p in (target / "yoloslim").rglob("*.py")}
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "yoloslim").rglob("*.py")}
+    assert source <= shipped, f"modules missing from the wheel: {sorted(source - shipped)}"

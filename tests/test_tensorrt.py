@@ -1,0 +1,133 @@
+"""The TensorRT side: builder version logic against a stand-in (hardware boundary), the engine file format for real,
+and real engine tests marked `jetson` (they run on a device with TensorRT and a GPU, and skip here)."""
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SHARED
+from trt_standin import make_tensorrt
+from yoloslim.runtime.engine_file import read_engine_file, read_engine_header, write_engine_file
+from yoloslim.runtime.onnx_meta import read_onnx_metadata
+from yoloslim.runtime.tensorrt import build_engine, check_engine_compatible
+from yoloslim.utils.errors import YoloslimError
+
+USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
+LICENSE_PLATE = SHARED / "data" / "license_plate" / "data.yaml"
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """A real static FP32 ONNX, a dynamic-batch one and a Q/DQ INT8 one, from a small model."""
+    from yoloslim.export.onnx import export_onnx
+    from yoloslim.export.qdq import quantize_int8
+
+    root = tmp_path_factory.mktemp("onnx")
+    static = export_onnx(USER_WEIGHTS, imgsz=64, out=root / "static.onnx")
+    dynamic = export_onnx(USER_WEIGHTS, imgsz=64, dynamic=True, out=root / "dynamic.onnx")
+    int8 = quantize_int8(static, LICENSE_PLATE, count=8)
+    return {"static": static, "dynamic": dynamic, "int8": int8}
+
+
+@pytest.fixture
+def standin(monkeypatch, request):
+    trt = make_tensorrt(request.param)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+EXPECTED_FLAGS = {  # (version, precision) -> builder flags
+    ("8.5.2.2", "fp32"): [], ("8.5.2.2", "fp16"): ["FP16"], ("8.5.2.2", "int8"): ["FP16", "INT8"],
+    ("8.6.2", "fp16"): ["FP16"], ("8.6.2", "int8"): ["FP16", "INT8"],
+    ("10.3.0", "fp32"): [], ("10.3.0", "fp16"): ["FP16"], ("10.3.0", "int8"): ["FP16", "INT8"],
+    ("11.0.0", "fp32"): [], ("11.0.0", "int8"): [],
+}
+
+
+@pytest.mark.parametrize("standin,precision", [(v, p) for v, p in EXPECTED_FLAGS], indirect=["standin"])
+def test_builder_uses_each_versions_api(standin, precision, onnx_files, tmp_path):
+    source = onnx_files["int8" if precision == "int8" else "static"]
+    out = build_engine(source, out=tmp_path / "m.engine", precision=precision, timing_cache=tmp_path / "cache")
+    record = standin.calls[-1]
+    assert record["builder_flags"] == EXPECTED_FLAGS[(standin.__version__, precision)]
+    explicit = 1 << 0
+    assert record["network_flags"] == (explicit if standin.__version__.startswith("8.") else 0)
+    assert record["pools"]["WORKSPACE"] == 2 << 30
+    assert (tmp_path / "cache").read_bytes() == b"+timed"  # the timing cache is written back
+    meta, plan = read_engine_file(out)
+    assert plan.startswith(b"STANDIN-PLAN") and meta["precision"] == precision and meta["tensorrt"] == standin.__version__
+    assert meta["names"] == {0: "License_Plate"} or meta["names"] == {"0": "License_Plate"}
+
+
+@pytest.mark.parametrize("standin", ["8.6.2", "10.3.0", "11.0.0"], indirect=True)
+def test_int8_needs_a_qdq_onnx(standin, onnx_files, tmp_path):
+    with pytest.raises(YoloslimError, match="Q/DQ ONNX"):
+        build_engine(onnx_files["static"], out=tmp_path / "m.engine", precision="int8")
+
+
+@pytest.mark.parametrize("standin", ["11.0.0"], indirect=True)
+def test_tensorrt_11_builds_fp16_only_from_an_fp16_onnx(standin, onnx_files, tmp_path):
+    with pytest.raises(YoloslimError, match="FP16 ONNX"):
+        build_engine(onnx_files["static"], out=tmp_path / "m.engine", precision="fp16")
+
+
+@pytest.mark.parametrize("standin", ["8.5.2.2", "10.3.0"], indirect=True)
+def test_dynamic_batch_gets_an_optimization_profile(standin, onnx_files, tmp_path):
+    out = build_engine(onnx_files["dynamic"], out=tmp_path / "d.engine", precision="fp16", batch=(1, 4, 8))
+    (profile,) = standin.calls[-1]["profiles"]
+    assert profile["images"] == ((1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64))
+    meta, _ = read_engine_file(out)
+    assert meta["dynamic"] is True and meta["batch"] == 8
+
+
+@pytest.mark.parametrize("standin", ["8.5.2.2"], indirect=True)
+def test_version_compatible_needs_8_6(standin, onnx_files, tmp_path):
+    with pytest.raises(YoloslimError, match="8.6"):
+        build_engine(onnx_files["static"], out=tmp_path / "m.engine", version_compatible=True)
+
+
+def test_engine_header_round_trip_and_ultralytics_reads_it(tmp_path):
+    from ultralytics.nn.backends.base import BaseBackend
+
+    meta = {"names": {0: "plate"}, "stride": 32, "imgsz": [320, 320], "precision": "int8", "tensorrt": "10.3.0"}
+    plan = bytes(range(256)) * 10
+    path = write_engine_file(tmp_path / "m.engine", plan, meta)
+    offset, read = read_engine_header(path)
+    assert read["precision"] == "int8" and read_engine_file(path)[1] == plan
+    assert BaseBackend.engine_header(path) == (offset, read)  # what YOLO("m.engine") reads
+    raw = write_engine_file(tmp_path / "raw.plan", plan, None)
+    assert raw.read_bytes() == plan and read_engine_header(raw) == (0, {})
+
+
+def test_incompatible_engines_are_refused_before_loading():
+    gpu = {"name": "Orin", "compute_capability": "8.7"}
+    check_engine_compatible({"tensorrt": "10.3.0", "device": gpu}, "10.3.0", gpu)
+    with pytest.raises(YoloslimError, match="built with TensorRT 8.6.2 but this device has 10.3.0"):
+        check_engine_compatible({"tensorrt": "8.6.2"}, "10.3.0", gpu)
+    check_engine_compatible({"tensorrt": "10.3.0", "version_compatible": True}, "10.7.0", gpu)
+    with pytest.raises(YoloslimError, match="compute capability 7.2"):
+        check_engine_compatible({"tensorrt": "10.3.0", "device": {"compute_capability": "7.2", "name": "Xavier"}}, "10.3.0", gpu)
+
+
+def test_onnx_metadata_reader_matches_the_onnx_package(onnx_files):
+    ours = read_onnx_metadata(onnx_files["int8"])
+    theirs = {p.key: p.value for p in onnx.load(str(onnx_files["int8"])).metadata_props}
+    assert set(ours) == set(theirs) and ours["names"] == {0: "License_Plate"} and ours["stride"] == 32
+
+
+@pytest.mark.jetson
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU (run on a Jetson)")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_real_engine_matches_onnx_runtime(onnx_files, tmp_path, precision):
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.tensorrt import TensorRTBackend
+
+    source = onnx_files["int8" if precision == "int8" else "static"]
+    engine = TensorRTBackend(build_engine(source, out=tmp_path / f"{precision}.engine", precision=precision))
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    want = OnnxRuntimeBackend(str(source))(x)
+    np.testing.assert_allclose(engine(x), want, atol=0.05 * np.abs(want).max())
