@@ -46,7 +46,7 @@ def test_runtime_reproduces_ultralytics_predictions():
     import cv2
     from ultralytics import YOLO
 
-    from yoloslim.evaluate import TorchBackend
+    from yoloslim.runtime.backends import TorchBackend
 
     backend = TorchBackend(USER_WEIGHTS)
     model = YOLO(str(USER_WEIGHTS))

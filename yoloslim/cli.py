@@ -14,9 +14,6 @@ SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 # Stages still to come, with the issue that builds each.
 _NOT_BUILT = {
-    "export": ("export to ONNX, Q/DQ INT8 ONNX or a TensorRT engine", 4),
-    "detect": ("run a model on images, videos or a camera", 4),
-    "doctor": ("report what this device has for each command", 4),
     "bench": ("latency and FPS for every backend", 5),
     "report": ("the comparison report of every variant", 5),
     "slim": ("the whole pipeline in one command", 5),
@@ -44,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_prune(commands)
     _add_finetune(commands)
     _add_eval(commands)
+    _add_export(commands)
+    _add_detect(commands)
+    _add_doctor(commands)
     for name, (summary, issue) in _NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -188,6 +188,71 @@ def _run_eval(args: argparse.Namespace) -> int:
         ci = {k: f" ({lo:.3f}-{hi:.3f})" for k, (lo, hi) in r.ci95.items()}
         print(f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
               f"{r.recall:.3f} | {r.images} | {r.instances} |")
+    return 0
+
+
+def _add_export(commands) -> None:
+    sub = commands.add_parser(
+        "export",
+        help="ONNX or Q/DQ INT8 ONNX on the host; TensorRT engines on the device",
+        description="--format onnx runs on the host (torch, ultralytics). --format engine runs on the device with "
+        "TensorRT (8.5 to 11) and builds from an ONNX (or from a .pt where torch is installed).",
+    )
+    sub.add_argument("--weights", required=True, help=".pt checkpoint (onnx, engine) or .onnx (engine)")
+    sub.add_argument("--format", default="onnx", choices=["onnx", "engine"])
+    sub.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    sub.add_argument("--data", help="dataset yaml for INT8 calibration (training split; default: the embedded dataset)")
+    sub.add_argument("--imgsz", type=int, default=640)
+    sub.add_argument("--batch", type=int, default=1, help="static batch (default 1)")
+    sub.add_argument("--dynamic", action="store_true", help="dynamic batch (engines get a profile up to --max-batch)")
+    sub.add_argument("--max-batch", type=int, default=8)
+    sub.add_argument("--workspace", type=float, default=2.0, help="TensorRT workspace, GiB")
+    sub.add_argument("--raw", action="store_true", help="bare TensorRT plan without the metadata header (trtexec, DeepStream)")
+    sub.add_argument("--out", help="output file (default: beside the input)")
+    sub.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from yoloslim.export import ExportConfig, export
+
+    config = ExportConfig(format=args.format, precision=args.precision, imgsz=args.imgsz, batch=args.batch,
+                          dynamic=args.dynamic, max_batch=args.max_batch, workspace=args.workspace, raw=args.raw)
+    print(f"wrote {export(args.weights, config, data=args.data, out=args.out)}")
+    return 0
+
+
+def _add_detect(commands) -> None:
+    sub = commands.add_parser("detect", help="run a model on an image, folder, video or camera (torch-free for .onnx/.engine)")
+    sub.add_argument("--weights", required=True, help="model.engine, model.onnx or model.pt")
+    sub.add_argument("--source", required=True, help="image, folder, video file, camera index or stream URL")
+    sub.add_argument("--conf", type=float, default=0.25)
+    sub.add_argument("--iou", type=float, default=0.7)
+    sub.add_argument("--imgsz", type=int, default=640, help="input size for models without a fixed one")
+    sub.add_argument("--save", action="store_true", help="save annotated images or video")
+    sub.add_argument("--show", action="store_true", help="show annotated frames in a window (q quits)")
+    sub.add_argument("--project", default="runs/detect")
+    sub.add_argument("--name", default="predict")
+    sub.set_defaults(run=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from yoloslim.runtime.backends import load_backend
+    from yoloslim.runtime.detect import DetectConfig, detect
+
+    config = DetectConfig(conf=args.conf, iou=args.iou, imgsz=args.imgsz, save=args.save, show=args.show, project=args.project, name=args.name)
+    print(f"results in {detect(load_backend(args.weights), args.source, config)}")
+    return 0
+
+
+def _add_doctor(commands) -> None:
+    sub = commands.add_parser("doctor", help="what this device has, and what each command needs")
+    sub.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from yoloslim.runtime.doctor import report
+
+    print(report())
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from yoloslim.runtime.backends import load_backend
 from yoloslim.runtime.postprocess import Detections, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
@@ -225,44 +226,6 @@ def read_labels(image: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
 
 
 # -- backends and the evaluation loop -----------------------------------------------------------------------------------
-
-
-class TorchBackend:
-    """An Ultralytics .pt checkpoint run with torch, on the same preprocessed batches as the other backends."""
-
-    def __init__(self, weights: str | Path, threads: int | None = None):
-        import torch
-
-        from yoloslim.utils.checks import load_detection_checkpoint
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        model, _ = load_detection_checkpoint(weights)
-        self.model = model.float().eval()
-        self.names = dict(model.names)
-        self.imgsz = None
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(batch))
-        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
-
-
-def load_backend(weights: str | Path, threads: int | None = None):
-    """The backend for a weights file, chosen by suffix."""
-    weights = Path(weights)
-    if not weights.is_file():
-        raise YoloslimError(f"weights file {weights} does not exist; pass --weights path/to/model.pt|.onnx|.engine")
-    if weights.suffix == ".onnx":
-        from yoloslim.runtime.backends import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(str(weights), threads=threads)
-    if weights.suffix == ".pt":
-        return TorchBackend(weights, threads=threads)
-    raise YoloslimError(f"{weights.suffix} models cannot be evaluated yet; pass a .pt or .onnx file")
 
 
 def predict_records(backend: Callable, images: Iterable[Path], imgsz: int, conf: float = 0.001, iou: float = 0.7, progress: bool = True) -> list:

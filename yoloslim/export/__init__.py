@@ -1,0 +1,64 @@
+"""Export: ONNX and Q/DQ INT8 ONNX on the host (onnx.py, qdq.py); TensorRT engines on the device
+(yoloslim.runtime.tensorrt, which needs only tensorrt and numpy). `export()` is the API under `yoloslim export`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from yoloslim.utils.errors import YoloslimError
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: str = "onnx"  # onnx | engine
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    imgsz: int = 640
+    batch: int = 1
+    dynamic: bool = False
+    max_batch: int = 8  # for --dynamic engines: the optimization profile's largest batch
+    workspace: float = 2.0  # GiB
+    raw: bool = False  # bare TensorRT plan, for trtexec and DeepStream
+    calibration_images: int = 500
+
+    def __post_init__(self):
+        if self.format not in ("onnx", "engine"):
+            raise YoloslimError(f"unknown format {self.format!r}; use onnx or engine")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise YoloslimError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
+        if self.precision == "int8" and self.dynamic:
+            raise YoloslimError("INT8 calibration needs a static batch; drop --dynamic and pass --batch N")
+
+
+def export(weights, config: ExportConfig, data=None, out=None) -> Path:
+    """Export `weights` (.pt, or .onnx for engines) as the config says; return the written file."""
+    weights = Path(weights)
+    if config.format == "onnx":
+        return _export_onnx(weights, config, data, out)
+    onnx_path = weights if weights.suffix == ".onnx" else _export_onnx(weights, config, data, None)
+    from yoloslim.runtime.tensorrt import build_engine
+    from yoloslim.runtime.cuda import load_cuda
+
+    batch = (1, max(config.batch, 1), config.max_batch) if config.dynamic else (config.batch,) * 3
+    return build_engine(onnx_path, out=out, precision=config.precision, batch=batch, workspace_gb=config.workspace,
+                        timing_cache=onnx_path.with_suffix(".timing.cache"), raw=config.raw, device=load_cuda().device())
+
+
+def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path]) -> Path:
+    from yoloslim.export.onnx import export_onnx
+
+    if weights.suffix != ".pt":
+        raise YoloslimError(f"ONNX export takes an Ultralytics .pt checkpoint, not {weights.name}")
+    if config.precision == "fp16":
+        raise YoloslimError(
+            "an FP16 ONNX is not written yet; for TensorRT 8.5-10 export FP32 and build with --precision fp16 on the "
+            "device (TensorRT 11 needs an FP16 ONNX: convert it with ModelOpt AutoCast)"
+        )
+    if config.precision == "int8":
+        from yoloslim.data import resolve_data
+        from yoloslim.export.qdq import quantize_int8
+
+        fp32 = export_onnx(weights, imgsz=config.imgsz, batch=config.batch)
+        return quantize_int8(fp32, resolve_data(data), out=out, count=config.calibration_images)
+    return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)

@@ -31,3 +31,45 @@ class OnnxRuntimeBackend:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input.name: batch})[0]
+
+
+class TorchBackend:
+    """An Ultralytics .pt checkpoint run with torch (host side; torch is imported only when one is loaded)."""
+
+    def __init__(self, weights, threads: Optional[int] = None):
+        import torch
+
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        model, _ = load_detection_checkpoint(weights)
+        self.model = model.float().eval()
+        self.names = dict(model.names)
+        self.imgsz = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(batch))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+def load_backend(weights, threads: Optional[int] = None):
+    """The backend for a model file, chosen by its suffix: .onnx, .engine or .pt."""
+    from yoloslim.utils.errors import YoloslimError
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise YoloslimError(f"model file {weights} does not exist; pass --weights path/to/model.pt|.onnx|.engine")
+    if weights.suffix == ".onnx":
+        return OnnxRuntimeBackend(str(weights), threads=threads)
+    if weights.suffix in (".engine", ".plan"):
+        from yoloslim.runtime.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(weights)
+    if weights.suffix == ".pt":
+        return TorchBackend(weights, threads=threads)
+    raise YoloslimError(f"{weights.name}: unknown model format; pass a .pt, .onnx or .engine file")

@@ -1,0 +1,153 @@
+"""`yoloslim detect`: run a model on an image, a folder, a video or a camera, with the shared pre/postprocessing.
+
+Outputs go under runs/detect/<name> as Ultralytics does (a new numbered folder each run). A camera or stream that
+drops is reopened instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from yoloslim.runtime.postprocess import Detections, postprocess
+from yoloslim.runtime.preprocess import preprocess
+from yoloslim.utils.errors import YoloslimError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"}
+
+
+@dataclass
+class DetectConfig:
+    conf: float = 0.25
+    iou: float = 0.7
+    imgsz: int = 640
+    save: bool = False
+    show: bool = False
+    project: str = "runs/detect"
+    name: str = "predict"
+    reconnect_attempts: int = 30  # per drop, one per second, for cameras and streams
+
+
+def new_run_dir(project: str, name: str) -> Path:
+    """project/name, or project/name2, name3... whichever does not exist yet."""
+    root = Path(project)
+    candidate, n = root / name, 2
+    while candidate.exists():
+        candidate, n = root / f"{name}{n}", n + 1
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def image_sources(source: str) -> Iterator[Tuple[str, np.ndarray]]:
+    path = Path(source)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    for file in files:
+        image = cv2.imread(str(file))
+        if image is None:
+            raise YoloslimError(f"cannot read image {file}; check the file or remove it from the folder")
+        yield file.name, image
+
+
+def open_capture(source: str) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    return capture
+
+
+def stream_frames(source: str, reconnect_attempts: int) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames of a video file, camera index or stream URL; a live source that drops is reopened."""
+    live = source.isdigit() or "://" in source
+    capture = open_capture(source)
+    if not capture.isOpened():
+        raise YoloslimError(f"cannot open {source}; check the camera index, file path or stream URL")
+    index = 0
+    while True:
+        ok, frame = capture.read()
+        if ok:
+            yield f"frame{index:06d}", frame
+            index += 1
+            continue
+        if not live:
+            return
+        capture.release()
+        capture = _reopen(source, reconnect_attempts)
+        if capture is None:
+            raise YoloslimError(f"{source} dropped and did not come back after {reconnect_attempts} tries")
+
+
+def _reopen(source: str, attempts: int) -> Optional[cv2.VideoCapture]:
+    for _ in range(attempts):
+        time.sleep(1.0)
+        capture = open_capture(source)
+        if capture.isOpened():
+            return capture
+    return None
+
+
+def draw(image: np.ndarray, det: Detections, names: dict, fps: Optional[float]) -> np.ndarray:
+    out = image.copy()
+    for (x1, y1, x2, y2), score, cls in zip(det.boxes.astype(int), det.scores, det.classes):
+        colour = tuple(int(c) for c in np.random.default_rng(int(cls)).integers(64, 255, 3))
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, 2)
+        cv2.putText(out, f"{names.get(int(cls), int(cls))} {score:.2f}", (x1, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1)
+    if fps is not None:
+        cv2.putText(out, f"{fps:.1f} FPS", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2)
+    return out
+
+
+def detect(backend, source: str, config: DetectConfig) -> Path:
+    """Run `backend` over `source`; return the run folder (labels and, with save, annotated images/video)."""
+    from tqdm import tqdm
+
+    is_stream = source.isdigit() or "://" in source or Path(source).suffix.lower() in VIDEO_SUFFIXES
+    if not is_stream and not Path(source).exists():
+        raise YoloslimError(f"source {source} does not exist; pass an image, a folder, a video, a camera index or a URL")
+    run = new_run_dir(config.project, config.name)
+    (run / "labels").mkdir()
+    frames = stream_frames(source, config.reconnect_attempts) if is_stream else image_sources(source)
+    imgsz = getattr(backend, "imgsz", None) or config.imgsz
+    names = getattr(backend, "names", {}) or {}
+    writer, fps = None, None
+    for name, image in tqdm(frames, desc="detect", unit="frame"):
+        t0 = time.perf_counter()
+        batch, boxes = preprocess([image], imgsz)
+        det = postprocess(backend(batch), boxes, conf=config.conf, iou=config.iou)[0]
+        elapsed = time.perf_counter() - t0
+        fps = 1 / elapsed if fps is None else 0.9 * fps + 0.1 / elapsed
+        _write_labels(run / "labels" / f"{Path(name).stem}.txt", det, image.shape[:2])
+        if config.save or config.show:
+            annotated = draw(image, det, names, fps)
+            if config.save:
+                writer = _save(run, name, annotated, is_stream, writer)
+            if config.show:
+                cv2.imshow("yoloslim", annotated)
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    break
+    if writer is not None:
+        writer.release()
+    return run
+
+
+def _write_labels(path: Path, det: Detections, shape) -> None:
+    """YOLO txt: class cx cy w h (normalised) confidence."""
+    h, w = shape
+    lines = []
+    for (x1, y1, x2, y2), score, cls in zip(det.boxes, det.scores, det.classes):
+        lines.append(f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {score:.4f}")
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+def _save(run: Path, name: str, image: np.ndarray, is_stream: bool, writer):
+    if not is_stream:
+        cv2.imwrite(str(run / name), image)
+        return None
+    if writer is None:
+        h, w = image.shape[:2]
+        writer = cv2.VideoWriter(str(run / "output.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 30, (w, h))
+    writer.write(image)
+    return writer
