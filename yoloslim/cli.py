@@ -165,7 +165,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _add_eval(commands) -> None:
     sub = commands.add_parser(
         "eval",
-        help="mAP with 95% bootstrap intervals, for .pt and .onnx models alike",
+        help="mAP with 95%% bootstrap intervals, for .pt, .onnx and .engine models alike",
         description="One evaluator for every backend: the runtime's letterbox and NMS, COCO AP arithmetic "
         "(101-point, IoU 0.50:0.05:0.95), and a 95%% bootstrap interval over images.",
     )
