@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from pathlib import Path
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -47,3 +48,104 @@ def compare_latency(variants: Dict[str, Callable[[], object]], rounds: int = 20,
                 call()
                 samples[name].append(time.perf_counter() - t0)
     return {name: Latency.from_seconds(samples[name]) for name in names}
+
+
+def _file_stats(weights: Path, imgsz: int) -> dict:
+    """Parameters and GFLOPs where they can be known without guessing; None reads as 'not measured'."""
+    stats = {"size_mb": round(weights.stat().st_size / 1e6, 3), "params": None, "gflops": None}
+    if weights.suffix == ".pt":
+        from yoloslim.prune import model_stats
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        stats.update(model_stats(load_detection_checkpoint(weights)[0].float(), imgsz))
+    elif weights.suffix == ".onnx":
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            return stats
+        graph = onnx.load(str(weights)).graph
+        stats["params"] = int(sum(numpy_helper.to_array(t).size for t in graph.initializer if t.data_type in (1, 3, 10)))
+    return stats
+
+
+def environment(threads: int) -> dict:
+    """What the figures depend on: machine, threads, library versions; on a Jetson its power mode and clocks."""
+    import os
+    import platform
+
+    from yoloslim.runtime.doctor import facts
+
+    found = facts()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    temps = []
+    for zone in sorted(Path("/sys/devices/virtual/thermal").glob("thermal_zone*/temp")):
+        try:
+            temps.append(int(zone.read_text()) / 1000)
+        except (OSError, ValueError):
+            pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "max_temperature_c": max(temps) if temps else None,
+        **{k: v for k, v in found.items() if k in ("machine", "python", "L4T", "JetPack", "TensorRT", "onnxruntime", "numpy", "OpenCV", "torch", "power mode", "clocks")},
+    }
+
+
+def bench(weights: list, imgsz: int = 640, batch: int = 1, threads: Optional[int] = None, image: Optional[Path] = None, rounds: int = 20, per_round: int = 5) -> dict:
+    """Model-only and end-to-end latency of each model, all interleaved in one run; sizes and environment."""
+    import os
+
+    import cv2
+
+    from yoloslim.runtime.backends import load_backend
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import preprocess
+
+    threads = threads or os.cpu_count() or 1
+    image = Path(image) if image else _sample_image()
+    variants, info = {}, {}
+    for path in map(Path, weights):
+        backend = load_backend(path, threads=threads)
+        size = getattr(backend, "imgsz", None) or imgsz
+        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+
+        def end_to_end(backend=backend, size=size):
+            frame = cv2.imread(str(image))
+            tensor, boxes = preprocess([frame] * batch, size)
+            return postprocess(backend(tensor), boxes)
+
+        variants[f"{path}|model"] = lambda backend=backend, x=x: backend(x)
+        variants[f"{path}|end_to_end"] = end_to_end
+        info[str(path)] = {"imgsz": size, "backend": type(backend).__name__, **_file_stats(path, size)}
+    timed = compare_latency(variants, rounds=rounds, per_round=per_round)
+    results = []
+    for name, meta in info.items():
+        model, e2e = timed[f"{name}|model"], timed[f"{name}|end_to_end"]
+        results.append({"weights": name, **meta, "batch": batch, "model": model.as_dict(), "end_to_end": e2e.as_dict(),
+                        "fps_end_to_end": batch * e2e.fps})
+    return {"results": results, "image": str(image), "environment": environment(threads)}
+
+
+def _sample_image() -> Path:
+    """A validation image of the embedded dataset, so end-to-end timing decodes a real JPEG."""
+    from yoloslim.data import resolve_data
+    from yoloslim.evaluate import split_images
+
+    return split_images(resolve_data(None), "val")[0][0]
+
+
+def bench_table(report: dict) -> str:
+    def fmt(v, spec):
+        return "not measured" if v is None else format(v, spec)
+
+    lines = ["| model | backend | params | GFLOPs | MB | model p50 ms | p90 | p99 | end-to-end p50 ms | FPS |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        m, e = r["model"], r["end_to_end"]
+        lines.append(f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | {r['size_mb']:.2f} | "
+                     f"{m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | {r['fps_end_to_end']:.1f} |")
+    env = report["environment"]
+    lines.append(f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; TensorRT {env.get('TensorRT') or 'not installed'}")
+    return "\n".join(lines)

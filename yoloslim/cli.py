@@ -14,7 +14,6 @@ SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 # Stages still to come, with the issue that builds each.
 _NOT_BUILT = {
-    "bench": ("latency and FPS for every backend", 5),
     "report": ("the comparison report of every variant", 5),
     "slim": ("the whole pipeline in one command", 5),
 }
@@ -44,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_detect(commands)
     _add_doctor(commands)
+    _add_bench(commands)
     for name, (summary, issue) in _NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -253,6 +253,32 @@ def _run_doctor(args: argparse.Namespace) -> int:
     from yoloslim.runtime.doctor import report
 
     print(report())
+    return 0
+
+
+def _add_bench(commands) -> None:
+    sub = commands.add_parser("bench", help="latency (mean, p50, p90, p99) and FPS, model alone and end to end")
+    sub.add_argument("--weights", nargs="+", required=True, help="models to compare (.pt, .onnx, .engine), timed interleaved")
+    sub.add_argument("--imgsz", type=int, default=640, help="input size for models without a fixed one")
+    sub.add_argument("--batch", type=int, default=1)
+    sub.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores), recorded")
+    sub.add_argument("--source", help="image decoded in the end-to-end timing (default: one of the embedded dataset)")
+    sub.add_argument("--project", default="runs/bench")
+    sub.add_argument("--name", default="bench")
+    sub.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from yoloslim.bench import bench, bench_table
+    from yoloslim.runtime.detect import new_run_dir
+
+    report = bench(args.weights, imgsz=args.imgsz, batch=args.batch, threads=args.threads, image=args.source)
+    run = new_run_dir(args.project, args.name)
+    (run / "bench.json").write_text(json.dumps(report, indent=2))
+    print(bench_table(report))
+    print(f"\nwrote {run / 'bench.json'}")
     return 0
 
 
