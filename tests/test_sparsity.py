@@ -191,6 +191,8 @@ def test_resume_continues_schedule_with_checkpoint_settings(train_args):
     # the final strip keeps the settings, and the output is an ordinary Ultralytics detection checkpoint
     best = torch.load(first.best, weights_only=False)
     assert best["optimizer"] is None and best[CHECKPOINT_KEY]["sparsity"]["sr"] == 0.2
+    last = torch.load(first.last, weights_only=False)
+    assert [e["epoch"] for e in last[CHECKPOINT_KEY]["gamma_history"]["epochs"]] == [0, 1, 2]
     loaded = YOLO(str(first.best))
     assert loaded.task == "detect" and len(loaded.names) == 6
 

@@ -181,7 +181,12 @@ class SparsityTrainer(SafeDetectionTrainer):
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
-        return {"sparsity": asdict(self.sparsity)}
+        """The settings, and the gamma history so reports can draw it from the checkpoint alone."""
+        history = self.save_dir / GAMMA_HISTORY
+        extras = {"sparsity": asdict(self.sparsity)}
+        if history.exists():
+            extras["gamma_history"] = json.loads(history.read_text())
+        return extras
 
 
 def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:
