@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
+from yoloslim.utils.plots import plot_gamma_history
 from yoloslim.utils.training import SafeDetectionTrainer
 
 Schedule = Literal["constant", "linear", "cosine"]
@@ -197,32 +197,6 @@ def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray
     history["epochs"].append({"epoch": epoch, "sr": sr, "counts": counts.tolist(), **gamma_summary(gammas)})
     write_text_atomic(path, json.dumps(history))
     return history
-
-
-def plot_gamma_history(history: dict, path: Path) -> None:
-    """Heat map of the |gamma| distribution per epoch with its quantiles: where a gap opens, a threshold fits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [e["epoch"] + 1 for e in history["epochs"]]
-    counts = np.array([e["counts"] for e in history["epochs"]], dtype=float).T
-    edges = np.array(history["edges"])
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    y = np.append(np.maximum(edges, 1e-7), 20.0)  # zero bin drawn just below 1e-6
-    x = np.append(np.array(epochs) - 0.5, epochs[-1] + 0.5)
-    mesh = ax.pcolormesh(x, y, np.log1p(counts), cmap="viridis", shading="flat")
-    for key, style in (("gamma/p10", ":"), ("gamma/p50", "-"), ("gamma/p90", "--")):
-        ax.plot(epochs, [max(e[key], 1e-7) for e in history["epochs"]], "w" + style, lw=1.2, label=key.split("/")[1])
-    ax.set(yscale="log", xlabel="epoch", ylabel="|gamma| (prunable BatchNorms)", title="BatchNorm gamma distribution")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.colorbar(mesh, ax=ax, label="log(1 + channels)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def train_sparse(weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args):

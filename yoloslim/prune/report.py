@@ -38,11 +38,11 @@ def write_prune_report(result, stem: Path) -> None:
 
 
 def _plot(result, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from yoloslim.utils.plots import plot_widths, pyplot, save_figure
+
+    plt = pyplot()
 
     scores = np.concatenate([np.asarray(s) for s in result.scores]) if result.scores else np.zeros(1)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), dpi=100)
@@ -54,14 +54,6 @@ def _plot(result, path: Path) -> None:
     if math.isfinite(result.threshold) and result.threshold > 0:
         ax1.axvline(result.threshold, color="tab:red", lw=2, label=f"threshold {result.threshold:.3g}")
         ax1.legend()
-    names = list(result.widths)
-    before = [result.widths[n][0] for n in names]
-    after = [result.widths[n][1] for n in names]
-    x = np.arange(len(names))
-    ax2.bar(x, before, color="lightgray", label="before")
-    ax2.bar(x, after, color="tab:green", label="after")
-    ax2.set(xlabel="conv layer (model order)", ylabel="output channels", title="Widths per layer")
-    ax2.legend()
+    plot_widths(ax2, result.widths)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
