@@ -14,8 +14,6 @@ SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 # Stages still to come, with the issue that builds each.
 _NOT_BUILT = {
-    "report": ("the comparison report of every variant", 5),
-    "slim": ("the whole pipeline in one command", 5),
 }
 
 
@@ -44,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_detect(commands)
     _add_doctor(commands)
     _add_bench(commands)
+    _add_report(commands)
+    _add_slim(commands)
     for name, (summary, issue) in _NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -279,6 +279,61 @@ def _run_bench(args: argparse.Namespace) -> int:
     (run / "bench.json").write_text(json.dumps(report, indent=2))
     print(bench_table(report))
     print(f"\nwrote {run / 'bench.json'}")
+    return 0
+
+
+def _add_report(commands) -> None:
+    sub = commands.add_parser("report", help="comparison report (Markdown, HTML, CSV) of slim runs")
+    sub.add_argument("runs", nargs="+", help="run folders written by yoloslim slim")
+    sub.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    sub.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from yoloslim.report import write_report
+
+    for kind, path in write_report(args.runs, Path(args.out)).items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_slim(commands) -> None:
+    sub = commands.add_parser(
+        "slim",
+        help="the whole pipeline: sparsity, prune, finetune, export, eval, bench, report",
+        description="Runs every stage into runs/slim/NAME, keeping each stage's output; the same command again resumes "
+        "after the last finished stage. With no arguments: the shipped sparsity-trained baseline on the embedded "
+        "dataset, a short finetune at imgsz 320.",
+    )
+    sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
+    sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
+    how = sub.add_mutually_exclusive_group()
+    how.add_argument("--target-flops", type=float, help="fraction of GFLOPs to keep (default 0.5)")
+    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove")
+    sub.add_argument("--epochs-sparse", type=int, default=20)
+    sub.add_argument("--epochs-finetune", type=int, help="default 5 on the embedded default, 20 otherwise")
+    sub.add_argument("--imgsz", type=int, default=320)
+    sub.add_argument("--batch", type=int, default=16)
+    sub.add_argument("--precision", default="int8", choices=["fp16", "int8"], help="deployment precision to prepare")
+    sub.add_argument("--threads", type=int, help="CPU threads for evaluation and benchmark (default: all cores)")
+    sub.add_argument("--project", default="runs/slim")
+    sub.add_argument("--name", default="slim", help="run folder; an unfinished run of this name is resumed")
+    sub.set_defaults(run=_run_slim)
+
+
+def _run_slim(args: argparse.Namespace) -> int:
+    import time
+
+    from yoloslim.slim import SlimConfig, slim
+
+    started = time.time()
+    config = SlimConfig(weights=args.weights, data=args.data, target_flops=args.target_flops, ratio=args.ratio,
+                        epochs_sparse=args.epochs_sparse, epochs_finetune=args.epochs_finetune, imgsz=args.imgsz,
+                        batch=args.batch, precision=args.precision, threads=args.threads, project=args.project, name=args.name)
+    report = slim(config)
+    print(f"\nreport: {report}  ({(time.time() - started) / 60:.1f} min)")
     return 0
 
 

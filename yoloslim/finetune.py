@@ -14,10 +14,8 @@ from copy import deepcopy
 from pathlib import Path
 
 from torch import nn
-from ultralytics.utils.patches import torch_load
-
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.training import CHECKPOINT_KEY, SafeDetectionTrainer
+from yoloslim.utils.training import SafeDetectionTrainer, read_checkpoint_extras
 
 
 class FinetuneTrainer(SafeDetectionTrainer):
@@ -39,7 +37,7 @@ class FinetuneTrainer(SafeDetectionTrainer):
     def checkpoint_extras(self) -> dict:
         if not hasattr(self, "_lineage"):
             source = self.args.resume if self.resume else self.args.model
-            self._lineage = (torch_load(source, map_location="cpu").get(CHECKPOINT_KEY) or {}) if str(source).endswith(".pt") else {}
+            self._lineage = read_checkpoint_extras(source) if str(source).endswith(".pt") else {}
         return {**self._lineage, "finetune": {"teacher": self.args.distill_model}}
 
 

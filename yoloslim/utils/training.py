@@ -24,6 +24,11 @@ from yoloslim.utils.files import write_text_atomic
 CHECKPOINT_KEY = "yoloslim"
 
 
+def read_checkpoint_extras(path) -> dict:
+    """The "yoloslim" metadata of a checkpoint file (empty for a plain Ultralytics one)."""
+    return torch_load(path, map_location="cpu").get(CHECKPOINT_KEY) or {}
+
+
 class SafeDetectionTrainer(DetectionTrainer):
     """DetectionTrainer with atomic checkpoint writes and yoloslim metadata in every checkpoint."""
 
@@ -33,7 +38,7 @@ class SafeDetectionTrainer(DetectionTrainer):
 
     def resumed_extras(self) -> dict:
         """The "yoloslim" metadata of the checkpoint a resumed run continues from."""
-        return torch_load(self.args.resume, map_location="cpu").get(CHECKPOINT_KEY) or {}
+        return read_checkpoint_extras(self.args.resume)
 
     def save_metrics(self, metrics):
         drop_rows_from_epoch(self.csv, self.epoch + 1)

@@ -1,0 +1,202 @@
+"""`yoloslim slim`: the whole pipeline in one command, each stage's output kept, resumable stage by stage.
+
+sparsity training -> pruning -> finetuning -> export -> evaluation -> benchmark -> report, in runs/slim/<name>/.
+state.json records each finished stage; running the same command again skips them and resumes an interrupted
+training from its last.pt. An input whose gamma distribution is already sparse skips sparsity training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import write_text_atomic
+
+EMBEDDED_BASE, EMBEDDED_SPARSE = "yolov5n-synthetic.pt", "yolov5n-synthetic-sparse.pt"
+STAGES = ("sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    weights: Optional[str] = None  # default: the shipped sparsity-trained baseline
+    data: Optional[str] = None  # default: the embedded synthetic dataset
+    target_flops: Optional[float] = None  # default 0.5 unless ratio is given
+    ratio: Optional[float] = None
+    epochs_sparse: int = 20
+    epochs_finetune: Optional[int] = None  # default: 5 on the embedded default, 20 otherwise
+    imgsz: int = 320
+    batch: int = 16
+    precision: str = "int8"  # fp16 | int8: the deployment precision to prepare
+    threads: Optional[int] = None
+    project: str = "runs/slim"
+    name: str = "slim"
+
+    def __post_init__(self):
+        if self.precision not in ("fp16", "int8"):
+            raise YoloslimError(f"--precision must be fp16 or int8, got {self.precision}")
+        if self.target_flops is not None and self.ratio is not None:
+            raise YoloslimError("give --target-flops or --ratio, not both")
+
+
+def looks_sparsity_trained(ckpt: dict, model) -> bool:
+    """True when the checkpoint says so, or when a fifth of the prunable gammas are already below 0.05."""
+    from yoloslim.sparsity import gamma_magnitudes
+
+    if (ckpt.get("yoloslim") or {}).get("sparsity"):
+        return True
+    return bool((gamma_magnitudes(model) < 0.05).mean() >= 0.2)
+
+
+class Pipeline:
+    """One slim run: its folder, its state, and the stages in order."""
+
+    def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
+        from yoloslim.data import resolve_data
+        from yoloslim.utils.assets import shipped_file
+
+        self.config, self.log = config, log
+        self.embedded = config.weights is None
+        self.input = Path(config.weights) if config.weights else shipped_file("weights", EMBEDDED_SPARSE)
+        self.base = shipped_file("weights", EMBEDDED_BASE) if self.embedded else self.input
+        self.data = resolve_data(config.data)
+        self.run = Path(config.project) / config.name
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.run / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {"config": asdict(config), "stages": {}}
+        self.epochs_finetune = config.epochs_finetune or (5 if self.embedded else 20)
+
+    def done(self, stage: str) -> Optional[dict]:
+        return self.state["stages"].get(stage)
+
+    def finish(self, stage: str, result: dict) -> dict:
+        self.state["stages"][stage] = result
+        write_text_atomic(self.state_file, json.dumps(self.state, indent=2))
+        return result
+
+    def run_all(self) -> Path:
+        for stage in STAGES:
+            if self.done(stage):
+                self.log(f"slim: {stage} already done, skipping")
+                continue
+            self.log(f"slim: {stage}...")
+            self.finish(stage, getattr(self, f"stage_{stage}")())
+        return self.run / "report" / "report.html"
+
+    def _train_args(self, name: str, epochs: int) -> dict:
+        return dict(project=str(self.run), name=name, exist_ok=True, epochs=epochs, imgsz=self.config.imgsz, batch=self.config.batch, workers=0)
+
+    def stage_sparse(self) -> dict:
+        from yoloslim.sparsity import SparsityConfig, train_sparse
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        model, ckpt = load_detection_checkpoint(self.input)
+        if looks_sparsity_trained(ckpt, model):
+            self.log("slim: the input is already sparsity-trained; skipping sparsity training")
+            return {"weights": str(self.input), "skipped": True}
+        last = self.run / "sparse" / "weights" / "last.pt"
+        resume = last.exists()
+        train_sparse(str(last if resume else self.input), SparsityConfig(sr=0.8), data=str(self.data), resume=resume,
+                     optimizer="AdamW", lr0=0.002, nbs=16, **self._train_args("sparse", self.config.epochs_sparse))
+        return {"weights": str(last.with_name("best.pt")), "skipped": False}
+
+    def stage_prune(self) -> dict:
+        from yoloslim.prune import PruneConfig, prune
+
+        target = None if self.config.ratio is not None else (self.config.target_flops or 0.5)
+        config = PruneConfig(ratio=self.config.ratio, target_flops=target, imgsz=self.config.imgsz)
+        out = self.run / "pruned.pt"
+        out.unlink(missing_ok=True)  # a pruning interrupted before its rename left nothing; redo it whole
+        result = prune(self.done("sparse")["weights"], config, out=out)
+        return {"weights": str(out), "widths": result.widths, "before": result.before, "after": result.after}
+
+    def stage_finetune(self) -> dict:
+        from yoloslim.finetune import finetune
+
+        last = self.run / "finetune" / "weights" / "last.pt"
+        resume = last.exists()
+        finetune(last if resume else self.done("prune")["weights"], data=self.data, resume=resume, **self._train_args("finetune", self.epochs_finetune))
+        return {"weights": str(last.with_name("best.pt"))}
+
+    def stage_export(self) -> dict:
+        from yoloslim.export.onnx import export_onnx
+        from yoloslim.export.qdq import quantize_int8
+
+        onnx = {}
+        for name, weights in (("base", self.base), ("finetuned", Path(self.done("finetune")["weights"]))):
+            onnx[name] = str(export_onnx(weights, imgsz=self.config.imgsz, out=self.run / "export" / f"{name}.onnx"))
+        if self.config.precision == "int8":
+            onnx["finetuned-int8"] = str(quantize_int8(onnx["finetuned"], self.data, out=self.run / "export" / "finetuned-int8.onnx"))
+        return {"onnx": onnx}
+
+    def variants(self) -> list[dict]:
+        """Every variant the run compares; TensorRT ones only where TensorRT can run here."""
+        import importlib.util
+
+        stages = self.state["stages"]
+        found = [{"name": "base", "stage": "base", "backend": "PyTorch", "precision": "fp32", "weights": str(self.base)}]
+        if stages["sparse"]["weights"] != str(self.base):
+            found.append({"name": "sparse", "stage": "sparse", "backend": "PyTorch", "precision": "fp32", "weights": stages["sparse"]["weights"]})
+        found += [
+            {"name": "pruned", "stage": "pruned", "backend": "PyTorch", "precision": "fp32", "weights": stages["prune"]["weights"]},
+            {"name": "finetuned", "stage": "finetuned", "backend": "PyTorch", "precision": "fp32", "weights": stages["finetune"]["weights"]},
+            {"name": "base ONNX", "stage": "base", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["base"]},
+            {"name": "finetuned ONNX", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["finetuned"]},
+        ]
+        if "finetuned-int8" in stages["export"]["onnx"]:
+            found.append({"name": "finetuned INT8 Q/DQ", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "int8", "weights": stages["export"]["onnx"]["finetuned-int8"]})
+        has_trt = importlib.util.find_spec("tensorrt") is not None
+        for precision in ("fp16", self.config.precision) if self.config.precision == "int8" else ("fp16",):
+            found.append({"name": f"finetuned TensorRT {precision.upper()}", "stage": "finetuned", "backend": f"TensorRT {precision.upper()}",
+                          "precision": precision, "weights": None, "note": None if has_trt else "not measured: no TensorRT on this machine"})
+        return found
+
+    def stage_evaluate(self) -> dict:
+        from yoloslim.evaluate import evaluate
+
+        results = {}
+        for v in self.variants():
+            if v["weights"]:
+                results[v["name"]] = evaluate(v["weights"], self.data, imgsz=self.config.imgsz, threads=self.config.threads).as_dict()
+        return {"results": results}
+
+    def stage_bench(self) -> dict:
+        from yoloslim.bench import bench
+
+        measured = [v for v in self.variants() if v["weights"]]
+        report = bench([v["weights"] for v in measured], imgsz=self.config.imgsz, threads=self.config.threads)
+        by_weights = {r["weights"]: r for r in report["results"]}
+        return {"results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured}, "environment": report["environment"]}
+
+    def stage_report(self) -> dict:
+        from yoloslim.report import SUMMARY, write_report
+        from yoloslim.utils.training import read_checkpoint_extras
+
+        stages = self.state["stages"]
+        variants = []
+        for v in self.variants():
+            variants.append({**v, "eval": stages["evaluate"]["results"].get(v["name"]), "bench": stages["bench"]["results"].get(v["name"])})
+        summary = {
+            "name": f"{self.config.name}: {self.input.name} on {Path(self.data).parent.name}",
+            "data": str(self.data), "imgsz": self.config.imgsz, "environment": stages["bench"]["environment"],
+            "variants": variants, "prune": {"widths": stages["prune"]["widths"]},
+            "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
+        }
+        write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
+        paths = write_report([self.run], self.run / "report")
+        return {k: str(p) for k, p in paths.items()}
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def slim(config: SlimConfig | None = None) -> Path:
+    """Run (or resume) the pipeline; return the HTML report's path."""
+    return Pipeline(config or SlimConfig()).run_all()
