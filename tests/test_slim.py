@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from yoloslim.slim import Pipeline, SlimConfig, slim
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_data):
+    from ultralytics import YOLO
+
+    root = tmp_path_factory.mktemp("slimbase")
+    YOLO("yolov5n.yaml").train(data=str(tiny_data), imgsz=64, epochs=1, batch=4, workers=0, plots=False, verbose=False, project=str(root), name="b", val=False)
+    return root / "b" / "weights" / "last.pt"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path, monkeypatch):
+    config = SlimConfig(weights=str(tiny_base), data=str(tiny_data), epochs_sparse=1, epochs_finetune=1, imgsz=64, batch=4,
+                        ratio=0.3, threads=1, project=str(tmp_path), name="run")
+    real_finetune = Pipeline.stage_finetune
+
+    def dies(self):
+        raise Interrupt
+
+    monkeypatch.setattr(Pipeline, "stage_finetune", dies)
+    with pytest.raises(Interrupt):
+        slim(config)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert set(state["stages"]) == {"sparse", "prune"} and state["stages"]["sparse"]["skipped"] is False
+    pruned = tmp_path / "run" / "pruned.pt"
+    stamp = pruned.stat().st_mtime_ns
+
+    monkeypatch.setattr(Pipeline, "stage_finetune", real_finetune)
+    report = slim(config)
+    assert pruned.stat().st_mtime_ns == stamp  # finished stages are not redone
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert list(state["stages"]) == ["sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
+    html = report.read_text()
+    assert "not measured" in html and "finetuned INT8 Q/DQ" in html and "data:image/png;base64" in html
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["gamma_history"]["epochs"] and summary["prune"]["widths"]
+    measured = [v for v in summary["variants"] if v["weights"]]
+    assert all(v["eval"] is not None and v["bench"] is not None for v in measured)
+
+
+def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path):
+    import torch
+
+    ckpt = torch.load(tiny_base, weights_only=False)
+    model = ckpt["ema"] or ckpt["model"]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight[: len(m.weight) // 2] = 0.0  # half the channels dead, as after sparsity training
+    sparse = tmp_path / "sparse.pt"
+    torch.save({**ckpt, "ema": None, "model": model}, sparse)
+    pipeline = Pipeline(SlimConfig(weights=str(sparse), data=str(tiny_data), imgsz=64, project=str(tmp_path), name="s"))
+    assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True}
