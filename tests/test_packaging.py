@@ -21,3 +21,5 @@ def test_installed_wheel_finds_the_embedded_default(tmp_path):
     shipped = {p.relative_to(target).as_posix() for p in (target / "yoloslim").rglob("*.py")}
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "yoloslim").rglob("*.py")}
     assert source <= shipped, f"modules missing from the wheel: {sorted(source - shipped)}"
+    assets = {p.name for p in (target / "yoloslim" / "runtime" / "assets").iterdir()}
+    assert {"selftest.onnx", "selftest.npz"} <= assets

@@ -131,3 +131,23 @@ def test_real_engine_matches_onnx_runtime(onnx_files, tmp_path, precision):
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     want = OnnxRuntimeBackend(str(source))(x)
     np.testing.assert_allclose(engine(x), want, atol=0.05 * np.abs(want).max())
+
+
+def test_selftest_reference_matches_the_shipped_onnx():
+    """The device self-test compares against a stored ONNX Runtime output; it must still be that model's output."""
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.doctor import ASSETS
+
+    reference = np.load(ASSETS / "selftest.npz")
+    got = OnnxRuntimeBackend(str(ASSETS / "selftest.onnx"), threads=1)(reference["images"])
+    np.testing.assert_allclose(got, reference["output0"], rtol=1e-4, atol=1e-4)
+    assert read_onnx_metadata(ASSETS / "selftest.onnx")["names"] == {0: "a", 1: "b"}
+
+
+@pytest.mark.jetson
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU (run on a Jetson)")
+def test_doctor_selftest_passes_on_the_device():
+    from yoloslim.runtime.doctor import selftest
+
+    ok, text = selftest()
+    assert ok, text

@@ -246,14 +246,19 @@ def _run_detect(args: argparse.Namespace) -> int:
 
 def _add_doctor(commands) -> None:
     sub = commands.add_parser("doctor", help="what this device has, and what each command needs")
+    sub.add_argument("--selftest", action="store_true", help="build and run a small shipped engine, compare with a reference")
     sub.set_defaults(run=_run_doctor)
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from yoloslim.runtime.doctor import report
+    from yoloslim.runtime.doctor import report, selftest
 
     print(report())
-    return 0
+    if not args.selftest:
+        return 0
+    ok, text = selftest()
+    print("\n" + text)
+    return 0 if ok else 1
 
 
 def _add_bench(commands) -> None:

@@ -93,3 +93,35 @@ def report() -> str:
         missing = [n for n in needs if not found.get(n)]
         lines.append(f"| {command} | {'ready' if not missing else 'missing: ' + ', '.join(missing)} |")
     return "\n".join(lines)
+
+
+ASSETS = Path(__file__).parent / "assets"
+SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # max |engine - reference| / max |reference|
+
+
+def selftest() -> Tuple[bool, str]:
+    """Build engines from the shipped self-test ONNX, run them, compare with the shipped ONNX Runtime output."""
+    import tempfile
+
+    import numpy as np
+
+    from yoloslim.runtime.tensorrt import TensorRTBackend, build_engine, import_tensorrt, version_tuple
+
+    trt = import_tensorrt()
+    reference = np.load(ASSETS / "selftest.npz")
+    lines, ok = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision, tolerance in SELFTEST_TOLERANCE.items():
+            if precision == "fp16" and version_tuple(trt.__version__)[0] >= 11:
+                lines.append("fp16: skipped (TensorRT 11 builds FP16 only from an FP16 ONNX)")
+                continue
+            engine = build_engine(ASSETS / "selftest.onnx", out=Path(tmp) / f"{precision}.engine", precision=precision, workspace_gb=0.5)
+            backend = TensorRTBackend(engine)
+            try:
+                error = float(np.abs(backend(reference["images"]) - reference["output0"]).max() / np.abs(reference["output0"]).max())
+            finally:
+                backend.close()
+            passed = error <= tolerance
+            ok &= passed
+            lines.append(f"{precision}: {'pass' if passed else 'FAIL'} (relative error {error:.2e}, allowed {tolerance:.0e})")
+    return ok, f"TensorRT {trt.__version__} self-test\n" + "\n".join(lines)
