@@ -54,14 +54,39 @@ def main() -> None:
         train_args["epochs"] = args.epochs
     data = ensure_synthetic_dataset()
     last = ROOT / "runs" / "baseline" / args.recipe / "weights" / "last.pt"
-    results = _train(recipe, data, train_args, resume=last if last.exists() else None)
+    if not _finished(last):
+        _train(recipe, data, train_args, resume=last if last.exists() else None)
     best = last.with_name("best.pt")
     out = ROOT / "weights" / recipe["out"]
     shutil.copyfile(best, out)
-    metrics = {k: round(float(v), 4) for k, v in results.results_dict.items()} if results else {}
-    card = {"recipe": {k: v for k, v in recipe.items() if k != "out"}, "train": train_args, "val_metrics": metrics}
+    card = {"recipe": {k: v for k, v in recipe.items() if k != "out"}, "train": train_args, "val": _measure(out, data)}
     write_text_atomic(out.with_suffix(".recipe.yaml"), yaml.safe_dump(card, sort_keys=False))
     print(f"wrote {out}\n{yaml.safe_dump(card, sort_keys=False)}")
+
+
+def _finished(last: Path) -> bool:
+    """Ultralytics strips last.pt (epoch -1) when a run ends; an unfinished run's last.pt keeps its epoch."""
+    import torch
+
+    return last.exists() and torch.load(last, map_location="cpu", weights_only=False).get("epoch") == -1
+
+
+def _measure(weights: Path, data: Path) -> dict:
+    """Ultralytics' own final validation of best.pt, and yoloslim's evaluator with 95% bootstrap intervals."""
+    import torch
+
+    from yoloslim.evaluate import evaluate
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    ultralytics = {k: round(float(v), 4) for k, v in (ckpt.get("train_metrics") or {}).items() if k.startswith("metrics/")}
+    ours = evaluate(weights, data, imgsz=320)
+    return {
+        "ultralytics_val_at_best_epoch": ultralytics,
+        "yoloslim_eval": {"mAP50": round(ours.map50, 4), "mAP50-95": round(ours.map, 4),
+                          "mAP50_ci95": [round(v, 4) for v in ours.ci95["map50"]], "mAP50-95_ci95": [round(v, 4) for v in ours.ci95["map"]],
+                          "images": ours.images, "instances": ours.instances},
+        "epochs_trained": len(ckpt.get("train_results", {}).get("epoch", [])) if isinstance(ckpt.get("train_results"), dict) else None,
+    }
 
 
 def _train(recipe: dict, data: Path, train_args: dict, resume: Path | None):
