@@ -72,11 +72,6 @@ def test_unknown_passthrough_argument(detection_pt):
     assert_one_line_error(*run_cli("train", "--weights", detection_pt, "lr00=0.1"), "'lr00'")
 
 
-def test_stages_not_built_say_so():
-    code, err = run_cli("slim")
-    assert code != 0 and err == "yoloslim slim: not built yet (planned in issue #5)"
-
-
 def test_console_script_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
@@ -101,3 +96,13 @@ def test_prune_conflicting_targets_are_refused(detection_pt):
 
 def test_prune_unreachable_target_names_the_nearest(detection_pt):
     assert_one_line_error(*run_cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"), "smallest reachable")
+
+
+def test_missing_shipped_weights_is_a_one_line_error(monkeypatch, tmp_path):
+    from yoloslim.utils import assets
+    from yoloslim.utils.errors import YoloslimError
+
+    monkeypatch.setattr(assets, "_CHECKOUT_ROOT", tmp_path)
+    monkeypatch.setattr(assets, "_PACKAGE_OF_FOLDER", {"weights": "yoloslim_no_such_package"})
+    with pytest.raises(YoloslimError, match="missing from this install"):
+        assets.shipped_file("weights", "nothing.pt")

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from yoloslim.utils.errors import YoloslimError
 
 BASELINE = "yolov5n-synthetic.pt"
 SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
-
-# Stages still to come, with the issue that builds each.
-_NOT_BUILT = {
-}
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no network here: skip Ultralytics' online checks and their time-outs
@@ -44,19 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_report(commands)
     _add_slim(commands)
-    for name, (summary, issue) in _NOT_BUILT.items():
-        sub = commands.add_parser(name, help=f"{summary} (not built yet)", add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-        sub.set_defaults(run=_not_built(name, issue))
     return parser
-
-
-def _not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_args) -> int:
-        print(f"yoloslim {name}: not built yet (planned in issue #{issue})", file=sys.stderr)
-        return 3
-
-    return run
 
 
 def _add_train(commands) -> None:

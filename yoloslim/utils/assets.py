@@ -6,6 +6,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from yoloslim.utils.errors import YoloslimError
+
 # The wheel maps the checkout's top-level folders onto these packages (see pyproject.toml).
 _PACKAGE_OF_FOLDER = {"weights": "yoloslim.weights", "data": "yoloslim.datasets"}
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +23,7 @@ def shipped_file(folder: str, name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"shipped file {folder}/{name} is missing; reinstall yoloslim")
+    raise YoloslimError(f"the shipped file {folder}/{name} is missing from this install; reinstall yoloslim, or pass --weights")
 
 
 def cache_dir() -> Path:
