@@ -37,7 +37,7 @@ RECIPES = {
         # nbs=16: one optimizer step (and one penalty step) per batch, 4x the steps of the default nominal batch 64.
         # With AdamW a step moves a parameter by about lr at most, so sr < 1 lets channels with a consistent gradient
         # hold their gamma while the rest shrink by lr * sr per step.
-        "train": dict(imgsz=320, epochs=30, batch=16, nbs=16, optimizer="AdamW", lr0=0.002, close_mosaic=5, seed=0, workers=0),
+        "train": dict(imgsz=320, epochs=25, batch=16, nbs=16, optimizer="AdamW", lr0=0.002, close_mosaic=5, seed=0, workers=0),
         "sparsity": dict(sr=0.8, schedule="constant"),
     },
 }
