@@ -60,3 +60,17 @@ def test_missing_data_yaml_is_refused(tmp_path):
         assert "does not exist" in str(e)
     else:
         raise AssertionError("a missing dataset yaml must be refused")
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from yoloslim.utils.files import write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o644
