@@ -64,7 +64,7 @@ class Pipeline:
         self.input = Path(config.weights) if config.weights else shipped_file("weights", EMBEDDED_SPARSE)
         self.base = shipped_file("weights", EMBEDDED_BASE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        self.run = Path(config.project) / config.name
+        self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project under runs/detect
         self.run.mkdir(parents=True, exist_ok=True)
         self.state_file = self.run / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {"config": asdict(config), "stages": {}}
