@@ -19,8 +19,9 @@ class Interrupt(Exception):
 
 
 def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative project, as the CLI's default runs/slim
     config = SlimConfig(weights=str(tiny_base), data=str(tiny_data), epochs_sparse=1, epochs_finetune=1, imgsz=64, batch=4,
-                        ratio=0.3, threads=1, project=str(tmp_path), name="run")
+                        ratio=0.3, threads=1, project=".", name="run")
     real_finetune = Pipeline.stage_finetune
 
     def dies(self):
