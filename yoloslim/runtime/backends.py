@@ -21,6 +21,9 @@ class OnnxRuntimeBackend:
         self.threads = threads or os.cpu_count() or 1
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin after each run by default; on a 2-core edge CPU (and when models are timed
+        # interleaved) the spinning steals the cores that preprocessing or the next model need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.input = self.session.get_inputs()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
