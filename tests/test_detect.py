@@ -1,6 +1,5 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np

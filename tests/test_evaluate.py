@@ -4,7 +4,6 @@ import pytest
 from conftest import SHARED
 from yoloslim.evaluate import (
     IOU_THRESHOLDS,
-    ImageRecord,
     average_precision,
     evaluate,
     match_image,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -74,13 +76,6 @@ def test_distillation_from_the_unpruned_model_keeps_student_widths(pruned_pt, tr
     base, pruned = pruned_pt
     widths = saved_widths(pruned)
     finetune(pruned, data=tiny_data, teacher=base, **run_args(train_args, epochs=1, name="distill"))
-    best = next((p for p in (train_args_dir(train_args) / "distill" / "weights").glob("best.pt")))
-    ckpt = torch.load(best, weights_only=False)
+    ckpt = torch.load(Path(train_args["project"]) / "distill" / "weights" / "best.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == widths
     assert ckpt["yoloslim"]["finetune"]["teacher"] == str(base)
-
-
-def train_args_dir(train_args):
-    from pathlib import Path
-
-    return Path(train_args["project"])

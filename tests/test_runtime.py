@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from yoloslim.runtime.postprocess import Detections, nms, postprocess
+from yoloslim.runtime.postprocess import nms, postprocess
 from yoloslim.runtime.preprocess import letterbox, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -64,7 +64,7 @@ def _add_ultralytics_train_args(sub) -> None:
     sub.add_argument("--imgsz", type=int)
     sub.add_argument("--batch", type=int)
     sub.add_argument("--device")
-    sub.add_argument("--project", help="runs are written under PROJECT/NAME (default runs/detect/train*)")
+    sub.add_argument("--project", help="runs go to PROJECT/NAME; Ultralytics puts a relative PROJECT under runs/detect/")
     sub.add_argument("--name")
     sub.add_argument("--resume", action="store_true", help="continue the run whose last.pt is --weights")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics train arguments")
