@@ -1,10 +1,14 @@
+import cv2
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
 from conftest import SHARED
 from yoloslim.evaluate import load_backend, paired_bootstrap_delta, predict_records, split_images
+from yoloslim.export.fp16 import convert_fp16
 from yoloslim.export.onnx import export_onnx
+from yoloslim.runtime.preprocess import preprocess
 from yoloslim.export.qdq import calibration_images, check_tensorrt_qdq, head_nodes_kept_in_float, quantize_int8
 from yoloslim.utils.errors import YoloslimError
 
@@ -21,6 +25,18 @@ def fp32_onnx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_onnx(fp32_onnx):
     return quantize_int8(fp32_onnx, LICENSE_PLATE)
+
+
+@pytest.fixture(scope="module")
+def fp16_onnx(fp32_onnx):
+    return convert_fp16(fp32_onnx)
+
+
+def _precision_of_each_node(model) -> dict[str, int]:
+    """Element type of each node's first output, after shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    return {n.name: types.get(n.output[0]) for n in inferred.graph.node}
 
 
 @needs_shared
@@ -83,3 +99,38 @@ def test_head_exclusion_spares_inner_convs(fp32_onnx):
     kept = head_nodes_kept_in_float(onnx.load(str(fp32_onnx)))
     assert any("cv2.0.2" in n for n in kept) and any("/dfl/" in n for n in kept)
     assert not any("cv3.1.0" in n or "cv2.2.1" in n for n in kept)
+
+
+@needs_shared
+def test_fp16_onnx_is_half_except_head_decoding_and_io(fp32_onnx, fp16_onnx):
+    half = onnx.load(str(fp16_onnx))
+    precision = _precision_of_each_node(half)
+    float_head = set(head_nodes_kept_in_float(onnx.load(str(fp32_onnx))))
+    body_convs = [n.name for n in half.graph.node if n.op_type == "Conv" and n.name not in float_head]
+    assert len(body_convs) > 50 and all(precision[n] == onnx.TensorProto.FLOAT16 for n in body_convs)
+    assert all(precision[n] == onnx.TensorProto.FLOAT for n in float_head)
+    assert [v.type.tensor_type.elem_type for v in [*half.graph.input, *half.graph.output]] == [onnx.TensorProto.FLOAT] * 2
+    resize_scales = {n.input[2] for n in half.graph.node if n.op_type == "Resize"}
+    assert resize_scales and all(t.data_type == onnx.TensorProto.FLOAT for t in half.graph.initializer if t.name in resize_scales)
+    assert {p.key: p.value for p in half.metadata_props}["precision"] == "fp16"
+
+
+@needs_shared
+def test_fp16_onnx_matches_fp32_on_real_images(fp32_onnx, fp16_onnx):
+    images, _ = split_images(LICENSE_PLATE, "val")
+    full, half = (load_backend(p, threads=2) for p in (fp32_onnx, fp16_onnx))
+    batch, _ = preprocess([cv2.imread(str(p)) for p in images[:4]], 320)
+    a, b = (np.concatenate([backend(x[None]) for x in batch]) for backend in (full, half))
+    confident = a[:, 4] > 0.25
+    assert confident.sum() >= 4
+    assert abs(a[:, 4] - b[:, 4]).max() < 2e-3
+    assert abs(a[:, :4].transpose(0, 2, 1)[confident] - b[:, :4].transpose(0, 2, 1)[confident]).max() < 1.0  # pixels at 320
+
+
+@needs_shared
+def test_fp16_export_from_checkpoint_leaves_only_its_output(tmp_path):
+    from yoloslim.export import ExportConfig, export
+
+    out = export(USER_WEIGHTS, ExportConfig(precision="fp16", imgsz=320), out=tmp_path / "lp-fp16.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["lp-fp16.onnx"] == [out.name]
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["precision"] == "fp16"

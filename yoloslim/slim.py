@@ -123,12 +123,15 @@ class Pipeline:
         return {"weights": str(last.with_name("best.pt"))}
 
     def stage_export(self) -> dict:
+        from yoloslim.export.fp16 import convert_fp16
         from yoloslim.export.onnx import export_onnx
         from yoloslim.export.qdq import quantize_int8
 
         onnx = {}
         for name, weights in (("base", self.base), ("finetuned", Path(self.done("finetune")["weights"]))):
             onnx[name] = str(export_onnx(weights, imgsz=self.config.imgsz, out=self.run / "export" / f"{name}.onnx"))
+        # what TensorRT 11 needs for FP16 (strong typing); its accuracy is checked here, before any device sees it
+        onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=self.run / "export" / "finetuned-fp16.onnx"))
         if self.config.precision == "int8":
             onnx["finetuned-int8"] = str(quantize_int8(onnx["finetuned"], self.data, out=self.run / "export" / "finetuned-int8.onnx"))
         return {"onnx": onnx}
@@ -147,6 +150,8 @@ class Pipeline:
             {"name": "base ONNX", "stage": "base", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["base"]},
             {"name": "finetuned ONNX", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["finetuned"]},
         ]
+        if "finetuned-fp16" in stages["export"]["onnx"]:
+            found.append({"name": "finetuned FP16 ONNX", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "fp16", "weights": stages["export"]["onnx"]["finetuned-fp16"]})
         if "finetuned-int8" in stages["export"]["onnx"]:
             found.append({"name": "finetuned INT8 Q/DQ", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "int8", "weights": stages["export"]["onnx"]["finetuned-int8"]})
         has_trt = importlib.util.find_spec("tensorrt") is not None

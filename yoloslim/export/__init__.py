@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,15 +51,17 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
 
     if weights.suffix != ".pt":
         raise YoloslimError(f"ONNX export takes an Ultralytics .pt checkpoint, not {weights.name}")
-    if config.precision == "fp16":
-        raise YoloslimError(
-            "an FP16 ONNX is not written yet; for TensorRT 8.5-10 export FP32 and build with --precision fp16 on the "
-            "device (TensorRT 11 needs an FP16 ONNX: convert it with ModelOpt AutoCast)"
-        )
-    if config.precision == "int8":
+    if config.precision == "fp32":
+        return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
+    target = Path(out) if out else weights.with_name(f"{weights.stem}-{config.precision}.onnx")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.") as work:
+        fp32 = export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=Path(work) / "fp32.onnx")
+        if config.precision == "fp16":
+            from yoloslim.export.fp16 import convert_fp16
+
+            return convert_fp16(fp32, out=target)
         from yoloslim.data import resolve_data
         from yoloslim.export.qdq import quantize_int8
 
-        fp32 = export_onnx(weights, imgsz=config.imgsz, batch=config.batch)
-        return quantize_int8(fp32, resolve_data(data), out=out, count=config.calibration_images)
-    return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
+        return quantize_int8(fp32, resolve_data(data), out=target, count=config.calibration_images)
