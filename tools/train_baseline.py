@@ -3,8 +3,9 @@
     python tools/train_baseline.py base      # YOLOv5n from scratch -> weights/yolov5n-synthetic.pt
     python tools/train_baseline.py sparse    # sparsity training of that -> weights/yolov5n-synthetic-sparse.pt
 
-Re-running the same command resumes the run under runs/baseline/ where it stopped. The recipe is printed and written
-beside the weights as <name>.recipe.yaml together with the measured validation mAP.
+A recipe is one or more training stages, each starting from the previous stage's best.pt. Re-running the same command
+resumes the unfinished stage under runs/baseline/ where it stopped. The recipe is printed and written beside the
+weights as <name>.recipe.yaml together with the measured validation mAP.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from yoloslim.data.synthetic import ensure_synthetic_dataset  # noqa: E402
-from yoloslim.utils.files import write_text_atomic  # noqa: E402
+from yoloslim.utils.files import atomic_path, write_text_atomic  # noqa: E402
 
 RECIPES = {
     "base": {
         "model": "yolov5n.yaml",
         "out": "yolov5n-synthetic.pt",
         "train": dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.002, close_mosaic=10, seed=0, workers=0),
+        # the first 50 epochs ended with validation mAP still rising ~0.7 points per epoch: a second LR cycle from there
+        "then": [dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.001, close_mosaic=10, seed=0, workers=0)],
     },
     "sparse": {
         "model": str(ROOT / "weights" / "yolov5n-synthetic.pt"),
@@ -46,20 +49,25 @@ RECIPES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=sorted(RECIPES))
-    parser.add_argument("--epochs", type=int, help="override the recipe's epochs (new runs only)")
+    parser.add_argument("--epochs", type=int, help="override the last stage's epochs (new runs only)")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
-    train_args = dict(recipe["train"], project=str(ROOT / "runs" / "baseline"), name=args.recipe, exist_ok=True)
+    stages = [recipe["train"], *recipe.get("then", [])]
     if args.epochs:
-        train_args["epochs"] = args.epochs
+        stages[-1] = dict(stages[-1], epochs=args.epochs)
     data = ensure_synthetic_dataset()
-    last = ROOT / "runs" / "baseline" / args.recipe / "weights" / "last.pt"
-    if not _finished(last):
-        _train(recipe, data, train_args, resume=last if last.exists() else None)
-    best = last.with_name("best.pt")
+    weights = recipe["model"]
+    for index, stage in enumerate(stages):
+        name = args.recipe if index == 0 else f"{args.recipe}-{index + 1}"
+        last = ROOT / "runs" / "baseline" / name / "weights" / "last.pt"
+        if not _finished(last):
+            train_args = dict(stage, project=str(ROOT / "runs" / "baseline"), name=name, exist_ok=True)
+            _train(recipe, weights, data, train_args, resume=last if last.exists() else None, from_scratch=index == 0)
+        weights = str(last.with_name("best.pt"))
     out = ROOT / "weights" / recipe["out"]
-    shutil.copyfile(best, out)
-    card = {"recipe": {k: v for k, v in recipe.items() if k != "out"}, "train": train_args, "val": _measure(out, data)}
+    with atomic_path(out) as tmp:
+        shutil.copyfile(weights, tmp)
+    card = {"recipe": {k: v for k, v in recipe.items() if k != "out"}, "val": _measure(out, data)}
     write_text_atomic(out.with_suffix(".recipe.yaml"), yaml.safe_dump(card, sort_keys=False))
     print(f"wrote {out}\n{yaml.safe_dump(card, sort_keys=False)}")
 
@@ -89,18 +97,16 @@ def _measure(weights: Path, data: Path) -> dict:
     }
 
 
-def _train(recipe: dict, data: Path, train_args: dict, resume: Path | None):
+def _train(recipe: dict, weights: str, data: Path, train_args: dict, resume: Path | None, from_scratch: bool):
     from ultralytics import YOLO
 
     if "sparsity" in recipe:
         from yoloslim.sparsity import SparsityConfig, train_sparse
 
-        return train_sparse(
-            str(resume or recipe["model"]), SparsityConfig(**recipe["sparsity"]), data=str(data), resume=bool(resume), **train_args
-        )
+        return train_sparse(str(resume or weights), SparsityConfig(**recipe["sparsity"]), data=str(data), resume=bool(resume), **train_args)
     if resume:
         return YOLO(str(resume)).train(resume=True)
-    return YOLO(recipe["model"]).train(data=str(data), pretrained=False, **train_args)
+    return YOLO(weights).train(data=str(data), pretrained=not from_scratch, **train_args)
 
 
 if __name__ == "__main__":

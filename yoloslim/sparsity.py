@@ -161,6 +161,11 @@ class SparsityTrainer(SafeDetectionTrainer):
         self._gamma_groups = [[p for p in g["params"] if id(p) in gammas] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
+        if self.sparsity.sr > 0 and not isinstance(optimizer, torch.optim.SGD):
+            LOGGER.warning(
+                f"Sparsity training with {type(optimizer).__name__}: it divides each gamma's loss gradient by its own "
+                "scale, so gammas shrink together instead of splitting into kept and prunable ones; pass optimizer=SGD."
+            )
         return optimizer
 
     @torch.no_grad()
