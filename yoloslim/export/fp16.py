@@ -29,6 +29,7 @@ def convert_fp16(onnx_path: str | Path, out: str | Path | None = None) -> Path:
     """Write an FP16 copy of a float32 Ultralytics detection ONNX; return its path."""
     import onnx
 
+    from yoloslim.export.onnx import set_metadata
     from yoloslim.export.qdq import head_nodes_kept_in_float
     from yoloslim.utils.files import atomic_path
 
@@ -38,7 +39,7 @@ def convert_fp16(onnx_path: str | Path, out: str | Path | None = None) -> Path:
     if target.resolve() == onnx_path.resolve():
         raise YoloslimError(f"--out {target} is the input file; choose another path")
     half = to_float16(model, keep_float32=set(head_nodes_kept_in_float(model)))
-    _set_precision_metadata(half, "fp16")
+    set_metadata(half, {**{p.key: p.value for p in model.metadata_props}, "precision": "fp16"})
     with atomic_path(target) as tmp:
         onnx.save(half, str(tmp))
     return target
@@ -153,9 +154,3 @@ def _drop_unused_initializers(graph, nodes: list) -> None:
     del graph.initializer[:]
     graph.initializer.extend(keep)
 
-
-def _set_precision_metadata(model, precision: str) -> None:
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key != "precision"]
-    del model.metadata_props[:]
-    for key, value in [*kept, ("precision", precision)]:
-        model.metadata_props.add(key=key, value=value)

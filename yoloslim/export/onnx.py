@@ -43,3 +43,10 @@ def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def set_metadata(model, props: dict) -> None:
+    """Replace `model`'s metadata properties with `props` (string values), in place."""
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=str(value))

@@ -118,11 +118,10 @@ def _copy_metadata(source, path: Path) -> None:
     """Keep Ultralytics' metadata (names, stride, imgsz) and mark the precision."""
     import onnx
 
+    from yoloslim.export.onnx import set_metadata
+
     quantized = onnx.load(str(path))
-    del quantized.metadata_props[:]
-    for prop in source.metadata_props:
-        quantized.metadata_props.add(key=prop.key, value=prop.value)
-    quantized.metadata_props.add(key="precision", value="int8")
+    set_metadata(quantized, {**{p.key: p.value for p in source.metadata_props}, "precision": "int8"})
     onnx.save(quantized, str(path))
 
 
