@@ -11,6 +11,8 @@ For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 m
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
 validation images: before pruning, right after pruning with and without bias compensation, and after finetuning.
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
+`--distill 0.5` adds a second finetune of that ratio distilled from the unpruned sparse model, to measure what
+distillation buys at the same epochs.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads for latency")
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
+    parser.add_argument("--distill", type=float, nargs="*", default=[], metavar="RATIO",
+                        help="also finetune these ratios with the unpruned sparse model as teacher (Ultralytics distill_model)")
     args = parser.parse_args()
 
     from yoloslim.data import resolve_data
@@ -77,6 +81,8 @@ def main() -> None:
             points[f"pruned-{ratio}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, ratio, compensate, imgsz)
         if not args.skip_finetune:
             points[f"finetuned-{ratio}"] = _train(out, f"finetune-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs)
+        if not args.skip_finetune and ratio in args.distill:
+            points[f"distilled-{ratio}"] = _train(out, f"distill-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs, teacher=sparse)
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
@@ -101,7 +107,8 @@ def _smoke_data(out: Path, weights: Path) -> Path:
     return ensure_synthetic_dataset(config, root=out / "data")
 
 
-def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: float | None = None) -> Path:
+def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: float | None = None,
+           teacher: Path | None = None) -> Path:
     """Train (or resume) one stage; its best.pt is the stage's output."""
     run = out / name / "weights"
     if (out / name / "done").exists():
@@ -115,7 +122,7 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
     else:
         from yoloslim.finetune import finetune
 
-        finetune(run / "last.pt" if resume else weights, data=data, resume=resume, **args)
+        finetune(run / "last.pt" if resume else weights, data=data, teacher=None if resume else teacher, resume=resume, **args)
     (out / name / "done").write_text("")
     return run / "best.pt"
 
