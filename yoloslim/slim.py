@@ -100,8 +100,9 @@ class Pipeline:
             return {"weights": str(self.input), "skipped": True}
         last = self.run / "sparse" / "weights" / "last.pt"
         resume = last.exists()
-        train_sparse(str(last if resume else self.input), SparsityConfig(sr=0.8), data=str(self.data), resume=resume,
-                     optimizer="AdamW", lr0=0.002, nbs=16, **self._train_args("sparse", self.config.epochs_sparse))
+        # the recipe that split ../shared's license-plate model into kept and zero gammas in 30 epochs (README)
+        train_args = dict(self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8)
+        train_sparse(str(last if resume else self.input), SparsityConfig(sr=0.1, include_head=True), data=str(self.data), resume=resume, **train_args)
         return {"weights": str(last.with_name("best.pt")), "skipped": False}
 
     def stage_prune(self) -> dict:
