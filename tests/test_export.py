@@ -134,3 +134,26 @@ def test_fp16_export_from_checkpoint_leaves_only_its_output(tmp_path):
     out = export(USER_WEIGHTS, ExportConfig(precision="fp16", imgsz=320), out=tmp_path / "lp-fp16.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["lp-fp16.onnx"] == [out.name]
     assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["precision"] == "fp16"
+
+
+def _conv_with_weight_qdq(axis: int):
+    """A one-conv graph whose float weight goes through its own Q/DQ pair (ModelOpt's layout)."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    inits = [w, numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale"), numpy_helper.from_array(np.zeros(4, np.int8), "w_zero"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"), numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd"),
+        helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zero"], ["wq"], name="wq", axis=axis),
+        helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zero"], ["wd"], name="wd", axis=axis),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv"),
+    ]
+    io = lambda name, c: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, c, 4, 4])  # noqa: E731
+    return helper.make_model(helper.make_graph(nodes, "g", [io("x", 3)], [io("y", 4)], inits))
+
+
+def test_checker_accepts_float_weights_through_a_qdq_pair():
+    assert check_tensorrt_qdq(_conv_with_weight_qdq(axis=0)) == []
+    assert any("axis 0" in p for p in check_tensorrt_qdq(_conv_with_weight_qdq(axis=1)))

@@ -130,6 +130,8 @@ def check_tensorrt_qdq(model) -> list[str]:
     from onnx import TensorProto, numpy_helper
 
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    # int8 weights stored behind a DequantizeLinear, or float weights passed through a QuantizeLinear first
+    quantized_weights = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in init}
     problems = []
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -143,10 +145,10 @@ def check_tensorrt_qdq(model) -> list[str]:
         if scale is None:
             problems.append(f"{node.name}: scale must be an initializer")
             continue
-        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in init
+        is_weight = node.input[0] in init or node.input[0] in quantized_weights
         if is_weight:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if init[node.input[0]].dtype != np.int8:
+            if node.op_type == "DequantizeLinear" and node.input[0] in init and init[node.input[0]].dtype != np.int8:
                 problems.append(f"{node.name}: weights must be int8 (int32 bias Q/DQ is not allowed)")
             elif scale.size > 1 and axis != 0:
                 problems.append(f"{node.name}: per-channel weight scales must be on axis 0, not {axis}")
