@@ -36,6 +36,9 @@ class CudaPython:
     def stream(self) -> int:
         return int(self._check(self.rt.cudaStreamCreate()))
 
+    def destroy_stream(self, stream: int) -> None:
+        self._check(self.rt.cudaStreamDestroy(stream))
+
     def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self._check(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
@@ -75,6 +78,9 @@ class PyCuda:
         stream = self.cuda.Stream()
         self._streams[stream.handle] = stream
         return stream.handle
+
+    def destroy_stream(self, stream: int) -> None:
+        self._streams.pop(stream)  # pycuda destroys a stream when its object goes
 
     def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
         self.cuda.memcpy_htod_async(ptr, host, self._streams[stream])

@@ -243,3 +243,6 @@ class TensorRTBackend:
         for ptr in self.device.values():
             self.cuda.free(ptr)
         self.device.clear()
+        if self.stream is not None:
+            self.cuda.destroy_stream(self.stream)
+            self.stream = None
