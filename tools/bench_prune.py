@@ -51,13 +51,15 @@ def main() -> None:
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
     parser.add_argument("--sparse-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads for latency")
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                        help="ONNX Runtime thread counts to time latency at, each pinned in its own interleaved pass")
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
     parser.add_argument("--distill", type=float, nargs="*", default=[], metavar="RATIO",
                         help="also finetune these ratios with the unpruned sparse model as teacher (Ultralytics distill_model)")
     args = parser.parse_args()
 
+    from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
 
     spec = MODELS[args.model]
@@ -86,7 +88,7 @@ def main() -> None:
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
-    results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "onnxruntime_threads": args.threads,
+    results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "onnxruntime_threads": args.threads,
                       "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
     results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -136,50 +138,82 @@ def _prune(out: Path, weights: Path, ratio: float, compensate: bool, imgsz: int)
     return target
 
 
-def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: int) -> dict:
+def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]) -> dict:
     import numpy as np
-    from ultralytics import YOLO
 
     from yoloslim.bench import compare_latency
     from yoloslim.evaluate import evaluate
+    from yoloslim.export.onnx import export_onnx
     from yoloslim.prune import model_stats
     from yoloslim.runtime.backends import OnnxRuntimeBackend
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    rows, backends = {}, {}
+    rows, onnx = {}, {}
     for name, weights in points.items():
         model, _ = load_detection_checkpoint(weights)
         stats = model_stats(model.float(), imgsz)
         metrics = evaluate(weights, data, imgsz=imgsz)
-        onnx = out / "onnx" / f"{name}.onnx"
-        if not onnx.exists():
-            onnx.parent.mkdir(exist_ok=True)
-            exported = YOLO(str(weights)).export(format="onnx", imgsz=imgsz, opset=17, simplify=True, dynamic=False)
-            Path(exported).replace(onnx)
-        backends[name] = OnnxRuntimeBackend(str(onnx), threads=threads)
-        rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights)}
+        onnx[name] = out / "onnx" / f"{name}.onnx"
+        if not onnx[name].exists():
+            export_onnx(weights, imgsz=imgsz, out=onnx[name])  # the graph yoloslim deploys, as users get it
+        rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights),
+                      "gflops_reduction": None, "latency_ms_p50": {}, "speedup": {}}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    latency = compare_latency({name: (lambda b=b: b(x)) for name, b in backends.items()})
-    for name, lat in latency.items():
-        rows[name]["latency_ms_p50"] = lat.p50_ms
-        rows[name]["speedup"] = latency["base"].p50_ms / lat.p50_ms
-        rows[name]["gflops_reduction"] = rows["base"]["gflops"] / rows[name]["gflops"]
-    return {"points": rows}
+    for n in threads:
+        backends = {name: OnnxRuntimeBackend(str(path), threads=n) for name, path in onnx.items()}
+        latency = compare_latency({name: (lambda b=b: b(x)) for name, b in backends.items()})
+        for name, lat in latency.items():
+            rows[name]["latency_ms_p50"][str(n)] = lat.p50_ms
+            rows[name]["speedup"][str(n)] = latency["base"].p50_ms / lat.p50_ms
+    for row in rows.values():
+        row["gflops_reduction"] = rows["base"]["gflops"] / row["gflops"]
+    return {"points": rows, "floors": _floors(rows)}
+
+
+def _floors(rows: dict) -> list[dict]:
+    """The issue's floors, checked at every prune that removes at least half of the GFLOPs."""
+    def allowance(row):  # max(1 point, the CI half-width)
+        lo, hi = row["map_ci95"]
+        return max(0.01, (hi - lo) / 2)
+
+    checks = []
+    for name, row in rows.items():
+        if not name.startswith("pruned-") or name.endswith("-nocomp") or row["gflops_reduction"] < 2:
+            continue
+        ratio = name.removeprefix("pruned-")
+        for n, speedup in row["speedup"].items():
+            checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} threads)",
+                           "value": round(speedup / row["gflops_reduction"], 3), "needed": 0.85})
+        sparse = rows["sparse"]
+        checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
+                       "value": round(row["map"], 4), "needed": round(sparse["map"] - allowance(sparse), 4)})
+        for tuned in (f"finetuned-{ratio}", f"distilled-{ratio}"):
+            if tuned in rows and "control" in rows:
+                control = rows["control"]
+                checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
+                               "value": round(rows[tuned]["map"], 4), "needed": round(control["map"] - allowance(control), 4)})
+    for check in checks:
+        check["met"] = check["value"] >= check["needed"]
+    return checks
 
 
 def _markdown(results: dict) -> str:
+    threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
     lines = [
         f"# Pruning benchmark ({results['settings']['model']})", "", f"`{results['command']}`", "",
-        f"ONNX Runtime CPU, batch 1, {results['env']['onnxruntime_threads']} threads pinned, {results['env']['cores']} cores; "
+        f"ONNX Runtime CPU ({results['env']['cpu']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
+        f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
         f"imgsz {results['settings']['recipe']['imgsz']}; sparsity {results['settings']['sparse_epochs']} epochs, "
         f"finetune {results['settings']['finetune_epochs']} epochs; control = unpruned, same extra epochs.", "",
-        "| point | params | GFLOPs | GFLOPs ÷ | latency p50 ms | speedup | mAP50-95 (95% CI) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads) + " | mAP50-95 (95% CI) |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- |",
     ]
     for name, r in results["points"].items():
         lo, hi = r["map_ci95"]
-        lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {r['latency_ms_p50']:.2f} | "
-                     f"{r['speedup']:.2f} | {r['map']:.3f} ({lo:.3f}-{hi:.3f}) |")
+        timing = " | ".join(f"{r['latency_ms_p50'][n]:.2f} | {r['speedup'][n]:.2f}" for n in threads)
+        lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} | {r['map']:.3f} ({lo:.3f}-{hi:.3f}) |")
+    lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", "", "| point | floor | value | needed | met |", "| --- | --- | ---: | ---: | --- |"]
+    lines += [f"| {c['point']} | {c['floor']} | {c['value']} | {c['needed']} | {'yes' if c['met'] else '**no**'} |" for c in results["floors"]]
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ def main() -> None:
 
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
     from yoloslim.sparsity import SparsityConfig, SparsityTrainer
 
@@ -76,7 +77,7 @@ def main() -> None:
         "steps_per_epoch": len(trainers["ultralytics"].train_loader),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"data": data},
         "torch_threads": torch.get_num_threads(),
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "env": {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
                 "cores": os.cpu_count(), "ultralytics": __import__("ultralytics").__version__},
         "command": "python " + " ".join(sys.argv),
     }

@@ -69,15 +69,24 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
     return stats
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment(threads: int) -> dict:
     """What the figures depend on: machine, threads, library versions; on a Jetson its power mode and clocks."""
     import os
-    import platform
 
     from yoloslim.runtime.doctor import facts
 
     found = facts()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     temps = []
     for zone in sorted(Path("/sys/devices/virtual/thermal").glob("thermal_zone*/temp")):
         try:
@@ -85,7 +94,7 @@ def environment(threads: int) -> dict:
         except (OSError, ValueError):
             pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": threads,
         "max_temperature_c": max(temps) if temps else None,

@@ -4,6 +4,11 @@ Opset 17 through the TorchScript exporter (`dynamo=False`): TensorRT 8.5 and 8.6
 2.14's default (dynamo) exporter emits 18 and up. Ultralytics' exporter already passes dynamo=False and embeds its
 metadata (names, stride, imgsz, task) in the ONNX, so it does the work.
 
+One change to the graph it writes: the Detect head's DFL (a softmax over 16 distance bins, then their expectation) is
+written as Softmax on the bins' own axis, Mul and ReduceSum instead of Ultralytics' Transpose, Softmax and 1x1 Conv.
+Same numbers; ONNX Runtime runs the Ultralytics form in about 1.4 ms per 320 px frame and this one in about 0.2 ms on
+the development CPU, a fixed cost that pruning cannot shrink. Node names stay under /model.N/dfl/.
+
 Output layout: one input `images` (batch, 3, imgsz, imgsz) float32 RGB in [0, 1] (letterboxed, see
 yoloslim.runtime.preprocess); one output `output0` (batch, 4 + classes, anchors) float32: box centre x, centre y,
 width, height in input pixels, then each class's sigmoid score. Anchors = sum over strides 8, 16, 32 of
@@ -14,6 +19,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from yoloslim.utils.errors import YoloslimError
 
@@ -38,11 +46,33 @@ def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: 
     try:
         staged = work / weights.name
         shutil.copyfile(weights, staged)  # Ultralytics writes its export beside the weights; keep that away from the input
-        exported = YOLO(str(staged)).export(format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu")
+        yolo = YOLO(str(staged))
+        use_expectation_dfl(yolo.model)
+        exported = yolo.export(format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu")
         Path(exported).replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+class ExpectationDFL(nn.Module):
+    """Ultralytics' DFL computed as softmax-weighted sum over the bins' axis: the same result in cheaper ONNX ops."""
+
+    def __init__(self, dfl: nn.Module):
+        super().__init__()
+        self.conv, self.c1 = dfl.conv, dfl.c1  # the fixed bin values 0..c1-1 live in the conv's weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        bins = self.conv.weight.view(1, 1, self.c1, 1)
+        return (x.view(b, 4, self.c1, a).softmax(2) * bins).sum(2)
+
+
+def use_expectation_dfl(model: nn.Module) -> None:
+    """Swap the Detect head's DFL for ExpectationDFL in a model about to be exported (never in a saved checkpoint)."""
+    head = model.model[-1]
+    if isinstance(getattr(head, "dfl", None), nn.Module) and hasattr(head.dfl, "c1"):
+        head.dfl = ExpectationDFL(head.dfl)
 
 
 def set_metadata(model, props: dict) -> None:
