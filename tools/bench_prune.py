@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
+    parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
+                        "the recipe below) instead of training one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
@@ -74,7 +76,7 @@ def main() -> None:
     imgsz = recipe["imgsz"]
 
     base = Path(spec["weights"])
-    sparse = _train(out, "sparse", base, data, recipe, args.sparse_epochs, sparsity=args.sr)
+    sparse = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs, sparsity=args.sr)
     points = {"base": base, "sparse": sparse}
     if not args.skip_finetune:
         points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
@@ -91,7 +93,7 @@ def main() -> None:
     results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "onnxruntime_threads": args.threads,
                       "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
     results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(_markdown(results))
     print(_markdown(results))
 
