@@ -11,8 +11,9 @@ For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 m
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
 validation images: before pruning, right after pruning with and without bias compensation, and after finetuning.
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
-`--distill 0.5` adds a second finetune of that ratio distilled from the unpruned sparse model, to measure what
-distillation buys at the same epochs.
+`--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
+a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
+epochs.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
     parser.add_argument("--distill", type=float, nargs="*", default=[], metavar="RATIO",
-                        help="also finetune these ratios with the unpruned sparse model as teacher (Ultralytics distill_model)")
+                        help="also finetune these ratios with the unpruned base model as teacher (Ultralytics distill_model)")
     args = parser.parse_args()
 
     from yoloslim.bench import cpu_name
@@ -86,7 +87,7 @@ def main() -> None:
         if not args.skip_finetune:
             points[f"finetuned-{ratio}"] = _train(out, f"finetune-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs)
         if not args.skip_finetune and ratio in args.distill:
-            points[f"distilled-{ratio}"] = _train(out, f"distill-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs, teacher=sparse)
+            points[f"distilled-{ratio}"] = _train(out, f"distill-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs, teacher=base)
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
