@@ -206,8 +206,9 @@ def _markdown(results: dict) -> str:
         f"# Pruning benchmark ({results['settings']['model']})", "", f"`{results['command']}`", "",
         f"ONNX Runtime CPU ({results['env']['cpu']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
         f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
-        f"imgsz {results['settings']['recipe']['imgsz']}; sparsity {results['settings']['sparse_epochs']} epochs, "
-        f"finetune {results['settings']['finetune_epochs']} epochs; control = unpruned, same extra epochs.", "",
+        f"imgsz {results['settings']['recipe']['imgsz']}; sparsity {results['settings']['sparse_epochs']} epochs at sr "
+        f"{results['settings']['sr']}, finetune {results['settings']['finetune_epochs']} epochs (distilled: teacher = base); "
+        "control = unpruned, same extra epochs.", "",
         "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads) + " | mAP50-95 (95% CI) |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- |",
     ]
