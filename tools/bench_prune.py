@@ -200,15 +200,22 @@ def _floors(rows: dict) -> list[dict]:
     return checks
 
 
+def _budgets(settings: dict) -> str:
+    sparse = (f"sparsity-trained checkpoint given ({settings['sparse']})" if settings["sparse"]
+              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']}")
+    if settings["skip_finetune"]:
+        return sparse + "; no finetuning."
+    return (sparse + f", finetune {settings['finetune_epochs']} epochs (distilled: teacher = base); "
+            "control = unpruned, same extra epochs.")
+
+
 def _markdown(results: dict) -> str:
     threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
     lines = [
         f"# Pruning benchmark ({results['settings']['model']})", "", f"`{results['command']}`", "",
         f"ONNX Runtime CPU ({results['env']['cpu']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
         f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
-        f"imgsz {results['settings']['recipe']['imgsz']}; sparsity {results['settings']['sparse_epochs']} epochs at sr "
-        f"{results['settings']['sr']}, finetune {results['settings']['finetune_epochs']} epochs (distilled: teacher = base); "
-        "control = unpruned, same extra epochs.", "",
+        f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}", "",
         "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads) + " | mAP50-95 (95% CI) |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- |",
     ]
