@@ -9,7 +9,9 @@ training resumes from its last.pt. Run the same command again to continue, in th
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
-validation images: before pruning, right after pruning with and without bias compensation, and after finetuning.
+validation images: before pruning, right after pruning with and without bias compensation, and after finetuning; and
+each point's change against the model it is judged by (pruned: the sparse model; finetuned: the control; sparse and
+control: the base), with a paired bootstrap interval over the same images, much tighter than the two intervals apart.
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
@@ -145,22 +147,27 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
     import numpy as np
 
     from yoloslim.bench import compare_latency
-    from yoloslim.evaluate import evaluate
+    from yoloslim.evaluate import paired_bootstrap_delta, predict_records, split_images, summarise
     from yoloslim.export.onnx import export_onnx
     from yoloslim.prune import model_stats
-    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.backends import OnnxRuntimeBackend, load_backend
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    rows, onnx = {}, {}
+    images, names = split_images(data, "val")
+    rows, onnx, records = {}, {}, {}
     for name, weights in points.items():
         model, _ = load_detection_checkpoint(weights)
         stats = model_stats(model.float(), imgsz)
-        metrics = evaluate(weights, data, imgsz=imgsz)
+        records[name] = predict_records(load_backend(weights), images, imgsz)
+        metrics = summarise(records[name], names)
         onnx[name] = out / "onnx" / f"{name}.onnx"
         if not onnx[name].exists():
             export_onnx(weights, imgsz=imgsz, out=onnx[name])  # the graph yoloslim deploys, as users get it
         rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights),
                       "gflops_reduction": None, "latency_ms_p50": {}, "speedup": {}}
+    for name, reference in _references(points).items():
+        delta, low, high = paired_bootstrap_delta(records[reference], records[name], num_classes=max(len(names), 1))["map"]
+        rows[name]["map_delta"] = {"against": reference, "delta": delta, "ci95": [low, high]}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     for n in threads:
         backends = {name: OnnxRuntimeBackend(str(path), threads=n) for name, path in onnx.items()}
@@ -171,6 +178,18 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
     for row in rows.values():
         row["gflops_reduction"] = rows["base"]["gflops"] / row["gflops"]
     return {"points": rows, "floors": _floors(rows)}
+
+
+def _references(points: dict) -> dict:
+    """The point each one is compared with on the same images: what it was made from, or for a finetune, the control."""
+    def reference(name):
+        if name in ("sparse", "control"):
+            return "base"
+        if name.startswith("pruned-"):
+            return "sparse"
+        return "control" if name.startswith(("finetuned-", "distilled-")) else None
+
+    return {name: reference(name) for name in points if reference(name) in points}
 
 
 def _floors(rows: dict) -> list[dict]:
@@ -185,7 +204,7 @@ def _floors(rows: dict) -> list[dict]:
             continue
         ratio = name.removeprefix("pruned-")
         for n, speedup in row["speedup"].items():
-            checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} threads)",
+            checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
                            "value": round(speedup / row["gflops_reduction"], 3), "needed": 0.85})
         sparse = rows["sparse"]
         checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
@@ -209,6 +228,13 @@ def _budgets(settings: dict) -> str:
             "control = unpruned, same extra epochs.")
 
 
+def _delta(delta: dict | None) -> str:
+    if not delta:
+        return ""
+    d, (lo, hi) = delta["delta"], delta["ci95"]
+    return f"{100 * d:+.1f} pt ({100 * lo:+.1f} to {100 * hi:+.1f}) ({delta['against']})"
+
+
 def _markdown(results: dict) -> str:
     threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
     lines = [
@@ -216,13 +242,15 @@ def _markdown(results: dict) -> str:
         f"ONNX Runtime CPU ({results['env']['cpu']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
         f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
         f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}", "",
-        "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads) + " | mAP50-95 (95% CI) |",
-        "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- |",
+        "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads)
+        + " | mAP50-95 (95% CI) | mAP50-95 change, paired 95% CI (against) |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- | --- |",
     ]
     for name, r in results["points"].items():
         lo, hi = r["map_ci95"]
         timing = " | ".join(f"{r['latency_ms_p50'][n]:.2f} | {r['speedup'][n]:.2f}" for n in threads)
-        lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} | {r['map']:.3f} ({lo:.3f}-{hi:.3f}) |")
+        lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} "
+                     f"| {r['map']:.3f} ({lo:.3f}-{hi:.3f}) | {_delta(r.get('map_delta'))} |")
     lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", "", "| point | floor | value | needed | met |", "| --- | --- | ---: | ---: | --- |"]
     lines += [f"| {c['point']} | {c['floor']} | {c['value']} | {c['needed']} | {'yes' if c['met'] else '**no**'} |" for c in results["floors"]]
     return "\n".join(lines) + "\n"
