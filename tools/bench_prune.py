@@ -15,7 +15,7 @@ control: the base), with a paired bootstrap interval over the same images, much 
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
-epochs.
+epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
     parser.add_argument("--distill", type=float, nargs="*", default=[], metavar="RATIO",
-                        help="also finetune these ratios with the unpruned base model as teacher (Ultralytics distill_model)")
+                        help="also finetune these ratios with an unpruned teacher (Ultralytics distill_model)")
+    parser.add_argument("--distill-teacher", nargs="+", choices=("base", "control"), default=["base"],
+                        help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
     args = parser.parse_args()
 
     from yoloslim.bench import cpu_name
@@ -88,8 +90,10 @@ def main() -> None:
             points[f"pruned-{ratio}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, ratio, compensate, imgsz)
         if not args.skip_finetune:
             points[f"finetuned-{ratio}"] = _train(out, f"finetune-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs)
-        if not args.skip_finetune and ratio in args.distill:
-            points[f"distilled-{ratio}"] = _train(out, f"distill-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs, teacher=base)
+        for teacher in args.distill_teacher if not args.skip_finetune and ratio in args.distill else ():
+            suffix = "" if teacher == "base" else f"-{teacher}"
+            points[f"distilled-{ratio}{suffix}"] = _train(out, f"distill-{ratio}{suffix}", points[f"pruned-{ratio}"], data, recipe,
+                                                          args.finetune_epochs, teacher=points[teacher])
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
@@ -209,7 +213,7 @@ def _floors(rows: dict) -> list[dict]:
         sparse = rows["sparse"]
         checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
                        "value": round(row["map"], 4), "needed": round(sparse["map"] - allowance(sparse), 4)})
-        for tuned in (f"finetuned-{ratio}", f"distilled-{ratio}"):
+        for tuned in (f"finetuned-{ratio}", f"distilled-{ratio}", f"distilled-{ratio}-control"):
             if tuned in rows and "control" in rows:
                 control = rows["control"]
                 checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
@@ -224,7 +228,8 @@ def _budgets(settings: dict) -> str:
               else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']}")
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
-    return (sparse + f", finetune {settings['finetune_epochs']} epochs (distilled: teacher = base); "
+    teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
+    return (sparse + f", finetune {settings['finetune_epochs']} epochs ({teachers}); "
             "control = unpruned, same extra epochs.")
 
 
