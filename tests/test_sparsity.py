@@ -221,6 +221,25 @@ def test_ddp_round_trip_keeps_settings(train_args):
     assert sum(isinstance(c, SparsityCallback) for c in worker.callbacks["on_train_epoch_start"]) == 1
 
 
+def test_best_checkpoint_is_the_latest_epoch(train_args, monkeypatch):
+    """Validation mAP usually falls while the gammas split; best.pt must still be the latest, sparsest model."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    ultralytics_validate = BaseTrainer.validate
+
+    def falling_fitness(self):
+        metrics, _ = ultralytics_validate(self)
+        fitness = 1.0 - self.epoch  # each epoch less fit than the one before
+        if self.best_fitness is None or self.best_fitness < fitness:
+            self.best_fitness = fitness
+        return metrics, fitness
+
+    monkeypatch.setattr(BaseTrainer, "validate", falling_fitness)
+    trainer = train(train_args, SparsityConfig(sr=0.1))
+    best, last = (torch.load(path, weights_only=False)["model"].state_dict() for path in (trainer.best, trainer.last))
+    assert all(torch.equal(best[k], last[k]) for k in last)
+
+
 def test_interrupted_save_leaves_previous_checkpoint_resumable(train_args, monkeypatch):
     from ultralytics import YOLO
 

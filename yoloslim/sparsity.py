@@ -15,6 +15,7 @@ on the epoch, so a resumed run continues it exactly.
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them under the
 top-level key "yoloslim", which Ultralytics' final strip keeps, so `resume=True` continues with the same settings.
+A sparsity run's best.pt is its latest epoch, not its fittest (see SparsityTrainer.validate).
 """
 
 from __future__ import annotations
@@ -185,6 +186,14 @@ class SparsityTrainer(SafeDetectionTrainer):
             plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
+    def validate(self):
+        """Make every epoch the best, so best.pt is the latest epoch: the penalty changes the model each epoch, and
+        the fittest epoch is often an early one whose gammas have not split yet, which pruning cannot use."""
+        metrics, fitness = super().validate()
+        if fitness is not None:
+            self.best_fitness = fitness
+        return metrics, fitness
+
     def checkpoint_extras(self) -> dict:
         """The settings, and the gamma history so reports can draw it from the checkpoint alone."""
         history = self.save_dir / GAMMA_HISTORY
