@@ -90,6 +90,17 @@ def test_qdq_graph_obeys_tensorrt_rules(fp32_onnx, int8_onnx):
 
 
 @needs_shared
+def test_conv_outputs_stay_float_until_the_next_weighted_layer(int8_onnx):
+    """TensorRT's placement: Q/DQ on the inputs of weighted layers only, so no rounding between a conv and its SiLU."""
+    model = onnx.load(str(int8_onnx))
+    conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    quantized_right_after_a_conv = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in conv_outputs]
+    assert quantized_right_after_a_conv == []
+    silu_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("/act/Mul")}
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] in silu_outputs for n in model.graph.node)
+
+
+@needs_shared
 def test_checker_catches_what_tensorrt_refuses(int8_onnx):
     model = onnx.load(str(int8_onnx))
     weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute))

@@ -78,7 +78,7 @@ class LetterboxCalibrationReader:
         self.index = 0
 
 
-def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | None = None, count: int = CALIBRATION_IMAGES, method: str = "minmax") -> Path:
+def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | None = None, count: int = CALIBRATION_IMAGES) -> Path:
     """Write a Q/DQ INT8 ONNX of a static-shape FP32 ONNX, calibrated on the dataset's training images."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -90,9 +90,6 @@ def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | Non
         raise YoloslimError(f"{onnx_path} has a dynamic input shape; INT8 calibration needs a static one (export with --batch N)")
     imgsz = dims[2].dim_value
     target = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}-int8.onnx")
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise YoloslimError(f"unknown calibration method {method!r}; use one of {', '.join(methods)}")
     reader = LetterboxCalibrationReader(calibration_images(data, count), model.graph.input[0].name, imgsz)
     from yoloslim.utils.files import atomic_path
 
@@ -102,13 +99,17 @@ def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | Non
             str(tmp),
             reader,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "Add", "Concat", "MaxPool", "Resize"],
+            op_types_to_quantize=["Conv"],
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=head_nodes_kept_in_float(model),
-            calibrate_method=methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            calibrate_method=CalibrationMethod.MinMax,
+            # Q/DQ on the inputs of the convolutions only (TensorRT's first placement rule); adds, concats, pools and
+            # resizes see dequantized values. Quantizing those too, and each conv's output before its SiLU, lost 3.8
+            # mAP50-95 points on a pruned synthetic model where this loses 1.7 (README, INT8).
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                           "OpTypesToExcludeOutputQuantization": ["Conv"]},
         )
         _copy_metadata(model, tmp)
     return target
