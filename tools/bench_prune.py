@@ -32,11 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+# Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
+# training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
 MODELS = {
-    "synthetic": {"weights": ROOT / "weights" / "yolov5n-synthetic.pt", "data": None},
-    "license_plate": {"weights": SHARED / "weights" / "license_plate_yolov5nu.pt", "data": SHARED / "data" / "license_plate" / "data.yaml"},
+    "synthetic": {"weights": ROOT / "weights" / "yolov5n-synthetic.pt", "data": None,
+                  "finetune": dict(optimizer="SGD", lr0=0.005, batch=8, nbs=8)},
+    "license_plate": {"weights": SHARED / "weights" / "license_plate_yolov5nu.pt", "data": SHARED / "data" / "license_plate" / "data.yaml",
+                      "finetune": dict(optimizer="AdamW", lr0=0.002, batch=16)},
 }
-RECIPE = dict(imgsz=320, batch=16, workers=0, seed=0, optimizer="AdamW", lr0=0.002, close_mosaic=5, plots=True)
+RECIPE = dict(imgsz=320, workers=0, seed=0, close_mosaic=5, plots=True)
 # Sparsity training uses SGD: Adam-family optimizers normalise each gamma's loss gradient, so every gamma settles where
 # its gradient's signal-to-noise ratio meets sr and the distribution shrinks as a whole instead of splitting in two.
 # Batch 8 without accumulation gives 4x the optimizer steps of Ultralytics' nbs=64, so gammas can reach zero within the
@@ -72,7 +76,7 @@ def main() -> None:
     spec = MODELS[args.model]
     out = ROOT / "runs" / "bench" / "prune" / (args.model + ("-smoke" if args.smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
-    recipe = dict(RECIPE)
+    recipe = dict(RECIPE, **spec["finetune"])
     data = resolve_data(spec["data"])
     if args.smoke:
         data, recipe["imgsz"], recipe["batch"] = _smoke_data(out, spec["weights"]), 64, 4
@@ -229,8 +233,10 @@ def _budgets(settings: dict) -> str:
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
     teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
-    return (sparse + f", finetune {settings['finetune_epochs']} epochs ({teachers}); "
-            "control = unpruned, same extra epochs.")
+    recipe = settings["recipe"]
+    how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
+    return (sparse + f", finetune {settings['finetune_epochs']} epochs of {how} ({teachers}); "
+            "control = unpruned, same extra epochs, same recipe.")
 
 
 def _delta(delta: dict | None) -> str:
