@@ -81,9 +81,14 @@ def main() -> None:
     out = ROOT / "weights" / recipe["out"]
     with atomic_path(out) as tmp:
         shutil.copyfile(weights, tmp)
-    card = {"recipe": {k: v for k, v in recipe.items() if k != "out"}, "val": _measure(out, data)}
+    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k != "out"}, "val": _measure(out, data)}
     write_text_atomic(out.with_suffix(".recipe.yaml"), yaml.safe_dump(card, sort_keys=False))
     print(f"wrote {out}\n{yaml.safe_dump(card, sort_keys=False)}")
+
+
+def _relative(value):
+    """A path inside the project as written in the repository, so the card does not name this machine's folders."""
+    return Path(value).relative_to(ROOT).as_posix() if isinstance(value, str) and value.startswith(str(ROOT)) else value
 
 
 def _finished(last: Path) -> bool:
