@@ -26,6 +26,10 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from yoloslim.sparsity import SparsityConfig
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +53,7 @@ SPARSITY = dict(optimizer="SGD", lr0=0.01, batch=8, nbs=8)
 # The Detect head's inner convolutions are ~40% of a nano model's latency; with their gammas left out of the penalty
 # they stay near 1, a global threshold never reaches them, and the prune cuts FLOPs where they are cheapest.
 INCLUDE_HEAD = True
+DEFAULT_ROUND_TO = 8  # yoloslim prune's default
 
 
 def main() -> None:
@@ -56,10 +61,15 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
+    parser.add_argument("--sr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                        help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
                         "the recipe below) instead of training one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
+                        help="kept widths are multiples of this (see yoloslim prune --round-to); 16 suits ONNX Runtime on "
+                        "AVX-512 CPUs, whose NCHWc convolution kernels take channels in blocks of 16")
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="ONNX Runtime thread counts to time latency at, each pinned in its own interleaved pass")
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
@@ -72,6 +82,7 @@ def main() -> None:
 
     from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
+    from yoloslim.sparsity import SparsityConfig
 
     spec = MODELS[args.model]
     out = ROOT / "runs" / "bench" / "prune" / (args.model + ("-smoke" if args.smoke else ""))
@@ -85,19 +96,21 @@ def main() -> None:
     imgsz = recipe["imgsz"]
 
     base = Path(spec["weights"])
-    sparse = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs, sparsity=args.sr)
+    sparse = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs,
+                                     sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD))
     points = {"base": base, "sparse": sparse}
     if not args.skip_finetune:
         points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
     for ratio in args.ratios:
+        tag = _prune_tag(ratio, args.round_to)
         for compensate in (True, False):
-            points[f"pruned-{ratio}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, ratio, compensate, imgsz)
+            points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, ratio, args.round_to, compensate, imgsz)
         if not args.skip_finetune:
-            points[f"finetuned-{ratio}"] = _train(out, f"finetune-{ratio}", points[f"pruned-{ratio}"], data, recipe, args.finetune_epochs)
+            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, args.finetune_epochs)
         for teacher in args.distill_teacher if not args.skip_finetune and ratio in args.distill else ():
             suffix = "" if teacher == "base" else f"-{teacher}"
-            points[f"distilled-{ratio}{suffix}"] = _train(out, f"distill-{ratio}{suffix}", points[f"pruned-{ratio}"], data, recipe,
-                                                          args.finetune_epochs, teacher=points[teacher])
+            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data, recipe,
+                                                        args.finetune_epochs, teacher=points[teacher])
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
@@ -122,7 +135,7 @@ def _smoke_data(out: Path, weights: Path) -> Path:
     return ensure_synthetic_dataset(config, root=out / "data")
 
 
-def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: float | None = None,
+def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: SparsityConfig | None = None,
            teacher: Path | None = None) -> Path:
     """Train (or resume) one stage; its best.pt is the stage's output."""
     run = out / name / "weights"
@@ -131,9 +144,9 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
     resume = (run / "last.pt").exists()
     args = dict(recipe, name=name, epochs=epochs, exist_ok=True)
     if sparsity is not None:
-        from yoloslim.sparsity import SparsityConfig, train_sparse
+        from yoloslim.sparsity import train_sparse
 
-        train_sparse(str(run / "last.pt" if resume else weights), SparsityConfig(sr=sparsity, include_head=INCLUDE_HEAD), data=str(data), resume=resume, **{**args, **SPARSITY})
+        train_sparse(str(run / "last.pt" if resume else weights), sparsity, data=str(data), resume=resume, **{**args, **SPARSITY})
     else:
         from yoloslim.finetune import finetune
 
@@ -142,12 +155,17 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
     return run / "best.pt"
 
 
-def _prune(out: Path, weights: Path, ratio: float, compensate: bool, imgsz: int) -> Path:
+def _prune_tag(ratio: float, round_to: int) -> str:
+    """A prune's name: its ratio, and its rounding unless default, so a rerun with another --round-to reuses nothing."""
+    return f"{ratio}" if round_to == DEFAULT_ROUND_TO else f"{ratio}-r{round_to}"
+
+
+def _prune(out: Path, weights: Path, ratio: float, round_to: int, compensate: bool, imgsz: int) -> Path:
     from yoloslim.prune import PruneConfig, prune
 
-    target = out / f"pruned-{ratio}{'' if compensate else '-nocomp'}.pt"
+    target = out / f"pruned-{_prune_tag(ratio, round_to)}{'' if compensate else '-nocomp'}.pt"
     if not target.exists():
-        prune(weights, PruneConfig(ratio=ratio, compensate=compensate, imgsz=imgsz), out=target)
+        prune(weights, PruneConfig(ratio=ratio, round_to=round_to, compensate=compensate, imgsz=imgsz), out=target)
     return target
 
 
@@ -229,13 +247,14 @@ def _floors(rows: dict) -> list[dict]:
 
 def _budgets(settings: dict) -> str:
     sparse = (f"sparsity-trained checkpoint given ({settings['sparse']})" if settings["sparse"]
-              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']}")
+              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})")
+    sparse += f"; pruned widths rounded to multiples of {settings['round_to']}"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
     teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
     recipe = settings["recipe"]
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
-    return (sparse + f", finetune {settings['finetune_epochs']} epochs of {how} ({teachers}); "
+    return (sparse + f"; finetune {settings['finetune_epochs']} epochs of {how} ({teachers}); "
             "control = unpruned, same extra epochs, same recipe.")
 
 

@@ -99,7 +99,8 @@ def _add_prune(commands) -> None:
     how.add_argument("--target-flops", type=float, help="fraction of the original GFLOPs to keep")
     sub.add_argument("--method", default="bn", choices=["bn", "l1"], help="bn: BatchNorm |gamma| (default); l1: filter L1 norm")
     sub.add_argument("--min-keep", type=float, default=0.1, help="per-layer minimum fraction of channels kept (default 0.1)")
-    sub.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (8 FP16, 32 INT8 on Orin, 1 off)")
+    sub.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (8 TensorRT FP16, "
+                     "32 INT8 on Orin, 16 ONNX Runtime on AVX-512 CPUs, 1 off)")
     sub.add_argument("--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers")
     sub.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figures (default 640)")
     sub.add_argument("--out", help="output checkpoint (default: <weights>-pruned.pt beside the input, never overwriting)")

@@ -20,7 +20,7 @@ class PruneConfig:
     threshold: Optional[float] = None  # remove channels scoring below this (|gamma| for method bn)
     target_flops: Optional[float] = None  # fraction of the original GFLOPs to keep
     min_keep: float = 0.1  # per-layer minimum fraction of channels kept
-    round_to: int = 8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 1: off)
+    round_to: int = 8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 16: AVX-512 CPUs; 1: off)
     compensate: bool = True  # fold removed channels' constant act(beta) into the consumers
     imgsz: int = 640  # image size at which GFLOPs are reported
 
