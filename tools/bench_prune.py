@@ -26,15 +26,14 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from yoloslim.sparsity import SparsityConfig
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+
+from yoloslim.prune.plan import PruneConfig  # noqa: E402
+from yoloslim.sparsity import SCHEDULES, SparsityConfig  # noqa: E402
 
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
 # training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
@@ -53,7 +52,7 @@ SPARSITY = dict(optimizer="SGD", lr0=0.01, batch=8, nbs=8)
 # The Detect head's inner convolutions are ~40% of a nano model's latency; with their gammas left out of the penalty
 # they stay near 1, a global threshold never reaches them, and the prune cuts FLOPs where they are cheapest.
 INCLUDE_HEAD = True
-DEFAULT_ROUND_TO = 8  # yoloslim prune's default
+DEFAULT_ROUND_TO = PruneConfig.round_to
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
-    parser.add_argument("--sr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+    parser.add_argument("--sr-schedule", choices=SCHEDULES, default="constant",
                         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
                         "the recipe below) instead of training one")
@@ -82,7 +81,6 @@ def main() -> None:
 
     from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
-    from yoloslim.sparsity import SparsityConfig
 
     spec = MODELS[args.model]
     out = ROOT / "runs" / "bench" / "prune" / (args.model + ("-smoke" if args.smoke else ""))
@@ -161,7 +159,7 @@ def _prune_tag(ratio: float, round_to: int) -> str:
 
 
 def _prune(out: Path, weights: Path, ratio: float, round_to: int, compensate: bool, imgsz: int) -> Path:
-    from yoloslim.prune import PruneConfig, prune
+    from yoloslim.prune import prune
 
     target = out / f"pruned-{_prune_tag(ratio, round_to)}{'' if compensate else '-nocomp'}.pt"
     if not target.exists():
