@@ -40,42 +40,70 @@ def zeroed_gammas(channels: dict[nn.BatchNorm2d, list[int]], also_beta: bool = F
                 bn.bias.copy_(bias)
 
 
-@torch.no_grad()
-def removed_input_contributions(model, graph, groups, plans, imgsz: int = 64) -> dict[nn.Conv2d, torch.Tensor]:
-    """What each consuming conv received from the removed channels, per output channel, in the zero-gamma model.
-
-    A channel whose gamma is zero leaves its BatchNorm as the constant beta, so act(beta) flows on through upsampling,
-    max-pooling, concats and residual sums as a spatially constant map (a sum of such constants where branches meet).
-    Its value is read at each consumer's input; the consumer's response to it is that value times the filter's spatial
-    sum (exact on interior pixels; zero padding changes the border).
-    """
+def _removed_inputs(graph, groups, plans) -> dict[nn.Conv2d, list[int]]:
+    """consuming conv -> the input channels the plan removes from it."""
     removed_inputs = defaultdict(list)
     for group, plan in zip(groups, plans):
         gone = set(plan.removed)
         for conv, idxs, roots in group_in_convs(graph, group):
             if conv.groups == 1:  # a depthwise conv loses its output channel together with its input
                 removed_inputs[conv] += [i for i, r in zip(idxs, roots) if r in gone]
+    return {conv: idxs for conv, idxs in removed_inputs.items() if idxs}
+
+
+def _constant_carrier(x: torch.Tensor, removed: list[int], tolerance: float = 1e-3) -> int | None:
+    """The kept input channel closest to a nonzero constant map (its gamma is zero or nearly), or None.
+
+    A carrier whose map varies by a fraction f of its mean spreads an error of f times the moved contribution over the
+    whole map, against an error of the whole contribution at the borders when it is folded into the bias instead.
+    """
+    gone = set(removed)
+    flat = x.flatten(1)
+    mean = flat.mean(1)
+    spread = (flat.amax(1) - flat.amin(1)) / mean.abs().clamp_min(1e-12)
+    kept = [i for i in range(x.shape[0]) if i not in gone and abs(float(mean[i])) > 1e-3 and float(spread[i]) <= tolerance]
+    return min(kept, key=lambda i: float(spread[i])) if kept else None
+
+
+@torch.no_grad()
+def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> None:
+    """Give each consuming conv back what the removed channels fed it in the zero-gamma model.
+
+    A channel whose gamma is zero leaves its BatchNorm as the constant beta, so act(beta) flows on through upsampling,
+    max-pooling, concats and residual sums as a spatially constant map (a sum of such constants where branches meet).
+    Where a kept input channel is such a constant too (a zero-gamma channel kept by rounding), the removed constants
+    move onto its weights tap by tap, exact at the borders too (both maps meet the same zero padding). Otherwise
+    the consumer's response (value times the filter's spatial sum) is folded into its following BatchNorm's running
+    mean or its bias: exact on interior pixels only. The probe image is large enough that the deepest maps are wider
+    than SPPF's pooling window, which would make every pooled channel look constant.
+    """
+    removed_inputs = _removed_inputs(graph, groups, plans)
     if not removed_inputs:
-        return {}
+        return
     seen = {}
-    hooks = [conv.register_forward_hook(lambda m, args, out: seen.__setitem__(m, args[0])) for conv in removed_inputs]
+    hooks = [conv.register_forward_hook(lambda m, args, out: seen.__setitem__(m, args[0][0])) for conv in removed_inputs]
     try:
         with zeroed_gammas(removed_batchnorm_channels(graph, groups, plans)):
             model.eval()(torch.rand(1, 3, imgsz, imgsz))
     finally:
         for hook in hooks:
             hook.remove()
-    contributions = {}
+    biases = {}
     for conv, idxs in removed_inputs.items():
-        x = seen[conv]
-        values = x[0, idxs, x.shape[2] // 2, x.shape[3] // 2]
-        contributions[conv] = conv.weight[:, idxs].sum((2, 3)).float() @ values.float()
-    return contributions
+        x = seen[conv].float()
+        values = x[idxs, x.shape[1] // 2, x.shape[2] // 2]
+        carrier = _constant_carrier(x, idxs)
+        if carrier is None:
+            biases[conv] = conv.weight[:, idxs].sum((2, 3)).float() @ values
+        else:
+            moved = (conv.weight[:, idxs].float() * values[None, :, None, None]).sum(1) / x[carrier].mean()
+            conv.weight[:, carrier] += moved.to(conv.weight)
+    fold_into_bias(model, biases)
 
 
 @torch.no_grad()
-def fold_removed_channel_bias(model: nn.Module, contributions: dict[nn.Conv2d, torch.Tensor]) -> None:
-    """Add back what the removed channels contributed: into the following BatchNorm's running mean, or the conv bias."""
+def fold_into_bias(model: nn.Module, contributions: dict[nn.Conv2d, torch.Tensor]) -> None:
+    """Add a constant to each conv's output: into the following BatchNorm's running mean, or the conv bias."""
     batchnorm_after = {m.conv: m.bn for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
     for conv, delta in contributions.items():
         if conv in batchnorm_after:
@@ -89,7 +117,7 @@ def fold_removed_channel_bias(model: nn.Module, contributions: dict[nn.Conv2d, t
 def apply_plan(model: nn.Module, graph, groups: list[ChannelGroup], plans: list[GroupPlan], compensate: bool) -> None:
     """Remove the planned channels from `model` in place, keeping adds, concats and the head consistent."""
     if compensate:  # folded before removal, so the consumers' own pruning slices the corrected statistics too
-        fold_removed_channel_bias(model, removed_input_contributions(model, graph, groups, plans))
+        compensate_removed_inputs(model, graph, groups, plans)
     for group, plan in zip(groups, plans):
         if plan.removed:
             root = group.group[0].dep
