@@ -65,27 +65,30 @@ def _consumers(planned):
     return {c: (sorted(r), kept_out.get(c)) for c, r in removed_in.items() if r}
 
 
-def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
-    model = random_model()
-    planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
+def _compensated_layers(model, planned, x):
+    """Prune with compensation; per consumer: its kept inputs in the zero-gamma model, its output now and there."""
     consumers = _consumers(planned)
     wrapper = {m.conv: m for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d)}
     layer = {conv: wrapper.get(conv, conv) for conv in consumers}  # conv+BN+act, or a bare conv with bias
     seen = {}
     hooks = [layer[c].register_forward_hook(lambda m, a, o: seen.__setitem__(m, (a[0], o))) for c in consumers]
     with torch.no_grad(), zeroed_gammas(removed_batchnorm_channels(planned.graph, planned.groups, planned.plans)):
-        model(torch.rand(1, 3, 128, 128))
+        model(x)
     for h in hooks:
         h.remove()
     apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=True)
-
-    checked = 0
     for conv, (removed_in, kept_out) in consumers.items():
         x_ref, y_ref = seen[layer[conv]]
-        kept_in = [i for i in range(x_ref.shape[1]) if i not in set(removed_in)]
+        x_kept = x_ref[:, [i for i in range(x_ref.shape[1]) if i not in set(removed_in)]]
         with torch.no_grad():
-            y = layer[conv](x_ref[:, kept_in])
-        want = y_ref if kept_out is None else y_ref[:, kept_out]
+            yield conv, x_kept, layer[conv](x_kept), y_ref if kept_out is None else y_ref[:, kept_out]
+
+
+def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
+    model = random_model()
+    planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
+    checked = 0
+    for conv, _, y, want in _compensated_layers(model, planned, torch.rand(1, 3, 128, 128)):
         p = conv.padding[0]
         interior = (slice(None), slice(None), slice(p, y.shape[2] - p), slice(p, y.shape[3] - p))
         torch.testing.assert_close(y[interior], want[interior], rtol=1e-4, atol=1e-4)
@@ -100,27 +103,11 @@ def test_compensation_through_a_kept_zero_gamma_channel_is_exact_at_the_borders_
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.weight[torch.rand(bn.num_features) < 0.6] = 0
     planned = plan_pruning(model, PruneConfig(threshold=1e-6, round_to=8, imgsz=64))
-    consumers = _consumers(planned)
-    wrapper = {m.conv: m for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d)}
-    layer = {conv: wrapper.get(conv, conv) for conv in consumers}
-    seen = {}
-    hooks = [layer[c].register_forward_hook(lambda m, a, o: seen.__setitem__(m, (a[0], o))) for c in consumers]
-    with torch.no_grad():
-        model(torch.rand(1, 3, 96, 96))  # removed gammas are already zero: this is the model to reproduce
-    for h in hooks:
-        h.remove()
-    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=True)
-
     checked = 0
-    for conv, (removed_in, kept_out) in consumers.items():
-        x_ref, y_ref = seen[layer[conv]]
-        kept_in = [i for i in range(x_ref.shape[1]) if i not in set(removed_in)]
-        flat = x_ref[0, kept_in].flatten(1)
+    for conv, x_kept, y, want in _compensated_layers(model, planned, torch.rand(1, 3, 96, 96)):
+        flat = x_kept[0].flatten(1)
         if conv.kernel_size[0] == 1 or not bool(((flat.amax(1) == flat.amin(1)) & (flat[:, 0].abs() > 1e-3)).any()):
             continue  # a 1x1 conv has no padding; without a constant kept input the fold is exact on the interior only
-        with torch.no_grad():
-            y = layer[conv](x_ref[:, kept_in])
-        want = y_ref if kept_out is None else y_ref[:, kept_out]
         torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
         checked += 1
     assert checked >= 5
