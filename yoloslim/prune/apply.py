@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -57,12 +58,13 @@ def _constant_carrier(x: torch.Tensor, removed: list[int], tolerance: float = 1e
     A carrier whose map varies by a fraction f of its mean spreads an error of f times the moved contribution over the
     whole map, against an error of the whole contribution at the borders when it is folded into the bias instead.
     """
-    gone = set(removed)
     flat = x.flatten(1)
     mean = flat.mean(1)
     spread = (flat.amax(1) - flat.amin(1)) / mean.abs().clamp_min(1e-12)
-    kept = [i for i in range(x.shape[0]) if i not in gone and abs(float(mean[i])) > 1e-3 and float(spread[i]) <= tolerance]
-    return min(kept, key=lambda i: float(spread[i])) if kept else None
+    spread[removed] = math.inf
+    spread[mean.abs() <= 1e-3] = math.inf
+    best = int(spread.argmin())
+    return best if float(spread[best]) <= tolerance else None
 
 
 @torch.no_grad()
