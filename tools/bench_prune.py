@@ -16,6 +16,8 @@ The control is the unpruned model trained for the same extra epochs (sparsity + 
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student.
+`--extra-cycle 30` trains the control and every finetuned model once more, 30 epochs each from its best.pt with a fresh
+learning-rate schedule, and judges each `-plus30` finetune against `control-plus30`: both sides get the same epochs.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def main() -> None:
                         help="also finetune these ratios with an unpruned teacher (Ultralytics distill_model)")
     parser.add_argument("--distill-teacher", nargs="+", choices=("base", "control"), default=["base"],
                         help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
+    parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
+                        help="a second training cycle of this many epochs for the control and every finetuned model")
     args = parser.parse_args()
 
     from yoloslim.bench import cpu_name
@@ -109,6 +113,8 @@ def main() -> None:
             suffix = "" if teacher == "base" else f"-{teacher}"
             points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data, recipe,
                                                         args.finetune_epochs, teacher=points[teacher])
+    if args.extra_cycle and not args.skip_finetune:
+        points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
@@ -151,6 +157,12 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
         finetune(run / "last.pt" if resume else weights, data=data, teacher=None if resume else teacher, resume=resume, **args)
     (out / name / "done").write_text("")
     return run / "best.pt"
+
+
+def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int) -> dict:
+    """The control and each finetuned model trained `epochs` more, each from its own best.pt."""
+    trained = [name for name in points if name == "control" or name.startswith(("finetuned-", "distilled-"))]
+    return {f"{name}-plus{epochs}": _train(out, f"{name}-plus{epochs}", points[name], data, recipe, epochs) for name in trained}
 
 
 def _prune_tag(ratio: float, round_to: int) -> str:
@@ -206,14 +218,18 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
 
 def _references(points: dict) -> dict:
     """The point each one is compared with on the same images: what it was made from, or for a finetune, the control."""
-    def reference(name):
-        if name in ("sparse", "control"):
-            return "base"
-        if name.startswith("pruned-"):
-            return "sparse"
-        return "control" if name.startswith(("finetuned-", "distilled-")) else None
+    return {name: _reference(name) for name in points if _reference(name) in points}
 
-    return {name: reference(name) for name in points if reference(name) in points}
+
+def _reference(name: str) -> str | None:
+    if name in ("sparse", "control"):
+        return "base"
+    if name.startswith("pruned-"):
+        return "sparse"
+    cycle = name[name.rfind("-plus"):] if "-plus" in name else ""
+    if name == f"control{cycle}":
+        return "control"
+    return f"control{cycle}" if name.startswith(("finetuned-", "distilled-")) else None
 
 
 def _floors(rows: dict) -> list[dict]:
@@ -233,14 +249,19 @@ def _floors(rows: dict) -> list[dict]:
         sparse = rows["sparse"]
         checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
                        "value": round(row["map"], 4), "needed": round(sparse["map"] - allowance(sparse), 4)})
-        for tuned in (f"finetuned-{ratio}", f"distilled-{ratio}", f"distilled-{ratio}-control"):
-            if tuned in rows and "control" in rows:
-                control = rows["control"]
-                checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
-                               "value": round(rows[tuned]["map"], 4), "needed": round(control["map"] - allowance(control), 4)})
+        for tuned, control in _tuned_points(rows, ratio):
+            checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
+                           "value": round(rows[tuned]["map"], 4), "needed": round(control["map"] - allowance(control), 4)})
     for check in checks:
         check["met"] = check["value"] >= check["needed"]
     return checks
+
+
+def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
+    """Each finetune of this prune in the results, with the control it is judged by (same epochs)."""
+    finetunes = (f"finetuned-{ratio}", f"distilled-{ratio}", f"distilled-{ratio}-control")
+    return [(name, rows[_reference(name)]) for name in rows
+            if name.split("-plus")[0] in finetunes and _reference(name) in rows]
 
 
 def _budgets(settings: dict) -> str:
@@ -252,8 +273,10 @@ def _budgets(settings: dict) -> str:
     teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
     recipe = settings["recipe"]
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
+    cycle = settings.get("extra_cycle")
+    cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
     return (sparse + f"; finetune {settings['finetune_epochs']} epochs of {how} ({teachers}); "
-            "control = unpruned, same extra epochs, same recipe.")
+            f"control = unpruned, same extra epochs, same recipe{cycle}.")
 
 
 def _delta(delta: dict | None) -> str:

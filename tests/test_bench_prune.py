@@ -1,0 +1,37 @@
+"""The pruning benchmark judges every point against the right model: a finetune only against a control of equal epochs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_prune", Path(__file__).resolve().parents[1] / "tools" / "bench_prune.py")
+bench_prune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_prune)
+
+TAG = "0.82-r16"
+
+
+def _row(map_, half_width=0.005, gflops_reduction=2.04):
+    return {"map": map_, "map_ci95": [map_ - half_width, map_ + half_width], "gflops_reduction": gflops_reduction,
+            "speedup": {"1": 1.9}}
+
+
+def test_each_finetune_is_compared_with_the_control_trained_as_long():
+    names = ["base", "sparse", "control", f"pruned-{TAG}", f"pruned-{TAG}-nocomp", f"finetuned-{TAG}",
+             f"distilled-{TAG}-control", "control-plus30", f"finetuned-{TAG}-plus30", f"distilled-{TAG}-control-plus30"]
+    assert bench_prune._references(dict.fromkeys(names)) == {
+        "sparse": "base", "control": "base", f"pruned-{TAG}": "sparse", f"pruned-{TAG}-nocomp": "sparse",
+        f"finetuned-{TAG}": "control", f"distilled-{TAG}-control": "control", "control-plus30": "control",
+        f"finetuned-{TAG}-plus30": "control-plus30", f"distilled-{TAG}-control-plus30": "control-plus30"}
+
+
+@pytest.mark.parametrize(("finetuned", "met"), [(0.745, True), (0.735, False)])
+def test_second_cycle_finetune_floor_uses_the_second_cycle_control(finetuned, met):
+    rows = {"base": _row(0.75, gflops_reduction=1), "sparse": _row(0.61, gflops_reduction=1),
+            "control": _row(0.70, gflops_reduction=1), "control-plus30": _row(0.755, gflops_reduction=1),
+            f"pruned-{TAG}": _row(0.609), f"finetuned-{TAG}": _row(0.70), f"finetuned-{TAG}-plus30": _row(finetuned)}
+    checks = {check["point"]: check for check in bench_prune._floors(rows) if "finetuning" in check["floor"]}
+    assert checks[f"finetuned-{TAG}"]["needed"] == pytest.approx(0.69)
+    assert checks[f"finetuned-{TAG}-plus30"]["needed"] == pytest.approx(0.745)
+    assert checks[f"finetuned-{TAG}-plus30"]["met"] is met
