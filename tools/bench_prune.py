@@ -35,7 +35,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from yoloslim.prune.plan import PruneConfig  # noqa: E402
-from yoloslim.sparsity import SCHEDULES, SparsityConfig  # noqa: E402
+from yoloslim.sparsity import SCHEDULES, WEIGHTINGS, SparsityConfig  # noqa: E402
 
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
 # training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
     parser.add_argument("--sr-schedule", choices=SCHEDULES, default="constant",
                         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
+    parser.add_argument("--sr-weighting", choices=WEIGHTINGS, default="uniform",
+                        help="uniform: every gamma pays sr; flops: sr times its channel's FLOPs over the mean (own run folder)")
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
                         "the recipe below) instead of training one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
@@ -87,7 +89,8 @@ def main() -> None:
     from yoloslim.data import resolve_data
 
     spec = MODELS[args.model]
-    out = ROOT / "runs" / "bench" / "prune" / (args.model + ("-smoke" if args.smoke else ""))
+    folder = args.model + ("-flops" if args.sr_weighting == "flops" else "") + ("-smoke" if args.smoke else "")
+    out = ROOT / "runs" / "bench" / "prune" / folder
     out.mkdir(parents=True, exist_ok=True)
     recipe = dict(RECIPE, **spec["finetune"])
     data = resolve_data(spec["data"])
@@ -99,7 +102,8 @@ def main() -> None:
 
     base = Path(spec["weights"])
     sparse = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs,
-                                     sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD))
+                                     sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD,
+                                                             weighting=args.sr_weighting))
     points = {"base": base, "sparse": sparse}
     if not args.skip_finetune:
         points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
@@ -266,7 +270,8 @@ def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
 
 def _budgets(settings: dict) -> str:
     sparse = (f"sparsity-trained checkpoint given ({settings['sparse']})" if settings["sparse"]
-              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})")
+              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
+              f"{settings.get('sr_weighting', 'uniform')} weighting)")
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."

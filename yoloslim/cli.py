@@ -54,6 +54,8 @@ def _add_train(commands) -> None:
     sub.add_argument("--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)")
     sub.add_argument("--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)")
     sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
+    sub.add_argument("--weighting", default="uniform", help="uniform: every gamma pays sr (default); flops: each pays "
+                     "sr times its channel's FLOPs relative to the mean, so the cut goes where the compute is")
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
     _add_ultralytics_train_args(sub)
     sub.set_defaults(run=_run_train)
@@ -79,7 +81,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.sparsity import SparsityConfig, train_sparse
     from yoloslim.utils.assets import shipped_file
 
-    config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head)
+    config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head,
+                            weighting=args.weighting)
     weights = args.weights or str(shipped_file("weights", BASELINE))
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0

@@ -12,6 +12,12 @@ scale, the loss being multiplied by the batch size, gradient accumulation and gr
 sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
 on the epoch, so a resumed run continues it exactly.
 
+Weighting. With `weighting="uniform"` (Network Slimming) every gamma pays the same sr. With `weighting="flops"` each
+gamma's amount is multiplied by its channel's price: the multiply-adds per image at the training size that removing the
+channel saves, in the convolutions producing it and in those consuming it, coupled layers included, scaled so the mean
+over all penalised channels is 1 (MorphNet's FLOP regulariser, Gordon et al. 2018). A uniform price removes the cheapest channels first, the wide low-resolution ones, so parameters fall far
+faster than FLOPs; pricing by FLOPs moves the cut to where the compute is.
+
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them under the
 top-level key "yoloslim", which Ultralytics' final strip keeps, so `resume=True` continues with the same settings.
@@ -40,6 +46,8 @@ from yoloslim.utils.training import SafeDetectionTrainer
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
+Weighting = Literal["uniform", "flops"]
+WEIGHTINGS = ("uniform", "flops")
 GAMMA_HISTORY = "gamma_history.json"
 GAMMA_PLOT = "gamma_distribution.png"
 # |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
@@ -54,12 +62,15 @@ class SparsityConfig:
     schedule: Schedule = "constant"
     final_ratio: float = 0.0  # sr at the last epoch, as a fraction of sr (linear and cosine schedules)
     include_head: bool = False  # also shrink the Detect head's BatchNorms
+    weighting: Weighting = "uniform"  # "flops": each gamma's penalty scaled by its channel's FLOPs (see module doc)
 
     def __post_init__(self):
         if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
             raise YoloslimError(f"sr must be a finite number >= 0, got {self.sr}; try --sr 1e-3")
         if self.schedule not in SCHEDULES:
             raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise YoloslimError(f"unknown sr weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if not 0 <= self.final_ratio <= 1:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
 
@@ -86,6 +97,22 @@ def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tu
             continue
         found += [(f"model.{index}.{name}", m) for name, m in layer.named_modules() if isinstance(m, nn.BatchNorm2d)]
     return found
+
+
+def channel_flops_prices(model: nn.Module, include_head: bool, imgsz: int) -> list[float]:
+    """Each penalised BatchNorm's channel price (prunable_batchnorms order): the FLOPs that removing one of its
+    channels saves, over the mean of all penalised channels."""
+    from yoloslim.prune.graph import channel_flops
+
+    named = prunable_batchnorms(model, include_head)
+    flops = channel_flops(unwrap_model(model), imgsz)
+    missing = [name for name, _ in named if name not in flops]
+    if missing:
+        raise YoloslimError(f"no channel group for {', '.join(missing[:3])}: FLOPs weighting cannot price them; "
+                            "use weighting='uniform'")
+    channels = np.array([bn.num_features for _, bn in named])
+    costs = np.array([flops[name] for name, _ in named])
+    return (costs * channels.sum() / np.dot(costs, channels)).tolist()
 
 
 def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
@@ -158,8 +185,11 @@ class SparsityTrainer(SafeDetectionTrainer):
     # -- the penalty -----------------------------------------------------------------------------------------------
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        gammas = {id(bn.weight) for _, bn in prunable_batchnorms(model, self.sparsity.include_head)}
-        self._gamma_groups = [[p for p in g["params"] if id(p) in gammas] for g in optimizer.param_groups]
+        batchnorms = [bn for _, bn in prunable_batchnorms(model, self.sparsity.include_head)]
+        prices = (channel_flops_prices(model, self.sparsity.include_head, self.args.imgsz) if self.sparsity.weighting == "flops"
+                  else [1.0] * len(batchnorms))
+        price = {id(bn.weight): p for bn, p in zip(batchnorms, prices)}
+        self._gamma_groups = [[(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
         if self.sparsity.sr > 0 and not isinstance(optimizer, torch.optim.SGD):
@@ -174,8 +204,8 @@ class SparsityTrainer(SafeDetectionTrainer):
         for group, gammas in zip(optimizer.param_groups, self._gamma_groups):
             amount = group["lr"] * self.sr
             if amount > 0:
-                for weight in gammas:
-                    soft_threshold_(weight, amount)
+                for weight, price in gammas:
+                    soft_threshold_(weight, amount * price)
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
@@ -228,4 +258,4 @@ def train_sparse(weights: str, config: SparsityConfig | None = None, data: str |
     return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)
 
 
-__all__ = ["SparsityConfig", "SparsityTrainer", "SparsityCallback", "train_sparse", "prunable_batchnorms"]
+__all__ = ["channel_flops_prices", "SparsityConfig", "SparsityTrainer", "SparsityCallback", "train_sparse", "prunable_batchnorms"]
