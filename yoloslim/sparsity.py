@@ -15,8 +15,9 @@ on the epoch, so a resumed run continues it exactly.
 Weighting. With `weighting="uniform"` (Network Slimming) every gamma pays the same sr. With `weighting="flops"` each
 gamma's amount is multiplied by its channel's price: the multiply-adds per image at the training size that removing the
 channel saves, in the convolutions producing it and in those consuming it, coupled layers included, scaled so the mean
-over all penalised channels is 1 (MorphNet's FLOP regulariser, Gordon et al. 2018). A uniform price removes the cheapest channels first, the wide low-resolution ones, so parameters fall far
-faster than FLOPs; pricing by FLOPs moves the cut to where the compute is.
+over all penalised channels is 1 (MorphNet's FLOP regulariser, Gordon et al. 2018). A uniform price removes the
+cheapest channels first, the wide low-resolution ones, so parameters fall far faster than FLOPs; pricing by FLOPs moves
+the cut to where the compute is. Not yet a recipe: at sr 0.3 it collapsed the shipped model (README, Weighting).
 
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them under the
