@@ -54,8 +54,8 @@ def _add_train(commands) -> None:
     sub.add_argument("--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)")
     sub.add_argument("--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)")
     sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
-    sub.add_argument("--weighting", default="uniform", help="uniform: every gamma pays sr (default); flops: each pays "
-                     "sr times its channel's FLOPs relative to the mean (experimental: at sr 0.3 it collapsed the shipped model; see README)")
+    sub.add_argument("--weighting", default="uniform", help="uniform: every gamma pays sr (default); flops: each pays sr "
+                     "times its channel's FLOPs over the mean (experimental: collapsed the shipped model at sr 0.3, see README)")
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
     _add_ultralytics_train_args(sub)
     sub.set_defaults(run=_run_train)
