@@ -193,3 +193,55 @@ def _conv_with_weight_qdq(axis: int):
 def test_checker_accepts_float_weights_through_a_qdq_pair():
     assert check_tensorrt_qdq(_conv_with_weight_qdq(axis=0)) == []
     assert any("axis 0" in p for p in check_tensorrt_qdq(_conv_with_weight_qdq(axis=1)))
+
+
+class _RandomImages:
+    """A calibration reader feeding a few random inputs."""
+
+    def __init__(self, name, shape, count=4):
+        rng = np.random.default_rng(0)
+        self.feeds = [{name: rng.random(shape, dtype=np.float32)} for _ in range(count)]
+        self.index = 0
+
+    def get_next(self):
+        self.index += 1
+        return self.feeds[self.index - 1] if self.index <= len(self.feeds) else None
+
+    def rewind(self):
+        self.index = 0
+
+
+def test_convs_reading_small_swings_on_large_offsets_stay_float():
+    from onnx import TensorProto, helper
+
+    from yoloslim.export.qdq import convs_with_offset_inputs
+
+    def conv(name, source, out):
+        weight = numpy_helper.from_array(np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1), f"{name}_w")
+        return helper.make_node("Conv", [source, weight.name], [out], name=name), weight
+
+    # stem reads the image; `offset` reads (image - 0.5) * 0.1 + [20, 0]: one channel a 0.1 swing on 20, the other a
+    # 0.1 swing on 0, so the median channel's swing is 0.1 and the peak 20; `plain` reads the stem's output
+    nodes, weights = zip(conv("stem", "x", "s"), conv("offset", "shifted", "o"), conv("plain", "s", "p"))
+    constants = [numpy_helper.from_array(np.array(v, dtype=np.float32).reshape(shape), n)
+                 for n, v, shape in (("half", 0.5, ()), ("tenth", 0.1, ()), ("lift", [20.0, 0.0], (1, 2, 1, 1)))]
+    prep = [helper.make_node("Sub", ["x", "half"], ["c"]), helper.make_node("Mul", ["c", "tenth"], ["m"]),
+            helper.make_node("Add", ["m", "lift"], ["shifted"])]
+    graph = helper.make_graph(prep + list(nodes), "offsets", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "p")],
+                              initializer=list(weights) + constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert convs_with_offset_inputs(model, _RandomImages("x", (1, 2, 8, 8)), skip=set()) == ["offset"]
+
+
+def test_sparse_models_offset_inputs_stay_float_in_the_qdq_graph(tmp_path):
+    """The shipped sparse model's model.4 convs read small swings on large offsets (README, INT8): no Q/DQ on them."""
+    from yoloslim.data import resolve_data
+    from yoloslim.utils.assets import shipped_file
+
+    fp32 = export_onnx(shipped_file("weights", "yolov5n-synthetic-sparse.pt"), imgsz=160, out=tmp_path / "sparse.onnx")
+    quantized = onnx.load(str(quantize_int8(fp32, resolve_data(None), count=8)))
+    dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    conv_inputs = {n.name: n.input[0] for n in quantized.graph.node if n.op_type == "Conv"}
+    assert conv_inputs["/model.4/cv2/conv/Conv"] not in dequantized
+    assert conv_inputs["/model.2/cv1/conv/Conv"] in dequantized
