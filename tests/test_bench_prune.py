@@ -35,3 +35,10 @@ def test_second_cycle_finetune_floor_uses_the_second_cycle_control(finetuned, me
     assert checks[f"finetuned-{TAG}"]["needed"] == pytest.approx(0.69)
     assert checks[f"finetuned-{TAG}-plus30"]["needed"] == pytest.approx(0.745)
     assert checks[f"finetuned-{TAG}-plus30"]["met"] is met
+
+
+def test_prune_names_carry_every_setting_that_changes_the_prune():
+    config = bench_prune.PruneConfig
+    assert bench_prune._prune_tag(config(ratio=0.82, round_to=16)) == TAG
+    assert bench_prune._prune_tag(config(ratio=0.5)) == "0.5"
+    assert bench_prune._prune_tag(config(target_flops=0.5, min_keep=0.5, round_to=16)) == "flops0.5-mk0.5-r16"

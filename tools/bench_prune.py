@@ -55,12 +55,18 @@ SPARSITY = dict(optimizer="SGD", lr0=0.01, batch=8, nbs=8)
 # they stay near 1, a global threshold never reaches them, and the prune cuts FLOPs where they are cheapest.
 INCLUDE_HEAD = True
 DEFAULT_ROUND_TO = PruneConfig.round_to
+DEFAULT_MIN_KEEP = PruneConfig.min_keep
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--ratios", type=float, nargs="+", help="fractions of prunable channels to remove (default 0.3 0.5 0.7 "
+                        "unless --target-flops is given)")
+    parser.add_argument("--target-flops", type=float, nargs="+", default=[], metavar="FRACTION",
+                        help="also prune to these fractions of the original GFLOPs (points pruned-flops<FRACTION>)")
+    parser.add_argument("--min-keep", type=float, default=DEFAULT_MIN_KEEP,
+                        help="per-layer minimum fraction of channels kept (see yoloslim prune --min-keep)")
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
     parser.add_argument("--sr-schedule", choices=SCHEDULES, default="constant",
                         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
@@ -84,6 +90,8 @@ def main() -> None:
     parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
                         help="a second training cycle of this many epochs for the control and every finetuned model")
     args = parser.parse_args()
+    if args.ratios is None:
+        args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
     from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
@@ -107,13 +115,15 @@ def main() -> None:
     points = {"base": base, "sparse": sparse}
     if not args.skip_finetune:
         points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
-    for ratio in args.ratios:
-        tag = _prune_tag(ratio, args.round_to)
+    amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
+    for amount in amounts:
+        config = PruneConfig(**amount, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
+        tag = _prune_tag(config)
         for compensate in (True, False):
-            points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, ratio, args.round_to, compensate, imgsz)
+            points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, config, tag, compensate)
         if not args.skip_finetune:
             points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, args.finetune_epochs)
-        for teacher in args.distill_teacher if not args.skip_finetune and ratio in args.distill else ():
+        for teacher in args.distill_teacher if not args.skip_finetune and config.ratio in args.distill else ():
             suffix = "" if teacher == "base" else f"-{teacher}"
             points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data, recipe,
                                                         args.finetune_epochs, teacher=points[teacher])
@@ -169,17 +179,22 @@ def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int)
     return {f"{name}-plus{epochs}": _train(out, f"{name}-plus{epochs}", points[name], data, recipe, epochs) for name in trained}
 
 
-def _prune_tag(ratio: float, round_to: int) -> str:
-    """A prune's name: its ratio, and its rounding unless default, so a rerun with another --round-to reuses nothing."""
-    return f"{ratio}" if round_to == DEFAULT_ROUND_TO else f"{ratio}-r{round_to}"
+def _prune_tag(config: PruneConfig) -> str:
+    """A prune's name: its amount, then its per-layer minimum and rounding unless default, so a rerun with other
+    settings reuses nothing."""
+    tag = f"{config.ratio}" if config.ratio is not None else f"flops{config.target_flops}"
+    tag += "" if config.min_keep == DEFAULT_MIN_KEEP else f"-mk{config.min_keep}"
+    return tag + ("" if config.round_to == DEFAULT_ROUND_TO else f"-r{config.round_to}")
 
 
-def _prune(out: Path, weights: Path, ratio: float, round_to: int, compensate: bool, imgsz: int) -> Path:
+def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: bool) -> Path:
+    import dataclasses
+
     from yoloslim.prune import prune
 
-    target = out / f"pruned-{_prune_tag(ratio, round_to)}{'' if compensate else '-nocomp'}.pt"
+    target = out / f"pruned-{tag}{'' if compensate else '-nocomp'}.pt"
     if not target.exists():
-        prune(weights, PruneConfig(ratio=ratio, round_to=round_to, compensate=compensate, imgsz=imgsz), out=target)
+        prune(weights, dataclasses.replace(config, compensate=compensate), out=target)
     return target
 
 
@@ -272,7 +287,7 @@ def _budgets(settings: dict) -> str:
     sparse = (f"sparsity-trained checkpoint given ({settings['sparse']})" if settings["sparse"]
               else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
               f"{settings.get('sr_weighting', 'uniform')} weighting)")
-    sparse += f"; pruned widths rounded to multiples of {settings['round_to']}"
+    sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
     teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
