@@ -42,3 +42,16 @@ def test_prune_names_carry_every_setting_that_changes_the_prune():
     assert bench_prune._prune_tag(config(ratio=0.82, round_to=16)) == TAG
     assert bench_prune._prune_tag(config(ratio=0.5)) == "0.5"
     assert bench_prune._prune_tag(config(target_flops=0.5, min_keep=0.5, round_to=16)) == "flops0.5-mk0.5-r16"
+
+
+def test_distilled_points_of_any_teacher_and_weight_are_judged_but_not_those_of_another_prune():
+    rows = {name: _row(0.70) for name in ["control", "control-plus30", f"distilled-{TAG}-control-dis0.5",
+                                          f"distilled-{TAG}-dis0.5-plus30", f"finetuned-{TAG}", "finetuned-0.8-r16"]}
+    assert [name for name, _ in bench_prune._tuned_points(rows, TAG)] == [
+        f"distilled-{TAG}-control-dis0.5", f"distilled-{TAG}-dis0.5-plus30", f"finetuned-{TAG}"]
+    assert [name for name, _ in bench_prune._tuned_points(rows, "0.8")] == []  # 0.8-r16 is another prune than 0.8
+
+
+@pytest.mark.parametrize(("distill", "met"), [(None, False), ([], True), ([0.5], True), ([0.82], False)])
+def test_distill_names_prunes_by_amount_or_takes_all(distill, met):
+    assert bench_prune._distilled({"target_flops": 0.5}, distill) is met

@@ -15,7 +15,8 @@ control: the base), with a paired bootstrap interval over the same images, much 
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
-epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student.
+epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
+`--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--extra-cycle 30` trains the control and every finetuned model once more, 30 epochs each from its best.pt with a fresh
 learning-rate schedule, and judges each `-plus30` finetune against `control-plus30`: both sides get the same epochs.
 """
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -83,8 +85,12 @@ def main() -> None:
                         help="ONNX Runtime thread counts to time latency at, each pinned in its own interleaved pass")
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
-    parser.add_argument("--distill", type=float, nargs="*", default=[], metavar="RATIO",
-                        help="also finetune these ratios with an unpruned teacher (Ultralytics distill_model)")
+    parser.add_argument("--distill", type=float, nargs="*", metavar="AMOUNT",
+                        help="also finetune the prunes of these ratios or --target-flops fractions (all prunes if none "
+                        "given) with an unpruned teacher (Ultralytics distill_model)")
+    parser.add_argument("--distill-weight", type=float, metavar="DIS",
+                        help="Ultralytics' distillation loss weight dis for --distill (default: Ultralytics', 6.0); "
+                        "points named -dis<DIS>")
     parser.add_argument("--distill-teacher", nargs="+", choices=("base", "control"), default=["base"],
                         help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
     parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
@@ -123,10 +129,11 @@ def main() -> None:
             points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, config, tag, compensate)
         if not args.skip_finetune:
             points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, args.finetune_epochs)
-        for teacher in args.distill_teacher if not args.skip_finetune and config.ratio in args.distill else ():
-            suffix = "" if teacher == "base" else f"-{teacher}"
-            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data, recipe,
-                                                        args.finetune_epochs, teacher=points[teacher])
+        for teacher in args.distill_teacher if not args.skip_finetune and _distilled(amount, args.distill) else ():
+            suffix = ("" if teacher == "base" else f"-{teacher}") + ("" if args.distill_weight is None else f"-dis{args.distill_weight}")
+            weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
+            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data,
+                                                        {**recipe, **weight}, args.finetune_epochs, teacher=points[teacher])
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
 
@@ -177,6 +184,11 @@ def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int)
     """The control and each finetuned model trained `epochs` more, each from its own best.pt."""
     trained = [name for name in points if name == "control" or name.startswith(("finetuned-", "distilled-"))]
     return {f"{name}-plus{epochs}": _train(out, f"{name}-plus{epochs}", points[name], data, recipe, epochs) for name in trained}
+
+
+def _distilled(amount: dict, distill: list[float] | None) -> bool:
+    """Whether --distill asks for this prune: named by its ratio or target fraction, or every prune when bare."""
+    return distill is not None and (not distill or any(value in distill for value in amount.values()))
 
 
 def _prune_tag(config: PruneConfig) -> str:
@@ -278,9 +290,8 @@ def _floors(rows: dict) -> list[dict]:
 
 def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
     """Each finetune of this prune in the results, with the control it is judged by (same epochs)."""
-    finetunes = (f"finetuned-{ratio}", f"distilled-{ratio}", f"distilled-{ratio}-control")
-    return [(name, rows[_reference(name)]) for name in rows
-            if name.split("-plus")[0] in finetunes and _reference(name) in rows]
+    tuned = re.compile(rf"(finetuned-{re.escape(ratio)}|distilled-{re.escape(ratio)}(-control)?(-dis[0-9.]+)?)(-plus[0-9]+)?")
+    return [(name, rows[_reference(name)]) for name in rows if tuned.fullmatch(name) and _reference(name) in rows]
 
 
 def _budgets(settings: dict) -> str:
@@ -291,6 +302,7 @@ def _budgets(settings: dict) -> str:
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
     teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
+    teachers += "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
     recipe = settings["recipe"]
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
     cycle = settings.get("extra_cycle")
