@@ -55,3 +55,14 @@ def test_distilled_points_of_any_teacher_and_weight_are_judged_but_not_those_of_
 @pytest.mark.parametrize(("distill", "met"), [(None, False), ([], True), ([0.5], True), ([0.82], False)])
 def test_distill_names_prunes_by_amount_or_takes_all(distill, met):
     assert bench_prune._distilled({"target_flops": 0.5}, distill) is met
+
+
+def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prune_floor():
+    tag = "l1-flops0.5-r16"
+    assert bench_prune._prune_tag(bench_prune.PruneConfig(method="l1", target_flops=0.5, round_to=16)) == tag
+    rows = {"base": _row(0.75, gflops_reduction=1), "control": _row(0.76, gflops_reduction=1),
+            f"pruned-{tag}": _row(0.05), f"finetuned-{tag}": _row(0.755)}
+    assert bench_prune._references(rows)[f"pruned-{tag}"] == "base"
+    floors = {check["floor"].split(" >=")[0]: check for check in bench_prune._floors(rows)}
+    assert "mAP50-95 right after pruning" not in floors
+    assert floors["mAP50-95 after finetuning"]["met"]

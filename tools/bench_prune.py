@@ -74,6 +74,10 @@ def main() -> None:
                         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
     parser.add_argument("--sr-weighting", choices=WEIGHTINGS, default="uniform",
                         help="uniform: every gamma pays sr; flops: sr times its channel's FLOPs over the mean (own run folder)")
+    parser.add_argument("--method", choices=("bn", "l1"), default="bn",
+                        help="bn: prune the sparsity-trained model by BatchNorm |gamma|; l1: prune the base by filter L1 "
+                        "norm, no sparsity stage, and finetune it for the control's whole budget (sparse + finetune "
+                        "epochs; points named l1-*)")
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
                         "the recipe below) instead of training one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
@@ -115,25 +119,28 @@ def main() -> None:
     imgsz = recipe["imgsz"]
 
     base = Path(spec["weights"])
-    sparse = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs,
-                                     sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD,
-                                                             weighting=args.sr_weighting))
-    points = {"base": base, "sparse": sparse}
+    points = {"base": base}
+    if args.method == "bn":
+        points["sparse"] = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs,
+                                                 sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule,
+                                                                         include_head=INCLUDE_HEAD, weighting=args.sr_weighting))
+    source = points.get("sparse", base)
+    tune_epochs = args.finetune_epochs + (args.sparse_epochs if args.method == "l1" else 0)
     if not args.skip_finetune:
         points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
     amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
     for amount in amounts:
-        config = PruneConfig(**amount, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
+        config = PruneConfig(**amount, method=args.method, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
         tag = _prune_tag(config)
         for compensate in (True, False):
-            points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, sparse, config, tag, compensate)
+            points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, source, config, tag, compensate)
         if not args.skip_finetune:
-            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, args.finetune_epochs)
+            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
         for teacher in args.distill_teacher if not args.skip_finetune and _distilled(amount, args.distill) else ():
             suffix = ("" if teacher == "base" else f"-{teacher}") + ("" if args.distill_weight is None else f"-dis{args.distill_weight}")
             weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
             points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data,
-                                                        {**recipe, **weight}, args.finetune_epochs, teacher=points[teacher])
+                                                        {**recipe, **weight}, tune_epochs, teacher=points[teacher])
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
 
@@ -194,7 +201,8 @@ def _distilled(amount: dict, distill: list[float] | None) -> bool:
 def _prune_tag(config: PruneConfig) -> str:
     """A prune's name: its amount, then its per-layer minimum and rounding unless default, so a rerun with other
     settings reuses nothing."""
-    tag = f"{config.ratio}" if config.ratio is not None else f"flops{config.target_flops}"
+    tag = "l1-" if config.method == "l1" else ""
+    tag += f"{config.ratio}" if config.ratio is not None else f"flops{config.target_flops}"
     tag += "" if config.min_keep == DEFAULT_MIN_KEEP else f"-mk{config.min_keep}"
     return tag + ("" if config.round_to == DEFAULT_ROUND_TO else f"-r{config.round_to}")
 
@@ -256,7 +264,7 @@ def _reference(name: str) -> str | None:
     if name in ("sparse", "control"):
         return "base"
     if name.startswith("pruned-"):
-        return "sparse"
+        return "base" if name.startswith("pruned-l1-") else "sparse"
     cycle = name[name.rfind("-plus"):] if "-plus" in name else ""
     if name == f"control{cycle}":
         return "control"
@@ -277,9 +285,10 @@ def _floors(rows: dict) -> list[dict]:
         for n, speedup in row["speedup"].items():
             checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
                            "value": round(speedup / row["gflops_reduction"], 3), "needed": 0.85})
-        sparse = rows["sparse"]
-        checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
-                       "value": round(row["map"], 4), "needed": round(sparse["map"] - allowance(sparse), 4)})
+        if _reference(name) == "sparse":  # the floor is for sparsity-trained models; an L1 prune of the base has none
+            sparse = rows["sparse"]
+            checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
+                           "value": round(row["map"], 4), "needed": round(sparse["map"] - allowance(sparse), 4)})
         for tuned, control in _tuned_points(rows, ratio):
             checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
                            "value": round(rows[tuned]["map"], 4), "needed": round(control["map"] - allowance(control), 4)})
@@ -295,9 +304,13 @@ def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
 
 
 def _budgets(settings: dict) -> str:
-    sparse = (f"sparsity-trained checkpoint given ({settings['sparse']})" if settings["sparse"]
-              else f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
-              f"{settings.get('sr_weighting', 'uniform')} weighting)")
+    if settings.get("method") == "l1":
+        sparse = "no sparsity training: the base pruned by filter L1 norm"
+    elif settings["sparse"]:
+        sparse = f"sparsity-trained checkpoint given ({settings['sparse']})"
+    else:
+        sparse = (f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
+                  f"{settings.get('sr_weighting', 'uniform')} weighting)")
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
@@ -307,7 +320,8 @@ def _budgets(settings: dict) -> str:
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
-    return (sparse + f"; finetune {settings['finetune_epochs']} epochs of {how} ({teachers}); "
+    epochs = settings["finetune_epochs"] + (settings["sparse_epochs"] if settings.get("method") == "l1" else 0)
+    return (sparse + f"; finetune {epochs} epochs of {how} ({teachers}); "
             f"control = unpruned, same extra epochs, same recipe{cycle}.")
 
 
