@@ -1,4 +1,4 @@
-"""Pruning benchmark: sparsity training once, pruning at several ratios, finetuning each, against an honest control.
+"""Pruning benchmark: sparsity training once, pruning at several amounts, finetuning each, against an honest control.
 
     python tools/bench_prune.py --model synthetic        # the shipped baseline on the embedded dataset
     python tools/bench_prune.py --model license_plate    # ../shared's user model on ../shared's license plates
@@ -13,6 +13,9 @@ validation images: before pruning, right after pruning with and without bias com
 each point's change against the model it is judged by (pruned: the sparse model; finetuned: the control; sparse and
 control: the base), with a paired bootstrap interval over the same images, much tighter than the two intervals apart.
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
+Prunes are given as `--ratios` and/or `--target-flops` fractions, with `--min-keep` and `--round-to` as in `yoloslim
+prune`. `--method l1` skips sparsity training: it prunes the base by filter L1 norm and finetunes for the control's
+whole budget, the alternative a user weighs against Network Slimming at the same epochs.
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
