@@ -66,3 +66,10 @@ def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prun
     floors = {check["floor"].split(" >=")[0]: check for check in bench_prune._floors(rows)}
     assert "mAP50-95 right after pruning" not in floors
     assert floors["mAP50-95 after finetuning"]["met"]
+
+
+def test_floors_are_judged_on_unrounded_values():
+    rows = {"base": _row(0.75, gflops_reduction=1), "sparse": _row(0.61, gflops_reduction=1),
+            f"pruned-{TAG}": {**_row(0.609, gflops_reduction=2.0), "speedup": {"2": 2.0 * 0.8499}}}
+    speed = next(check for check in bench_prune._floors(rows) if check["floor"].startswith("speedup"))
+    assert speed["met"] is False
