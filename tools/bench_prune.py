@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
                         help="a second training cycle of this many epochs for the control and every finetuned model")
     args = parser.parse_args()
+    if args.method == "l1" and args.sparse:
+        parser.error("--sparse is for --method bn: --method l1 prunes the base model and trains no sparse one")
     if args.ratios is None:
         args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
