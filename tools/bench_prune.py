@@ -27,6 +27,7 @@ learning-rate schedule, and judges each `-plus30` finetune against `control-plus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -161,8 +162,6 @@ def main() -> None:
 
 def _smoke_data(out: Path, weights: Path) -> Path:
     """A few tiny synthetic images with as many classes as the model has."""
-    import dataclasses
-
     from yoloslim.data.synthetic import default_config, ensure_synthetic_dataset
     from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -213,8 +212,6 @@ def _prune_tag(config: PruneConfig) -> str:
 
 
 def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: bool) -> Path:
-    import dataclasses
-
     from yoloslim.prune import prune
 
     target = out / f"pruned-{tag}{'' if compensate else '-nocomp'}.pt"
