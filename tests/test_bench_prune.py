@@ -73,3 +73,18 @@ def test_floors_are_judged_on_unrounded_values():
             f"pruned-{TAG}": {**_row(0.609, gflops_reduction=2.0), "speedup": {"2": 2.0 * 0.8499}}}
     speed = next(check for check in bench_prune._floors(rows) if check["floor"].startswith("speedup"))
     assert speed["met"] is False
+
+
+def test_stage_names_carry_the_settings_that_make_them_differ():
+    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant")
+    assert bench_prune._sparse_tag(args) == "sr0.3-e20"
+    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"})) == "sr0.3-e20-linear"
+    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sparse": Path("given.pt")})) == ""
+    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "method": "l1"})) == ""
+
+
+def test_checkpoints_are_named_by_the_stage_that_made_them_not_by_their_point():
+    run = Path("runs/bench/prune/synthetic")
+    assert bench_prune._stage(run / "control-e100" / "weights" / "best.pt") == "control-e100"
+    assert bench_prune._stage(run / f"pruned-{TAG}.pt") == f"pruned-{TAG}"
+    assert bench_prune._stage(Path("weights/yolov5n-synthetic-sparse.pt")) == "yolov5n-synthetic-sparse"

@@ -5,7 +5,9 @@
     python tools/bench_prune.py --model synthetic --smoke   # one tiny epoch per stage: checks the tool, not the model
 
 Every stage writes its output under runs/bench/prune/<model>/ and is skipped when that output exists; an interrupted
-training resumes from its last.pt. Run the same command again to continue, in this session or a later one.
+training resumes from its last.pt. Run the same command again to continue, in this session or a later one. A stage's
+name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune its source,
+amount and guards), so a run with other settings reuses nothing it should not.
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
@@ -103,6 +105,7 @@ def main() -> None:
                         help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
     parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
                         help="a second training cycle of this many epochs for the control and every finetuned model")
+    parser.add_argument("--name", default="results", help="write the results to NAME.json and NAME.md in the run folder")
     args = parser.parse_args()
     if args.method == "l1" and args.sparse:
         parser.error("--sparse is for --method bn: --method l1 prunes the base model and trains no sparse one")
@@ -126,18 +129,20 @@ def main() -> None:
 
     base = Path(spec["weights"])
     points = {"base": base}
+    sparse_tag = _sparse_tag(args)
     if args.method == "bn":
-        points["sparse"] = args.sparse or _train(out, "sparse", base, data, recipe, args.sparse_epochs,
+        points["sparse"] = args.sparse or _train(out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs,
                                                  sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule,
                                                                          include_head=INCLUDE_HEAD, weighting=args.sr_weighting))
     source = points.get("sparse", base)
     tune_epochs = args.finetune_epochs + (args.sparse_epochs if args.method == "l1" else 0)
     if not args.skip_finetune:
-        points["control"] = _train(out, "control", base, data, recipe, args.sparse_epochs + args.finetune_epochs)
+        control_epochs = args.sparse_epochs + args.finetune_epochs
+        points["control"] = _train(out, f"control-e{control_epochs}", base, data, recipe, control_epochs)
     amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
     for amount in amounts:
         config = PruneConfig(**amount, method=args.method, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
-        tag = _prune_tag(config)
+        tag = "-".join(filter(None, (sparse_tag, _prune_tag(config))))
         for compensate in (True, False):
             points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, source, config, tag, compensate)
         if not args.skip_finetune:
@@ -155,8 +160,8 @@ def main() -> None:
     results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "onnxruntime_threads": args.threads,
                       "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
     results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(_markdown(results))
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / f"{args.name}.md").write_text(_markdown(results))
     print(_markdown(results))
 
 
@@ -192,14 +197,24 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
 
 
 def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int) -> dict:
-    """The control and each finetuned model trained `epochs` more, each from its own best.pt."""
+    """The control and each finetuned model trained `epochs` more, each from its own best.pt, as a stage named after
+    the one it continues."""
     trained = [name for name in points if name == "control" or name.startswith(("finetuned-", "distilled-"))]
-    return {f"{name}-plus{epochs}": _train(out, f"{name}-plus{epochs}", points[name], data, recipe, epochs) for name in trained}
+    return {f"{name}-plus{epochs}": _train(out, f"{_stage(points[name])}-plus{epochs}", points[name], data, recipe, epochs)
+            for name in trained}
 
 
 def _distilled(amount: dict, distill: list[float] | None) -> bool:
     """Whether --distill asks for this prune: named by its ratio or target fraction, or every prune when bare."""
     return distill is not None and (not distill or any(value in distill for value in amount.values()))
+
+
+def _sparse_tag(args) -> str:
+    """The sparsity stage's name when this run trains it, so prunes of sparse models trained otherwise never mix;
+    empty when the sparse model is given or there is none (--method l1)."""
+    if args.method == "l1" or args.sparse:
+        return ""
+    return f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
 
 
 def _prune_tag(config: PruneConfig) -> str:
@@ -237,7 +252,7 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
         stats = model_stats(model.float(), imgsz)
         records[name] = predict_records(load_backend(weights), images, imgsz)
         metrics = summarise(records[name], names)
-        onnx[name] = out / "onnx" / f"{name}.onnx"
+        onnx[name] = out / "onnx" / f"{_stage(weights)}.onnx"
         if not onnx[name].exists():
             export_onnx(weights, imgsz=imgsz, out=onnx[name])  # the graph yoloslim deploys, as users get it
         rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights),
@@ -255,6 +270,12 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
     for row in rows.values():
         row["gflops_reduction"] = rows["base"]["gflops"] / row["gflops"]
     return {"points": rows, "floors": _floors(rows)}
+
+
+def _stage(weights: Path) -> str:
+    """What made a checkpoint: its training stage's folder, or its own file name. A point's name would not do: "sparse"
+    and "control" are different models in runs with other settings."""
+    return weights.parents[1].name if weights.parent.name == "weights" and weights.name in ("best.pt", "last.pt") else weights.stem
 
 
 def _references(points: dict) -> dict:
