@@ -8,7 +8,7 @@ Every stage writes its output under runs/bench/prune/<model>/ and is skipped whe
 training resumes from its last.pt. Run the same command again to continue, in this session or a later one. A stage's
 name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune that stage's
 name, its amount and its guards), so a run with other settings reuses nothing it should not. Prunes of a checkpoint
-given with `--sparse` carry no stage name: compare two given checkpoints in two copies of the run folder.
+given with `--sparse` carry no stage name: before giving another checkpoint, move the first one's prunes away.
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
