@@ -74,3 +74,15 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o644
+
+
+def test_a_cache_folder_finished_by_another_process_first_is_kept(tmp_path):
+    from yoloslim.utils.files import atomic_dir
+
+    target = tmp_path / "cache-entry"
+    with atomic_dir(target) as mine:
+        (mine / "data.yaml").write_text("mine")
+        with atomic_dir(target) as theirs:  # a second process that finishes first
+            (theirs / "data.yaml").write_text("theirs")
+    assert (target / "data.yaml").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache-entry"]  # no temporary folder left behind

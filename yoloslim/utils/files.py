@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -43,12 +44,19 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; move it onto `target` only if the block finishes."""
+    """Yield a temporary folder beside `target`; move it onto `target` only if the block finishes.
+
+    For a folder whose content is decided by its name (a cache entry), two processes may build it at once: the first
+    to finish wins and the other's copy is dropped, instead of failing on the non-empty folder."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
