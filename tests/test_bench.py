@@ -34,3 +34,10 @@ def test_bench_json_schema(tmp_path):
             assert set(r[part]) == {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "fps", "runs"} and r[part]["runs"] == 4
     assert pt["backend"] == "TorchBackend" and pt["gflops"] > 0 and ox["backend"] == "OnnxRuntimeBackend" and ox["gflops"] is None
     assert "not measured" in bench_table(report)
+
+
+def test_an_unreadable_source_image_is_named(tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+
+    with pytest.raises(YoloslimError, match="cannot read the image .*missing.jpg; give --source"):
+        bench([USER_WEIGHTS], imgsz=64, threads=1, image=tmp_path / "missing.jpg")

@@ -106,3 +106,17 @@ def test_missing_shipped_weights_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "_PACKAGE_OF_FOLDER", {"weights": "yoloslim_no_such_package"})
     with pytest.raises(YoloslimError, match="missing from this install"):
         assets.shipped_file("weights", "nothing.pt")
+
+
+def test_eval_compares_every_model_with_the_first_on_the_same_images(tmp_path):
+    from conftest import SHARED
+
+    weights, data = SHARED / "weights" / "license_plate_yolov5nu.pt", SHARED / "data" / "license_plate" / "data.yaml"
+    if not weights.exists():
+        pytest.skip("../shared is not beside the project")
+    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "eval", "--weights", str(weights), str(weights), "--data", str(data),
+                             "--imgsz", "64", "--bootstrap", "50", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    header, _, first, second = result.stdout.strip().splitlines()
+    assert header.endswith("mAP50-95 change vs first, paired 95% CI |")
+    assert first.endswith("| |") and second.endswith("| +0.0 pt (+0.0 to +0.0) |")

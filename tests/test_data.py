@@ -86,3 +86,14 @@ def test_a_cache_folder_finished_by_another_process_first_is_kept(tmp_path):
             (theirs / "data.yaml").write_text("theirs")
     assert (target / "data.yaml").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["cache-entry"]  # no temporary folder left behind
+
+
+def test_an_incomplete_cache_folder_in_the_way_is_named(tmp_path):
+    config = dataclasses.replace(default_config(), splits={"train": 1, "val": 1})
+    (tmp_path / f"synthetic-{config.cache_key()}" / "images").mkdir(parents=True)
+    try:
+        ensure_synthetic_dataset(config, root=tmp_path)
+    except YoloslimError as e:
+        assert "incomplete dataset folder; delete it" in str(e)
+    else:
+        raise AssertionError("an incomplete folder must not pass for the dataset")

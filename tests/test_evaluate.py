@@ -6,6 +6,7 @@ from yoloslim.evaluate import (
     IOU_THRESHOLDS,
     average_precision,
     evaluate,
+    label_path,
     match_image,
     mean_ap,
     read_labels,
@@ -13,6 +14,7 @@ from yoloslim.evaluate import (
     summarise,
 )
 from yoloslim.runtime.postprocess import Detections
+from yoloslim.utils.errors import YoloslimError
 
 LICENSE_PLATE = SHARED / "data" / "license_plate" / "data.yaml"
 COCO128 = SHARED / "data" / "coco128" / "data.yaml"
@@ -85,3 +87,18 @@ def test_agrees_with_ultralytics_val_on_a_real_model(tmp_path):
     assert abs(ours.map50 - theirs.box.map50) < 0.01
     assert abs(ours.map - theirs.box.map) < 0.01
     assert ours.ci95["map"][0] < ours.map < ours.ci95["map"][1]
+
+
+def test_labels_in_each_layout_ultralytics_reads(tmp_path):
+    nested = tmp_path / "set" / "images" / "val" / "a.jpg"
+    assert label_path(nested) == tmp_path / "set" / "labels" / "val" / "a.txt"
+    beside = tmp_path / "flat" / "b.jpg"
+    assert label_path(beside) == tmp_path / "flat" / "b.txt"
+    beside.parent.mkdir()
+    beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.2 0.3 0.2 0.3 0.6 0.1 0.6\n")
+    boxes, classes = read_labels(beside, (100, 200))
+    np.testing.assert_allclose(boxes, [[80, 30, 120, 70], [20, 20, 60, 60]])
+    assert classes.tolist() == [0, 1]
+    beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(YoloslimError, match="b.txt: cannot read the label line '0 0.5 0.5 0.2'"):
+        read_labels(beside, (100, 200))

@@ -172,6 +172,27 @@ def test_fp16_export_from_checkpoint_leaves_only_its_output(tmp_path):
     assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["precision"] == "fp16"
 
 
+def test_export_never_overwrites_its_checkpoint(tmp_path):
+    from yoloslim.export import ExportConfig, export
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"not read: the output path is refused first")
+    for precision in ("fp16", "int8"):
+        with pytest.raises(YoloslimError, match="is the input file"):
+            export(weights, ExportConfig(precision=precision, imgsz=64), out=weights)
+    assert weights.read_bytes() == b"not read: the output path is refused first"
+
+
+def test_export_config_refuses_batches_outside_the_profile():
+    from yoloslim.export import ExportConfig
+
+    with pytest.raises(YoloslimError, match="at least 1"):
+        ExportConfig(batch=0)
+    with pytest.raises(YoloslimError, match="must not exceed --max-batch 8"):
+        ExportConfig(format="engine", dynamic=True, batch=16)
+    assert ExportConfig(format="engine", dynamic=True, batch=16, max_batch=16).batch == 16
+
+
 def _conv_with_weight_qdq(axis: int):
     """A one-conv graph whose float weight goes through its own Q/DQ pair (ModelOpt's layout)."""
     from onnx import TensorProto, helper

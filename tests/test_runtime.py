@@ -110,3 +110,11 @@ def test_runtime_supports_python_3_8():
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_doctor_reports_a_machine_without_nvcc(monkeypatch):
+    from yoloslim.runtime import doctor
+
+    monkeypatch.setattr(doctor.shutil, "which", lambda command: None)  # nothing on PATH, no /usr/local/cuda
+    assert doctor.facts()["nvcc"] is None
+    assert "| nvcc | not found |" in doctor.report()

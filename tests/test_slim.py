@@ -61,3 +61,23 @@ def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path)
     torch.save({**ckpt, "ema": None, "model": model}, sparse)
     pipeline = Pipeline(SlimConfig(weights=str(sparse), data=str(tiny_data), imgsz=64, project=str(tmp_path), name="s"))
     assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True}
+
+
+def test_a_run_resumes_only_with_its_own_settings(tiny_data, tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+
+    first = Pipeline(SlimConfig(data=str(tiny_data), project=str(tmp_path), name="s"))
+    first.finish("sparse", {"weights": "sparse.pt", "skipped": True})
+    assert Pipeline(SlimConfig(data=str(tiny_data), project=str(tmp_path), name="s")).done("sparse")
+    with pytest.raises(YoloslimError, match=r"other settings \(precision int8 -> fp16\); repeat its settings"):
+        Pipeline(SlimConfig(data=str(tiny_data), precision="fp16", project=str(tmp_path), name="s"))
+
+
+def test_a_bad_prune_amount_is_refused_before_any_training():
+    from yoloslim.utils.errors import YoloslimError
+
+    with pytest.raises(YoloslimError, match="--target-flops"):
+        SlimConfig(target_flops=0)
+    with pytest.raises(YoloslimError, match="only one of --ratio"):
+        SlimConfig(target_flops=0.5, ratio=0.3)
+    assert SlimConfig().prune_config().target_flops == 0.5 and SlimConfig(ratio=0.3).prune_config().target_flops is None

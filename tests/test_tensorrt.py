@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from conftest import SHARED
-from trt_standin import make_tensorrt
+from trt_standin import StandinCuda, engine_plan, expected_output, make_tensorrt
 from yoloslim.runtime.engine_file import read_engine_file, read_engine_header, write_engine_file
 from yoloslim.runtime.onnx_meta import read_onnx_metadata
 from yoloslim.runtime.tensorrt import build_engine, check_engine_compatible
@@ -71,6 +71,29 @@ def test_int8_needs_a_qdq_onnx(standin, onnx_files, tmp_path):
         build_engine(onnx_files["static"], out=tmp_path / "m.engine", precision="int8")
 
 
+@pytest.mark.parametrize("standin", ["8.6.2", "10.3.0", "11.0.0"], indirect=True)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_qdq_onnx_builds_only_int8(standin, precision, onnx_files, tmp_path):
+    with pytest.raises(YoloslimError, match="--precision int8"):
+        build_engine(onnx_files["int8"], out=tmp_path / "m.engine", precision=precision)
+
+
+@pytest.mark.parametrize("standin", ["10.3.0"], indirect=True)
+def test_a_timing_cache_from_another_device_is_replaced_not_fatal(standin, onnx_files, tmp_path):
+    (tmp_path / "cache").write_bytes(b"OTHER-GPU")
+    build_engine(onnx_files["static"], out=tmp_path / "m.engine", precision="fp16", timing_cache=tmp_path / "cache")
+    assert (tmp_path / "cache").read_bytes() == b"+timed"
+
+
+@pytest.mark.parametrize("standin", ["10.3.0"], indirect=True)
+def test_the_engine_never_overwrites_its_onnx(standin, onnx_files, tmp_path):
+    source = tmp_path / "m.onnx"
+    source.write_bytes(onnx_files["static"].read_bytes())
+    with pytest.raises(YoloslimError, match="is the input file"):
+        build_engine(source, out=source, precision="fp16")
+    assert source.read_bytes() == onnx_files["static"].read_bytes()
+
+
 @pytest.mark.parametrize("standin", ["11.0.0"], indirect=True)
 def test_tensorrt_11_builds_fp16_only_from_an_fp16_onnx(standin, onnx_files, tmp_path):
     with pytest.raises(YoloslimError, match="FP16 ONNX"):
@@ -86,10 +109,58 @@ def test_dynamic_batch_gets_an_optimization_profile(standin, onnx_files, tmp_pat
     assert meta["dynamic"] is True and meta["batch"] == 8
 
 
+@pytest.mark.parametrize("standin", ["10.3.0"], indirect=True)
+def test_export_passes_its_engine_settings_to_the_builder(standin, onnx_files, tmp_path, monkeypatch):
+    from yoloslim.export import ExportConfig, export
+    from yoloslim.runtime import cuda
+
+    monkeypatch.setattr(cuda, "load_cuda", lambda: StandinCuda(standin.memory))
+    config = ExportConfig(format="engine", precision="fp16", dynamic=True, batch=2, max_batch=4, version_compatible=True)
+    out = export(onnx_files["dynamic"], config, out=tmp_path / "m.engine")
+    record = standin.calls[-1]
+    assert record["builder_flags"] == ["FP16", "VERSION_COMPATIBLE"]
+    assert [shape[0] for shape in record["profiles"][0]["images"]] == [1, 2, 4]
+    meta, _ = read_engine_file(out)
+    assert meta["version_compatible"] is True and meta["device"]["name"] == "stand-in"
+
+
 @pytest.mark.parametrize("standin", ["8.5.2.2"], indirect=True)
 def test_version_compatible_needs_8_6(standin, onnx_files, tmp_path):
     with pytest.raises(YoloslimError, match="8.6"):
         build_engine(onnx_files["static"], out=tmp_path / "m.engine", version_compatible=True)
+
+
+@pytest.mark.parametrize("standin", ["8.5.2.2", "10.3.0"], indirect=True)
+def test_runtime_sizes_buffers_from_the_profile_and_the_context(standin, tmp_path):
+    """Ultralytics' dynamic export leaves batch, height and width open, so the engine reports the output as
+    (-1, 5, -1): only the context, told the profile's largest input, knows the output's size."""
+    from yoloslim.runtime.tensorrt import TensorRTBackend
+
+    plan = engine_plan((-1, 3, -1, -1), profile=[(1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)])
+    path = write_engine_file(tmp_path / "d.engine", plan, {"tensorrt": standin.__version__, "imgsz": [64, 64]})
+    engine = TensorRTBackend(path, cuda=StandinCuda(standin.memory))
+    assert engine.host["output0"].shape == (8, 5, 84) and engine.imgsz == 64
+    for n in (3, 8, 1):
+        images = np.random.default_rng(n).random((n, 3, 64, 64), dtype=np.float32)
+        np.testing.assert_allclose(engine(images), expected_output(images), rtol=1e-6)
+    with pytest.raises(YoloslimError, match="up to 8 images shaped"):
+        engine(np.zeros((9, 3, 64, 64), np.float32))
+    with pytest.raises(YoloslimError, match="up to 8 images shaped"):
+        engine(np.zeros((1, 3, 32, 32), np.float32))
+    engine.close()
+    assert standin.memory == {}
+
+
+@pytest.mark.parametrize("standin", ["10.3.0"], indirect=True)
+def test_runtime_refuses_a_batch_larger_than_a_static_engine(standin, tmp_path):
+    from yoloslim.runtime.tensorrt import TensorRTBackend
+
+    path = write_engine_file(tmp_path / "s.engine", engine_plan((1, 3, 64, 64)), {"tensorrt": standin.__version__})
+    engine = TensorRTBackend(path, cuda=StandinCuda(standin.memory))
+    images = np.ones((1, 3, 64, 64), np.float32)
+    np.testing.assert_allclose(engine(images), expected_output(images))
+    with pytest.raises(YoloslimError, match="up to 1 images .* --dynamic --max-batch"):
+        engine(np.ones((2, 3, 64, 64), np.float32))
 
 
 def test_engine_header_round_trip_and_ultralytics_reads_it(tmp_path):

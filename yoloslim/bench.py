@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from yoloslim.utils.errors import YoloslimError
+
 
 @dataclass
 class Latency:
@@ -114,6 +116,8 @@ def bench(weights: list, imgsz: int = 640, batch: int = 1, threads: Optional[int
 
     threads = threads or os.cpu_count() or 1
     image = Path(image) if image else _sample_image()
+    if cv2.imread(str(image)) is None:
+        raise YoloslimError(f"cannot read the image {image}; give --source an image file OpenCV can open")
     variants, info = {}, {}
     for path in map(Path, weights):
         backend = load_backend(path, threads=threads)

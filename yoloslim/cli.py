@@ -7,10 +7,9 @@ import os
 import sys
 from typing import Sequence
 
+from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE
 from yoloslim.utils.errors import YoloslimError
 
-BASELINE = "yolov5n-synthetic.pt"
-SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no network here: skip Ultralytics' online checks and their time-outs
@@ -154,9 +153,11 @@ def _add_eval(commands) -> None:
         "eval",
         help="mAP with 95%% bootstrap intervals, for .pt, .onnx and .engine models alike",
         description="One evaluator for every backend: the runtime's letterbox and NMS, COCO AP arithmetic "
-        "(101-point, IoU 0.50:0.05:0.95), and a 95%% bootstrap interval over images.",
+        "(101-point, IoU 0.50:0.05:0.95), and a 95%% bootstrap interval over images. With several models, each "
+        "one's mAP50-95 change against the first comes with a paired interval (the same images resampled for both), "
+        "much tighter than the two intervals apart.",
     )
-    sub.add_argument("--weights", nargs="+", required=True, help="models to evaluate (.pt, .onnx)")
+    sub.add_argument("--weights", nargs="+", required=True, help="models to evaluate (.pt, .onnx, .engine)")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     sub.add_argument("--imgsz", type=int, default=640, help="input size for dynamic models (default 640)")
     sub.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -166,15 +167,25 @@ def _add_eval(commands) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from yoloslim.evaluate import evaluate
+    from yoloslim.evaluate import model_records, paired_bootstrap_delta, summarise
 
-    print("| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    compare = len(args.weights) > 1 and args.bootstrap > 0
+    print("| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |" + (" mAP50-95 change vs first, paired 95% CI |" if compare else ""))
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" --- |" if compare else ""))
+    first = None
     for weights in args.weights:
-        r = evaluate(weights, args.data, imgsz=args.imgsz, split=args.split, bootstrap=args.bootstrap, threads=args.threads)
+        records, names = model_records(weights, args.data, imgsz=args.imgsz, split=args.split, threads=args.threads)
+        r = summarise(records, names, bootstrap=args.bootstrap)
         ci = {k: f" ({lo:.3f}-{hi:.3f})" for k, (lo, hi) in r.ci95.items()}
+        change = ""
+        if compare and first is not None:
+            delta, low, high = paired_bootstrap_delta(first, records, num_classes=max(len(names), 1), samples=args.bootstrap)["map"]
+            change = f" {100 * delta:+.1f} pt ({100 * low:+.1f} to {100 * high:+.1f}) |"
+        elif compare:
+            change = " |"
+        first = records if first is None else first
         print(f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
-              f"{r.recall:.3f} | {r.images} | {r.instances} |")
+              f"{r.recall:.3f} | {r.images} | {r.instances} |{change}")
     return 0
 
 
@@ -195,6 +206,8 @@ def _add_export(commands) -> None:
     sub.add_argument("--max-batch", type=int, default=8)
     sub.add_argument("--workspace", type=float, default=2.0, help="TensorRT workspace, GiB")
     sub.add_argument("--raw", action="store_true", help="bare TensorRT plan without the metadata header (trtexec, DeepStream)")
+    sub.add_argument("--version-compatible", action="store_true",
+                     help="an engine that later TensorRT releases of the same major version can run (TensorRT 8.6+)")
     sub.add_argument("--out", help="output file (default: beside the input)")
     sub.set_defaults(run=_run_export)
 
@@ -203,7 +216,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from yoloslim.export import ExportConfig, export
 
     config = ExportConfig(format=args.format, precision=args.precision, imgsz=args.imgsz, batch=args.batch,
-                          dynamic=args.dynamic, max_batch=args.max_batch, workspace=args.workspace, raw=args.raw)
+                          dynamic=args.dynamic, max_batch=args.max_batch, workspace=args.workspace, raw=args.raw,
+                          version_compatible=args.version_compatible)
     print(f"wrote {export(args.weights, config, data=args.data, out=args.out)}")
     return 0
 

@@ -15,13 +15,13 @@ from typing import Callable, Iterable
 import numpy as np
 
 from yoloslim.runtime.backends import load_backend
+from yoloslim.runtime.detect import IMAGE_SUFFIXES
 from yoloslim.runtime.postprocess import Detections, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -209,20 +209,38 @@ def split_images(data_yaml: str | Path, split: str = "val") -> tuple[list[Path],
 
 
 def label_path(image: Path) -> Path:
-    """Ultralytics' convention: the last /images/ in the path becomes /labels/, the suffix .txt."""
-    parts = list(image.parts)
-    index = len(parts) - 1 - parts[::-1].index("images")
-    return Path(*parts[:index], "labels", *parts[index + 1 :]).with_suffix(".txt")
+    """Ultralytics' convention: the last images folder in the path becomes labels, the suffix .txt; with no images
+    folder, the label lies beside the image."""
+    folders = list(image.parts[:-1])
+    if "images" not in folders:
+        return image.with_suffix(".txt")
+    index = len(folders) - 1 - folders[::-1].index("images")
+    return Path(*folders[:index], "labels", *folders[index + 1 :], image.name).with_suffix(".txt")
 
 
 def read_labels(image: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth boxes (xyxy pixels) and classes of an image from its YOLO txt label file."""
     path = label_path(image)
-    rows = np.loadtxt(path, ndmin=2, dtype=np.float64) if path.is_file() and path.stat().st_size else np.zeros((0, 5))
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = np.array([_label_row(path, line) for line in lines if line.strip()], dtype=np.float64).reshape(-1, 5)
     h, w = shape
     cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
     boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
     return boxes, rows[:, 0].astype(np.int64)
+
+
+def _label_row(path: Path, line: str) -> list[float]:
+    """`class cx cy w h`, or `class x1 y1 x2 y2 ...`: a segment polygon, which Ultralytics boxes by its extent."""
+    try:
+        values = [float(v) for v in line.split()]
+    except ValueError:
+        values = []
+    if len(values) == 5:
+        return values
+    if len(values) >= 7 and len(values) % 2:
+        xs, ys = values[1::2], values[2::2]
+        return [values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+    raise YoloslimError(f"{path}: cannot read the label line {line.strip()!r}; YOLO labels are 'class cx cy w h' or a polygon, one per line")
 
 
 # -- backends and the evaluation loop -----------------------------------------------------------------------------------
@@ -250,13 +268,18 @@ def predict_records(backend: Callable, images: Iterable[Path], imgsz: int, conf:
     return records
 
 
-def evaluate(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", bootstrap: int = 1000, threads: int | None = None) -> EvalResult:
-    """mAP50, mAP50-95 (with 95% bootstrap intervals), precision, recall and per-class AP of one model."""
+def model_records(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", threads: int | None = None) -> tuple[list, dict]:
+    """One model's matched detections on every image of the split, and the dataset's class names."""
     from yoloslim.data import resolve_data
 
     images, names = split_images(resolve_data(data), split)
     if not images:
         raise YoloslimError(f"split '{split}' has no images")
     backend = load_backend(weights, threads)
-    imgsz = backend.imgsz or imgsz
-    return summarise(predict_records(backend, images, imgsz), names, bootstrap=bootstrap)
+    return predict_records(backend, images, backend.imgsz or imgsz), names
+
+
+def evaluate(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", bootstrap: int = 1000, threads: int | None = None) -> EvalResult:
+    """mAP50, mAP50-95 (with 95% bootstrap intervals), precision, recall and per-class AP of one model."""
+    records, names = model_records(weights, data, imgsz, split, threads)
+    return summarise(records, names, bootstrap=bootstrap)

@@ -17,7 +17,6 @@ import numpy as np
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 
-EMBEDDED_BASE, EMBEDDED_SPARSE = "yolov5n-synthetic.pt", "yolov5n-synthetic-sparse.pt"
 STAGES = ("sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
 
 
@@ -39,8 +38,13 @@ class SlimConfig:
     def __post_init__(self):
         if self.precision not in ("fp16", "int8"):
             raise YoloslimError(f"--precision must be fp16 or int8, got {self.precision}")
-        if self.target_flops is not None and self.ratio is not None:
-            raise YoloslimError("give --target-flops or --ratio, not both")
+        self.prune_config()  # refuses a bad amount now, not after sparsity training
+
+    def prune_config(self):
+        from yoloslim.prune.plan import PruneConfig
+
+        target = 0.5 if self.target_flops is None and self.ratio is None else self.target_flops
+        return PruneConfig(ratio=self.ratio, target_flops=target, imgsz=self.imgsz)
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
@@ -57,17 +61,21 @@ class Pipeline:
 
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
-        from yoloslim.utils.assets import shipped_file
+        from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
 
         self.config, self.log = config, log
         self.embedded = config.weights is None
-        self.input = Path(config.weights) if config.weights else shipped_file("weights", EMBEDDED_SPARSE)
-        self.base = shipped_file("weights", EMBEDDED_BASE) if self.embedded else self.input
+        self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
+        self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
         self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project under runs/detect
         self.run.mkdir(parents=True, exist_ok=True)
         self.state_file = self.run / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {"config": asdict(config), "stages": {}}
+        changed = {k: (v, asdict(config)[k]) for k, v in self.state["config"].items() if asdict(config).get(k) != v}
+        if changed:
+            settings = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise YoloslimError(f"{self.run} holds a slim run with other settings ({settings}); repeat its settings to resume it, or give --name for a new run")
         self.epochs_finetune = config.epochs_finetune or (5 if self.embedded else 20)
 
     def done(self, stage: str) -> Optional[dict]:
@@ -106,13 +114,11 @@ class Pipeline:
         return {"weights": str(last.with_name("best.pt")), "skipped": False}
 
     def stage_prune(self) -> dict:
-        from yoloslim.prune import PruneConfig, prune
+        from yoloslim.prune import prune
 
-        target = None if self.config.ratio is not None else (self.config.target_flops or 0.5)
-        config = PruneConfig(ratio=self.config.ratio, target_flops=target, imgsz=self.config.imgsz)
         out = self.run / "pruned.pt"
         out.unlink(missing_ok=True)  # a pruning interrupted before its rename left nothing; redo it whole
-        result = prune(self.done("sparse")["weights"], config, out=out)
+        result = prune(self.done("sparse")["weights"], self.config.prune_config(), out=out)
         return {"weights": str(out), "widths": result.widths, "before": result.before, "after": result.after}
 
     def stage_finetune(self) -> dict:
@@ -138,7 +144,7 @@ class Pipeline:
         return {"onnx": onnx}
 
     def variants(self) -> list[dict]:
-        """Every variant the run compares; TensorRT ones only where TensorRT can run here."""
+        """Every variant the run compares; the TensorRT ones are listed always, measured only on a device that has TensorRT."""
         import importlib.util
 
         stages = self.state["stages"]
@@ -158,7 +164,8 @@ class Pipeline:
         has_trt = importlib.util.find_spec("tensorrt") is not None
         for precision in ("fp16", self.config.precision) if self.config.precision == "int8" else ("fp16",):
             found.append({"name": f"finetuned TensorRT {precision.upper()}", "stage": "finetuned", "backend": f"TensorRT {precision.upper()}",
-                          "precision": precision, "weights": None, "note": None if has_trt else "not measured: no TensorRT on this machine"})
+                          "precision": precision, "weights": None, "note": "not measured: build the engine with yoloslim export --format engine, then "
+                          "yoloslim eval and bench" if has_trt else "not measured: no TensorRT on this machine"})
         return found
 
     def stage_evaluate(self) -> dict:

@@ -63,6 +63,8 @@ def ensure_synthetic_dataset(config: SyntheticConfig | None = None, root: Path |
         with atomic_dir(target) as tmp:
             write_dataset(config, tmp)
             _write_data_yaml(config, tmp, final_root=target)
+        if not (target / "data.yaml").is_file():  # a folder left by something else was in the way
+            raise YoloslimError(f"{target} is an incomplete dataset folder; delete it and run again")
     return target / "data.yaml"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import output_path
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ExportConfig:
     max_batch: int = 8  # for --dynamic engines: the optimization profile's largest batch
     workspace: float = 2.0  # GiB
     raw: bool = False  # bare TensorRT plan, for trtexec and DeepStream
+    version_compatible: bool = False  # runs on later TensorRT releases of the same major version (8.6+)
     calibration_images: int = 500
 
     def __post_init__(self):
@@ -30,6 +32,10 @@ class ExportConfig:
             raise YoloslimError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
         if self.precision == "int8" and self.dynamic:
             raise YoloslimError("INT8 calibration needs a static batch; drop --dynamic and pass --batch N")
+        if self.batch < 1:
+            raise YoloslimError(f"--batch must be at least 1, got {self.batch}")
+        if self.dynamic and self.batch > self.max_batch:
+            raise YoloslimError(f"--batch {self.batch} is the engine's usual batch and must not exceed --max-batch {self.max_batch}; raise --max-batch")
 
 
 def export(weights, config: ExportConfig, data=None, out=None) -> Path:
@@ -41,9 +47,10 @@ def export(weights, config: ExportConfig, data=None, out=None) -> Path:
     from yoloslim.runtime.tensorrt import build_engine
     from yoloslim.runtime.cuda import load_cuda
 
-    batch = (1, max(config.batch, 1), config.max_batch) if config.dynamic else (config.batch,) * 3
+    batch = (1, config.batch, config.max_batch) if config.dynamic else (config.batch,) * 3
     return build_engine(onnx_path, out=out, precision=config.precision, batch=batch, workspace_gb=config.workspace,
-                        timing_cache=onnx_path.with_suffix(".timing.cache"), raw=config.raw, device=load_cuda().device())
+                        timing_cache=onnx_path.with_suffix(".timing.cache"), raw=config.raw, device=load_cuda().device(),
+                        version_compatible=config.version_compatible)
 
 
 def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path]) -> Path:
@@ -53,7 +60,7 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         raise YoloslimError(f"ONNX export takes an Ultralytics .pt checkpoint, not {weights.name}")
     if config.precision == "fp32":
         return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
-    target = Path(out) if out else weights.with_name(f"{weights.stem}-{config.precision}.onnx")
+    target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.") as work:
         fp32 = export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=Path(work) / "fp32.onnx")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import atomic_path, output_path
 
 # Inputs an operator keeps in float32 whatever its data's type (ONNX operator schemas, opset 17)
 _FLOAT32_INPUTS = {"Resize": {1, 2}}
@@ -31,13 +32,10 @@ def convert_fp16(onnx_path: str | Path, out: str | Path | None = None) -> Path:
 
     from yoloslim.export.onnx import set_metadata
     from yoloslim.export.qdq import head_nodes_kept_in_float
-    from yoloslim.utils.files import atomic_path
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path))
-    target = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}-fp16.onnx")
-    if target.resolve() == onnx_path.resolve():
-        raise YoloslimError(f"--out {target} is the input file; choose another path")
+    target = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-fp16.onnx"), onnx_path)
     half = to_float16(model, keep_float32=set(head_nodes_kept_in_float(model)))
     set_metadata(half, {**{p.key: p.value for p in model.metadata_props}, "precision": "fp16"})
     with atomic_path(target) as tmp:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import output_path
 
 OPSET = 17
 
@@ -38,9 +39,7 @@ def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: 
     load_detection_checkpoint(weights)
     if batch < 1:
         raise YoloslimError(f"--batch must be >= 1, got {batch}")
-    target = Path(out) if out else weights.with_suffix(".onnx")
-    if target.resolve() == weights.resolve():
-        raise YoloslimError(f"--out {target} is the input file; choose another path")
+    target = output_path(out, weights.with_suffix(".onnx"), weights)
     work = target.parent / f".{target.stem}.export"
     work.mkdir(parents=True, exist_ok=True)
     try:

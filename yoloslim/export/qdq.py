@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import atomic_path, output_path
 
 CALIBRATION_IMAGES = 500
 OFFSET_PROBE_IMAGES = 32
@@ -133,11 +134,9 @@ def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | Non
     if not all(d.dim_value for d in dims):
         raise YoloslimError(f"{onnx_path} has a dynamic input shape; INT8 calibration needs a static one (export with --batch N)")
     imgsz = dims[2].dim_value
-    target = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}-int8.onnx")
+    target = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-int8.onnx"), onnx_path)
     reader = LetterboxCalibrationReader(calibration_images(data, count), model.graph.input[0].name, imgsz)
     head = head_nodes_kept_in_float(model)
-    from yoloslim.utils.files import atomic_path
-
     with atomic_path(target) as tmp:
         quantize_static(
             str(onnx_path),

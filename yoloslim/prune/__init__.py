@@ -29,6 +29,7 @@ from yoloslim.prune.plan import (
     removed_fraction,
 )
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import atomic_path, output_path
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning", "model_stats"]
 
@@ -171,9 +172,7 @@ def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Pat
     result = prune_model(model, config)
     if dry_run:
         return result
-    out = Path(out) if out else default_output(weights)
-    if out.resolve() == weights.resolve():
-        raise YoloslimError(f"--out {out} is the input file; yoloslim never overwrites its input, choose another path")
+    out = output_path(out, default_output(weights), weights)
     save_pruned_checkpoint(result, ckpt, weights, out)
     result.out = out
     write_prune_report(result, out.with_suffix(""))
@@ -182,8 +181,6 @@ def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Pat
 
 def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: Path) -> None:
     from ultralytics import __version__
-
-    from yoloslim.utils.files import atomic_path
 
     model = deepcopy(result.model).half()
     for p in model.parameters():

@@ -27,7 +27,7 @@ def plan_table(result) -> str:
 
 
 def write_prune_report(result, stem: Path) -> None:
-    """Write <stem>.md and <stem>.png beside the pruned checkpoint."""
+    """Write <stem>-report.md and <stem>-report.png beside the pruned checkpoint."""
     png = stem.with_name(stem.name + "-report.png")
     md = stem.with_name(stem.name + "-report.md")
     _plot(result, png)

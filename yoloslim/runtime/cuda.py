@@ -60,7 +60,12 @@ class PyCuda:
     """pycuda's driver API (it keeps the allocation objects alive, so they are held here)."""
 
     def __init__(self):
-        import pycuda.autoinit  # noqa: F401  (creates the context)
+        try:
+            import pycuda.autoinit  # noqa: F401  (creates the context)
+        except ImportError:
+            raise
+        except Exception as error:  # pycuda's own errors: no GPU, no driver, a driver too old
+            raise YoloslimError(f"pycuda cannot start CUDA ({error}); check the GPU and driver with `yoloslim doctor`") from None
         import pycuda.driver as cuda
 
         self.cuda = cuda

@@ -56,6 +56,15 @@ def cuda_binding() -> Optional[str]:
     return None
 
 
+def nvcc_release() -> Optional[str]:
+    """nvcc's last line (its release); JetPack installs it in /usr/local/cuda/bin, which is not on PATH by default."""
+    for nvcc in ("nvcc", "/usr/local/cuda/bin/nvcc"):
+        lines = (_run([nvcc, "--version"]) or "").splitlines()
+        if lines:
+            return lines[-1]
+    return None
+
+
 def facts() -> Dict[str, Optional[str]]:
     return {
         "machine": f"{platform.machine()} {platform.system()}",
@@ -64,7 +73,7 @@ def facts() -> Dict[str, Optional[str]]:
         "JetPack": _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"]),
         "TensorRT": _version("tensorrt"),
         "CUDA binding": cuda_binding(),
-        "nvcc": (_run(["nvcc", "--version"]) or "").splitlines()[-1] or None,
+        "nvcc": nvcc_release(),
         "onnxruntime": _version("onnxruntime"),
         "numpy": _version("numpy"),
         "OpenCV": _version("cv2"),

@@ -7,9 +7,10 @@ trtexec and DeepStream. Reading accepts both.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Tuple
+
+from yoloslim.utils.files import write_bytes_atomic
 
 
 def write_engine_file(path, plan: bytes, metadata: Optional[dict] = None) -> Path:
@@ -19,11 +20,7 @@ def write_engine_file(path, plan: bytes, metadata: Optional[dict] = None) -> Pat
     if metadata is not None:
         meta = json.dumps(metadata).encode()
         header = len(meta).to_bytes(4, byteorder="little", signed=True) + meta
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(plan)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, header + plan)
     return path
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from yoloslim.runtime.engine_file import read_engine_file, write_engine_file
 from yoloslim.runtime.onnx_meta import read_onnx_metadata
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import output_path, write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -59,10 +60,16 @@ def network_precisions(trt, network) -> set:
 
 
 def set_precision(trt, major: int, config, network, precision: str) -> None:
-    """Enable the precision the way this TensorRT version wants it, or say why it cannot be built."""
+    """Enable the precision the way this TensorRT version wants it, or say why it cannot be built. The request must
+    match what the ONNX carries: TensorRT 11 builds whatever the network's types say, so a mismatch would give an
+    engine whose recorded precision is not the one it runs."""
     carried = network_precisions(trt, network)
     if precision == "int8" and "int8" not in carried:
         raise YoloslimError("INT8 engines are built from a Q/DQ ONNX; run `yoloslim export --format onnx --precision int8 --data data.yaml` on the host first")
+    if "int8" in carried and precision != "int8":
+        raise YoloslimError(f"this ONNX is quantized (Q/DQ); build it with --precision int8, or build {precision} from the float ONNX")
+    if "fp16" in carried and precision == "fp32":
+        raise YoloslimError("this ONNX holds FP16 weights; build it with --precision fp16, or build fp32 from the FP32 ONNX")
     if major >= 11:
         if precision == "fp16" and "fp16" not in carried:
             raise YoloslimError("TensorRT 11 builds FP16 only from an FP16 ONNX (strong typing); export it with --precision fp16 on the host")
@@ -123,29 +130,27 @@ def build_engine(
         if version_tuple(trt.__version__) < (8, 6):
             raise YoloslimError("version-compatible engines need TensorRT 8.6 or later")
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    out = output_path(out, onnx_path.with_suffix(".engine"), onnx_path)
     cache = _load_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise YoloslimError(f"TensorRT {trt.__version__} failed to build {onnx_path}; rerun with a larger --workspace or see its log above")
-    if timing_cache:
-        _save_timing_cache(config, cache, Path(timing_cache))
-    out = Path(out) if out else onnx_path.with_suffix(".engine")
     meta = None if raw else engine_metadata(onnx_path, precision, trt.__version__, dynamic, batch, version_compatible, device)
-    return write_engine_file(out, bytes(plan), meta)
+    engine = write_engine_file(out, bytes(plan), meta)
+    if timing_cache:
+        write_bytes_atomic(timing_cache, bytes(cache.serialize()))
+    return engine
 
 
 def _load_timing_cache(config, path):
+    """The cache of earlier builds on this device, so rebuilds skip kernel timing; an empty one if there is none or
+    it came from another TensorRT or GPU (TensorRT refuses it then)."""
     data = Path(path).read_bytes() if path and Path(path).is_file() else b""
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
-
-
-def _save_timing_cache(config, cache, path: Path) -> None:
-    serialized = config.get_timing_cache().serialize()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(path)
 
 
 def engine_metadata(onnx_path, precision, trt_version, dynamic, batch, version_compatible, device) -> dict:
@@ -202,31 +207,38 @@ class TensorRTBackend:
             raise YoloslimError(f"TensorRT {trt.__version__} cannot load {path}: built by another TensorRT version or for another GPU; rebuild it on this device")
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
-        self.inputs, self.outputs = [], []
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
         self.host, self.device = {}, {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
-            if is_input and shape[0] == -1:
-                shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])  # allocate for the profile's max
-            (self.inputs if is_input else self.outputs).append(name)
-            self.host[name] = np.empty(self._max_shape(name, shape), dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
-            self.device[name] = self.cuda.malloc(self.host[name].nbytes)
-            self.context.set_tensor_address(name, self.device[name])
+            if -1 in shape:  # dynamic: buffers for the profile's largest input, which the context must know to size outputs
+                shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+                self._set_input_shape(name, shape)
+            self._allocate(trt, name, shape)
+        for name in self.outputs:  # every dimension follows from the inputs', the anchors too when height and width are open
+            self._allocate(trt, name, tuple(self.context.get_tensor_shape(name)))
         imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
         self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
 
-    def _max_shape(self, name, shape):
-        if -1 not in shape:
-            return shape
-        batch = self.host[self.inputs[0]].shape[0] if self.inputs else 1
-        return tuple(batch if d == -1 else d for d in shape)
+    def _allocate(self, trt, name: str, shape: Tuple[int, ...]) -> None:
+        self.host[name] = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+        self.device[name] = self.cuda.malloc(self.host[name].nbytes)
+        self.context.set_tensor_address(name, self.device[name])
+
+    def _set_input_shape(self, name: str, shape: Tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise YoloslimError(f"this engine does not take input {name} of shape {shape}; rebuild it for that shape with yoloslim export --format engine")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         name = self.inputs[0]
         n = batch.shape[0]
-        self.context.set_input_shape(name, batch.shape)
+        largest = self.host[name].shape
+        if batch.ndim != len(largest) or n > largest[0] or batch.shape[1:] != largest[1:]:
+            raise YoloslimError(f"this engine takes batches of up to {largest[0]} images shaped {largest[1:]}, got {batch.shape}; "
+                                "rebuild it with --dynamic --max-batch N for larger batches")
+        self._set_input_shape(name, batch.shape)
         host_in = self.host[name][:n]
         np.copyto(host_in, batch, casting="same_kind")
         self.cuda.to_device(self.device[name], host_in, self.stream)

@@ -11,6 +11,9 @@ from yoloslim.utils.errors import YoloslimError
 # The wheel maps the checkout's top-level folders onto these packages (see pyproject.toml).
 _PACKAGE_OF_FOLDER = {"weights": "yoloslim.weights", "data": "yoloslim.datasets"}
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+# The embedded default: the shipped baseline and its sparsity-trained model (weights/README.md).
+BASELINE = "yolov5n-synthetic.pt"
+SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 
 def shipped_file(folder: str, name: str) -> Path:

@@ -10,6 +10,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from yoloslim.utils.errors import YoloslimError
+
+
+def output_path(out: str | Path | None, default: Path, source: str | Path) -> Path:
+    """Where a stage writes: `out`, or `default` when none is given; never its input file."""
+    target = Path(out) if out else Path(default)
+    if target.resolve() == Path(source).resolve():
+        raise YoloslimError(f"--out {target} is the input file; yoloslim never overwrites its input, choose another path")
+    return target
+
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from yoloslim.utils.files import atomic_path
 
 
 def pyplot():
@@ -19,10 +20,9 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> None:
     """Save atomically (a reader never sees a half-written PNG) and close."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
     pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_gamma_history(history: dict, path: Path) -> None:
@@ -42,8 +42,6 @@ def plot_gamma_history(history: dict, path: Path) -> None:
     fig.colorbar(mesh, ax=ax, label="log(1 + channels)")
     fig.tight_layout()
     save_figure(fig, path)
-
-
 
 
 def plot_widths(ax, widths: dict) -> None:
