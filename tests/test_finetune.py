@@ -34,18 +34,20 @@ def run_args(train_args, **extra):
     return {k: v for k, v in dict(train_args, **extra).items() if k not in {"model", "data"}}
 
 
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_first_save(trainer):
+    raise Interrupt
+
+
 def test_finetuning_keeps_pruned_widths_also_after_resume(pruned_pt, train_args, tiny_data):
     from ultralytics import YOLO
 
     base, pruned = pruned_pt
     widths = saved_widths(pruned)
     assert widths != saved_widths(base)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_save(trainer):
-        raise Interrupt
 
     model = YOLO(str(pruned))
     model.add_callback("on_model_save", stop_after_first_save)
@@ -72,10 +74,38 @@ def test_plain_ultralytics_training_falls_into_the_trap(pruned_pt, train_args, t
     assert saved_widths(model.trainer.last) == saved_widths(base)
 
 
-def test_distillation_from_the_unpruned_model_keeps_student_widths(pruned_pt, train_args, tiny_data):
+def test_distillation_keeps_student_widths_also_after_resume(pruned_pt, train_args, tiny_data):
+    from ultralytics import YOLO
+
     base, pruned = pruned_pt
     widths = saved_widths(pruned)
-    finetune(pruned, data=tiny_data, teacher=base, **run_args(train_args, epochs=1, name="distill"))
+    model = YOLO(str(pruned))
+    model.add_callback("on_model_save", stop_after_first_save)
+    with pytest.raises(Interrupt):
+        model.train(data=str(tiny_data), trainer=FinetuneTrainer, distill_model=str(base), **run_args(train_args, epochs=2, name="distill"))
+    finetune(model.trainer.last, resume=True)  # its model is a DistillationModel around the student
     ckpt = torch.load(Path(train_args["project"]) / "distill" / "weights" / "best.pt", weights_only=False)
-    assert conv_widths(ckpt["model"]) == widths
+    assert conv_widths(ckpt["model"]) == widths and ckpt["epoch"] == -1
     assert ckpt["yoloslim"]["finetune"]["teacher"] == str(base)
+
+
+def test_a_finished_run_is_not_resumed(pruned_pt, tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+    from yoloslim.utils.training import resume_point
+
+    _, pruned = pruned_pt  # a saved model without optimizer state, as Ultralytics leaves a finished run's last.pt
+    with pytest.raises(YoloslimError, match="end of a finished run, nothing to resume"):
+        finetune(pruned, resume=True)
+    assert resume_point(pruned, "start.pt") is None
+    assert resume_point(tmp_path / "last.pt", "start.pt") == (Path("start.pt"), False)
+
+
+def test_sparsity_training_a_pruned_model_keeps_its_widths(pruned_pt, train_args, tiny_data):
+    """Iterative slimming: a pruned model's yaml holds the original widths, the trap finetuning avoids."""
+    from yoloslim.sparsity import SparsityConfig, train_sparse
+
+    _, pruned = pruned_pt
+    train_sparse(str(pruned), SparsityConfig(sr=0.01), data=str(tiny_data), **run_args(train_args, epochs=1, name="resparse"))
+    ckpt = torch.load(Path(train_args["project"]) / "resparse" / "weights" / "last.pt", weights_only=False)
+    assert conv_widths(ckpt["model"]) == saved_widths(pruned)
+    assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4 and ckpt["yoloslim"]["sparsity"]["sr"] == 0.01

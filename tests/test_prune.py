@@ -146,7 +146,8 @@ def test_threshold_and_target_flops():
         prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
 
 
-@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor")])
+@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor"),
+                                 dict(imgsz=600), dict(imgsz=16)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(YoloslimError):
         PruneConfig(**bad)
@@ -180,6 +181,10 @@ def test_dry_run_writes_nothing_and_input_is_untouched(trained_pt):
     result = prune(trained_pt, PruneConfig(ratio=0.5, imgsz=64), dry_run=True)
     assert result.out is None and set(trained_pt.parent.iterdir()) == files
     assert file_sha256(trained_pt) == digest
+    for out, problem in ((trained_pt, "is the input file"), (trained_pt.with_name("pruned"), "must end in .pt")):
+        with pytest.raises(YoloslimError, match=problem):
+            prune(trained_pt, PruneConfig(ratio=0.5, imgsz=64), out=out)
+    assert file_sha256(trained_pt) == digest and set(trained_pt.parent.iterdir()) == files
 
 
 def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tiny_data, tmp_path):

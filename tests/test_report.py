@@ -64,7 +64,7 @@ f.onload = () => {
   const imgs = [...d.images];
   const external = w.performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'));
   document.getElementById('probe').textContent = JSON.stringify({
-    rows: d.querySelectorAll('#variants tbody tr').length,
+    rows: d.querySelectorAll('table.variants tbody tr').length,
     images: imgs.length,
     decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
     external: external,

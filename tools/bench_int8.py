@@ -43,6 +43,7 @@ def main() -> None:
     from yoloslim.runtime.backends import OnnxRuntimeBackend
     from yoloslim.runtime.postprocess import postprocess
     from yoloslim.runtime.preprocess import preprocess
+    from yoloslim.utils.files import write_text_atomic
 
     out = Path(args.out)
     work = out.parent / "int8-models"
@@ -78,7 +79,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
     md = "\n".join([
         "# INT8 (Q/DQ) against FP32, ONNX Runtime CPU", "", f"`{result['command']}` ({args.threads} threads, {len(images)} images)", "",
         "| | FP32 | INT8 | INT8 - FP32 (paired 95% CI) |", "| --- | ---: | ---: | --- |",
@@ -87,7 +88,7 @@ def main() -> None:
         "| per frame, median ms | letterbox | inference (FP32) | NMS | (letterbox + NMS) / inference |", "| --- | ---: | ---: | ---: | ---: |",
         f"| ONNX Runtime | {ms['preprocess']:.2f} | {ms['inference']:.2f} | {ms['postprocess']:.2f} | {result['pre_plus_post_over_inference']:.1%} |", "",
     ])
-    out.with_suffix(".md").write_text(md)
+    write_text_atomic(out.with_suffix(".md"), md)
     print(md)
 
 

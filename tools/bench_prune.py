@@ -7,8 +7,9 @@
 Every stage writes its output under runs/bench/prune/<model>/ and is skipped when that output exists; an interrupted
 training resumes from its last.pt. Run the same command again to continue, in this session or a later one. A stage's
 name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune that stage's
-name, its amount and its guards), so a run with other settings reuses nothing it should not. Prunes of a checkpoint
-given with `--sparse` carry no stage name: before giving another checkpoint, move the first one's prunes away.
+name, its amount and its guards, a finetune its prune's name and its epochs), so a run with other settings reuses
+nothing it should not. Prunes of a checkpoint given with `--sparse` carry no stage name: before giving another
+checkpoint, move the first one's prunes away.
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from yoloslim.prune.plan import PruneConfig  # noqa: E402
 from yoloslim.sparsity import SCHEDULES, WEIGHTINGS, SparsityConfig  # noqa: E402
+from yoloslim.utils.files import write_text_atomic  # noqa: E402
 
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
 # training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
@@ -147,11 +149,11 @@ def main() -> None:
         for compensate in (True, False):
             points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, source, config, tag, compensate)
         if not args.skip_finetune:
-            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
+            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}-e{tune_epochs}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
         for teacher in args.distill_teacher if not args.skip_finetune and _distilled(amount, args.distill) else ():
             suffix = ("" if teacher == "base" else f"-{teacher}") + ("" if args.distill_weight is None else f"-dis{args.distill_weight}")
             weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
-            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}", points[f"pruned-{tag}"], data,
+            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}-e{tune_epochs}", points[f"pruned-{tag}"], data,
                                                         {**recipe, **weight}, tune_epochs, teacher=points[teacher])
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
@@ -161,8 +163,8 @@ def main() -> None:
     results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "onnxruntime_threads": args.threads,
                       "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
     results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / f"{args.name}.md").write_text(_markdown(results))
+    write_text_atomic(out / f"{args.name}.json", json.dumps(results, indent=2, default=str))
+    write_text_atomic(out / f"{args.name}.md", _markdown(results))
     print(_markdown(results))
 
 
@@ -180,19 +182,21 @@ def _smoke_data(out: Path, weights: Path) -> Path:
 def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: SparsityConfig | None = None,
            teacher: Path | None = None) -> Path:
     """Train (or resume) one stage; its best.pt is the stage's output."""
+    from yoloslim.utils.training import resume_point
+
     run = out / name / "weights"
     if (out / name / "done").exists():
         return run / "best.pt"
-    resume = (run / "last.pt").exists()
+    start = resume_point(run / "last.pt", weights)
     args = dict(recipe, name=name, epochs=epochs, exist_ok=True)
-    if sparsity is not None:
+    if start and sparsity is not None:
         from yoloslim.sparsity import train_sparse
 
-        train_sparse(str(run / "last.pt" if resume else weights), sparsity, data=str(data), resume=resume, **{**args, **SPARSITY})
-    else:
+        train_sparse(str(start[0]), sparsity, data=str(data), resume=start[1], **{**args, **SPARSITY})
+    elif start:
         from yoloslim.finetune import finetune
 
-        finetune(run / "last.pt" if resume else weights, data=data, teacher=None if resume else teacher, resume=resume, **args)
+        finetune(start[0], data=data, teacher=None if start[1] else teacher, resume=start[1], **args)
     (out / name / "done").write_text("")
     return run / "best.pt"
 

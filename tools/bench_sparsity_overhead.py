@@ -111,8 +111,10 @@ def _time_epoch_extras(sparse, plain) -> dict:
 
 
 def _write(result: dict, out: Path) -> None:
+    from yoloslim.utils.files import write_text_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
     med = result["step_seconds_median"]
     extras = result["epoch_extras_seconds"]
     per_epoch = (extras["yoloslim"] - extras["ultralytics"]) / (med["ultralytics"] * result["steps_per_epoch"])
@@ -128,7 +130,7 @@ def _write(result: dict, out: Path) -> None:
         f"{per_epoch:+.2%} of an epoch of {result['steps_per_epoch']} steps |",
         "",
     ]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_text_atomic(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
 
 

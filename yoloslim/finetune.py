@@ -10,12 +10,11 @@ teacher's widths, so a pruned student works as is).
 
 from __future__ import annotations
 
-from copy import deepcopy
 from pathlib import Path
 
 from torch import nn
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.training import SafeDetectionTrainer, read_checkpoint_extras
+from yoloslim.utils.training import SafeDetectionTrainer, check_resumable, trainable_copy
 
 
 class FinetuneTrainer(SafeDetectionTrainer):
@@ -24,21 +23,10 @@ class FinetuneTrainer(SafeDetectionTrainer):
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, nn.Module):
             raise YoloslimError("finetuning starts from a checkpoint's model; pass --weights pruned.pt, not a model yaml")
-        model = deepcopy(weights).float()
-        if getattr(model, "nc", self.data["nc"]) != self.data["nc"]:
-            raise YoloslimError(
-                f"the dataset has {self.data['nc']} classes but the model was trained for {model.nc}; finetune on the "
-                "dataset the model was trained on"
-            )
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        return trainable_copy(weights, self.data["nc"])
 
     def checkpoint_extras(self) -> dict:
-        if not hasattr(self, "_lineage"):
-            source = self.args.resume if self.resume else self.args.model
-            self._lineage = read_checkpoint_extras(source) if str(source).endswith(".pt") else {}
-        return {**self._lineage, "finetune": {"teacher": self.args.distill_model}}
+        return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
 
 
 def finetune(weights: str | Path, data: str | Path | None = None, teacher: str | Path | None = None, resume: bool = False, **train_args):
@@ -48,9 +36,10 @@ def finetune(weights: str | Path, data: str | Path | None = None, teacher: str |
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    load_detection_checkpoint(weights)
-    if resume:
+    if resume:  # its model may be a DistillationModel around the student, which the check below refuses
+        check_resumable(weights)
         return YOLO(str(weights)).train(resume=True, trainer=FinetuneTrainer, **train_args)
+    load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)

@@ -101,16 +101,18 @@ class Pipeline:
     def stage_sparse(self) -> dict:
         from yoloslim.sparsity import SparsityConfig, train_sparse
         from yoloslim.utils.checks import load_detection_checkpoint
+        from yoloslim.utils.training import resume_point
 
         model, ckpt = load_detection_checkpoint(self.input)
         if looks_sparsity_trained(ckpt, model):
             self.log("slim: the input is already sparsity-trained; skipping sparsity training")
             return {"weights": str(self.input), "skipped": True}
         last = self.run / "sparse" / "weights" / "last.pt"
-        resume = last.exists()
-        # the recipe that split ../shared's license-plate model into kept and zero gammas in 30 epochs (README)
-        train_args = dict(self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8)
-        train_sparse(str(last if resume else self.input), SparsityConfig(sr=0.1, include_head=True), data=str(self.data), resume=resume, **train_args)
+        start = resume_point(last, self.input)
+        if start:
+            # the recipe that split ../shared's license-plate model into kept and zero gammas in 30 epochs (README)
+            train_args = dict(self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8)
+            train_sparse(str(start[0]), SparsityConfig(sr=0.1, include_head=True), data=str(self.data), resume=start[1], **train_args)
         return {"weights": str(last.with_name("best.pt")), "skipped": False}
 
     def stage_prune(self) -> dict:
@@ -123,10 +125,12 @@ class Pipeline:
 
     def stage_finetune(self) -> dict:
         from yoloslim.finetune import finetune
+        from yoloslim.utils.training import resume_point
 
         last = self.run / "finetune" / "weights" / "last.pt"
-        resume = last.exists()
-        finetune(last if resume else self.done("prune")["weights"], data=self.data, resume=resume, **self._train_args("finetune", self.epochs_finetune))
+        start = resume_point(last, self.done("prune")["weights"])
+        if start:
+            finetune(start[0], data=self.data, resume=start[1], **self._train_args("finetune", self.epochs_finetune))
         return {"weights": str(last.with_name("best.pt"))}
 
     def stage_export(self) -> dict:

@@ -37,13 +37,14 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.optim import MuSGD
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
-from yoloslim.utils.training import SafeDetectionTrainer
+from yoloslim.utils.training import SafeDetectionTrainer, check_resumable, trainable_copy
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
@@ -180,7 +181,7 @@ class SparsityTrainer(SafeDetectionTrainer):
         return found[0] if found else None
 
     def _config_from_checkpoint(self) -> SparsityConfig | None:
-        saved = self.resumed_extras().get("sparsity")
+        saved = self.lineage().get("sparsity")
         return SparsityConfig(**saved) if saved else None
 
     # -- the penalty -----------------------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ class SparsityTrainer(SafeDetectionTrainer):
         self._gamma_groups = [[(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
-        if self.sparsity.sr > 0 and not isinstance(optimizer, torch.optim.SGD):
+        # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
+        if self.sparsity.sr > 0 and not isinstance(optimizer, (torch.optim.SGD, MuSGD)):
             LOGGER.warning(
                 f"Sparsity training with {type(optimizer).__name__}: it divides each gamma's loss gradient by its own "
                 "scale, so gammas shrink together instead of splitting into kept and prunable ones; pass optimizer=SGD."
@@ -217,6 +219,11 @@ class SparsityTrainer(SafeDetectionTrainer):
             plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if isinstance(weights, nn.Module) and self.lineage().get("prune"):  # iterative slimming: keep the pruned widths
+            return trainable_copy(weights, self.data["nc"])
+        return super().get_model(cfg, weights, verbose)
+
     def validate(self):
         """Make every epoch the best, so best.pt is the latest epoch: the penalty changes the model each epoch, and
         the fittest epoch is often an early one whose gammas have not split yet, which pruning cannot use."""
@@ -228,7 +235,7 @@ class SparsityTrainer(SafeDetectionTrainer):
     def checkpoint_extras(self) -> dict:
         """The settings, and the gamma history so reports can draw it from the checkpoint alone."""
         history = self.save_dir / GAMMA_HISTORY
-        extras = {"sparsity": asdict(self.sparsity)}
+        extras = {**super().checkpoint_extras(), "sparsity": asdict(self.sparsity)}
         if history.exists():
             extras["gamma_history"] = json.loads(history.read_text())
         return extras
@@ -251,11 +258,12 @@ def train_sparse(weights: str, config: SparsityConfig | None = None, data: str |
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    if str(weights).endswith(".pt"):
-        load_detection_checkpoint(weights)
     trainer = SparsityTrainer.with_config(config or SparsityConfig())
     if resume:
+        check_resumable(weights)
         return YOLO(weights).train(resume=True, trainer=trainer, **train_args)
+    if str(weights).endswith(".pt"):
+        load_detection_checkpoint(weights)
     return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)
 
 

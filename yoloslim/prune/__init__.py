@@ -173,6 +173,8 @@ def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Pat
     if dry_run:
         return result
     out = output_path(out, default_output(weights), weights)
+    if out.suffix != ".pt":  # Ultralytics loads checkpoints by their suffix
+        raise YoloslimError(f"--out {out} must end in .pt so that YOLO() and yoloslim finetune can load it")
     save_pruned_checkpoint(result, ckpt, weights, out)
     result.out = out
     write_prune_report(result, out.with_suffix(""))

@@ -40,6 +40,8 @@ class PruneConfig:
             raise YoloslimError(f"--min-keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
         if self.round_to < 1:
             raise YoloslimError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.imgsz < 32 or self.imgsz % 32:  # Ultralytics' GFLOPs count is 0 for other sizes, which would void --target-flops
+            raise YoloslimError(f"--imgsz must be a multiple of 32 (the detector's largest stride), got {self.imgsz}")
 
     @property
     def effective_ratio(self) -> Optional[float]:

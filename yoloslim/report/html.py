@@ -40,7 +40,7 @@ def render_html(tables, images) -> str:
         parts.append(f"<h2>{html.escape(summary['name'])}</h2><p class=note>{html.escape(_context(summary))}</p>")
         head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
         body = "".join("<tr>" + "".join(_cell(r[c], c) for c in COLUMNS) + "</tr>" for r in table)
-        parts.append(f'<div class=scroll><table id="variants"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+        parts.append(f'<div class=scroll><table class=variants><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
     for title, path in images:
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">")

@@ -10,15 +10,18 @@ final strip keeps (it drops unknown train arguments, so they cannot live there).
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 from pathlib import Path
 from unittest import mock
 
 import torch
+from torch import nn
 from ultralytics.engine import trainer as trainer_module
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import strip_optimizer
 
+from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 
 CHECKPOINT_KEY = "yoloslim"
@@ -29,16 +32,51 @@ def read_checkpoint_extras(path) -> dict:
     return torch_load(path, map_location="cpu").get(CHECKPOINT_KEY) or {}
 
 
+def run_finished(last: str | Path) -> bool:
+    """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends."""
+    ckpt = torch_load(last, map_location="cpu")
+    return ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None
+
+
+def resume_point(last: Path, weights) -> tuple[Path, bool] | None:
+    """Where a training stage starts: None when its run has already finished, else (its last.pt, True) to resume or
+    (`weights`, False) for a new run."""
+    if not last.exists():
+        return Path(weights), False
+    return None if run_finished(last) else (last, True)
+
+
+def check_resumable(last: str | Path) -> None:
+    """Refuse to resume a finished run: Ultralytics would warn and start a new run on its default dataset (coco8)."""
+    if run_finished(last):
+        raise YoloslimError(f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume")
+
+
+def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
+    """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original widths
+    and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
+    if getattr(model, "nc", nc) != nc:
+        raise YoloslimError(f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was trained on")
+    model = deepcopy(model).float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 class SafeDetectionTrainer(DetectionTrainer):
     """DetectionTrainer with atomic checkpoint writes and yoloslim metadata in every checkpoint."""
 
     def checkpoint_extras(self) -> dict:
-        """yoloslim metadata for the checkpoint's "yoloslim" key; subclasses add theirs."""
-        return {}
+        """yoloslim metadata for the checkpoint's "yoloslim" key: the input's (its prune, an earlier stage's settings);
+        subclasses add theirs."""
+        return dict(self.lineage())
 
-    def resumed_extras(self) -> dict:
-        """The "yoloslim" metadata of the checkpoint a resumed run continues from."""
-        return read_checkpoint_extras(self.args.resume)
+    def lineage(self) -> dict:
+        """The "yoloslim" metadata of the checkpoint this run started from, or continues on resume."""
+        if not hasattr(self, "_lineage"):
+            source = self.args.resume if self.resume else self.args.model
+            self._lineage = read_checkpoint_extras(source) if str(source).endswith(".pt") else {}
+        return self._lineage
 
     def save_metrics(self, metrics):
         drop_rows_from_epoch(self.csv, self.epoch + 1)
