@@ -76,8 +76,9 @@ def test_floors_are_judged_on_unrounded_values():
 
 
 def test_stage_names_carry_the_settings_that_make_them_differ():
-    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant")
+    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant", stop_at_flops=None)
     assert bench_prune._sparse_tag(args) == "sr0.3-e20"
+    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5})) == "sr0.3-e20-stop0.5"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"})) == "sr0.3-e20-linear"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sparse": Path("given.pt")})) == ""
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "method": "l1"})) == ""
@@ -88,3 +89,10 @@ def test_checkpoints_are_named_by_the_stage_that_made_them_not_by_their_point():
     assert bench_prune._stage(run / "control-e100" / "weights" / "best.pt") == "control-e100"
     assert bench_prune._stage(run / f"pruned-{TAG}.pt") == f"pruned-{TAG}"
     assert bench_prune._stage(Path("weights/yolov5n-synthetic-sparse.pt")) == "yolov5n-synthetic-sparse"
+
+
+def test_a_stage_that_stopped_early_counts_the_epochs_it_trained(tmp_path):
+    best = tmp_path / "sparse-sr0.3-e30-stop0.5" / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    (best.parents[1] / "results.csv").write_text("epoch,time\n1,10\n2,20\n3,30\n")
+    assert bench_prune._epochs_trained(best) == 3

@@ -18,6 +18,7 @@ from yoloslim.sparsity import (
     channel_flops_prices,
     gamma_magnitudes,
     prunable_batchnorms,
+    zeroed_flops_fraction,
 )
 from yoloslim.utils.errors import YoloslimError
 
@@ -37,7 +38,7 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
 
 
 @pytest.mark.parametrize("bad", [dict(sr=-1e-3), dict(sr=float("nan")), dict(schedule="step"), dict(final_ratio=2.0),
-                                 dict(weighting="params")])
+                                 dict(weighting="params"), dict(stop_at_flops=1.0), dict(stop_at_flops=0.5, round_to=0)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(YoloslimError):
         SparsityConfig(**bad)
@@ -95,6 +96,17 @@ def test_sparsity_drives_gamma_towards_zero(train_args, optimizer):
         g_plain = gamma_magnitudes(plain.model if attr == "model" else plain.ema.ema)
         g_sparse = gamma_magnitudes(sparse.model if attr == "model" else sparse.ema.ema)
         assert np.median(g_sparse) < np.median(g_plain) - 0.05, attr
+
+
+def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
+    args = dict(train_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
+    config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
+    stopped = train(args, config, name="stopped")
+    kept = [row["sparsity/zeroed_flops"] for row in read_results(stopped.save_dir)]
+    assert len(kept) < 6 and kept[-1] <= 0.9 and all(k > 0.9 for k in kept[:-1])
+    assert kept[-1] == pytest.approx(zeroed_flops_fraction(stopped.ema.ema, config, 64), abs=1e-4)
+    unreachable = train(args, SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1), name="unreachable")
+    assert len(read_results(unreachable.save_dir)) == 6
 
 
 def _snapshot(trainer):

@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
                         "the recipe below) instead of training one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
+    parser.add_argument("--stop-at-flops", type=float, metavar="FRACTION",
+                        help="end the sparsity stage once pruning its channels with |gamma| < 0.01 (at --round-to) keeps "
+                        "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>)")
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
                         help="kept widths are multiples of this (see yoloslim prune --round-to); 16 suits ONNX Runtime on "
@@ -134,11 +137,15 @@ def main() -> None:
     points = {"base": base}
     sparse_tag = _sparse_tag(args)
     if args.method == "bn":
-        points["sparse"] = args.sparse or _train(out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs,
-                                                 sparsity=SparsityConfig(sr=args.sr, schedule=args.sr_schedule,
-                                                                         include_head=INCLUDE_HEAD, weighting=args.sr_weighting))
+        sparsity = SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD, weighting=args.sr_weighting,
+                                  stop_at_flops=args.stop_at_flops, round_to=args.round_to)
+        points["sparse"] = args.sparse or _train(out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs, sparsity=sparsity)
     source = points.get("sparse", base)
-    tune_epochs = args.finetune_epochs + (args.sparse_epochs if args.method == "l1" else 0)
+    # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
+    # the epochs after it stopped) goes to the finetune
+    sparse_used = 0 if args.method == "l1" else args.sparse_epochs if args.sparse else _epochs_trained(points["sparse"])
+    tune_epochs = args.finetune_epochs + args.sparse_epochs - sparse_used
+    args.finetune_epochs_used = tune_epochs
     if not args.skip_finetune:
         control_epochs = args.sparse_epochs + args.finetune_epochs
         points["control"] = _train(out, f"control-e{control_epochs}", base, data, recipe, control_epochs)
@@ -201,6 +208,11 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
     return run / "best.pt"
 
 
+def _epochs_trained(best: Path) -> int:
+    """How many epochs a finished stage trained: the rows of its results.csv."""
+    return len((best.parents[1] / "results.csv").read_text().splitlines()) - 1
+
+
 def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int) -> dict:
     """The control and each finetuned model trained `epochs` more, each from its own best.pt, as a stage named after
     the one it continues."""
@@ -219,7 +231,8 @@ def _sparse_tag(args) -> str:
     empty when the sparse model is given or there is none (--method l1)."""
     if args.method == "l1" or args.sparse:
         return ""
-    return f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
+    tag = f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
+    return tag + ("" if args.stop_at_flops is None else f"-stop{args.stop_at_flops}")
 
 
 def _prune_tag(config: PruneConfig) -> str:
@@ -339,6 +352,9 @@ def _budgets(settings: dict) -> str:
     else:
         sparse = (f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
                   f"{settings.get('sr_weighting', 'uniform')} weighting)")
+        if settings.get("stop_at_flops") is not None:
+            sparse += (f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "
+                       f"(after {settings['sparse_epochs'] + settings['finetune_epochs'] - settings['finetune_epochs_used']} epochs)")
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
@@ -348,7 +364,7 @@ def _budgets(settings: dict) -> str:
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
-    epochs = settings["finetune_epochs"] + (settings["sparse_epochs"] if settings.get("method") == "l1" else 0)
+    epochs = settings.get("finetune_epochs_used", settings["finetune_epochs"] + (settings["sparse_epochs"] if settings.get("method") == "l1" else 0))
     return (sparse + f"; finetune {epochs} epochs of {how} ({teachers}); "
             f"control = unpruned, same extra epochs, same recipe{cycle}.")
 

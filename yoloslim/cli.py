@@ -56,6 +56,10 @@ def _add_train(commands) -> None:
     sub.add_argument("--weighting", default="uniform", help="uniform: every gamma pays sr (default); flops: each pays sr "
                      "times its channel's FLOPs over the mean (experimental: collapsed the shipped model at sr 0.3, see README)")
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
+    sub.add_argument("--stop-at-flops", type=float, metavar="FRACTION",
+                     help="end before --epochs once pruning the channels with |gamma| < 0.01 would keep at most this "
+                     "fraction of the GFLOPs: a prune to that size is then lossless (checked every epoch)")
+    sub.add_argument("--round-to", type=int, default=8, help="the rounding the later prune will use, for --stop-at-flops (default 8)")
     _add_ultralytics_train_args(sub)
     sub.set_defaults(run=_run_train)
 
@@ -81,7 +85,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.utils.assets import shipped_file
 
     config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head,
-                            weighting=args.weighting)
+                            weighting=args.weighting, stop_at_flops=args.stop_at_flops, round_to=args.round_to)
     weights = args.weights or str(shipped_file("weights", BASELINE))
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0

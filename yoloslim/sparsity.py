@@ -65,6 +65,12 @@ class SparsityConfig:
     final_ratio: float = 0.0  # sr at the last epoch, as a fraction of sr (linear and cosine schedules)
     include_head: bool = False  # also shrink the Detect head's BatchNorms
     weighting: Weighting = "uniform"  # "flops": each gamma's penalty scaled by its channel's FLOPs (see module doc)
+    # End the run early once removing the channels whose |gamma| is below zero_gamma (at the prune's rounding) keeps at
+    # most this fraction of the GFLOPs: from then on a prune to that size is lossless, and further epochs under the
+    # penalty only cost accuracy that the finetune must win back.
+    stop_at_flops: float | None = None
+    zero_gamma: float = 1e-2
+    round_to: int = 8  # the rounding the later prune will use (see yoloslim prune --round-to)
 
     def __post_init__(self):
         if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
@@ -75,6 +81,10 @@ class SparsityConfig:
             raise YoloslimError(f"unknown sr weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if not 0 <= self.final_ratio <= 1:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
+        if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
+            raise YoloslimError(f"--stop-at-flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1); got {self.stop_at_flops}")
+        if self.zero_gamma <= 0 or self.round_to < 1:
+            raise YoloslimError(f"zero_gamma must be > 0 and round_to >= 1, got {self.zero_gamma} and {self.round_to}")
 
     def sr_at(self, epoch: int, epochs: int) -> float:
         """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
@@ -115,6 +125,14 @@ def channel_flops_prices(model: nn.Module, include_head: bool, imgsz: int) -> li
     channels = np.array([bn.num_features for _, bn in named])
     costs = np.array([flops[name] for name, _ in named])
     return (costs * channels.sum() / np.dot(costs, channels)).tolist()
+
+
+def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) -> float:
+    """The fraction of GFLOPs kept by pruning exactly the channels whose |gamma| is below config.zero_gamma."""
+    from yoloslim.prune import PruneConfig, prune_model
+
+    result = prune_model(unwrap_model(model), PruneConfig(threshold=config.zero_gamma, round_to=config.round_to, imgsz=imgsz, compensate=False))
+    return result.after["gflops"] / result.before["gflops"]
 
 
 def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
@@ -213,10 +231,23 @@ class SparsityTrainer(SafeDetectionTrainer):
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
         gammas = gamma_magnitudes(self.ema.ema, self.sparsity.include_head)
-        super().save_metrics({**metrics, "sparsity/sr": self.sr, **gamma_summary(gammas)})
+        super().save_metrics({**metrics, "sparsity/sr": self.sr, **self._stop_check(), **gamma_summary(gammas)})
         history = record_gamma_histogram(self.save_dir / GAMMA_HISTORY, self.epoch, self.sr, gammas)
         if self.args.plots:
             plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
+
+    def _stop_check(self) -> dict:
+        """With stop_at_flops: measure what the zeroed channels are worth and, once enough, end the run after this
+        epoch (Ultralytics saves it first); the figure goes into results.csv."""
+        target = self.sparsity.stop_at_flops
+        if target is None:
+            return {}
+        kept = zeroed_flops_fraction(self.ema.ema, self.sparsity, self.args.imgsz)
+        if kept <= target:
+            LOGGER.info(f"Sparsity: pruning the channels below |gamma| {self.sparsity.zero_gamma} keeps {kept:.3f} of the GFLOPs "
+                        f"(target {target}); ending the run after epoch {self.epoch + 1}.")
+            self.stop = True
+        return {"sparsity/zeroed_flops": kept}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
