@@ -207,12 +207,13 @@ def test_resume_continues_schedule_with_checkpoint_settings(train_args):
     from ultralytics import YOLO
 
     config = SparsityConfig(sr=0.2, schedule="linear", final_ratio=0.25)
-    first = SparsityTrainer(overrides=dict(train_args, epochs=3, plots=True), sparsity=config)
+    first = SparsityTrainer(overrides=dict(train_args, epochs=3, plots=True, save_period=1), sparsity=config)
     first.add_callback("on_model_save", _interrupt_after_epoch(0))
     with pytest.raises(Interrupt):
         first.train()
     last = first.last
-    assert torch.load(last, weights_only=False)[CHECKPOINT_KEY]["sparsity"]["schedule"] == "linear"
+    for snapshot in (last, last.with_name("epoch0.pt")):  # a save_period snapshot resumes with the settings too
+        assert torch.load(snapshot, weights_only=False)[CHECKPOINT_KEY]["sparsity"]["schedule"] == "linear"
 
     model = YOLO(str(last))
     model.train(resume=True, trainer=SparsityTrainer)  # no settings given: they come from the checkpoint

@@ -3,13 +3,14 @@ that does not log an epoch twice, and a place in the checkpoint for yoloslim's o
 
 Ultralytics writes last.pt and best.pt in place (in save_model, and again when final_eval strips the optimizer), so a
 kill during a write leaves a truncated file that `resume` cannot read. Here each write goes to a staging file that is
-renamed into place. yoloslim's settings live under the checkpoint's top-level key "yoloslim", which Ultralytics'
+renamed into place, and a `save_period` snapshot (epochN.pt) is replaced by a copy of the finished last.pt. yoloslim's settings live under the checkpoint's top-level key "yoloslim", which Ultralytics'
 final strip keeps (it drops unknown train arguments, so they cannot live there).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from copy import deepcopy
 from pathlib import Path
 from unittest import mock
@@ -22,7 +23,7 @@ from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import strip_optimizer
 
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.files import write_text_atomic
+from yoloslim.utils.files import atomic_path, write_text_atomic
 
 CHECKPOINT_KEY = "yoloslim"
 
@@ -97,6 +98,11 @@ class SafeDetectionTrainer(DetectionTrainer):
             if stage.exists():
                 self._embed_extras(stage)
                 os.replace(stage, target)
+        periodic = self.wdir / f"epoch{self.epoch}.pt"
+        if self.save_period > 0 and self.epoch % self.save_period == 0 and periodic.exists():
+            # Ultralytics wrote this snapshot of last.pt in place and without yoloslim's settings; replace it whole
+            with atomic_path(periodic) as tmp:
+                shutil.copyfile(self.last, tmp)
         return saved
 
     def _embed_extras(self, path: Path) -> None:
