@@ -143,9 +143,8 @@ def main() -> None:
     source = points.get("sparse", base)
     # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
     # the epochs after it stopped) goes to the finetune
-    sparse_used = 0 if args.method == "l1" else args.sparse_epochs if args.sparse else _epochs_trained(points["sparse"])
-    tune_epochs = args.finetune_epochs + args.sparse_epochs - sparse_used
-    args.finetune_epochs_used = tune_epochs
+    args.sparse_epochs_used = 0 if args.method == "l1" else args.sparse_epochs if args.sparse else _epochs_trained(points["sparse"])
+    tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
     if not args.skip_finetune:
         control_epochs = args.sparse_epochs + args.finetune_epochs
         points["control"] = _train(out, f"control-e{control_epochs}", base, data, recipe, control_epochs)
@@ -354,7 +353,7 @@ def _budgets(settings: dict) -> str:
                   f"{settings.get('sr_weighting', 'uniform')} weighting)")
         if settings.get("stop_at_flops") is not None:
             sparse += (f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "
-                       f"(after {settings['sparse_epochs'] + settings['finetune_epochs'] - settings['finetune_epochs_used']} epochs)")
+                       f"(after {settings['sparse_epochs_used']} epochs)")
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
@@ -364,8 +363,7 @@ def _budgets(settings: dict) -> str:
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
-    epochs = settings.get("finetune_epochs_used", settings["finetune_epochs"] + (settings["sparse_epochs"] if settings.get("method") == "l1" else 0))
-    return (sparse + f"; finetune {epochs} epochs of {how} ({teachers}); "
+    return (sparse + f"; finetune {settings['finetune_epochs_used']} epochs of {how} ({teachers}); "
             f"control = unpruned, same extra epochs, same recipe{cycle}.")
 
 

@@ -182,12 +182,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         r = summarise(records, names, bootstrap=args.bootstrap)
         ci = {k: f" ({lo:.3f}-{hi:.3f})" for k, (lo, hi) in r.ci95.items()}
         change = ""
-        if compare and first is not None:
+        if compare and first is None:
+            first, change = records, " |"
+        elif compare:
             delta, low, high = paired_bootstrap_delta(first, records, num_classes=max(len(names), 1), samples=args.bootstrap)["map"]
             change = f" {100 * delta:+.1f} pt ({100 * low:+.1f} to {100 * high:+.1f}) |"
-        elif compare:
-            change = " |"
-        first = records if first is None else first
         print(f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
               f"{r.recall:.3f} | {r.images} | {r.instances} |{change}")
     return 0

@@ -72,9 +72,10 @@ class Pipeline:
         self.run.mkdir(parents=True, exist_ok=True)
         self.state_file = self.run / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {"config": asdict(config), "stages": {}}
-        changed = {k: (v, asdict(config)[k]) for k, v in self.state["config"].items() if asdict(config).get(k) != v}
+        current = asdict(config)
+        changed = [f"{k} {v} -> {current.get(k)}" for k, v in self.state["config"].items() if current.get(k) != v]
         if changed:
-            settings = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            settings = ", ".join(changed)
             raise YoloslimError(f"{self.run} holds a slim run with other settings ({settings}); repeat its settings to resume it, or give --name for a new run")
         self.epochs_finetune = config.epochs_finetune or (5 if self.embedded else 20)
 

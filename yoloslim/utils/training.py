@@ -3,8 +3,9 @@ that does not log an epoch twice, and a place in the checkpoint for yoloslim's o
 
 Ultralytics writes last.pt and best.pt in place (in save_model, and again when final_eval strips the optimizer), so a
 kill during a write leaves a truncated file that `resume` cannot read. Here each write goes to a staging file that is
-renamed into place, and a `save_period` snapshot (epochN.pt) is replaced by a copy of the finished last.pt. yoloslim's settings live under the checkpoint's top-level key "yoloslim", which Ultralytics'
-final strip keeps (it drops unknown train arguments, so they cannot live there).
+renamed into place, and a `save_period` snapshot (epochN.pt) is replaced by a copy of the finished last.pt. yoloslim's
+settings live under the checkpoint's top-level key "yoloslim", which Ultralytics' final strip keeps (it drops unknown
+train arguments, so they cannot live there).
 """
 
 from __future__ import annotations
