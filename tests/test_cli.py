@@ -120,3 +120,25 @@ def test_eval_compares_every_model_with_the_first_on_the_same_images(tmp_path):
     header, _, first, second = result.stdout.strip().splitlines()
     assert header.endswith("mAP50-95 change vs first, paired 95% CI |")
     assert first.endswith("| |") and second.endswith("| +0.0 pt (+0.0 to +0.0) |")
+
+
+@pytest.mark.parametrize("pair, option", [("data=other.yaml", "--data"), ("pretrained=base.pt", "--weights"),
+                                          ("epochs=3", "--epochs")])
+def test_arguments_with_their_own_option_are_refused_as_key_value(detection_pt, pair, option):
+    assert_one_line_error(*run_cli("finetune", "--weights", detection_pt, pair), "set by yoloslim", option)
+
+
+def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(tmp_path):
+    assert_one_line_error(*run_cli("finetune", "--weights", str(tmp_path / "last.pt"), "--resume"), "does not exist")
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    assert_one_line_error(*run_cli("train", "--weights", str(tmp_path / "torn.pt"), "--resume"), "not a readable checkpoint")
+
+
+def test_resume_refuses_a_new_teacher(detection_pt):
+    assert_one_line_error(*run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop --teacher")
+
+
+def test_prune_output_in_an_unwritable_place_is_a_one_line_error(detection_pt, tmp_path):
+    (tmp_path / "file").write_text("")
+    err = run_cli("prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", str(tmp_path / "file" / "p.pt"))
+    assert_one_line_error(*err, "cannot write", "writable folder")

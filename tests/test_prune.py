@@ -1,6 +1,8 @@
 import os
+import re
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +144,10 @@ def test_threshold_and_target_flops():
     assert by_threshold.threshold == 0.5 and 0.3 < by_threshold.removed_fraction < 0.7
     target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
     assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
-    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable"):
+    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable") as refused:
         prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+    nearest = float(re.search(r"keeps ([0-9.]+) of the GFLOPs", str(refused.value)).group(1))
+    assert prune_model(model, PruneConfig(target_flops=nearest, min_keep=0.5, imgsz=64)).after["gflops"] > 0
 
 
 @pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor"),
@@ -153,11 +157,33 @@ def test_bad_settings_are_refused(bad):
         PruneConfig(**bad)
 
 
-def test_later_families_are_refused():
+@pytest.mark.parametrize("cfg, named", [("yolov8n.yaml", "C2f"), ("yolov8-ghost.yaml", "GhostConv"),
+                                        ("yolov6n.yaml", "ConvTranspose2d")])
+def test_other_families_are_refused(cfg, named):
     from ultralytics.nn.tasks import DetectionModel
 
-    with pytest.raises(YoloslimError, match="YOLOv8/YOLO11"):
-        build_graph(DetectionModel("yolov8n.yaml", nc=2, verbose=False))
+    with pytest.raises(YoloslimError, match=f"{named}.*YOLOv5 family"):
+        build_graph(DetectionModel(cfg, nc=2, verbose=False))
+
+
+def test_end_to_end_heads_are_refused():
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    model.model[-1].one2one_cv2 = deepcopy(model.model[-1].cv2)  # what Detect(end2end=True) builds
+    with pytest.raises(YoloslimError, match="end-to-end"):
+        build_graph(model)
+
+
+def test_tracing_leaves_the_model_unchanged():
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False).eval()
+    before = deepcopy(model.state_dict())
+    build_graph(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m.training for m in model.modules())
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------------------------
@@ -228,6 +254,23 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
     with torch.no_grad():
         want = decoded(torch_model, torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_a_repeated_prune_keeps_the_history(trained_pt, tmp_path):
+    once = prune(trained_pt, PruneConfig(ratio=0.3, imgsz=64), out=tmp_path / "once.pt").out
+    twice = prune(once, PruneConfig(ratio=0.2, imgsz=64), out=tmp_path / "twice.pt").out
+    meta = torch.load(twice, weights_only=False)["yoloslim"]
+    assert meta["prune"]["settings"]["ratio"] == 0.2 and meta["prune"]["source"] == str(once)
+    assert [p["settings"]["ratio"] for p in meta["earlier_prunes"]] == [0.3]
+
+
+def test_pruning_the_shipped_weights_writes_under_runs(monkeypatch, tmp_path):
+    from yoloslim.prune import default_output
+    from yoloslim.utils.assets import SPARSE_BASELINE, shipped_file
+
+    monkeypatch.chdir(tmp_path)
+    assert default_output(shipped_file("weights", SPARSE_BASELINE)) == Path("runs/prune/yolov5n-synthetic-sparse-pruned.pt")
+    assert default_output(tmp_path / "best.pt") == tmp_path / "best-pruned.pt"
 
 
 def test_ratio_holds_when_scores_tie():

@@ -109,7 +109,8 @@ def _add_prune(commands) -> None:
                      "32 INT8 on Orin, 16 ONNX Runtime on AVX-512 CPUs, 1 off)")
     sub.add_argument("--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers")
     sub.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figures (default 640)")
-    sub.add_argument("--out", help="output checkpoint (default: <weights>-pruned.pt beside the input, never overwriting)")
+    sub.add_argument("--out", help="output checkpoint (default: <weights>-pruned.pt beside the input, or under "
+                     "runs/prune/ for the shipped weights; never overwriting)")
     sub.add_argument("--dry-run", action="store_true", help="print the plan (widths, GFLOPs, params) and write nothing")
     sub.set_defaults(run=_run_prune)
 
@@ -127,7 +128,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     result = prune(weights, config, out=args.out, dry_run=args.dry_run)
     print(plan_table(result))
     if result.out:
-        print(f"\nwrote {result.out} and its report {result.out.with_suffix('')}-report.md")
+        print(f"\nwrote {result.out} and its report {result.report}")
     return 0
 
 
@@ -346,8 +347,18 @@ def _run_slim(args: argparse.Namespace) -> int:
     return 0
 
 
+# Ultralytics arguments that yoloslim sets itself: each with the option to use instead. `model` and `pretrained`
+# would swap the checkpoint being trained for another (the unpruned one, say) without a word.
+_OWN_OPTION = {
+    "data": "--data", "resume": "--resume", "epochs": "--epochs", "imgsz": "--imgsz", "batch": "--batch",
+    "device": "--device", "project": "--project", "name": "--name", "model": "--weights", "pretrained": "--weights",
+    "distill_model": "yoloslim finetune --teacher",
+}
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict:
-    """Turn `key=value` words into Ultralytics arguments, refusing keys Ultralytics does not know."""
+    """Turn `key=value` words into Ultralytics arguments, refusing keys Ultralytics does not know and keys that
+    yoloslim's own options set."""
     import yaml
     from ultralytics.utils import DEFAULT_CFG_KEYS
 
@@ -356,6 +367,8 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise YoloslimError(f"argument {pair!r} is not key=value; write it like lr0=0.002")
+        if key in _OWN_OPTION:
+            raise YoloslimError(f"{key}= is set by yoloslim; use {_OWN_OPTION[key]} instead")
         if key not in DEFAULT_CFG_KEYS:
             raise YoloslimError(f"{key!r} is not an Ultralytics train argument; run 'yolo cfg' to list them")
         parsed[key] = yaml.safe_load(value)

@@ -37,8 +37,9 @@ def finetune(weights: str | Path, data: str | Path | None = None, teacher: str |
     from yoloslim.utils.checks import load_detection_checkpoint
 
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
-        check_resumable(weights)
-        return YOLO(str(weights)).train(resume=True, trainer=FinetuneTrainer, **train_args)
+        check_resumable(weights, **{"--teacher": teacher})
+        moved = {"data": str(resolve_data(data))} if data else {}  # Ultralytics takes a new dataset path on resume
+        return YOLO(str(weights)).train(resume=True, trainer=FinetuneTrainer, **moved, **train_args)
     load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)

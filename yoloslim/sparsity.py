@@ -292,7 +292,8 @@ def train_sparse(weights: str, config: SparsityConfig | None = None, data: str |
     trainer = SparsityTrainer.with_config(config or SparsityConfig())
     if resume:
         check_resumable(weights)
-        return YOLO(weights).train(resume=True, trainer=trainer, **train_args)
+        moved = {"data": str(resolve_data(data))} if data else {}  # Ultralytics takes a new dataset path on resume
+        return YOLO(weights).train(resume=True, trainer=trainer, **moved, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
     return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)

@@ -28,6 +28,7 @@ from yoloslim.prune.plan import (
     plan_from_counts,
     removed_fraction,
 )
+from yoloslim.utils.assets import is_shipped
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, output_path
 
@@ -46,7 +47,8 @@ class PruneResult:
     after: dict
     widths: dict  # conv name -> [channels before, after]
     scores: list = field(repr=False, default_factory=list)  # per-group channel scores (for the histogram)
-    out: Path | None = None
+    out: Path | None = None  # the checkpoint written, and its report (None for a dry run)
+    report: Path | None = None
 
     def metadata(self, source: Path) -> dict:
         """Plain-typed prune metadata stored in the checkpoint (readable with ULTRALYTICS_SAFE_LOAD=1)."""
@@ -93,8 +95,11 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
     if config.effective_ratio is not None:
         threshold, above = cut_score(scores, config.effective_ratio), counts_above_ratio(scores, config.effective_ratio)
     else:
-        gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
-        threshold = config.threshold if config.threshold is not None else _threshold_for_flops(model, roots, scores, config, gflops)
+        if config.threshold is not None:
+            threshold = config.threshold
+        else:
+            gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
+            threshold = _threshold_for_flops(model, roots, scores, config, gflops)
         above = counts_above_threshold(scores, threshold)
     return Planned(graph, groups, scores, threshold, plan_from_counts(roots, scores, above, config))
 
@@ -122,6 +127,8 @@ def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
 def _gflops_with(model, roots, scores, threshold, config) -> float:
     trial = deepcopy(model)
     graph, groups = build_graph(trial)
+    if [g.root for g in groups] != roots:  # the plans are matched to the groups by position
+        raise RuntimeError("the dependency graph of a copy traced its channel groups in another order")
     plans = plan_from_counts(roots, scores, counts_above_threshold(scores, threshold), config)
     apply_plan(trial, graph, groups, plans, compensate=False)
     return model_stats(trial, config.imgsz)["gflops"]
@@ -129,13 +136,17 @@ def _gflops_with(model, roots, scores, threshold, config) -> float:
 
 def _threshold_for_flops(model, roots, scores, config, gflops: float) -> float:
     """Smallest global threshold whose pruned model fits the GFLOPs budget (bisection over the sorted scores)."""
+    if gflops <= 0:
+        raise YoloslimError(f"Ultralytics could not count this model's GFLOPs at --imgsz {config.imgsz}, so --target-flops "
+                            "has nothing to aim at; use --ratio or --threshold, or check that ultralytics-thop is installed")
     budget = config.target_flops * gflops
     candidates = torch.unique(torch.cat(scores)).tolist() + [math.inf]
     lowest = _gflops_with(model, roots, scores, math.inf, config)
     if lowest > budget:
         raise YoloslimError(
             f"--target-flops cannot be reached with --min-keep {config.min_keep} and --round-to {config.round_to}: the "
-            f"smallest reachable model keeps {lowest / gflops:.3f} of the GFLOPs; ask for that or lower the guards"
+            f"smallest reachable model keeps {math.ceil(lowest / gflops * 1000) / 1000:.3f} of the GFLOPs; ask for that "
+            "or lower the guards"
         )
     lo, hi = 0, len(candidates) - 1  # invariant: candidates[hi] fits the budget
     while lo < hi:
@@ -156,9 +167,11 @@ def file_sha256(path: Path) -> str:
 
 
 def default_output(weights: Path) -> Path:
+    """`<weights>-pruned.pt` beside the input, or under runs/prune/ for the shipped weights; never an existing file."""
     from ultralytics.utils.files import increment_path
 
-    return Path(increment_path(weights.with_name(f"{weights.stem}-pruned.pt"), sep=""))
+    folder = Path("runs") / "prune" if is_shipped(weights) else weights.parent
+    return Path(increment_path(folder / f"{weights.stem}-pruned.pt", sep=""))
 
 
 def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Path | None = None, dry_run: bool = False) -> PruneResult:
@@ -169,15 +182,16 @@ def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Pat
     config = config or PruneConfig()
     weights = Path(weights)
     model, ckpt = load_detection_checkpoint(weights)
+    if not dry_run:
+        out = output_path(out, default_output(weights), weights)
+        if out.suffix != ".pt":  # Ultralytics loads checkpoints by their suffix
+            raise YoloslimError(f"--out {out} must end in .pt so that YOLO() and yoloslim finetune can load it")
     result = prune_model(model, config)
     if dry_run:
         return result
-    out = output_path(out, default_output(weights), weights)
-    if out.suffix != ".pt":  # Ultralytics loads checkpoints by their suffix
-        raise YoloslimError(f"--out {out} must end in .pt so that YOLO() and yoloslim finetune can load it")
     save_pruned_checkpoint(result, ckpt, weights, out)
     result.out = out
-    write_prune_report(result, out.with_suffix(""))
+    result.report = write_prune_report(result)
     return result
 
 
@@ -189,7 +203,9 @@ def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: P
         p.requires_grad_(False)
     model.args = dict(getattr(model, "args", {}) or {})
     carried = {k: ckpt.get(k) for k in ("train_args", "license", "docs") if k in ckpt}
-    previous = ckpt.get("yoloslim") or {}
+    previous = dict(ckpt.get("yoloslim") or {})
+    if "prune" in previous:  # pruning a pruned model: keep the history, latest under "prune"
+        previous["earlier_prunes"] = [*previous.get("earlier_prunes", []), previous.pop("prune")]
     payload = {
         **carried,
         "date": datetime.now().astimezone().isoformat(),

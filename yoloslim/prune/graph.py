@@ -19,8 +19,12 @@ from torch import nn
 
 from yoloslim.utils.errors import YoloslimError
 
-# Blocks of later Ultralytics families whose split/attention ops this pruner has not been validated on.
-_UNSUPPORTED_BLOCKS = {"C2f", "C3k2", "C2PSA", "A2C2f", "C2fAttn", "RepNCSPELAN4", "SCDown", "PSA", "C2fCIB"}
+# The modules of Ultralytics' YOLOv5 family (yolov5*.yaml, P6 included), the ones whose coupling the tests check.
+# Anything else (C2f and C3k2 splits, attention, ghost and depthwise convs, transposed convs) is refused.
+_SUPPORTED_MODULES = {
+    "DetectionModel", "Sequential", "ModuleList", "Identity", "Conv", "Conv2d", "BatchNorm2d", "C3", "Bottleneck",
+    "SPPF", "MaxPool2d", "Upsample", "Concat", "Detect", "DFL",
+}
 
 
 @dataclass
@@ -37,15 +41,21 @@ class ChannelGroup:
 
 def check_supported(model: nn.Module) -> None:
     """Refuse model families whose coupling has not been validated: better a clear no than a broken checkpoint."""
-    blocks = {type(m).__name__ for m in model.modules()}
-    unsupported = sorted(blocks & _UNSUPPORTED_BLOCKS)
-    head = model.model[-1]
-    if unsupported or getattr(head, "end2end", False):
-        found = ", ".join(unsupported) or "an end-to-end (NMS-free) head"
+    unsupported = {type(m).__name__ for m in model.modules()
+                   if type(m).__name__ not in _SUPPORTED_MODULES and not _is_activation(m)}
+    unsupported |= {"grouped convolutions" for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    if getattr(model.model[-1], "one2one_cv2", None) is not None:
+        unsupported.add("an end-to-end (NMS-free) head")
+    if unsupported:
+        found = ", ".join(sorted(unsupported))
         raise YoloslimError(
-            f"this model has {found}: a YOLOv8/YOLO11-or-later architecture that yoloslim prune does not support yet; "
-            "pass a YOLOv5 model (Ultralytics yolov5*.yaml)"
+            f"this model has {found}, which yoloslim prune does not support yet (YOLOv8, YOLO11 and later families are "
+            "among them); pass a model of Ultralytics' YOLOv5 family (yolov5*.yaml)"
         )
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == nn.modules.activation.__name__
 
 
 def fixed_head_layers(model: nn.Module) -> list[nn.Module]:
@@ -58,11 +68,14 @@ def fixed_head_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _raw_head_forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    model.model[-1].train()  # raw per-level maps; torch-pruning has put everything else in eval mode
+    # Detect returns its raw per-level maps when its own flag says training; its BatchNorms stay in eval mode, so
+    # tracing leaves their running statistics alone.
+    head = model.model[-1]
+    head.training = True
     try:
         out = model(images)
     finally:
-        model.model[-1].eval()
+        head.training = False
     parts = out.values() if isinstance(out, dict) else out
     return sum(t.float().sum() for t in parts if isinstance(t, torch.Tensor))
 
@@ -83,32 +96,28 @@ def build_graph(model: nn.Module, imgsz: int = 64) -> tuple[tp.DependencyGraph, 
     return graph, groups
 
 
-def is_out_channel_item(graph: tp.DependencyGraph, item) -> bool:
-    return graph.is_out_channel_pruning_fn(item.dep.handler)
+def _group_layers(graph: tp.DependencyGraph, group: ChannelGroup, kind: type, outputs: bool):
+    """(layer, its channel indices, the matching group channel indices) for each `kind` layer whose output
+    (or, with outputs=False, input) channels the group holds."""
+    on_side = graph.is_out_channel_pruning_fn if outputs else graph.is_in_channel_pruning_fn
+    for item in group.items():
+        module = item.dep.target.module
+        if isinstance(module, kind) and on_side(item.dep.handler):
+            yield module, list(item.idxs), list(item.root_idxs)
 
 
 def group_batchnorms(graph: tp.DependencyGraph, group: ChannelGroup):
-    """(BatchNorm, its channel indices, the matching group channel indices) for each BN in the group."""
-    for item in group.items():
-        module = item.dep.target.module
-        if isinstance(module, nn.BatchNorm2d) and is_out_channel_item(graph, item):
-            yield module, list(item.idxs), list(item.root_idxs)
+    return _group_layers(graph, group, nn.BatchNorm2d, outputs=True)
 
 
 def group_out_convs(graph: tp.DependencyGraph, group: ChannelGroup):
-    """(Conv2d, its output channel indices, the matching group channel indices) for each producing conv."""
-    for item in group.items():
-        module = item.dep.target.module
-        if isinstance(module, nn.Conv2d) and is_out_channel_item(graph, item):
-            yield module, list(item.idxs), list(item.root_idxs)
+    """The convolutions producing the group's channels."""
+    return _group_layers(graph, group, nn.Conv2d, outputs=True)
 
 
 def group_in_convs(graph: tp.DependencyGraph, group: ChannelGroup):
-    """(Conv2d, its input channel indices, the matching group channel indices) for each consuming conv."""
-    for item in group.items():
-        module = item.dep.target.module
-        if isinstance(module, nn.Conv2d) and graph.is_in_channel_pruning_fn(item.dep.handler):
-            yield module, list(item.idxs), list(item.root_idxs)
+    """The convolutions consuming the group's channels."""
+    return _group_layers(graph, group, nn.Conv2d, outputs=False)
 
 
 def channel_flops(model: nn.Module, imgsz: int) -> dict[str, float]:

@@ -26,15 +26,15 @@ def plan_table(result) -> str:
     return "\n".join([head, "", *summary, "", *rows])
 
 
-def write_prune_report(result, stem: Path) -> None:
-    """Write <stem>-report.md and <stem>-report.png beside the pruned checkpoint."""
-    png = stem.with_name(stem.name + "-report.png")
-    md = stem.with_name(stem.name + "-report.md")
+def write_prune_report(result) -> Path:
+    """Write <checkpoint>-report.md and -report.png beside the pruned checkpoint `result.out`; return the .md."""
+    png = result.out.with_name(f"{result.out.stem}-report.png")
+    md = png.with_suffix(".md")
     _plot(result, png)
-    size = f"{result.out.stat().st_size / 1e6:.2f} MB" if result.out else "n/a"
-    text = [f"# Prune report: {result.out.name if result.out else stem.name}", "", f"Checkpoint size: {size}", "",
+    text = [f"# Prune report: {result.out.name}", "", f"Checkpoint size: {result.out.stat().st_size / 1e6:.2f} MB", "",
             plan_table(result), "", f"![scores and widths]({png.name})", ""]
     write_text_atomic(md, "\n".join(text))
+    return md
 
 
 def _plot(result, path: Path) -> None:

@@ -16,17 +16,28 @@ BASELINE = "yolov5n-synthetic.pt"
 SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 
-def shipped_file(folder: str, name: str) -> Path:
-    """Return the path of a shipped file, e.g. shipped_file("weights", "yolov5n-synthetic.pt")."""
-    candidates = [_CHECKOUT_ROOT / folder / name]
+def _shipped_folders(folder: str) -> list[Path]:
+    """Where a shipped folder may live: the installed package first, then the checkout."""
+    folders = [_CHECKOUT_ROOT / folder]
     try:
-        candidates.insert(0, Path(str(resources.files(_PACKAGE_OF_FOLDER[folder]) / name)))
+        folders.insert(0, Path(str(resources.files(_PACKAGE_OF_FOLDER[folder]))))
     except ModuleNotFoundError:  # running from a checkout that was never installed
         pass
-    for path in candidates:
+    return folders
+
+
+def shipped_file(folder: str, name: str) -> Path:
+    """Return the path of a shipped file, e.g. shipped_file("weights", "yolov5n-synthetic.pt")."""
+    for path in (f / name for f in _shipped_folders(folder)):
         if path.is_file():
             return path
     raise YoloslimError(f"the shipped file {folder}/{name} is missing from this install; reinstall yoloslim, or pass --weights")
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether `path` is one of the shipped weights: outputs made from it belong under runs/, not in the install."""
+    parent = Path(path).resolve().parent
+    return any(parent == f.resolve() for f in _shipped_folders("weights"))
 
 
 def cache_dir() -> Path:

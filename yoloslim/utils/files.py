@@ -25,8 +25,11 @@ def output_path(out: str | Path | None, default: Path, source: str | Path) -> Pa
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block finishes."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise YoloslimError(f"cannot write {target} ({e.strerror}); choose an output path in a writable folder") from None
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -20,9 +20,11 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> None:
     """Save atomically (a reader never sees a half-written PNG) and close."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
-    pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        pyplot().close(fig)
 
 
 def plot_gamma_history(history: dict, path: Path) -> None:

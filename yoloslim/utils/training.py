@@ -11,6 +11,7 @@ train arguments, so they cannot live there).
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from copy import deepcopy
 from pathlib import Path
@@ -48,9 +49,20 @@ def resume_point(last: Path, weights) -> tuple[Path, bool] | None:
     return None if run_finished(last) else (last, True)
 
 
-def check_resumable(last: str | Path) -> None:
-    """Refuse to resume a finished run: Ultralytics would warn and start a new run on its default dataset (coco8)."""
-    if run_finished(last):
+def check_resumable(last: str | Path, **ignored) -> None:
+    """Refuse to resume what cannot be resumed as asked: a missing or unreadable file, a finished run (Ultralytics
+    would warn and start a new run on its default dataset, coco8), or settings that a run keeps from its start
+    (`ignored`: option name -> the value given, None when not given)."""
+    given = [name for name, value in ignored.items() if value is not None]
+    if given:
+        raise YoloslimError(f"--resume continues a run with the settings it started with; drop {' and '.join(given)}")
+    if not Path(last).is_file():
+        raise YoloslimError(f"{last} does not exist; --resume takes the last.pt of the run to continue (its weights/last.pt)")
+    try:
+        finished = run_finished(last)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise YoloslimError(f"{last} is not a readable checkpoint ({str(e).splitlines()[0]}); pass the run's weights/last.pt") from None
+    if finished:
         raise YoloslimError(f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume")
 
 
