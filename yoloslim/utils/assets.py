@@ -16,19 +16,15 @@ BASELINE = "yolov5n-synthetic.pt"
 SPARSE_BASELINE = "yolov5n-synthetic-sparse.pt"
 
 
-def _shipped_folders(folder: str) -> list[Path]:
-    """Where a shipped folder may live: the installed package first, then the checkout."""
-    folders = [_CHECKOUT_ROOT / folder]
-    try:
-        folders.insert(0, Path(str(resources.files(_PACKAGE_OF_FOLDER[folder]))))
-    except ModuleNotFoundError:  # running from a checkout that was never installed
-        pass
-    return folders
-
-
 def shipped_file(folder: str, name: str) -> Path:
     """Return the path of a shipped file, e.g. shipped_file("weights", "yolov5n-synthetic.pt")."""
-    for path in (f / name for f in _shipped_folders(folder)):
+    candidates = [_CHECKOUT_ROOT / folder / name]
+    try:
+        # joined before str(): a namespace package's files() is a MultiplexedPath, whose str() is not a path
+        candidates.insert(0, Path(str(resources.files(_PACKAGE_OF_FOLDER[folder]) / name)))
+    except ModuleNotFoundError:  # running from a checkout that was never installed
+        pass
+    for path in candidates:
         if path.is_file():
             return path
     raise YoloslimError(f"the shipped file {folder}/{name} is missing from this install; reinstall yoloslim, or pass --weights")
@@ -36,8 +32,10 @@ def shipped_file(folder: str, name: str) -> Path:
 
 def is_shipped(path: str | Path) -> bool:
     """Whether `path` is one of the shipped weights: outputs made from it belong under runs/, not in the install."""
-    parent = Path(path).resolve().parent
-    return any(parent == f.resolve() for f in _shipped_folders("weights"))
+    try:
+        return Path(path).resolve() == shipped_file("weights", Path(path).name).resolve()
+    except YoloslimError:
+        return False
 
 
 def cache_dir() -> Path:
