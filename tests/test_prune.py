@@ -148,6 +148,8 @@ def test_threshold_and_target_flops():
         prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
     nearest = float(re.search(r"keeps ([0-9.]+) of the GFLOPs", str(refused.value)).group(1))
     assert prune_model(model, PruneConfig(target_flops=nearest, min_keep=0.5, imgsz=64)).after["gflops"] > 0
+    with pytest.raises(YoloslimError, match="cannot be reached"):  # and it is the nearest: a step below is not reachable
+        prune_model(model, PruneConfig(target_flops=nearest - 0.001, min_keep=0.5, imgsz=64))
 
 
 @pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor"),

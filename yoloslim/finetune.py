@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.training import SafeDetectionTrainer, check_resumable, trainable_copy
+from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
 
 class FinetuneTrainer(SafeDetectionTrainer):
@@ -37,9 +37,7 @@ def finetune(weights: str | Path, data: str | Path | None = None, teacher: str |
     from yoloslim.utils.checks import load_detection_checkpoint
 
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
-        check_resumable(weights, **{"--teacher": teacher})
-        moved = {"data": str(resolve_data(data))} if data else {}  # Ultralytics takes a new dataset path on resume
-        return YOLO(str(weights)).train(resume=True, trainer=FinetuneTrainer, **moved, **train_args)
+        return resume_run(weights, FinetuneTrainer, data, refused={"--teacher": teacher}, **train_args)
     load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)

@@ -44,7 +44,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
-from yoloslim.utils.training import SafeDetectionTrainer, check_resumable, trainable_copy
+from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
@@ -291,9 +291,7 @@ def train_sparse(weights: str, config: SparsityConfig | None = None, data: str |
 
     trainer = SparsityTrainer.with_config(config or SparsityConfig())
     if resume:
-        check_resumable(weights)
-        moved = {"data": str(resolve_data(data))} if data else {}  # Ultralytics takes a new dataset path on resume
-        return YOLO(weights).train(resume=True, trainer=trainer, **moved, **train_args)
+        return resume_run(weights, trainer, data, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
     return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)

@@ -66,6 +66,18 @@ def check_resumable(last: str | Path, **ignored) -> None:
         raise YoloslimError(f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume")
 
 
+def resume_run(last: str | Path, trainer, data: str | Path | None = None, refused: dict | None = None, **train_args):
+    """Continue the run that ended in `last` with `trainer`, after check_resumable (`refused`: its `ignored`). A new
+    `data` passes through: Ultralytics takes a moved dataset's path on resume."""
+    from ultralytics import YOLO
+
+    from yoloslim.data import resolve_data
+
+    check_resumable(last, **(refused or {}))
+    moved = {"data": str(resolve_data(data))} if data else {}
+    return YOLO(str(last)).train(resume=True, trainer=trainer, **moved, **train_args)
+
+
 def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original widths
     and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
