@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from conftest import SHARED
-from yoloslim.bench import bench, bench_table, compare_latency
+from yoloslim.bench import Latency, bench, bench_table, compare_latency, speedup_interval
 
 USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
 IMAGE = next((SHARED / "data" / "license_plate" / "images" / "val").glob("*.jpg"), None)
@@ -16,6 +17,21 @@ def test_variants_are_interleaved_in_rotating_order():
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     assert "".join(calls[3:]) == "aabbcc" + "bbccaa" + "ccaabb"
     assert all(t.runs == 6 and t.p50_ms <= t.p99_ms for t in timed.values())
+    assert all(len(t.rounds_ms) == 3 and "rounds_ms" not in t.as_dict() for t in timed.values())
+
+
+def test_speedup_interval_resamples_rounds_paired():
+    rng = np.random.default_rng(1)
+    drift = rng.uniform(1.0, 3.0, size=(40, 1))  # the machine's speed wanders from round to round, hitting both alike
+    base = Latency.from_rounds(drift * 0.020 * rng.uniform(0.98, 1.02, size=(40, 5)))
+    pruned = Latency.from_rounds(drift * 0.010 * rng.uniform(0.98, 1.02, size=(40, 5)))
+    low, high = speedup_interval(base, pruned)
+    assert low < base.p50_ms / pruned.p50_ms < high and 1.9 < low and high < 2.1  # paired: the drift cancels
+    shuffled = Latency.from_rounds(rng.permutation(np.asarray(pruned.rounds_ms) / 1e3))  # same calls, rounds unpaired
+    unpaired_low, unpaired_high = speedup_interval(base, shuffled)
+    assert unpaired_high - unpaired_low > 3 * (high - low)
+    with pytest.raises(ValueError, match="same compare_latency run"):
+        speedup_interval(base, Latency.from_rounds(np.full((3, 5), 0.01)))
 
 
 @pytest.mark.skipif(IMAGE is None, reason="../shared is not beside the project")

@@ -46,9 +46,10 @@ def test_prune_names_carry_every_setting_that_changes_the_prune():
 
 def test_distilled_points_of_any_teacher_and_weight_are_judged_but_not_those_of_another_prune():
     rows = {name: _row(0.70) for name in ["control", "control-plus30", f"distilled-{TAG}-control-dis0.5",
-                                          f"distilled-{TAG}-dis0.5-plus30", f"finetuned-{TAG}", "finetuned-0.8-r16"]}
+                                          f"distilled-{TAG}-dis0.5-plus30", f"distilled-{TAG}-dis1e-05", f"finetuned-{TAG}",
+                                          "finetuned-0.8-r16"]}
     assert [name for name, _ in bench_prune._tuned_points(rows, TAG)] == [
-        f"distilled-{TAG}-control-dis0.5", f"distilled-{TAG}-dis0.5-plus30", f"finetuned-{TAG}"]
+        f"distilled-{TAG}-control-dis0.5", f"distilled-{TAG}-dis0.5-plus30", f"distilled-{TAG}-dis1e-05", f"finetuned-{TAG}"]
     assert [name for name, _ in bench_prune._tuned_points(rows, "0.8")] == []  # 0.8-r16 is another prune than 0.8
 
 
@@ -75,10 +76,25 @@ def test_floors_are_judged_on_unrounded_values():
     assert speed["met"] is False
 
 
+def test_the_report_says_when_no_prune_reaches_the_floors():
+    settings = dict(model="synthetic", method="bn", sparse=None, sparse_epochs=30, sr=0.1, sr_schedule="constant", stop_at_flops=None,
+                    round_to=16, min_keep=0.1, skip_finetune=True, recipe={"imgsz": 320})
+    points = {"base": {**_row(0.75, gflops_reduction=1), "params": 10, "gflops": 1.0, "latency_ms_p50": {"1": 10.0}, "speedup": {"1": 1.0}},
+              "pruned-0.3-r16": {**_row(0.74, gflops_reduction=1.3), "params": 8, "gflops": 0.77, "latency_ms_p50": {"1": 8.0},
+                                 "speedup": {"1": 1.25}}}
+    results = {"points": points, "floors": bench_prune._floors(points), "settings": settings, "command": "python tools/bench_prune.py",
+               "env": {"onnxruntime": "1.x", "cpu": "a CPU", "cpu_vector_isa": "avx2", "cores": 2}}
+    assert "No prune here removes half of the GFLOPs" in bench_prune._markdown(results)
+
+
 def test_stage_names_carry_the_settings_that_make_them_differ():
-    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant", stop_at_flops=None)
+    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant", stop_at_flops=None,
+                                          min_keep=0.1, round_to=8)
     assert bench_prune._sparse_tag(args) == "sr0.3-e20"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5})) == "sr0.3-e20-stop0.5"
+    # where a stopped stage ends depends on the prune it measured: its guards name it too
+    stopped = bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5, "min_keep": 0.25, "round_to": 16})
+    assert bench_prune._sparse_tag(stopped) == "sr0.3-e20-stop0.5-mk0.25-r16"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"})) == "sr0.3-e20-linear"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sparse": Path("given.pt")})) == ""
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "method": "l1"})) == ""

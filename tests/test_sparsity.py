@@ -38,7 +38,8 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
 
 
 @pytest.mark.parametrize("bad", [dict(sr=-1e-3), dict(sr=float("nan")), dict(schedule="step"), dict(final_ratio=2.0),
-                                 dict(weighting="params"), dict(stop_at_flops=1.0), dict(stop_at_flops=0.5, round_to=0)])
+                                 dict(weighting="params"), dict(stop_at_flops=1.0), dict(stop_at_flops=0.5, round_to=0),
+                                 dict(stop_at_flops=0.5, min_keep=1.5)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(YoloslimError):
         SparsityConfig(**bad)
@@ -107,6 +108,16 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     assert kept[-1] == pytest.approx(zeroed_flops_fraction(stopped.ema.ema, config, 64), abs=1e-4)
     unreachable = train(args, SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1), name="unreachable")
     assert len(read_results(unreachable.save_dir)) == 6
+
+
+def test_the_stop_measures_the_prune_with_its_guards():
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    for _, bn in prunable_batchnorms(model, include_head=True):
+        bn.weight.data.zero_()
+    guarded = [zeroed_flops_fraction(model, SparsityConfig(stop_at_flops=0.5, round_to=1, min_keep=keep), 64) for keep in (0.0, 1.0)]
+    assert guarded[0] < 0.5 and guarded[1] == pytest.approx(1.0)
 
 
 def _snapshot(trainer):

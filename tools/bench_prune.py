@@ -66,6 +66,8 @@ SPARSITY = dict(optimizer="SGD", lr0=0.01, batch=8, nbs=8)
 # they stay near 1, a global threshold never reaches them, and the prune cuts FLOPs where they are cheapest.
 INCLUDE_HEAD = True
 DEFAULT_ROUND_TO = PruneConfig.round_to
+# Rounds of compare_latency (5 calls of each model per round): the speed floor's interval resamples them.
+LATENCY_ROUNDS = 40
 DEFAULT_MIN_KEEP = PruneConfig.min_keep
 
 
@@ -118,7 +120,7 @@ def main() -> None:
     if args.ratios is None:
         args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
-    from yoloslim.bench import cpu_name
+    from yoloslim.bench import cpu_name, cpu_vector_isa
     from yoloslim.data import resolve_data
 
     spec = MODELS[args.model]
@@ -138,7 +140,7 @@ def main() -> None:
     sparse_tag = _sparse_tag(args)
     if args.method == "bn":
         sparsity = SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD, weighting=args.sr_weighting,
-                                  stop_at_flops=args.stop_at_flops, round_to=args.round_to)
+                                  stop_at_flops=args.stop_at_flops, round_to=args.round_to, min_keep=args.min_keep)
         points["sparse"] = args.sparse or _train(out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs, sparsity=sparsity)
     source = points.get("sparse", base)
     # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
@@ -166,7 +168,8 @@ def main() -> None:
 
     results = _measure(out, points, data, imgsz, args.threads)
     results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
-    results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "onnxruntime_threads": args.threads,
+    results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "cpu_vector_isa": cpu_vector_isa(),
+                      "onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_threads": args.threads,
                       "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
     results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
     write_text_atomic(out / f"{args.name}.json", json.dumps(results, indent=2, default=str))
@@ -231,7 +234,10 @@ def _sparse_tag(args) -> str:
     if args.method == "l1" or args.sparse:
         return ""
     tag = f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
-    return tag + ("" if args.stop_at_flops is None else f"-stop{args.stop_at_flops}")
+    if args.stop_at_flops is None:
+        return tag
+    # where the run stops depends on the prune it measures, so that prune's guards name the stage too
+    return tag + f"-stop{args.stop_at_flops}" + _guards_tag(args.min_keep, args.round_to)
 
 
 def _prune_tag(config: PruneConfig) -> str:
@@ -239,8 +245,12 @@ def _prune_tag(config: PruneConfig) -> str:
     settings reuses nothing."""
     tag = "l1-" if config.method == "l1" else ""
     tag += f"{config.ratio}" if config.ratio is not None else f"flops{config.target_flops}"
-    tag += "" if config.min_keep == DEFAULT_MIN_KEEP else f"-mk{config.min_keep}"
-    return tag + ("" if config.round_to == DEFAULT_ROUND_TO else f"-r{config.round_to}")
+    return tag + _guards_tag(config.min_keep, config.round_to)
+
+
+def _guards_tag(min_keep: float, round_to: int) -> str:
+    """A prune's per-layer minimum and rounding, each unless default."""
+    return ("" if min_keep == DEFAULT_MIN_KEEP else f"-mk{min_keep}") + ("" if round_to == DEFAULT_ROUND_TO else f"-r{round_to}")
 
 
 def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: bool) -> Path:
@@ -255,7 +265,7 @@ def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: 
 def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]) -> dict:
     import numpy as np
 
-    from yoloslim.bench import compare_latency
+    from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.evaluate import paired_bootstrap_delta, predict_records, split_images, summarise
     from yoloslim.export.onnx import export_onnx
     from yoloslim.prune import model_stats
@@ -270,20 +280,21 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
         records[name] = predict_records(load_backend(weights), images, imgsz)
         metrics = summarise(records[name], names)
         onnx[name] = out / "onnx" / f"{_stage(weights)}.onnx"
-        if not onnx[name].exists():
+        if not onnx[name].exists() or onnx[name].stat().st_mtime < Path(weights).stat().st_mtime:  # a stage redone since
             export_onnx(weights, imgsz=imgsz, out=onnx[name])  # the graph yoloslim deploys, as users get it
         rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights),
-                      "gflops_reduction": None, "latency_ms_p50": {}, "speedup": {}}
+                      "gflops_reduction": None, "latency_ms_p50": {}, "speedup": {}, "speedup_ci95": {}}
     for name, reference in _references(points).items():
         delta, low, high = paired_bootstrap_delta(records[reference], records[name], num_classes=max(len(names), 1))["map"]
         rows[name]["map_delta"] = {"against": reference, "delta": delta, "ci95": [low, high]}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     for n in threads:
         backends = {name: OnnxRuntimeBackend(str(path), threads=n) for name, path in onnx.items()}
-        latency = compare_latency({name: (lambda b=b: b(x)) for name, b in backends.items()})
+        latency = compare_latency({name: (lambda b=b: b(x)) for name, b in backends.items()}, rounds=LATENCY_ROUNDS)
         for name, lat in latency.items():
             rows[name]["latency_ms_p50"][str(n)] = lat.p50_ms
             rows[name]["speedup"][str(n)] = latency["base"].p50_ms / lat.p50_ms
+            rows[name]["speedup_ci95"][str(n)] = speedup_interval(latency["base"], lat)
     for row in rows.values():
         row["gflops_reduction"] = rows["base"]["gflops"] / row["gflops"]
     return {"points": rows, "floors": _floors(rows)}
@@ -323,15 +334,17 @@ def _floors(rows: dict) -> list[dict]:
             continue
         ratio = name.removeprefix("pruned-")
         for n, speedup in row["speedup"].items():
+            low, high = row.get("speedup_ci95", {}).get(n, (None, None))
             checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
-                           "value": speedup / row["gflops_reduction"], "needed": 0.85})
+                           "value": speedup / row["gflops_reduction"], "needed": 0.85,
+                           "ci95": None if low is None else [low / row["gflops_reduction"], high / row["gflops_reduction"]]})
         if _reference(name) == "sparse":  # the floor is for sparsity-trained models; an L1 prune of the base has none
             sparse = rows["sparse"]
             checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
-                           "value": row["map"], "needed": sparse["map"] - allowance(sparse)})
+                           "value": row["map"], "needed": sparse["map"] - allowance(sparse), "paired": row.get("map_delta")})
         for tuned, control in _tuned_points(rows, ratio):
             checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
-                           "value": rows[tuned]["map"], "needed": control["map"] - allowance(control)})
+                           "value": rows[tuned]["map"], "needed": control["map"] - allowance(control), "paired": rows[tuned].get("map_delta")})
     for check in checks:
         check["met"] = check["value"] >= check["needed"]
     return checks
@@ -339,7 +352,7 @@ def _floors(rows: dict) -> list[dict]:
 
 def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
     """Each finetune of this prune in the results, with the control it is judged by (same epochs)."""
-    tuned = re.compile(rf"(finetuned-{re.escape(ratio)}|distilled-{re.escape(ratio)}(-control)?(-dis[0-9.]+)?)(-plus[0-9]+)?")
+    tuned = re.compile(rf"(finetuned-{re.escape(ratio)}|distilled-{re.escape(ratio)}(-control)?(-dis[0-9.eE+-]+)?)(-plus[0-9]+)?")
     return [(name, rows[_reference(name)]) for name in rows if tuned.fullmatch(name) and _reference(name) in rows]
 
 
@@ -364,7 +377,7 @@ def _budgets(settings: dict) -> str:
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
     return (sparse + f"; finetune {settings['finetune_epochs_used']} epochs of {how} ({teachers}); "
-            f"control = unpruned, same extra epochs, same recipe{cycle}.")
+            f"control = unpruned, the same extra epochs, all with the finetune recipe{cycle}.")
 
 
 def _delta(delta: dict | None) -> str:
@@ -374,11 +387,17 @@ def _delta(delta: dict | None) -> str:
     return f"{100 * d:+.1f} pt ({100 * lo:+.1f} to {100 * hi:+.1f}) ({delta['against']})"
 
 
+def _check_interval(check: dict) -> str:
+    if check.get("ci95"):
+        return "{:.2f}-{:.2f}".format(*check["ci95"])
+    return _delta(check.get("paired"))
+
+
 def _markdown(results: dict) -> str:
     threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
     lines = [
         f"# Pruning benchmark ({results['settings']['model']})", "", f"`{results['command']}`", "",
-        f"ONNX Runtime CPU ({results['env']['cpu']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
+        f"ONNX Runtime {results['env']['onnxruntime']} CPU ({results['env']['cpu']}, {results['env']['cpu_vector_isa']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
         f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
         f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}", "",
         "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads)
@@ -390,8 +409,13 @@ def _markdown(results: dict) -> str:
         timing = " | ".join(f"{r['latency_ms_p50'][n]:.2f} | {r['speedup'][n]:.2f}" for n in threads)
         lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} "
                      f"| {r['map']:.3f} ({lo:.3f}-{hi:.3f}) | {_delta(r.get('map_delta'))} |")
-    lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", "", "| point | floor | value | needed | met |", "| --- | --- | ---: | ---: | --- |"]
-    lines += [f"| {c['point']} | {c['floor']} | {c['value']:.4f} | {c['needed']:.4f} | {'yes' if c['met'] else '**no**'} |"
+    lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", ""]
+    if not results["floors"]:
+        return "\n".join(lines + ["No prune here removes half of the GFLOPs, so no floor applies; prune further (`--target-flops 0.5`)."]) + "\n"
+    lines += ["Judged on the point estimates, as the floors are written; the interval beside a speed figure resamples the timing "
+              "rounds, the one beside an mAP is the paired change against the floor's reference.", "",
+              "| point | floor | value | interval | needed | met |", "| --- | --- | ---: | --- | ---: | --- |"]
+    lines += [f"| {c['point']} | {c['floor']} | {c['value']:.4f} | {_check_interval(c)} | {c['needed']:.4f} | {'yes' if c['met'] else '**no**'} |"
               for c in results["floors"]]  # judged unrounded: 0.8499 of the reduction misses a 0.85 floor
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ caller's backends and recorded with the results.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -25,14 +25,30 @@ class Latency:
     p99_ms: float
     fps: float
     runs: int
+    rounds_ms: list = field(default_factory=list, repr=False)  # each round's calls, for intervals over rounds
 
     @classmethod
-    def from_seconds(cls, seconds: list) -> "Latency":
-        ms = np.asarray(seconds) * 1e3
-        return cls(float(ms.mean()), *(float(np.percentile(ms, q)) for q in (50, 90, 99)), float(1e3 / np.median(ms)), len(ms))
+    def from_rounds(cls, seconds: list) -> "Latency":
+        """From the calls' durations, one list per round."""
+        rounds = np.asarray(seconds) * 1e3
+        ms = rounds.ravel()
+        return cls(float(ms.mean()), *(float(np.percentile(ms, q)) for q in (50, 90, 99)), float(1e3 / np.median(ms)), len(ms),
+                   rounds.tolist())
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "rounds_ms"}
+
+
+def speedup_interval(reference: Latency, variant: Latency, resamples: int = 2000, seed: int = 0) -> tuple:
+    """95% bootstrap interval of reference p50 / variant p50, resampling whole rounds, the same ones for both: a
+    round times them back to back, so the drift it shares cancels."""
+    ref, var = np.asarray(reference.rounds_ms), np.asarray(variant.rounds_ms)
+    if ref.shape[0] != var.shape[0]:
+        raise ValueError("speedup_interval needs two latencies from the same compare_latency run")
+    picks = np.random.default_rng(seed).integers(0, len(ref), size=(resamples, len(ref)))
+    ratios = np.median(ref[picks].reshape(resamples, -1), axis=1) / np.median(var[picks].reshape(resamples, -1), axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def compare_latency(variants: Dict[str, Callable[[], object]], rounds: int = 20, per_round: int = 5, warmup: int = 5) -> Dict[str, Latency]:
@@ -45,11 +61,12 @@ def compare_latency(variants: Dict[str, Callable[[], object]], rounds: int = 20,
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             call = variants[name]
+            samples[name].append([])
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 call()
-                samples[name].append(time.perf_counter() - t0)
-    return {name: Latency.from_seconds(samples[name]) for name in names}
+                samples[name][-1].append(time.perf_counter() - t0)
+    return {name: Latency.from_rounds(samples[name]) for name in names}
 
 
 def _file_stats(weights: Path, imgsz: int) -> dict:
@@ -82,6 +99,16 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_vector_isa() -> str | None:
+    """The widest x86 vector extension the CPU has (ONNX Runtime picks its kernels and channel blocking by it)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(next(line for line in info if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return None
+    return next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in flags), None)
+
+
 def environment(threads: int) -> dict:
     """What the figures depend on: machine, threads, library versions; on a Jetson its power mode and clocks."""
     import os
@@ -97,6 +124,7 @@ def environment(threads: int) -> dict:
             pass
     return {
         "cpu": cpu_name(),
+        "cpu_vector_isa": cpu_vector_isa(),
         "cores": os.cpu_count(),
         "threads": threads,
         "max_temperature_c": max(temps) if temps else None,

@@ -60,6 +60,7 @@ def _add_train(commands) -> None:
                      help="end before --epochs once pruning the channels with |gamma| < 0.01 would keep at most this "
                      "fraction of the GFLOPs: a prune to that size is then lossless (checked every epoch)")
     sub.add_argument("--round-to", type=int, default=8, help="the rounding the later prune will use, for --stop-at-flops (default 8)")
+    sub.add_argument("--min-keep", type=float, default=0.1, help="the later prune's per-layer minimum, for --stop-at-flops (default 0.1)")
     _add_ultralytics_train_args(sub)
     sub.set_defaults(run=_run_train)
 
@@ -85,7 +86,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.utils.assets import shipped_file
 
     config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head,
-                            weighting=args.weighting, stop_at_flops=args.stop_at_flops, round_to=args.round_to)
+                            weighting=args.weighting, stop_at_flops=args.stop_at_flops, round_to=args.round_to, min_keep=args.min_keep)
     weights = args.weights or str(shipped_file("weights", BASELINE))
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0

@@ -71,6 +71,7 @@ class SparsityConfig:
     stop_at_flops: float | None = None
     zero_gamma: float = 1e-2
     round_to: int = 8  # the rounding the later prune will use (see yoloslim prune --round-to)
+    min_keep: float = 0.1  # and its per-layer minimum (--min-keep)
 
     def __post_init__(self):
         if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
@@ -83,8 +84,9 @@ class SparsityConfig:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
         if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
             raise YoloslimError(f"--stop-at-flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1); got {self.stop_at_flops}")
-        if self.zero_gamma <= 0 or self.round_to < 1:
-            raise YoloslimError(f"zero_gamma must be > 0 and round_to >= 1, got {self.zero_gamma} and {self.round_to}")
+        if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
+            raise YoloslimError(f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
+                                f"{self.round_to} and {self.min_keep}")
 
     def sr_at(self, epoch: int, epochs: int) -> float:
         """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
@@ -131,7 +133,8 @@ def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) 
     """The fraction of GFLOPs kept by pruning exactly the channels whose |gamma| is below config.zero_gamma."""
     from yoloslim.prune import PruneConfig, prune_model
 
-    result = prune_model(unwrap_model(model), PruneConfig(threshold=config.zero_gamma, round_to=config.round_to, imgsz=imgsz, compensate=False))
+    result = prune_model(unwrap_model(model), PruneConfig(threshold=config.zero_gamma, round_to=config.round_to, min_keep=config.min_keep,
+                                                           imgsz=imgsz, compensate=False))
     return result.after["gflops"] / result.before["gflops"]
 
 
