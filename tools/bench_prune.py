@@ -17,6 +17,9 @@ validation images: before pruning, right after pruning with and without bias com
 each point's change against the model it is judged by (pruned: the sparse model; finetuned: the control; sparse and
 control: the base), with a paired bootstrap interval over the same images, much tighter than the two intervals apart.
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
+A trained stage's point is its best.pt, which Ultralytics picks on the same validation images: that favours the
+control, the best of many near-equal epochs on a flat curve, more than a finetune that is still rising, so it makes the
+finetune floor stricter, not looser. The speed floor's interval resamples the interleaved timing rounds.
 Prunes are given as `--ratios` and/or `--target-flops` fractions, with `--min-keep` and `--round-to` as in `yoloslim
 prune`. `--method l1` skips sparsity training: it prunes the base by filter L1 norm and finetunes for the control's
 whole budget, the alternative a user weighs against Network Slimming at the same epochs.
