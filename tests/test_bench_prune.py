@@ -95,6 +95,7 @@ def test_stage_names_carry_the_settings_that_make_them_differ():
     # where a stopped stage ends depends on the prune it measured: its guards name it too
     stopped = bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5, "min_keep": 0.25, "round_to": 16})
     assert bench_prune._sparse_tag(stopped) == "sr0.3-e20-stop0.5-mk0.25-r16"
+    assert bench_prune._recipe_tag({"warmup_bias_lr": 0.0, "lr0": 0.001}) == "-warmup_bias_lr0.0-lr00.001"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"})) == "sr0.3-e20-linear"
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sparse": Path("given.pt")})) == ""
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "method": "l1"})) == ""

@@ -116,6 +116,9 @@ def main() -> None:
                         help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
     parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
                         help="a second training cycle of this many epochs for the control and every finetuned model")
+    parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE", dest="recipe_changes",
+                        help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
+                        "control alike (e.g. warmup_bias_lr=0.0); their stages are named by them")
     parser.add_argument("--name", default="results", help="write the results to NAME.json and NAME.md in the run folder")
     args = parser.parse_args()
     if args.method == "l1" and args.sparse:
@@ -124,13 +127,15 @@ def main() -> None:
         args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
     from yoloslim.bench import cpu_name, cpu_vector_isa
+    from yoloslim.cli import parse_overrides
     from yoloslim.data import resolve_data
 
     spec = MODELS[args.model]
     folder = args.model + ("-flops" if args.sr_weighting == "flops" else "") + ("-smoke" if args.smoke else "")
     out = ROOT / "runs" / "bench" / "prune" / folder
     out.mkdir(parents=True, exist_ok=True)
-    recipe = dict(RECIPE, **spec["finetune"])
+    changed = parse_overrides(args.recipe_changes)
+    recipe, recipe_tag = dict(RECIPE, **spec["finetune"], **changed), _recipe_tag(changed)
     data = resolve_data(spec["data"])
     if args.smoke:
         data, recipe["imgsz"], recipe["batch"] = _smoke_data(out, spec["weights"]), 64, 4
@@ -152,7 +157,7 @@ def main() -> None:
     tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
     if not args.skip_finetune:
         control_epochs = args.sparse_epochs + args.finetune_epochs
-        points["control"] = _train(out, f"control-e{control_epochs}", base, data, recipe, control_epochs)
+        points["control"] = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs)
     amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
     for amount in amounts:
         config = PruneConfig(**amount, method=args.method, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
@@ -160,11 +165,11 @@ def main() -> None:
         for compensate in (True, False):
             points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, source, config, tag, compensate)
         if not args.skip_finetune:
-            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}-e{tune_epochs}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
+            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
         for teacher in args.distill_teacher if not args.skip_finetune and _distilled(amount, args.distill) else ():
             suffix = ("" if teacher == "base" else f"-{teacher}") + ("" if args.distill_weight is None else f"-dis{args.distill_weight}")
             weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
-            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}-e{tune_epochs}", points[f"pruned-{tag}"], data,
+            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data,
                                                         {**recipe, **weight}, tune_epochs, teacher=points[teacher])
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
@@ -241,6 +246,11 @@ def _sparse_tag(args) -> str:
         return tag
     # where the run stops depends on the prune it measures, so that prune's guards name the stage too
     return tag + f"-stop{args.stop_at_flops}" + _guards_tag(args.min_keep, args.round_to)
+
+
+def _recipe_tag(changed: dict) -> str:
+    """The --recipe changes, for the names of the stages they train."""
+    return "".join(f"-{key}{value}" for key, value in changed.items())
 
 
 def _prune_tag(config: PruneConfig) -> str:
@@ -377,6 +387,7 @@ def _budgets(settings: dict) -> str:
     teachers += "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
     recipe = settings["recipe"]
     how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
+    how += "".join(f", {change}" for change in settings.get("recipe_changes", []))
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
     return (sparse + f"; finetune {settings['finetune_epochs_used']} epochs of {how} ({teachers}); "
