@@ -27,6 +27,8 @@ whole budget, the alternative a user weighs against Network Slimming at the same
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
+`--recipe warmup_bias_lr=0.0` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
+control alike, and names their stages by them.
 `--extra-cycle 30` trains the control and every finetuned model once more, 30 epochs each from its best.pt with a fresh
 learning-rate schedule, and judges each `-plus30` finetune against `control-plus30`: both sides get the same epochs.
 """
