@@ -29,6 +29,9 @@ epochs; `--distill-teacher base control` also distills from the control, a teach
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--recipe warmup_bias_lr=0.0` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
 control alike, and names their stages by them.
+`--lane control` trains only the control and `--lane pruned` every other stage, and neither measures: on a machine
+with a core per lane, run both at once (each trains on one core), then the command without `--lane` finds every stage
+done and measures on a quiet machine.
 `--extra-cycle 30` trains the control and every finetuned model once more, 30 epochs each from its best.pt with a fresh
 learning-rate schedule, and judges each `-plus30` finetune against `control-plus30`: both sides get the same epochs.
 """
@@ -121,10 +124,16 @@ def main() -> None:
     parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE", dest="recipe_changes",
                         help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
                         "control alike (e.g. warmup_bias_lr=0.0); their stages are named by them")
+    parser.add_argument("--lane", choices=("control", "pruned"),
+                        help="train only the control, or only the other stages, and measure nothing (run both lanes at once)")
     parser.add_argument("--name", default="results", help="write the results to NAME.json and NAME.md in the run folder")
     args = parser.parse_args()
     if args.method == "l1" and args.sparse:
         parser.error("--sparse is for --method bn: --method l1 prunes the base model and trains no sparse one")
+    if args.lane and args.skip_finetune:
+        parser.error("--lane splits the training between the control and the finetunes: --skip-finetune trains no control")
+    if args.lane and args.distill is not None and "control" in args.distill_teacher:
+        parser.error("--distill-teacher control needs the trained control: train the control lane first, then run without --lane")
     if args.ratios is None:
         args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
@@ -147,6 +156,11 @@ def main() -> None:
 
     base = Path(spec["weights"])
     points = {"base": base}
+    control_epochs = args.sparse_epochs + args.finetune_epochs
+    if not args.skip_finetune and args.lane != "pruned":
+        control = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs)
+    if args.lane == "control":
+        return
     sparse_tag = _sparse_tag(args)
     if args.method == "bn":
         sparsity = SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD, weighting=args.sr_weighting,
@@ -157,9 +171,8 @@ def main() -> None:
     # the epochs after it stopped) goes to the finetune
     args.sparse_epochs_used = 0 if args.method == "l1" else args.sparse_epochs if args.sparse else _epochs_trained(points["sparse"])
     tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
-    if not args.skip_finetune:
-        control_epochs = args.sparse_epochs + args.finetune_epochs
-        points["control"] = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs)
+    if not args.skip_finetune and args.lane != "pruned":
+        points["control"] = control
     amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
     for amount in amounts:
         config = PruneConfig(**amount, method=args.method, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
@@ -173,6 +186,8 @@ def main() -> None:
             weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
             points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data,
                                                         {**recipe, **weight}, tune_epochs, teacher=points[teacher])
+    if args.lane == "pruned":
+        return
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
 
