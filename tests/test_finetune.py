@@ -109,3 +109,21 @@ def test_sparsity_training_a_pruned_model_keeps_its_widths(pruned_pt, train_args
     ckpt = torch.load(Path(train_args["project"]) / "resparse" / "weights" / "last.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == saved_widths(pruned)
     assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4 and ckpt["yoloslim"]["sparsity"]["sr"] == 0.01
+
+
+@pytest.mark.parametrize("optimizer, given, first_bias_lr", [("AdamW", {}, 0.0), ("AdamW", {"warmup_bias_lr": 0.05}, 0.05), ("SGD", {}, 0.1)])
+def test_adam_biases_warm_up_from_zero_unless_told_otherwise(pruned_pt, train_args, tiny_data, optimizer, given, first_bias_lr):
+    """Ultralytics' bias warm-up starts at 0.1, an SGD step size; under AdamW it wrecks a trained model in epoch one."""
+    from ultralytics import YOLO
+
+    seen = []
+
+    def record_first_step(trainer):
+        seen.extend(g["lr"] for g in trainer.optimizer.param_groups if g["param_group"] == "bias")
+        raise Interrupt
+
+    model = YOLO(str(pruned_pt[1]))
+    model.add_callback("on_train_batch_end", record_first_step)
+    with pytest.raises(Interrupt):
+        model.train(data=str(tiny_data), trainer=FinetuneTrainer, **run_args(train_args, optimizer=optimizer, lr0=0.002, warmup_epochs=1, **given))
+    assert seen == [pytest.approx(first_bias_lr)]

@@ -1,5 +1,6 @@
 """What every yoloslim trainer adds to Ultralytics' DetectionTrainer: checkpoints that a kill cannot tear, a resume
-that does not log an epoch twice, and a place in the checkpoint for yoloslim's own settings.
+that does not log an epoch twice, a place in the checkpoint for yoloslim's own settings, and a bias warm-up fit for
+Adam.
 
 Ultralytics writes last.pt and best.pt in place (in save_model, and again when final_eval strips the optimizer), so a
 kill during a write leaves a truncated file that `resume` cannot read. Here each write goes to a staging file that is
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from ultralytics.engine import trainer as trainer_module
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import strip_optimizer
 
@@ -28,6 +30,9 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, write_text_atomic
 
 CHECKPOINT_KEY = "yoloslim"
+# The optimizers whose biases warm up from zero unless the user says otherwise: Ultralytics' own optimizer=auto does
+# that when it picks AdamW, an explicit optimizer=AdamW does not.
+ADAM_FAMILY = frozenset({"adam", "adamax", "adamw", "nadam", "radam"})
 
 
 def read_checkpoint_extras(path) -> dict:
@@ -89,8 +94,21 @@ def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     return model
 
 
+def adam_bias_warmup(overrides: dict) -> dict:
+    """Ultralytics' warm-up starts the biases' learning rate at warmup_bias_lr (0.1), a step size made for SGD; an
+    Adam-family optimizer moves each bias by about that much per step, and a trained model loses most of its mAP in the
+    first epoch. With such an optimizer the bias warm-up starts at zero, as optimizer=auto's does, unless it is set."""
+    if str(overrides.get("optimizer", "")).lower() in ADAM_FAMILY:
+        return {"warmup_bias_lr": 0.0, **overrides}
+    return overrides
+
+
 class SafeDetectionTrainer(DetectionTrainer):
-    """DetectionTrainer with atomic checkpoint writes and yoloslim metadata in every checkpoint."""
+    """DetectionTrainer with atomic checkpoint writes, yoloslim metadata in every checkpoint, and Adam's bias warm-up
+    from zero (adam_bias_warmup)."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None):
+        super().__init__(cfg, adam_bias_warmup(overrides or {}), _callbacks)
 
     def checkpoint_extras(self) -> dict:
         """yoloslim metadata for the checkpoint's "yoloslim" key: the input's (its prune, an earlier stage's settings);
