@@ -27,7 +27,7 @@ whole budget, the alternative a user weighs against Network Slimming at the same
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
-`--recipe warmup_bias_lr=0.0` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
+`--recipe lr0=0.001` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
 control alike, and names their stages by them.
 `--lane control` trains only the control and `--lane pruned` every other stage, and neither measures: on a machine
 with a core per lane, run both at once (each trains on one core), then the command without `--lane` finds every stage
@@ -123,7 +123,7 @@ def main() -> None:
                         help="a second training cycle of this many epochs for the control and every finetuned model")
     parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE", dest="recipe_changes",
                         help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
-                        "control alike (e.g. warmup_bias_lr=0.0); their stages are named by them")
+                        "control alike (e.g. lr0=0.001); their stages are named by them")
     parser.add_argument("--lane", choices=("control", "pruned"),
                         help="train only the control, or only the other stages, and measure nothing (run both lanes at once)")
     parser.add_argument("--name", default="results", help="write the results to NAME.json and NAME.md in the run folder")
