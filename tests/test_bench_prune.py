@@ -112,4 +112,5 @@ def test_a_stage_that_stopped_early_counts_the_epochs_it_trained(tmp_path):
     best = tmp_path / "sparse-sr0.3-e30-stop0.5" / "weights" / "best.pt"
     best.parent.mkdir(parents=True)
     (best.parents[1] / "results.csv").write_text("epoch,time\n1,10\n2,20\n3,30\n")
-    assert bench_prune._epochs_trained(best) == 3
+    assert bench_prune._epochs_trained(best, default=30) == 3
+    assert bench_prune._epochs_trained(tmp_path / "elsewhere" / "sparse.pt", default=30) == 30  # a --sparse checkpoint from elsewhere

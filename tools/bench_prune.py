@@ -98,7 +98,8 @@ def main() -> None:
                         "norm, no sparsity stage, and finetune it for the control's whole budget (sparse + finetune "
                         "epochs; points named l1-*)")
     parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
-                        "the recipe below) instead of training one")
+                        "the recipe below) instead of training one; its epochs are the rows of its run's results.csv, "
+                        "or --sparse-epochs without one")
     parser.add_argument("--sparse-epochs", type=int, default=30)
     parser.add_argument("--stop-at-flops", type=float, metavar="FRACTION",
                         help="end the sparsity stage once pruning its channels with |gamma| < 0.01 (at --round-to) keeps "
@@ -169,7 +170,7 @@ def main() -> None:
     source = points.get("sparse", base)
     # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
     # the epochs after it stopped) goes to the finetune
-    args.sparse_epochs_used = 0 if args.method == "l1" else args.sparse_epochs if args.sparse else _epochs_trained(points["sparse"])
+    args.sparse_epochs_used = 0 if args.method == "l1" else _epochs_trained(points["sparse"], args.sparse_epochs)
     tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
     if not args.skip_finetune and args.lane != "pruned":
         points["control"] = control
@@ -235,9 +236,11 @@ def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs
     return run / "best.pt"
 
 
-def _epochs_trained(best: Path) -> int:
-    """How many epochs a finished stage trained: the rows of its results.csv."""
-    return len((best.parents[1] / "results.csv").read_text().splitlines()) - 1
+def _epochs_trained(best: Path, default: int) -> int:
+    """How many epochs a finished stage trained: the rows of its run's results.csv, or `default` for a checkpoint
+    outside a run folder."""
+    csv = best.parent.parent / "results.csv"
+    return len(csv.read_text().splitlines()) - 1 if csv.exists() else default
 
 
 def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int) -> dict:
