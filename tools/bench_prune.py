@@ -29,9 +29,9 @@ epochs; `--distill-teacher base control` also distills from the control, a teach
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--recipe lr0=0.001` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
 control alike, and names their stages by them.
-`--lane control` trains only the control and `--lane pruned` every other stage, and neither measures: on a machine
-with a core per lane, run both at once (each trains on one core), then the command without `--lane` finds every stage
-done and measures on a quiet machine.
+`--lane control` trains only the control and `--lane pruned` the sparsity stage and every finetune, and neither
+measures: on a machine with a core per lane, run both at once (each trains on one core), then the command without
+`--lane` finds those stages done, trains what needs both (`--extra-cycle`) and measures on a quiet machine.
 `--extra-cycle 30` trains the control and every finetuned model once more, 30 epochs each from its best.pt with a fresh
 learning-rate schedule, and judges each `-plus30` finetune against `control-plus30`: both sides get the same epochs.
 """
@@ -158,8 +158,8 @@ def main() -> None:
     base = Path(spec["weights"])
     points = {"base": base}
     control_epochs = args.sparse_epochs + args.finetune_epochs
-    if not args.skip_finetune and args.lane != "pruned":
-        control = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs)
+    trains_control = not args.skip_finetune and args.lane != "pruned"
+    control = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs) if trains_control else None
     if args.lane == "control":
         return
     sparse_tag = _sparse_tag(args)
@@ -172,7 +172,7 @@ def main() -> None:
     # the epochs after it stopped) goes to the finetune
     args.sparse_epochs_used = 0 if args.method == "l1" else _epochs_trained(points["sparse"], args.sparse_epochs)
     tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
-    if not args.skip_finetune and args.lane != "pruned":
+    if control:
         points["control"] = control
     amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
     for amount in amounts:
