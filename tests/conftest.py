@@ -9,10 +9,6 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "jetson: needs TensorRT and a CUDA GPU (runs on a device, skipped here)")
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A few small synthetic images: enough for training steps, not for accuracy."""

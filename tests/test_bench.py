@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from yoloslim.bench import Latency, bench, bench_table, compare_latency, speedup_interval
 
 USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
@@ -39,16 +39,45 @@ def test_bench_json_schema(tmp_path):
     from yoloslim.export.onnx import export_onnx
 
     onnx = export_onnx(USER_WEIGHTS, imgsz=64, out=tmp_path / "m.onnx")
-    report = json.loads(json.dumps(bench([USER_WEIGHTS, onnx], imgsz=64, threads=1, image=IMAGE, rounds=2, per_round=2)))
+    report = json.loads(
+        json.dumps(bench([USER_WEIGHTS, onnx], imgsz=64, threads=1, image=IMAGE, rounds=2, per_round=2))
+    )
     assert set(report) == {"results", "image", "environment"}
-    assert {"cpu", "cores", "threads", "python", "numpy", "onnxruntime", "torch", "TensorRT", "power mode", "clocks"} <= set(report["environment"])
+    assert {
+        "cpu",
+        "cores",
+        "threads",
+        "python",
+        "numpy",
+        "onnxruntime",
+        "torch",
+        "TensorRT",
+        "power mode",
+        "clocks",
+    } <= set(report["environment"])
     assert report["environment"]["threads"] == 1
     pt, ox = report["results"]
     for r in (pt, ox):
-        assert {"weights", "backend", "imgsz", "batch", "params", "gflops", "size_mb", "model", "end_to_end", "fps_end_to_end"} <= set(r)
+        assert {
+            "weights",
+            "backend",
+            "imgsz",
+            "batch",
+            "params",
+            "gflops",
+            "size_mb",
+            "model",
+            "end_to_end",
+            "fps_end_to_end",
+        } <= set(r)
         for part in ("model", "end_to_end"):
             assert set(r[part]) == {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "fps", "runs"} and r[part]["runs"] == 4
-    assert pt["backend"] == "TorchBackend" and pt["gflops"] > 0 and ox["backend"] == "OnnxRuntimeBackend" and ox["gflops"] is None
+    assert (
+        pt["backend"] == "TorchBackend"
+        and pt["gflops"] > 0
+        and ox["backend"] == "OnnxRuntimeBackend"
+        and ox["gflops"] is None
+    )
     assert "not measured" in bench_table(report)
 
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("bench_prune", Path(__file__).resolve().parents[1] / "tools" / "bench_prune.py")
+spec = importlib.util.spec_from_file_location(
+    "bench_prune", Path(__file__).resolve().parents[1] / "tools" / "bench_prune.py"
+)
 bench_prune = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_prune)
 
@@ -13,24 +15,51 @@ TAG = "0.82-r16"
 
 
 def _row(map_, half_width=0.005, gflops_reduction=2.04):
-    return {"map": map_, "map_ci95": [map_ - half_width, map_ + half_width], "gflops_reduction": gflops_reduction,
-            "speedup": {"1": 1.9}}
+    return {
+        "map": map_,
+        "map_ci95": [map_ - half_width, map_ + half_width],
+        "gflops_reduction": gflops_reduction,
+        "speedup": {"1": 1.9},
+    }
 
 
 def test_each_finetune_is_compared_with_the_control_trained_as_long():
-    names = ["base", "sparse", "control", f"pruned-{TAG}", f"pruned-{TAG}-nocomp", f"finetuned-{TAG}",
-             f"distilled-{TAG}-control", "control-plus30", f"finetuned-{TAG}-plus30", f"distilled-{TAG}-control-plus30"]
+    names = [
+        "base",
+        "sparse",
+        "control",
+        f"pruned-{TAG}",
+        f"pruned-{TAG}-nocomp",
+        f"finetuned-{TAG}",
+        f"distilled-{TAG}-control",
+        "control-plus30",
+        f"finetuned-{TAG}-plus30",
+        f"distilled-{TAG}-control-plus30",
+    ]
     assert bench_prune._references(dict.fromkeys(names)) == {
-        "sparse": "base", "control": "base", f"pruned-{TAG}": "sparse", f"pruned-{TAG}-nocomp": "sparse",
-        f"finetuned-{TAG}": "control", f"distilled-{TAG}-control": "control", "control-plus30": "control",
-        f"finetuned-{TAG}-plus30": "control-plus30", f"distilled-{TAG}-control-plus30": "control-plus30"}
+        "sparse": "base",
+        "control": "base",
+        f"pruned-{TAG}": "sparse",
+        f"pruned-{TAG}-nocomp": "sparse",
+        f"finetuned-{TAG}": "control",
+        f"distilled-{TAG}-control": "control",
+        "control-plus30": "control",
+        f"finetuned-{TAG}-plus30": "control-plus30",
+        f"distilled-{TAG}-control-plus30": "control-plus30",
+    }
 
 
 @pytest.mark.parametrize(("finetuned", "met"), [(0.745, True), (0.735, False)])
 def test_second_cycle_finetune_floor_uses_the_second_cycle_control(finetuned, met):
-    rows = {"base": _row(0.75, gflops_reduction=1), "sparse": _row(0.61, gflops_reduction=1),
-            "control": _row(0.70, gflops_reduction=1), "control-plus30": _row(0.755, gflops_reduction=1),
-            f"pruned-{TAG}": _row(0.609), f"finetuned-{TAG}": _row(0.70), f"finetuned-{TAG}-plus30": _row(finetuned)}
+    rows = {
+        "base": _row(0.75, gflops_reduction=1),
+        "sparse": _row(0.61, gflops_reduction=1),
+        "control": _row(0.70, gflops_reduction=1),
+        "control-plus30": _row(0.755, gflops_reduction=1),
+        f"pruned-{TAG}": _row(0.609),
+        f"finetuned-{TAG}": _row(0.70),
+        f"finetuned-{TAG}-plus30": _row(finetuned),
+    }
     checks = {check["point"]: check for check in bench_prune._floors(rows) if "finetuning" in check["floor"]}
     assert checks[f"finetuned-{TAG}"]["needed"] == pytest.approx(0.69)
     assert checks[f"finetuned-{TAG}-plus30"]["needed"] == pytest.approx(0.745)
@@ -45,11 +74,24 @@ def test_prune_names_carry_every_setting_that_changes_the_prune():
 
 
 def test_distilled_points_of_any_teacher_and_weight_are_judged_but_not_those_of_another_prune():
-    rows = {name: _row(0.70) for name in ["control", "control-plus30", f"distilled-{TAG}-control-dis0.5",
-                                          f"distilled-{TAG}-dis0.5-plus30", f"distilled-{TAG}-dis1e-05", f"finetuned-{TAG}",
-                                          "finetuned-0.8-r16"]}
+    rows = {
+        name: _row(0.70)
+        for name in [
+            "control",
+            "control-plus30",
+            f"distilled-{TAG}-control-dis0.5",
+            f"distilled-{TAG}-dis0.5-plus30",
+            f"distilled-{TAG}-dis1e-05",
+            f"finetuned-{TAG}",
+            "finetuned-0.8-r16",
+        ]
+    }
     assert [name for name, _ in bench_prune._tuned_points(rows, TAG)] == [
-        f"distilled-{TAG}-control-dis0.5", f"distilled-{TAG}-dis0.5-plus30", f"distilled-{TAG}-dis1e-05", f"finetuned-{TAG}"]
+        f"distilled-{TAG}-control-dis0.5",
+        f"distilled-{TAG}-dis0.5-plus30",
+        f"distilled-{TAG}-dis1e-05",
+        f"finetuned-{TAG}",
+    ]
     assert [name for name, _ in bench_prune._tuned_points(rows, "0.8")] == []  # 0.8-r16 is another prune than 0.8
 
 
@@ -61,8 +103,12 @@ def test_distill_names_prunes_by_amount_or_takes_all(distill, met):
 def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prune_floor():
     tag = "l1-flops0.5-r16"
     assert bench_prune._prune_tag(bench_prune.PruneConfig(method="l1", target_flops=0.5, round_to=16)) == tag
-    rows = {"base": _row(0.75, gflops_reduction=1), "control": _row(0.76, gflops_reduction=1),
-            f"pruned-{tag}": _row(0.05), f"finetuned-{tag}": _row(0.755)}
+    rows = {
+        "base": _row(0.75, gflops_reduction=1),
+        "control": _row(0.76, gflops_reduction=1),
+        f"pruned-{tag}": _row(0.05),
+        f"finetuned-{tag}": _row(0.755),
+    }
     assert bench_prune._references(rows)[f"pruned-{tag}"] == "base"
     floors = {check["floor"].split(" >=")[0]: check for check in bench_prune._floors(rows)}
     assert "mAP50-95 right after pruning" not in floors
@@ -70,33 +116,79 @@ def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prun
 
 
 def test_floors_are_judged_on_unrounded_values():
-    rows = {"base": _row(0.75, gflops_reduction=1), "sparse": _row(0.61, gflops_reduction=1),
-            f"pruned-{TAG}": {**_row(0.609, gflops_reduction=2.0), "speedup": {"2": 2.0 * 0.8499}}}
+    rows = {
+        "base": _row(0.75, gflops_reduction=1),
+        "sparse": _row(0.61, gflops_reduction=1),
+        f"pruned-{TAG}": {**_row(0.609, gflops_reduction=2.0), "speedup": {"2": 2.0 * 0.8499}},
+    }
     speed = next(check for check in bench_prune._floors(rows) if check["floor"].startswith("speedup"))
     assert speed["met"] is False
 
 
 def test_the_report_says_when_no_prune_reaches_the_floors():
-    settings = dict(model="synthetic", method="bn", sparse=None, sparse_epochs=30, sr=0.1, sr_schedule="constant", stop_at_flops=None,
-                    round_to=16, min_keep=0.1, skip_finetune=True, recipe={"imgsz": 320})
-    points = {"base": {**_row(0.75, gflops_reduction=1), "params": 10, "gflops": 1.0, "latency_ms_p50": {"1": 10.0}, "speedup": {"1": 1.0}},
-              "pruned-0.3-r16": {**_row(0.74, gflops_reduction=1.3), "params": 8, "gflops": 0.77, "latency_ms_p50": {"1": 8.0},
-                                 "speedup": {"1": 1.25}}}
-    results = {"points": points, "floors": bench_prune._floors(points), "settings": settings, "command": "python tools/bench_prune.py",
-               "env": {"onnxruntime": "1.x", "cpu": "a CPU", "cpu_vector_isa": "avx2", "cores": 2}}
+    settings = dict(
+        model="synthetic",
+        method="bn",
+        sparse=None,
+        sparse_epochs=30,
+        sr=0.1,
+        sr_schedule="constant",
+        stop_at_flops=None,
+        round_to=16,
+        min_keep=0.1,
+        skip_finetune=True,
+        recipe={"imgsz": 320},
+    )
+    points = {
+        "base": {
+            **_row(0.75, gflops_reduction=1),
+            "params": 10,
+            "gflops": 1.0,
+            "latency_ms_p50": {"1": 10.0},
+            "speedup": {"1": 1.0},
+        },
+        "pruned-0.3-r16": {
+            **_row(0.74, gflops_reduction=1.3),
+            "params": 8,
+            "gflops": 0.77,
+            "latency_ms_p50": {"1": 8.0},
+            "speedup": {"1": 1.25},
+        },
+    }
+    results = {
+        "points": points,
+        "floors": bench_prune._floors(points),
+        "settings": settings,
+        "command": "python tools/bench_prune.py",
+        "env": {"onnxruntime": "1.x", "cpu": "a CPU", "cpu_vector_isa": "avx2", "cores": 2},
+    }
     assert "No prune here removes half of the GFLOPs" in bench_prune._markdown(results)
 
 
 def test_stage_names_carry_the_settings_that_make_them_differ():
-    args = bench_prune.argparse.Namespace(method="bn", sparse=None, sr=0.3, sparse_epochs=20, sr_schedule="constant", stop_at_flops=None,
-                                          min_keep=0.1, round_to=8)
+    args = bench_prune.argparse.Namespace(
+        method="bn",
+        sparse=None,
+        sr=0.3,
+        sparse_epochs=20,
+        sr_schedule="constant",
+        stop_at_flops=None,
+        min_keep=0.1,
+        round_to=8,
+    )
     assert bench_prune._sparse_tag(args) == "sr0.3-e20"
-    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5})) == "sr0.3-e20-stop0.5"
+    assert (
+        bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5}))
+        == "sr0.3-e20-stop0.5"
+    )
     # where a stopped stage ends depends on the prune it measured: its guards name it too
     stopped = bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5, "min_keep": 0.25, "round_to": 16})
     assert bench_prune._sparse_tag(stopped) == "sr0.3-e20-stop0.5-mk0.25-r16"
     assert bench_prune._recipe_tag({"warmup_bias_lr": 0.0, "lr0": 0.001}) == "-warmup_bias_lr0.0-lr00.001"
-    assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"})) == "sr0.3-e20-linear"
+    assert (
+        bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"}))
+        == "sr0.3-e20-linear"
+    )
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sparse": Path("given.pt")})) == ""
     assert bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "method": "l1"})) == ""
 
@@ -113,4 +205,6 @@ def test_a_stage_that_stopped_early_counts_the_epochs_it_trained(tmp_path):
     best.parent.mkdir(parents=True)
     (best.parents[1] / "results.csv").write_text("epoch,time\n1,10\n2,20\n3,30\n")
     assert bench_prune._epochs_trained(best, default=30) == 3
-    assert bench_prune._epochs_trained(tmp_path / "elsewhere" / "sparse.pt", default=30) == 30  # a --sparse checkpoint from elsewhere
+    assert (
+        bench_prune._epochs_trained(tmp_path / "elsewhere" / "sparse.pt", default=30) == 30
+    )  # a --sparse checkpoint from elsewhere

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 
-
 def run_cli(*argv) -> tuple[int, str]:
     result = subprocess.run([sys.executable, "-m", "yoloslim.cli", *argv], capture_output=True, text=True, timeout=300)
     return result.returncode, result.stderr.strip()
@@ -40,9 +39,17 @@ def test_missing_weights(tmp_path):
 def test_non_detection_checkpoints_are_refused(tmp_path, kind):
     from ultralytics.nn.tasks import ClassificationModel, SegmentationModel
 
-    model = ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False) if kind == "classify" else SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)
+    model = (
+        ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False)
+        if kind == "classify"
+        else SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)
+    )
     weights = save_model(tmp_path / f"{kind}.pt", model)
-    assert_one_line_error(*run_cli("train", "--weights", weights), "is a classification model" if kind == "classify" else "is a segmentation model", "detection")
+    assert_one_line_error(
+        *run_cli("train", "--weights", weights),
+        "is a classification model" if kind == "classify" else "is a segmentation model",
+        "detection",
+    )
 
 
 def test_original_yolov5_repository_checkpoint_is_refused(tmp_path, monkeypatch):
@@ -73,7 +80,9 @@ def test_unknown_passthrough_argument(detection_pt):
 
 
 def test_console_script_runs_as_module():
-    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "yoloslim.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "train" in result.stdout
 
 
@@ -82,8 +91,24 @@ def test_prune_dry_run_prints_the_plan_and_writes_nothing(detection_pt):
 
     folder = Path(detection_pt).parent
     before = set(folder.iterdir())
-    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "prune", "--weights", detection_pt, "--ratio", "0.4", "--dry-run", "--imgsz", "64"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yoloslim.cli",
+            "prune",
+            "--weights",
+            detection_pt,
+            "--ratio",
+            "0.4",
+            "--dry-run",
+            "--imgsz",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "GFLOPs at 64 px" in result.stdout and "model.2.cv1.conv" in result.stdout
     assert set(folder.iterdir()) == before
@@ -95,7 +120,10 @@ def test_prune_conflicting_targets_are_refused(detection_pt):
 
 
 def test_prune_unreachable_target_names_the_nearest(detection_pt):
-    assert_one_line_error(*run_cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"), "smallest reachable")
+    assert_one_line_error(
+        *run_cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"),
+        "smallest reachable",
+    )
 
 
 def test_missing_shipped_weights_is_a_one_line_error(monkeypatch, tmp_path):
@@ -114,16 +142,37 @@ def test_eval_compares_every_model_with_the_first_on_the_same_images(tmp_path):
     weights, data = SHARED / "weights" / "license_plate_yolov5nu.pt", SHARED / "data" / "license_plate" / "data.yaml"
     if not weights.exists():
         pytest.skip("../shared is not beside the project")
-    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", "eval", "--weights", str(weights), str(weights), "--data", str(data),
-                             "--imgsz", "64", "--bootstrap", "50", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yoloslim.cli",
+            "eval",
+            "--weights",
+            str(weights),
+            str(weights),
+            "--data",
+            str(data),
+            "--imgsz",
+            "64",
+            "--bootstrap",
+            "50",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     header, _, first, second = result.stdout.strip().splitlines()
     assert header.endswith("mAP50-95 change vs first, paired 95% CI |")
     assert first.endswith("| |") and second.endswith("| +0.0 pt (+0.0 to +0.0) |")
 
 
-@pytest.mark.parametrize("pair, option", [("data=other.yaml", "--data"), ("pretrained=base.pt", "--weights"),
-                                          ("epochs=3", "--epochs")])
+@pytest.mark.parametrize(
+    "pair, option", [("data=other.yaml", "--data"), ("pretrained=base.pt", "--weights"), ("epochs=3", "--epochs")]
+)
 def test_arguments_with_their_own_option_are_refused_as_key_value(detection_pt, pair, option):
     assert_one_line_error(*run_cli("finetune", "--weights", detection_pt, pair), "set by yoloslim", option)
 
@@ -131,14 +180,20 @@ def test_arguments_with_their_own_option_are_refused_as_key_value(detection_pt, 
 def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(tmp_path):
     assert_one_line_error(*run_cli("finetune", "--weights", str(tmp_path / "last.pt"), "--resume"), "does not exist")
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
-    assert_one_line_error(*run_cli("train", "--weights", str(tmp_path / "torn.pt"), "--resume"), "not a readable checkpoint")
+    assert_one_line_error(
+        *run_cli("train", "--weights", str(tmp_path / "torn.pt"), "--resume"), "not a readable checkpoint"
+    )
 
 
 def test_resume_refuses_a_new_teacher(detection_pt):
-    assert_one_line_error(*run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop --teacher")
+    assert_one_line_error(
+        *run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop --teacher"
+    )
 
 
 def test_prune_output_in_an_unwritable_place_is_a_one_line_error(detection_pt, tmp_path):
     (tmp_path / "file").write_text("")
-    err = run_cli("prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", str(tmp_path / "file" / "p.pt"))
+    err = run_cli(
+        "prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", str(tmp_path / "file" / "p.pt")
+    )
     assert_one_line_error(*err, "cannot write", "writable folder")

@@ -49,7 +49,10 @@ def test_objects_span_the_configured_sizes_and_stay_in_the_image():
 
 def test_leaving_data_out_uses_the_embedded_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLOSLIM_CACHE", str(tmp_path))
-    monkeypatch.setattr("yoloslim.data.synthetic.default_config", lambda: dataclasses.replace(default_config(), splits={"train": 1, "val": 1}))
+    monkeypatch.setattr(
+        "yoloslim.data.synthetic.default_config",
+        lambda: dataclasses.replace(default_config(), splits={"train": 1, "val": 1}),
+    )
     assert resolve_data(None).is_relative_to(tmp_path)
 
 

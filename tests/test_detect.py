@@ -4,8 +4,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from yoloslim.runtime import detect as detect_module
 from yoloslim.runtime.detect import stream_frames
 
@@ -22,7 +22,9 @@ def onnx_model(tmp_path_factory):
 
 
 def run(*argv, cwd):
-    return subprocess.run([sys.executable, "-m", "yoloslim.cli", *argv], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "yoloslim.cli", *argv], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 @needs_shared
@@ -47,7 +49,9 @@ def test_detect_on_a_video(onnx_model, tmp_path):
     for image in sorted(IMAGES.glob("*.jpg"))[:5]:
         writer.write(cv2.resize(cv2.imread(str(image)), (416, 416)))
     writer.release()
-    result = run("detect", "--weights", str(onnx_model), "--source", str(video), "--save", "--name", "vid", cwd=tmp_path)
+    result = run(
+        "detect", "--weights", str(onnx_model), "--source", str(video), "--save", "--name", "vid", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "detect" / "vid"
     assert len(list((out / "labels").glob("*.txt"))) == 5 and (out / "output.mp4").stat().st_size > 0

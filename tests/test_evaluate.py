@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from yoloslim.evaluate import (
     IOU_THRESHOLDS,
     average_precision,
@@ -83,7 +83,9 @@ def test_agrees_with_ultralytics_val_on_a_real_model(tmp_path):
     from ultralytics import YOLO
 
     ours = evaluate(USER_WEIGHTS, LICENSE_PLATE, imgsz=320, bootstrap=200)
-    theirs = YOLO(str(USER_WEIGHTS)).val(data=str(LICENSE_PLATE), imgsz=320, batch=8, plots=False, verbose=False, project=str(tmp_path), name="v")
+    theirs = YOLO(str(USER_WEIGHTS)).val(
+        data=str(LICENSE_PLATE), imgsz=320, batch=8, plots=False, verbose=False, project=str(tmp_path), name="v"
+    )
     assert abs(ours.map50 - theirs.box.map50) < 0.01
     assert abs(ours.map - theirs.box.map) < 0.01
     assert ours.ci95["map"][0] < ours.map < ours.ci95["map"][1]

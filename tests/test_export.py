@@ -2,14 +2,14 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import SHARED
 from onnx import numpy_helper
 
-from conftest import SHARED
 from yoloslim.evaluate import load_backend, paired_bootstrap_delta, predict_records, split_images
 from yoloslim.export.fp16 import convert_fp16
 from yoloslim.export.onnx import export_onnx
-from yoloslim.runtime.preprocess import preprocess
 from yoloslim.export.qdq import calibration_images, check_tensorrt_qdq, head_nodes_kept_in_float, quantize_int8
+from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
 
 LICENSE_PLATE = SHARED / "data" / "license_plate" / "data.yaml"
@@ -94,7 +94,9 @@ def test_conv_outputs_stay_float_until_the_next_weighted_layer(int8_onnx):
     """TensorRT's placement: Q/DQ on the inputs of weighted layers only, so no rounding between a conv and its SiLU."""
     model = onnx.load(str(int8_onnx))
     conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
-    quantized_right_after_a_conv = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in conv_outputs]
+    quantized_right_after_a_conv = [
+        n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in conv_outputs
+    ]
     assert quantized_right_after_a_conv == []
     silu_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("/act/Mul")}
     assert any(n.op_type == "QuantizeLinear" and n.input[0] in silu_outputs for n in model.graph.node)
@@ -103,9 +105,15 @@ def test_conv_outputs_stay_float_until_the_next_weighted_layer(int8_onnx):
 @needs_shared
 def test_checker_catches_what_tensorrt_refuses(int8_onnx):
     model = onnx.load(str(int8_onnx))
-    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute))
+    weight_dq = next(
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
+    )
     next(a for a in weight_dq.attribute if a.name == "axis").i = 1
-    zero = next(t for t in model.graph.initializer if t.name == model.graph.node[[n.op_type for n in model.graph.node].index("QuantizeLinear")].input[2])
+    zero = next(
+        t
+        for t in model.graph.initializer
+        if t.name == model.graph.node[[n.op_type for n in model.graph.node].index("QuantizeLinear")].input[2]
+    )
     zero.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(zero) + 3, zero.name))
     problems = " ".join(check_tensorrt_qdq(model))
     assert "axis 0" in problems and "zero point must be 0" in problems
@@ -145,9 +153,13 @@ def test_fp16_onnx_is_half_except_head_decoding_and_io(fp32_onnx, fp16_onnx):
     body_convs = [n.name for n in half.graph.node if n.op_type == "Conv" and n.name not in float_head]
     assert len(body_convs) > 50 and all(precision[n] == onnx.TensorProto.FLOAT16 for n in body_convs)
     assert all(precision[n] == onnx.TensorProto.FLOAT for n in float_head)
-    assert [v.type.tensor_type.elem_type for v in [*half.graph.input, *half.graph.output]] == [onnx.TensorProto.FLOAT] * 2
+    assert [v.type.tensor_type.elem_type for v in [*half.graph.input, *half.graph.output]] == [
+        onnx.TensorProto.FLOAT
+    ] * 2
     resize_scales = {n.input[2] for n in half.graph.node if n.op_type == "Resize"}
-    assert resize_scales and all(t.data_type == onnx.TensorProto.FLOAT for t in half.graph.initializer if t.name in resize_scales)
+    assert resize_scales and all(
+        t.data_type == onnx.TensorProto.FLOAT for t in half.graph.initializer if t.name in resize_scales
+    )
     assert {p.key: p.value for p in half.metadata_props}["precision"] == "fp16"
 
 
@@ -160,7 +172,9 @@ def test_fp16_onnx_matches_fp32_on_real_images(fp32_onnx, fp16_onnx):
     confident = a[:, 4] > 0.25
     assert confident.sum() >= 4
     assert abs(a[:, 4] - b[:, 4]).max() < 2e-3
-    assert abs(a[:, :4].transpose(0, 2, 1)[confident] - b[:, :4].transpose(0, 2, 1)[confident]).max() < 1.0  # pixels at 320
+    assert (
+        abs(a[:, :4].transpose(0, 2, 1)[confident] - b[:, :4].transpose(0, 2, 1)[confident]).max() < 1.0
+    )  # pixels at 320
 
 
 @needs_shared
@@ -198,8 +212,13 @@ def _conv_with_weight_qdq(axis: int):
     from onnx import TensorProto, helper
 
     w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
-    inits = [w, numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale"), numpy_helper.from_array(np.zeros(4, np.int8), "w_zero"),
-             numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"), numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    inits = [
+        w,
+        numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+    ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq"),
         helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd"),
@@ -244,13 +263,22 @@ def test_convs_reading_small_swings_on_large_offsets_stay_float():
     # stem reads the image; `offset` reads (image - 0.5) * 0.1 + [20, 0]: one channel a 0.1 swing on 20, the other a
     # 0.1 swing on 0, so the median channel's swing is 0.1 and the peak 20; `plain` reads the stem's output
     nodes, weights = zip(conv("stem", "x", "s"), conv("offset", "shifted", "o"), conv("plain", "s", "p"))
-    constants = [numpy_helper.from_array(np.array(v, dtype=np.float32).reshape(shape), n)
-                 for n, v, shape in (("half", 0.5, ()), ("tenth", 0.1, ()), ("lift", [20.0, 0.0], (1, 2, 1, 1)))]
-    prep = [helper.make_node("Sub", ["x", "half"], ["c"]), helper.make_node("Mul", ["c", "tenth"], ["m"]),
-            helper.make_node("Add", ["m", "lift"], ["shifted"])]
-    graph = helper.make_graph(prep + list(nodes), "offsets", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "p")],
-                              initializer=list(weights) + constants)
+    constants = [
+        numpy_helper.from_array(np.array(v, dtype=np.float32).reshape(shape), n)
+        for n, v, shape in (("half", 0.5, ()), ("tenth", 0.1, ()), ("lift", [20.0, 0.0], (1, 2, 1, 1)))
+    ]
+    prep = [
+        helper.make_node("Sub", ["x", "half"], ["c"]),
+        helper.make_node("Mul", ["c", "tenth"], ["m"]),
+        helper.make_node("Add", ["m", "lift"], ["shifted"]),
+    ]
+    graph = helper.make_graph(
+        prep + list(nodes),
+        "offsets",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "p")],
+        initializer=list(weights) + constants,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert convs_with_offset_inputs(model, _RandomImages("x", (1, 2, 8, 8)), skip=set()) == ["offset"]
 

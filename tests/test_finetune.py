@@ -23,7 +23,18 @@ def pruned_pt(tmp_path_factory, tiny_data):
     from ultralytics import YOLO
 
     root = tmp_path_factory.mktemp("ft")
-    YOLO("yolov5n.yaml").train(data=str(tiny_data), imgsz=64, epochs=1, batch=4, workers=0, plots=False, verbose=False, project=str(root), name="base", val=False)
+    YOLO("yolov5n.yaml").train(
+        data=str(tiny_data),
+        imgsz=64,
+        epochs=1,
+        batch=4,
+        workers=0,
+        plots=False,
+        verbose=False,
+        project=str(root),
+        name="base",
+        val=False,
+    )
     base = root / "base" / "weights" / "last.pt"
     out = root / "pruned.pt"
     prune(base, PruneConfig(ratio=0.4, imgsz=64), out=out)
@@ -82,7 +93,12 @@ def test_distillation_keeps_student_widths_also_after_resume(pruned_pt, train_ar
     model = YOLO(str(pruned))
     model.add_callback("on_model_save", stop_after_first_save)
     with pytest.raises(Interrupt):
-        model.train(data=str(tiny_data), trainer=FinetuneTrainer, distill_model=str(base), **run_args(train_args, epochs=2, name="distill"))
+        model.train(
+            data=str(tiny_data),
+            trainer=FinetuneTrainer,
+            distill_model=str(base),
+            **run_args(train_args, epochs=2, name="distill"),
+        )
     finetune(model.trainer.last, resume=True)  # its model is a DistillationModel around the student
     ckpt = torch.load(Path(train_args["project"]) / "distill" / "weights" / "best.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == widths and ckpt["epoch"] == -1
@@ -105,14 +121,20 @@ def test_sparsity_training_a_pruned_model_keeps_its_widths(pruned_pt, train_args
     from yoloslim.sparsity import SparsityConfig, train_sparse
 
     _, pruned = pruned_pt
-    train_sparse(str(pruned), SparsityConfig(sr=0.01), data=str(tiny_data), **run_args(train_args, epochs=1, name="resparse"))
+    train_sparse(
+        str(pruned), SparsityConfig(sr=0.01), data=str(tiny_data), **run_args(train_args, epochs=1, name="resparse")
+    )
     ckpt = torch.load(Path(train_args["project"]) / "resparse" / "weights" / "last.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == saved_widths(pruned)
     assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4 and ckpt["yoloslim"]["sparsity"]["sr"] == 0.01
 
 
-@pytest.mark.parametrize("optimizer, given, first_bias_lr", [("AdamW", {}, 0.0), ("AdamW", {"warmup_bias_lr": 0.05}, 0.05), ("SGD", {}, 0.1)])
-def test_adam_biases_warm_up_from_zero_unless_told_otherwise(pruned_pt, train_args, tiny_data, optimizer, given, first_bias_lr):
+@pytest.mark.parametrize(
+    "optimizer, given, first_bias_lr", [("AdamW", {}, 0.0), ("AdamW", {"warmup_bias_lr": 0.05}, 0.05), ("SGD", {}, 0.1)]
+)
+def test_adam_biases_warm_up_from_zero_unless_told_otherwise(
+    pruned_pt, train_args, tiny_data, optimizer, given, first_bias_lr
+):
     """Ultralytics' bias warm-up starts at 0.1, an SGD step size; under AdamW it wrecks a trained model in epoch one."""
     from ultralytics import YOLO
 
@@ -125,5 +147,9 @@ def test_adam_biases_warm_up_from_zero_unless_told_otherwise(pruned_pt, train_ar
     model = YOLO(str(pruned_pt[1]))
     model.add_callback("on_train_batch_end", record_first_step)
     with pytest.raises(Interrupt):
-        model.train(data=str(tiny_data), trainer=FinetuneTrainer, **run_args(train_args, optimizer=optimizer, lr0=0.002, warmup_epochs=1, **given))
+        model.train(
+            data=str(tiny_data),
+            trainer=FinetuneTrainer,
+            **run_args(train_args, optimizer=optimizer, lr0=0.002, warmup_epochs=1, **given),
+        )
     assert seen == [pytest.approx(first_bias_lr)]

@@ -148,19 +148,32 @@ def test_threshold_and_target_flops():
         prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
     nearest = float(re.search(r"keeps ([0-9.]+) of the GFLOPs", str(refused.value)).group(1))
     assert prune_model(model, PruneConfig(target_flops=nearest, min_keep=0.5, imgsz=64)).after["gflops"] > 0
-    with pytest.raises(YoloslimError, match="cannot be reached"):  # and it is the nearest: a step below is not reachable
+    with pytest.raises(
+        YoloslimError, match="cannot be reached"
+    ):  # and it is the nearest: a step below is not reachable
         prune_model(model, PruneConfig(target_flops=nearest - 0.001, min_keep=0.5, imgsz=64))
 
 
-@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, threshold=0.1), dict(target_flops=0.0), dict(round_to=0), dict(method="taylor"),
-                                 dict(imgsz=600), dict(imgsz=16)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(ratio=1.0),
+        dict(ratio=0.3, threshold=0.1),
+        dict(target_flops=0.0),
+        dict(round_to=0),
+        dict(method="taylor"),
+        dict(imgsz=600),
+        dict(imgsz=16),
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(YoloslimError):
         PruneConfig(**bad)
 
 
-@pytest.mark.parametrize("cfg, named", [("yolov8n.yaml", "C2f"), ("yolov8-ghost.yaml", "GhostConv"),
-                                        ("yolov6n.yaml", "ConvTranspose2d")])
+@pytest.mark.parametrize(
+    "cfg, named", [("yolov8n.yaml", "C2f"), ("yolov8-ghost.yaml", "GhostConv"), ("yolov6n.yaml", "ConvTranspose2d")]
+)
 def test_other_families_are_refused(cfg, named):
     from ultralytics.nn.tasks import DetectionModel
 
@@ -200,7 +213,9 @@ def trained_pt(tmp_path_factory):
     model = random_model(nc=6).half()
     model.args = dict(DEFAULT_CFG_DICT)
     model.names = {i: f"c{i}" for i in range(6)}
-    torch.save({"model": None, "ema": model, "train_args": dict(DEFAULT_CFG_DICT), "epoch": -1, "version": "8.4.190"}, path)
+    torch.save(
+        {"model": None, "ema": model, "train_args": dict(DEFAULT_CFG_DICT), "epoch": -1, "version": "8.4.190"}, path
+    )
     return path
 
 
@@ -239,11 +254,20 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
     image = next((Path(tiny_data).parent / "images" / "val").glob("*.jpg"))
     for safe in ("0", "1"):
         env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": safe, "PYTHONPATH": "", "YOLO_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-c", probe, str(out), str(image)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(out), str(image)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
 
     model = YOLO(str(out))
-    metrics = model.val(data=str(tiny_data), imgsz=64, batch=2, plots=False, verbose=False, project=str(tmp_path), name="val")
+    metrics = model.val(
+        data=str(tiny_data), imgsz=64, batch=2, plots=False, verbose=False, project=str(tmp_path), name="val"
+    )
     assert 0 <= metrics.box.map <= 1
 
     onnx_path = Path(model.export(format="onnx", imgsz=64, opset=17, simplify=False, dynamic=False))
@@ -271,7 +295,9 @@ def test_pruning_the_shipped_weights_writes_under_runs(monkeypatch, tmp_path):
     from yoloslim.utils.assets import SPARSE_BASELINE, shipped_file
 
     monkeypatch.chdir(tmp_path)
-    assert default_output(shipped_file("weights", SPARSE_BASELINE)) == Path("runs/prune/yolov5n-synthetic-sparse-pruned.pt")
+    assert default_output(shipped_file("weights", SPARSE_BASELINE)) == Path(
+        "runs/prune/yolov5n-synthetic-sparse-pruned.pt"
+    )
     assert default_output(tmp_path / "best.pt") == tmp_path / "best-pruned.pt"
 
 

@@ -13,19 +13,42 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def variant(name, stage, backend, m=None, fps=None, p50=None):
     ev = None if m is None else {"map": m, "map50": m + 0.2, "ci95": {"map": [m - 0.03, m + 0.03]}}
-    be = None if fps is None else {"fps_end_to_end": fps, "model": {"p50_ms": p50}, "params": 1_000_000, "gflops": 2.0, "size_mb": 4.0}
-    return {"name": name, "stage": stage, "backend": backend, "precision": "fp32", "weights": f"{name}.pt", "eval": ev, "bench": be}
+    be = (
+        None
+        if fps is None
+        else {"fps_end_to_end": fps, "model": {"p50_ms": p50}, "params": 1_000_000, "gflops": 2.0, "size_mb": 4.0}
+    )
+    return {
+        "name": name,
+        "stage": stage,
+        "backend": backend,
+        "precision": "fp32",
+        "weights": f"{name}.pt",
+        "eval": ev,
+        "bench": be,
+    }
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    history = {"edges": [0.0] + [10 ** (i / 8 - 6) for i in range(57)],
-               "epochs": [{"epoch": e, "sr": 0.5, "counts": [e] * 57 + [1], "gamma/p10": 0.1, "gamma/p50": 0.5, "gamma/p90": 0.9} for e in range(3)]}
+    history = {
+        "edges": [0.0] + [10 ** (i / 8 - 6) for i in range(57)],
+        "epochs": [
+            {"epoch": e, "sr": 0.5, "counts": [e] * 57 + [1], "gamma/p10": 0.1, "gamma/p50": 0.5, "gamma/p90": 0.9}
+            for e in range(3)
+        ],
+    }
     summary = {
-        "name": "synthetic demo", "data": "synthetic.yaml", "imgsz": 320,
+        "name": "synthetic demo",
+        "data": "synthetic.yaml",
+        "imgsz": 320,
         "environment": {"cpu": "test cpu", "cores": 2, "threads": 2, "TensorRT": None},
-        "variants": [variant("base", "base", "PyTorch", 0.40, 20.0, 50.0), variant("pruned", "pruned", "PyTorch", 0.30, 35.0, 25.0),
-                     variant("finetuned", "finetuned", "ONNX Runtime", 0.39, 40.0, 20.0), variant("finetuned-int8", "finetuned", "TensorRT INT8")],
+        "variants": [
+            variant("base", "base", "PyTorch", 0.40, 20.0, 50.0),
+            variant("pruned", "pruned", "PyTorch", 0.30, 35.0, 25.0),
+            variant("finetuned", "finetuned", "ONNX Runtime", 0.39, 40.0, 20.0),
+            variant("finetuned-int8", "finetuned", "TensorRT INT8"),
+        ],
         "prune": {"widths": {f"model.{i}.conv": [64, 32 + i] for i in range(20)}},
         "gamma_history": history,
     }
@@ -85,9 +108,20 @@ def test_html_renders_in_chromium_on_a_phone(run_dir, tmp_path):
     probe = tmp_path / "out" / "probe.html"
     probe.write_text(PROBE.replace("REPORT", json.dumps(html).replace("</", "<\\/")))
     result = subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=390,844", "--virtual-time-budget=5000",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=390,844",
+            "--virtual-time-budget=5000",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     found = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
     assert found and found.group(1), result.stderr[-2000:]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from yoloslim.runtime.postprocess import nms, postprocess
 from yoloslim.runtime.preprocess import letterbox, preprocess
 
@@ -96,18 +96,32 @@ def test_onnx_runtime_path_runs_without_torch(tmp_path):
         "print(len(d), b.names)\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
-    result = subprocess.run([sys.executable, "-c", probe, str(onnx), str(image)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(onnx), str(image)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "License_Plate" in result.stdout
-    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=60)
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert blocked.returncode != 0  # the blocker itself works
 
 
 def test_runtime_supports_python_3_8():
     """JetPack 5 ships Python 3.8: the runtime's syntax and stdlib use must allow it."""
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("vermin")), "-t=3.8-", "--violations", "--no-tips", "--eval-annotations", str(ROOT / "yoloslim" / "runtime"), str(ROOT / "yoloslim" / "utils" / "errors.py")],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(Path(sys.executable).with_name("vermin")),
+            "-t=3.8-",
+            "--violations",
+            "--no-tips",
+            "--eval-annotations",
+            str(ROOT / "yoloslim" / "runtime"),
+            str(ROOT / "yoloslim" / "utils" / "errors.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout
 

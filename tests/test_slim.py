@@ -10,7 +10,18 @@ def tiny_base(tmp_path_factory, tiny_data):
     from ultralytics import YOLO
 
     root = tmp_path_factory.mktemp("slimbase")
-    YOLO("yolov5n.yaml").train(data=str(tiny_data), imgsz=64, epochs=1, batch=4, workers=0, plots=False, verbose=False, project=str(root), name="b", val=False)
+    YOLO("yolov5n.yaml").train(
+        data=str(tiny_data),
+        imgsz=64,
+        epochs=1,
+        batch=4,
+        workers=0,
+        plots=False,
+        verbose=False,
+        project=str(root),
+        name="b",
+        val=False,
+    )
     return root / "b" / "weights" / "last.pt"
 
 
@@ -20,8 +31,18 @@ class Interrupt(Exception):
 
 def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative project, as the CLI's default runs/slim
-    config = SlimConfig(weights=str(tiny_base), data=str(tiny_data), epochs_sparse=1, epochs_finetune=1, imgsz=64, batch=4,
-                        ratio=0.3, threads=1, project=".", name="run")
+    config = SlimConfig(
+        weights=str(tiny_base),
+        data=str(tiny_data),
+        epochs_sparse=1,
+        epochs_finetune=1,
+        imgsz=64,
+        batch=4,
+        ratio=0.3,
+        threads=1,
+        project=".",
+        name="run",
+    )
     real_finetune = Pipeline.stage_finetune
 
     def dies(self):

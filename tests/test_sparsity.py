@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from yoloslim.utils.training import CHECKPOINT_KEY
 from yoloslim.sparsity import (
     GAMMA_HISTORY,
     GAMMA_PLOT,
@@ -21,6 +20,7 @@ from yoloslim.sparsity import (
     zeroed_flops_fraction,
 )
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.training import CHECKPOINT_KEY
 
 
 def read_results(run_dir: Path) -> list[dict]:
@@ -37,9 +37,19 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
 # -- settings -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [dict(sr=-1e-3), dict(sr=float("nan")), dict(schedule="step"), dict(final_ratio=2.0),
-                                 dict(weighting="params"), dict(stop_at_flops=1.0), dict(stop_at_flops=0.5, round_to=0),
-                                 dict(stop_at_flops=0.5, min_keep=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(sr=-1e-3),
+        dict(sr=float("nan")),
+        dict(schedule="step"),
+        dict(final_ratio=2.0),
+        dict(weighting="params"),
+        dict(stop_at_flops=1.0),
+        dict(stop_at_flops=0.5, round_to=0),
+        dict(stop_at_flops=0.5, min_keep=1.5),
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(YoloslimError):
         SparsityConfig(**bad)
@@ -106,7 +116,9 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     kept = [row["sparsity/zeroed_flops"] for row in read_results(stopped.save_dir)]
     assert len(kept) < 6 and kept[-1] <= 0.9 and all(k > 0.9 for k in kept[:-1])
     assert kept[-1] == pytest.approx(zeroed_flops_fraction(stopped.ema.ema, config, 64), abs=1e-4)
-    unreachable = train(args, SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1), name="unreachable")
+    unreachable = train(
+        args, SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1), name="unreachable"
+    )
     assert len(read_results(unreachable.save_dir)) == 6
 
 
@@ -116,7 +128,10 @@ def test_the_stop_measures_the_prune_with_its_guards():
     model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
     for _, bn in prunable_batchnorms(model, include_head=True):
         bn.weight.data.zero_()
-    guarded = [zeroed_flops_fraction(model, SparsityConfig(stop_at_flops=0.5, round_to=1, min_keep=keep), 64) for keep in (0.0, 1.0)]
+    guarded = [
+        zeroed_flops_fraction(model, SparsityConfig(stop_at_flops=0.5, round_to=1, min_keep=keep), 64)
+        for keep in (0.0, 1.0)
+    ]
     assert guarded[0] < 0.5 and guarded[1] == pytest.approx(1.0)
 
 
@@ -146,14 +161,23 @@ def _group_lr(trainer, weight):
     return next(g["lr"] for g in trainer.optimizer.param_groups if any(p is weight for p in g["params"]))
 
 
-@pytest.mark.parametrize(("optimizer", "batch", "weighting"),
-                         [("SGD", 2, "uniform"), ("SGD", 4, "uniform"), ("AdamW", 2, "uniform"), ("AdamW", 4, "uniform"),
-                          ("SGD", 2, "flops")])
+@pytest.mark.parametrize(
+    ("optimizer", "batch", "weighting"),
+    [
+        ("SGD", 2, "uniform"),
+        ("SGD", 4, "uniform"),
+        ("AdamW", 2, "uniform"),
+        ("AdamW", 4, "uniform"),
+        ("SGD", 2, "flops"),
+    ],
+)
 def test_one_step_penalty_matches_definition(train_args, optimizer, batch, weighting):
     """Whatever the optimizer, batch, clipping and loss scale: gamma_sr == soft_threshold(gamma_plain, lr * sr * price)."""
     sr = 0.5
-    trainer = SparsityTrainer(overrides=dict(train_args, optimizer=optimizer, lr0=0.02, batch=batch),
-                              sparsity=SparsityConfig(sr=sr, weighting=weighting))
+    trainer = SparsityTrainer(
+        overrides=dict(train_args, optimizer=optimizer, lr0=0.02, batch=batch),
+        sparsity=SparsityConfig(sr=sr, weighting=weighting),
+    )
     trainer._setup_train()
     # Ultralytics turns AMP off on the CPU; an enabled scaler with a large scale exercises the unscale path.
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, enabled=True)
@@ -173,7 +197,11 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch, weigh
     penalised = _gammas(trainer)
 
     batchnorms = [bn for _, bn in prunable_batchnorms(trainer.model)]
-    prices = channel_flops_prices(trainer.model, False, trainer.args.imgsz) if weighting == "flops" else [1.0] * len(batchnorms)
+    prices = (
+        channel_flops_prices(trainer.model, False, trainer.args.imgsz)
+        if weighting == "flops"
+        else [1.0] * len(batchnorms)
+    )
     if weighting == "flops":
         assert len(set(prices)) > 1, "FLOPs prices must differ between layers, or this case tests nothing new"
     changed = 0
@@ -259,7 +287,7 @@ def test_ddp_round_trip_keeps_settings(train_args):
     state_file = script.with_suffix(".pt")
     try:
         state = torch_load(state_file, map_location="cpu")
-        assert "trainer.model = state[\"model\"]" in script.read_text()  # the launcher still rebuilds this way
+        assert 'trainer.model = state["model"]' in script.read_text()  # the launcher still rebuilds this way
     finally:
         script.unlink(missing_ok=True)
         state_file.unlink(missing_ok=True)
@@ -299,7 +327,9 @@ def test_interrupted_save_leaves_previous_checkpoint_resumable(train_args, monke
 
     def killed_mid_write(self, data):
         saves.append(self.name)
-        if sum(n.endswith(".saving") for n in saves) > 2:  # epoch 1 writes last and best; the next write dies halfway through
+        if (
+            sum(n.endswith(".saving") for n in saves) > 2
+        ):  # epoch 1 writes last and best; the next write dies halfway through
             real_write(self, data[: len(data) // 2])
             raise Interrupt
         return real_write(self, data)

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from conftest import SHARED
 from trt_standin import StandinCuda, engine_plan, expected_output, make_tensorrt
+
 from yoloslim.runtime.engine_file import read_engine_file, read_engine_header, write_engine_file
 from yoloslim.runtime.onnx_meta import read_onnx_metadata
 from yoloslim.runtime.tensorrt import build_engine, check_engine_compatible
@@ -43,10 +43,16 @@ def standin(monkeypatch, request):
 
 
 EXPECTED_FLAGS = {  # (version, precision) -> builder flags
-    ("8.5.2.2", "fp32"): [], ("8.5.2.2", "fp16"): ["FP16"], ("8.5.2.2", "int8"): ["FP16", "INT8"],
-    ("8.6.2", "fp16"): ["FP16"], ("8.6.2", "int8"): ["FP16", "INT8"],
-    ("10.3.0", "fp32"): [], ("10.3.0", "fp16"): ["FP16"], ("10.3.0", "int8"): ["FP16", "INT8"],
-    ("11.0.0", "fp32"): [], ("11.0.0", "int8"): [],
+    ("8.5.2.2", "fp32"): [],
+    ("8.5.2.2", "fp16"): ["FP16"],
+    ("8.5.2.2", "int8"): ["FP16", "INT8"],
+    ("8.6.2", "fp16"): ["FP16"],
+    ("8.6.2", "int8"): ["FP16", "INT8"],
+    ("10.3.0", "fp32"): [],
+    ("10.3.0", "fp16"): ["FP16"],
+    ("10.3.0", "int8"): ["FP16", "INT8"],
+    ("11.0.0", "fp32"): [],
+    ("11.0.0", "int8"): [],
 }
 
 
@@ -61,7 +67,9 @@ def test_builder_uses_each_versions_api(standin, precision, onnx_files, tmp_path
     assert record["pools"]["WORKSPACE"] == 2 << 30
     assert (tmp_path / "cache").read_bytes() == b"+timed"  # the timing cache is written back
     meta, plan = read_engine_file(out)
-    assert plan.startswith(b"STANDIN-PLAN") and meta["precision"] == precision and meta["tensorrt"] == standin.__version__
+    assert (
+        plan.startswith(b"STANDIN-PLAN") and meta["precision"] == precision and meta["tensorrt"] == standin.__version__
+    )
     assert meta["names"] == {0: "License_Plate"} or meta["names"] == {"0": "License_Plate"}
 
 
@@ -115,7 +123,9 @@ def test_export_passes_its_engine_settings_to_the_builder(standin, onnx_files, t
     from yoloslim.runtime import cuda
 
     monkeypatch.setattr(cuda, "load_cuda", lambda: StandinCuda(standin.memory))
-    config = ExportConfig(format="engine", precision="fp16", dynamic=True, batch=2, max_batch=4, version_compatible=True)
+    config = ExportConfig(
+        format="engine", precision="fp16", dynamic=True, batch=2, max_batch=4, version_compatible=True
+    )
     out = export(onnx_files["dynamic"], config, out=tmp_path / "m.engine")
     record = standin.calls[-1]
     assert record["builder_flags"] == ["FP16", "VERSION_COMPATIBLE"]
@@ -183,7 +193,9 @@ def test_incompatible_engines_are_refused_before_loading():
         check_engine_compatible({"tensorrt": "8.6.2"}, "10.3.0", gpu)
     check_engine_compatible({"tensorrt": "10.3.0", "version_compatible": True}, "10.7.0", gpu)
     with pytest.raises(YoloslimError, match="compute capability 7.2"):
-        check_engine_compatible({"tensorrt": "10.3.0", "device": {"compute_capability": "7.2", "name": "Xavier"}}, "10.3.0", gpu)
+        check_engine_compatible(
+            {"tensorrt": "10.3.0", "device": {"compute_capability": "7.2", "name": "Xavier"}}, "10.3.0", gpu
+        )
 
 
 def test_onnx_metadata_reader_matches_the_onnx_package(onnx_files):

@@ -60,7 +60,11 @@ class Tensor:
 class Layer:
     def __init__(self, node, dtype):
         op = {"QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE"}.get(node.op_type, "OTHER")
-        self.type, self.num_outputs, self._out = op, len(node.output), Tensor(node.output[0] if node.output else "", (), dtype)
+        self.type, self.num_outputs, self._out = (
+            op,
+            len(node.output),
+            Tensor(node.output[0] if node.output else "", (), dtype),
+        )
 
     def get_output(self, i):
         return self._out
@@ -150,8 +154,12 @@ class Builder:
         return Profile()
 
     def build_serialized_network(self, network, config):
-        record = {"network_flags": network.flags, "builder_flags": config.flags, "pools": config.pools,
-                  "profiles": [p.shapes for p in config.profiles]}
+        record = {
+            "network_flags": network.flags,
+            "builder_flags": config.flags,
+            "pools": config.pools,
+            "profiles": [p.shapes for p in config.profiles],
+        }
         self.trt.calls.append(record)
         return b"STANDIN-PLAN" + json.dumps(record, default=list).encode()
 
@@ -170,7 +178,9 @@ def expected_output(images: np.ndarray, channels: int = 5) -> np.ndarray:
     """What the stand-in engine computes: each image's mean plus the channel index, at every anchor."""
     anchors = sum((images.shape[2] // s) * (images.shape[3] // s) for s in STRIDES)
     means = images.reshape(len(images), -1).mean(axis=1)
-    return np.broadcast_to((means[:, None] + np.arange(channels))[:, :, None], (len(images), channels, anchors)).astype(np.float32)
+    return np.broadcast_to((means[:, None] + np.arange(channels))[:, :, None], (len(images), channels, anchors)).astype(
+        np.float32
+    )
 
 
 class Runtime:
@@ -232,7 +242,9 @@ class Context:
 
     def execute_async_v3(self, stream):
         count = int(np.prod(self.input_shape))
-        images = np.frombuffer(self.engine.memory[self.addresses["images"]], dtype=np.float32, count=count).reshape(self.input_shape)
+        images = np.frombuffer(self.engine.memory[self.addresses["images"]], dtype=np.float32, count=count).reshape(
+            self.input_shape
+        )
         result = expected_output(images, self.engine.spec["channels"])
         buffer = self.engine.memory[self.addresses["output0"]]
         if result.nbytes > len(buffer):  # a real engine would write past the allocation here

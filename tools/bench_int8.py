@@ -80,14 +80,23 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
-    md = "\n".join([
-        "# INT8 (Q/DQ) against FP32, ONNX Runtime CPU", "", f"`{result['command']}` ({args.threads} threads, {len(images)} images)", "",
-        "| | FP32 | INT8 | INT8 - FP32 (paired 95% CI) |", "| --- | ---: | ---: | --- |",
-        f"| mAP50-95 | {result['map50-95']['fp32']:.4f} | {result['map50-95']['int8']:.4f} | {delta['map'][0] * 100:+.2f} pt "
-        f"({delta['map'][1] * 100:+.2f} to {delta['map'][2] * 100:+.2f}) |", "",
-        "| per frame, median ms | letterbox | inference (FP32) | NMS | (letterbox + NMS) / inference |", "| --- | ---: | ---: | ---: | ---: |",
-        f"| ONNX Runtime | {ms['preprocess']:.2f} | {ms['inference']:.2f} | {ms['postprocess']:.2f} | {result['pre_plus_post_over_inference']:.1%} |", "",
-    ])
+    md = "\n".join(
+        [
+            "# INT8 (Q/DQ) against FP32, ONNX Runtime CPU",
+            "",
+            f"`{result['command']}` ({args.threads} threads, {len(images)} images)",
+            "",
+            "| | FP32 | INT8 | INT8 - FP32 (paired 95% CI) |",
+            "| --- | ---: | ---: | --- |",
+            f"| mAP50-95 | {result['map50-95']['fp32']:.4f} | {result['map50-95']['int8']:.4f} | {delta['map'][0] * 100:+.2f} pt "
+            f"({delta['map'][1] * 100:+.2f} to {delta['map'][2] * 100:+.2f}) |",
+            "",
+            "| per frame, median ms | letterbox | inference (FP32) | NMS | (letterbox + NMS) / inference |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| ONNX Runtime | {ms['preprocess']:.2f} | {ms['inference']:.2f} | {ms['postprocess']:.2f} | {result['pre_plus_post_over_inference']:.1%} |",
+            "",
+        ]
+    )
     write_text_atomic(out.with_suffix(".md"), md)
     print(md)
 

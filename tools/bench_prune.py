@@ -59,10 +59,16 @@ from yoloslim.utils.files import write_text_atomic  # noqa: E402
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
 # training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
 MODELS = {
-    "synthetic": {"weights": ROOT / "weights" / "yolov5n-synthetic.pt", "data": None,
-                  "finetune": dict(optimizer="SGD", lr0=0.005, batch=8, nbs=8)},
-    "license_plate": {"weights": SHARED / "weights" / "license_plate_yolov5nu.pt", "data": SHARED / "data" / "license_plate" / "data.yaml",
-                      "finetune": dict(optimizer="AdamW", lr0=0.002, batch=16)},
+    "synthetic": {
+        "weights": ROOT / "weights" / "yolov5n-synthetic.pt",
+        "data": None,
+        "finetune": dict(optimizer="SGD", lr0=0.005, batch=8, nbs=8),
+    },
+    "license_plate": {
+        "weights": SHARED / "weights" / "license_plate_yolov5nu.pt",
+        "data": SHARED / "data" / "license_plate" / "data.yaml",
+        "finetune": dict(optimizer="AdamW", lr0=0.002, batch=16),
+    },
 }
 RECIPE = dict(imgsz=320, workers=0, seed=0, close_mosaic=5, plots=True)
 # Sparsity training uses SGD: Adam-family optimizers normalise each gamma's loss gradient, so every gamma settles where
@@ -82,59 +88,138 @@ DEFAULT_MIN_KEEP = PruneConfig.min_keep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
-    parser.add_argument("--ratios", type=float, nargs="+", help="fractions of prunable channels to remove (default 0.3 0.5 0.7 "
-                        "unless --target-flops is given)")
-    parser.add_argument("--target-flops", type=float, nargs="+", default=[], metavar="FRACTION",
-                        help="also prune to these fractions of the original GFLOPs (points pruned-flops<FRACTION>)")
-    parser.add_argument("--min-keep", type=float, default=DEFAULT_MIN_KEEP,
-                        help="per-layer minimum fraction of channels kept (see yoloslim prune --min-keep)")
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        help="fractions of prunable channels to remove (default 0.3 0.5 0.7 unless --target-flops is given)",
+    )
+    parser.add_argument(
+        "--target-flops",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="FRACTION",
+        help="also prune to these fractions of the original GFLOPs (points pruned-flops<FRACTION>)",
+    )
+    parser.add_argument(
+        "--min-keep",
+        type=float,
+        default=DEFAULT_MIN_KEEP,
+        help="per-layer minimum fraction of channels kept (see yoloslim prune --min-keep)",
+    )
     parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
-    parser.add_argument("--sr-schedule", choices=SCHEDULES, default="constant",
-                        help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)")
-    parser.add_argument("--sr-weighting", choices=WEIGHTINGS, default="uniform",
-                        help="uniform: every gamma pays sr; flops: sr times its channel's FLOPs over the mean (own run folder)")
-    parser.add_argument("--method", choices=("bn", "l1"), default="bn",
-                        help="bn: prune the sparsity-trained model by BatchNorm |gamma|; l1: prune the base by filter L1 "
-                        "norm, no sparsity stage, and finetune it for the control's whole budget (sparse + finetune "
-                        "epochs; points named l1-*)")
-    parser.add_argument("--sparse", type=Path, help="use this sparsity-trained checkpoint (trained from the same base with "
-                        "the recipe below) instead of training one; its epochs are the rows of its run's results.csv, "
-                        "or --sparse-epochs without one")
+    parser.add_argument(
+        "--sr-schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)",
+    )
+    parser.add_argument(
+        "--sr-weighting",
+        choices=WEIGHTINGS,
+        default="uniform",
+        help="uniform: every gamma pays sr; flops: sr times its channel's FLOPs over the mean (own run folder)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("bn", "l1"),
+        default="bn",
+        help="bn: prune the sparsity-trained model by BatchNorm |gamma|; l1: prune the base by filter L1 "
+        "norm, no sparsity stage, and finetune it for the control's whole budget (sparse + finetune "
+        "epochs; points named l1-*)",
+    )
+    parser.add_argument(
+        "--sparse",
+        type=Path,
+        help="use this sparsity-trained checkpoint (trained from the same base with "
+        "the recipe below) instead of training one; its epochs are the rows of its run's results.csv, "
+        "or --sparse-epochs without one",
+    )
     parser.add_argument("--sparse-epochs", type=int, default=30)
-    parser.add_argument("--stop-at-flops", type=float, metavar="FRACTION",
-                        help="end the sparsity stage once pruning its channels with |gamma| < 0.01 (at --round-to) keeps "
-                        "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>)")
+    parser.add_argument(
+        "--stop-at-flops",
+        type=float,
+        metavar="FRACTION",
+        help="end the sparsity stage once pruning its channels with |gamma| < 0.01 (at --round-to) keeps "
+        "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>)",
+    )
     parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
-                        help="kept widths are multiples of this (see yoloslim prune --round-to); 16 suits ONNX Runtime on "
-                        "AVX-512 CPUs, whose NCHWc convolution kernels take channels in blocks of 16")
-    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
-                        help="ONNX Runtime thread counts to time latency at, each pinned in its own interleaved pass")
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=DEFAULT_ROUND_TO,
+        help="kept widths are multiples of this (see yoloslim prune --round-to); 16 suits ONNX Runtime on "
+        "AVX-512 CPUs, whose NCHWc convolution kernels take channels in blocks of 16",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
+        help="ONNX Runtime thread counts to time latency at, each pinned in its own interleaved pass",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
-    parser.add_argument("--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only")
-    parser.add_argument("--distill", type=float, nargs="*", metavar="AMOUNT",
-                        help="also finetune the prunes of these ratios or --target-flops fractions (all prunes if none "
-                        "given) with an unpruned teacher (Ultralytics distill_model)")
-    parser.add_argument("--distill-weight", type=float, metavar="DIS",
-                        help="Ultralytics' distillation loss weight dis for --distill (default: Ultralytics', 6.0); "
-                        "points named -dis<DIS>")
-    parser.add_argument("--distill-teacher", nargs="+", choices=("base", "control"), default=["base"],
-                        help="the teachers for --distill: the base model, and/or the control (needs finetuning on)")
-    parser.add_argument("--extra-cycle", type=int, default=0, metavar="EPOCHS",
-                        help="a second training cycle of this many epochs for the control and every finetuned model")
-    parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE", dest="recipe_changes",
-                        help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
-                        "control alike (e.g. lr0=0.001); their stages are named by them")
-    parser.add_argument("--lane", choices=("control", "pruned"),
-                        help="train only the control, or only the other stages, and measure nothing (run both lanes at once)")
-    parser.add_argument("--name", default="results", help="write the results to NAME.json and NAME.md in the run folder")
+    parser.add_argument(
+        "--skip-finetune", action="store_true", help="stop after pruning: base, sparse and pruned points only"
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        nargs="*",
+        metavar="AMOUNT",
+        help="also finetune the prunes of these ratios or --target-flops fractions (all prunes if none "
+        "given) with an unpruned teacher (Ultralytics distill_model)",
+    )
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        metavar="DIS",
+        help="Ultralytics' distillation loss weight dis for --distill (default: Ultralytics', 6.0); "
+        "points named -dis<DIS>",
+    )
+    parser.add_argument(
+        "--distill-teacher",
+        nargs="+",
+        choices=("base", "control"),
+        default=["base"],
+        help="the teachers for --distill: the base model, and/or the control (needs finetuning on)",
+    )
+    parser.add_argument(
+        "--extra-cycle",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="a second training cycle of this many epochs for the control and every finetuned model",
+    )
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="recipe_changes",
+        help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
+        "control alike (e.g. lr0=0.001); their stages are named by them",
+    )
+    parser.add_argument(
+        "--lane",
+        choices=("control", "pruned"),
+        help="train only the control, or only the other stages, and measure nothing (run both lanes at once)",
+    )
+    parser.add_argument(
+        "--name", default="results", help="write the results to NAME.json and NAME.md in the run folder"
+    )
     args = parser.parse_args()
     if args.method == "l1" and args.sparse:
         parser.error("--sparse is for --method bn: --method l1 prunes the base model and trains no sparse one")
     if args.lane and args.skip_finetune:
-        parser.error("--lane splits the training between the control and the finetunes: --skip-finetune trains no control")
+        parser.error(
+            "--lane splits the training between the control and the finetunes: --skip-finetune trains no control"
+        )
     if args.lane and args.distill is not None and "control" in args.distill_teacher:
-        parser.error("--distill-teacher control needs the trained control: train the control lane first, then run without --lane")
+        parser.error(
+            "--distill-teacher control needs the trained control: train the control lane first, then run without --lane"
+        )
     if args.ratios is None:
         args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
 
@@ -159,14 +244,27 @@ def main() -> None:
     points = {"base": base}
     control_epochs = args.sparse_epochs + args.finetune_epochs
     trains_control = not args.skip_finetune and args.lane != "pruned"
-    control = _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs) if trains_control else None
+    control = (
+        _train(out, f"control-e{control_epochs}{recipe_tag}", base, data, recipe, control_epochs)
+        if trains_control
+        else None
+    )
     if args.lane == "control":
         return
     sparse_tag = _sparse_tag(args)
     if args.method == "bn":
-        sparsity = SparsityConfig(sr=args.sr, schedule=args.sr_schedule, include_head=INCLUDE_HEAD, weighting=args.sr_weighting,
-                                  stop_at_flops=args.stop_at_flops, round_to=args.round_to, min_keep=args.min_keep)
-        points["sparse"] = args.sparse or _train(out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs, sparsity=sparsity)
+        sparsity = SparsityConfig(
+            sr=args.sr,
+            schedule=args.sr_schedule,
+            include_head=INCLUDE_HEAD,
+            weighting=args.sr_weighting,
+            stop_at_flops=args.stop_at_flops,
+            round_to=args.round_to,
+            min_keep=args.min_keep,
+        )
+        points["sparse"] = args.sparse or _train(
+            out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs, sparsity=sparsity
+        )
     source = points.get("sparse", base)
     # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
     # the epochs after it stopped) goes to the finetune
@@ -181,23 +279,52 @@ def main() -> None:
         for compensate in (True, False):
             points[f"pruned-{tag}" + ("" if compensate else "-nocomp")] = _prune(out, source, config, tag, compensate)
         if not args.skip_finetune:
-            points[f"finetuned-{tag}"] = _train(out, f"finetune-{tag}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data, recipe, tune_epochs)
+            points[f"finetuned-{tag}"] = _train(
+                out, f"finetune-{tag}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data, recipe, tune_epochs
+            )
         for teacher in args.distill_teacher if not args.skip_finetune and _distilled(amount, args.distill) else ():
-            suffix = ("" if teacher == "base" else f"-{teacher}") + ("" if args.distill_weight is None else f"-dis{args.distill_weight}")
+            suffix = ("" if teacher == "base" else f"-{teacher}") + (
+                "" if args.distill_weight is None else f"-dis{args.distill_weight}"
+            )
             weight = {} if args.distill_weight is None else {"dis": args.distill_weight}
-            points[f"distilled-{tag}{suffix}"] = _train(out, f"distill-{tag}{suffix}-e{tune_epochs}{recipe_tag}", points[f"pruned-{tag}"], data,
-                                                        {**recipe, **weight}, tune_epochs, teacher=points[teacher])
+            points[f"distilled-{tag}{suffix}"] = _train(
+                out,
+                f"distill-{tag}{suffix}-e{tune_epochs}{recipe_tag}",
+                points[f"pruned-{tag}"],
+                data,
+                {**recipe, **weight},
+                tune_epochs,
+                teacher=points[teacher],
+            )
     if args.lane == "pruned":
         return
     if args.extra_cycle and not args.skip_finetune:
         points.update(_extra_cycle(out, points, data, recipe, args.extra_cycle))
 
     results = _measure(out, points, data, imgsz, args.threads)
-    results["settings"] = {**vars(args), "recipe": recipe, "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD}, "data": str(data)}
-    results["env"] = {"python": platform.python_version(), "cores": os.cpu_count(), "cpu": cpu_name(), "cpu_vector_isa": cpu_vector_isa(),
-                      "onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_threads": args.threads,
-                      "machine": platform.machine(), "torch": __import__("torch").__version__, "ultralytics": __import__("ultralytics").__version__}
-    results["command"] = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+    results["settings"] = {
+        **vars(args),
+        "recipe": recipe,
+        "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD},
+        "data": str(data),
+    }
+    results["env"] = {
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "cpu": cpu_name(),
+        "cpu_vector_isa": cpu_vector_isa(),
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "onnxruntime_threads": args.threads,
+        "machine": platform.machine(),
+        "torch": __import__("torch").__version__,
+        "ultralytics": __import__("ultralytics").__version__,
+    }
+    results["command"] = "python " + " ".join(
+        [
+            Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute() else sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
     write_text_atomic(out / f"{args.name}.json", json.dumps(results, indent=2, default=str))
     write_text_atomic(out / f"{args.name}.md", _markdown(results))
     print(_markdown(results))
@@ -210,12 +337,22 @@ def _smoke_data(out: Path, weights: Path) -> Path:
 
     config = default_config()
     nc = len(load_detection_checkpoint(weights)[0].names)
-    config = dataclasses.replace(config, image_size=96, object_size=(8, 48), splits={"train": 8, "val": 4}, classes=config.classes[:nc])
+    config = dataclasses.replace(
+        config, image_size=96, object_size=(8, 48), splits={"train": 8, "val": 4}, classes=config.classes[:nc]
+    )
     return ensure_synthetic_dataset(config, root=out / "data")
 
 
-def _train(out: Path, name: str, weights: Path, data: Path, recipe: dict, epochs: int, sparsity: SparsityConfig | None = None,
-           teacher: Path | None = None) -> Path:
+def _train(
+    out: Path,
+    name: str,
+    weights: Path,
+    data: Path,
+    recipe: dict,
+    epochs: int,
+    sparsity: SparsityConfig | None = None,
+    teacher: Path | None = None,
+) -> Path:
     """Train (or resume) one stage; its best.pt is the stage's output."""
     from yoloslim.utils.training import resume_point
 
@@ -247,8 +384,10 @@ def _extra_cycle(out: Path, points: dict, data: Path, recipe: dict, epochs: int)
     """The control and each finetuned model trained `epochs` more, each from its own best.pt, as a stage named after
     the one it continues."""
     trained = [name for name in points if name == "control" or name.startswith(("finetuned-", "distilled-"))]
-    return {f"{name}-plus{epochs}": _train(out, f"{_stage(points[name])}-plus{epochs}", points[name], data, recipe, epochs)
-            for name in trained}
+    return {
+        f"{name}-plus{epochs}": _train(out, f"{_stage(points[name])}-plus{epochs}", points[name], data, recipe, epochs)
+        for name in trained
+    }
 
 
 def _distilled(amount: dict, distill: list[float] | None) -> bool:
@@ -283,7 +422,9 @@ def _prune_tag(config: PruneConfig) -> str:
 
 def _guards_tag(min_keep: float, round_to: int) -> str:
     """A prune's per-layer minimum and rounding, each unless default."""
-    return ("" if min_keep == DEFAULT_MIN_KEEP else f"-mk{min_keep}") + ("" if round_to == DEFAULT_ROUND_TO else f"-r{round_to}")
+    return ("" if min_keep == DEFAULT_MIN_KEEP else f"-mk{min_keep}") + (
+        "" if round_to == DEFAULT_ROUND_TO else f"-r{round_to}"
+    )
 
 
 def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: bool) -> Path:
@@ -313,12 +454,25 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
         records[name] = predict_records(load_backend(weights), images, imgsz)
         metrics = summarise(records[name], names)
         onnx[name] = out / "onnx" / f"{_stage(weights)}.onnx"
-        if not onnx[name].exists() or onnx[name].stat().st_mtime < Path(weights).stat().st_mtime:  # a stage redone since
+        if (
+            not onnx[name].exists() or onnx[name].stat().st_mtime < Path(weights).stat().st_mtime
+        ):  # a stage redone since
             export_onnx(weights, imgsz=imgsz, out=onnx[name])  # the graph yoloslim deploys, as users get it
-        rows[name] = {**stats, "map": metrics.map, "map_ci95": metrics.ci95["map"], "map50": metrics.map50, "weights": str(weights),
-                      "gflops_reduction": None, "latency_ms_p50": {}, "speedup": {}, "speedup_ci95": {}}
+        rows[name] = {
+            **stats,
+            "map": metrics.map,
+            "map_ci95": metrics.ci95["map"],
+            "map50": metrics.map50,
+            "weights": str(weights),
+            "gflops_reduction": None,
+            "latency_ms_p50": {},
+            "speedup": {},
+            "speedup_ci95": {},
+        }
     for name, reference in _references(points).items():
-        delta, low, high = paired_bootstrap_delta(records[reference], records[name], num_classes=max(len(names), 1))["map"]
+        delta, low, high = paired_bootstrap_delta(records[reference], records[name], num_classes=max(len(names), 1))[
+            "map"
+        ]
         rows[name]["map_delta"] = {"against": reference, "delta": delta, "ci95": [low, high]}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     for n in threads:
@@ -336,7 +490,11 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
 def _stage(weights: Path) -> str:
     """What made a checkpoint: its training stage's folder, or its own file name. A point's name would not do: "sparse"
     and "control" are different models in runs with other settings."""
-    return weights.parents[1].name if weights.parent.name == "weights" and weights.name in ("best.pt", "last.pt") else weights.stem
+    return (
+        weights.parents[1].name
+        if weights.parent.name == "weights" and weights.name in ("best.pt", "last.pt")
+        else weights.stem
+    )
 
 
 def _references(points: dict) -> dict:
@@ -349,7 +507,7 @@ def _reference(name: str) -> str | None:
         return "base"
     if name.startswith("pruned-"):
         return "base" if name.startswith("pruned-l1-") else "sparse"
-    cycle = name[name.rfind("-plus"):] if "-plus" in name else ""
+    cycle = name[name.rfind("-plus") :] if "-plus" in name else ""
     if name == f"control{cycle}":
         return "control"
     return f"control{cycle}" if name.startswith(("finetuned-", "distilled-")) else None
@@ -357,6 +515,7 @@ def _reference(name: str) -> str | None:
 
 def _floors(rows: dict) -> list[dict]:
     """The issue's floors, checked at every prune that removes at least half of the GFLOPs."""
+
     def allowance(row):  # max(1 point, the CI half-width)
         lo, hi = row["map_ci95"]
         return max(0.01, (hi - lo) / 2)
@@ -368,16 +527,36 @@ def _floors(rows: dict) -> list[dict]:
         ratio = name.removeprefix("pruned-")
         for n, speedup in row["speedup"].items():
             low, high = row.get("speedup_ci95", {}).get(n, (None, None))
-            checks.append({"point": name, "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
-                           "value": speedup / row["gflops_reduction"], "needed": 0.85,
-                           "ci95": None if low is None else [low / row["gflops_reduction"], high / row["gflops_reduction"]]})
+            checks.append(
+                {
+                    "point": name,
+                    "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
+                    "value": speedup / row["gflops_reduction"],
+                    "needed": 0.85,
+                    "ci95": None if low is None else [low / row["gflops_reduction"], high / row["gflops_reduction"]],
+                }
+            )
         if _reference(name) == "sparse":  # the floor is for sparsity-trained models; an L1 prune of the base has none
             sparse = rows["sparse"]
-            checks.append({"point": name, "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
-                           "value": row["map"], "needed": sparse["map"] - allowance(sparse), "paired": row.get("map_delta")})
+            checks.append(
+                {
+                    "point": name,
+                    "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
+                    "value": row["map"],
+                    "needed": sparse["map"] - allowance(sparse),
+                    "paired": row.get("map_delta"),
+                }
+            )
         for tuned, control in _tuned_points(rows, ratio):
-            checks.append({"point": tuned, "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
-                           "value": rows[tuned]["map"], "needed": control["map"] - allowance(control), "paired": rows[tuned].get("map_delta")})
+            checks.append(
+                {
+                    "point": tuned,
+                    "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
+                    "value": rows[tuned]["map"],
+                    "needed": control["map"] - allowance(control),
+                    "paired": rows[tuned].get("map_delta"),
+                }
+            )
     for check in checks:
         check["met"] = check["value"] >= check["needed"]
     return checks
@@ -385,7 +564,9 @@ def _floors(rows: dict) -> list[dict]:
 
 def _tuned_points(rows: dict, ratio: str) -> list[tuple[str, dict]]:
     """Each finetune of this prune in the results, with the control it is judged by (same epochs)."""
-    tuned = re.compile(rf"(finetuned-{re.escape(ratio)}|distilled-{re.escape(ratio)}(-control)?(-dis[0-9.eE+-]+)?)(-plus[0-9]+)?")
+    tuned = re.compile(
+        rf"(finetuned-{re.escape(ratio)}|distilled-{re.escape(ratio)}(-control)?(-dis[0-9.eE+-]+)?)(-plus[0-9]+)?"
+    )
     return [(name, rows[_reference(name)]) for name in rows if tuned.fullmatch(name) and _reference(name) in rows]
 
 
@@ -395,23 +576,36 @@ def _budgets(settings: dict) -> str:
     elif settings["sparse"]:
         sparse = f"sparsity-trained checkpoint given ({settings['sparse']})"
     else:
-        sparse = (f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
-                  f"{settings.get('sr_weighting', 'uniform')} weighting)")
+        sparse = (
+            f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
+            f"{settings.get('sr_weighting', 'uniform')} weighting)"
+        )
         if settings.get("stop_at_flops") is not None:
-            sparse += (f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "
-                       f"(after {settings['sparse_epochs_used']} epochs)")
+            sparse += (
+                f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "
+                f"(after {settings['sparse_epochs_used']} epochs)"
+            )
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
-    teachers = "; ".join("distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}" for t in settings["distill_teacher"])
-    teachers += "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
+    teachers = "; ".join(
+        "distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}"
+        for t in settings["distill_teacher"]
+    )
+    teachers += (
+        "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
+    )
     recipe = settings["recipe"]
-    how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
+    how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (
+        f", nbs {recipe['nbs']}" if "nbs" in recipe else ""
+    )
     how += "".join(f", {change}" for change in settings.get("recipe_changes", []))
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
-    return (sparse + f"; finetune {settings['finetune_epochs_used']} epochs of {how} ({teachers}); "
-            f"control = unpruned, the same extra epochs, all with the finetune recipe{cycle}.")
+    return (
+        sparse + f"; finetune {settings['finetune_epochs_used']} epochs of {how} ({teachers}); "
+        f"control = unpruned, the same extra epochs, all with the finetune recipe{cycle}."
+    )
 
 
 def _delta(delta: dict | None) -> str:
@@ -430,27 +624,48 @@ def _check_interval(check: dict) -> str:
 def _markdown(results: dict) -> str:
     threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
     lines = [
-        f"# Pruning benchmark ({results['settings']['model']})", "", f"`{results['command']}`", "",
+        f"# Pruning benchmark ({results['settings']['model']})",
+        "",
+        f"`{results['command']}`",
+        "",
         f"ONNX Runtime {results['env']['onnxruntime']} CPU ({results['env']['cpu']}, {results['env']['cpu_vector_isa']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
         f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
-        f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}", "",
-        "| point | params | GFLOPs | GFLOPs ÷ | " + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads)
+        f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}",
+        "",
+        "| point | params | GFLOPs | GFLOPs ÷ | "
+        + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads)
         + " | mAP50-95 (95% CI) | mAP50-95 change, paired 95% CI (against) |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in threads) + " | --- | --- |",
     ]
     for name, r in results["points"].items():
         lo, hi = r["map_ci95"]
         timing = " | ".join(f"{r['latency_ms_p50'][n]:.2f} | {r['speedup'][n]:.2f}" for n in threads)
-        lines.append(f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} "
-                     f"| {r['map']:.3f} ({lo:.3f}-{hi:.3f}) | {_delta(r.get('map_delta'))} |")
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} "
+            f"| {r['map']:.3f} ({lo:.3f}-{hi:.3f}) | {_delta(r.get('map_delta'))} |"
+        )
     lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", ""]
     if not results["floors"]:
-        return "\n".join(lines + ["No prune here removes half of the GFLOPs, so no floor applies; prune further (`--target-flops 0.5`)."]) + "\n"
-    lines += ["Judged on the point estimates, as the floors are written; the interval beside a speed figure resamples the timing "
-              "rounds, the one beside an mAP is the paired change against the floor's reference.", "",
-              "| point | floor | value | interval | needed | met |", "| --- | --- | ---: | --- | ---: | --- |"]
-    lines += [f"| {c['point']} | {c['floor']} | {c['value']:.4f} | {_check_interval(c)} | {c['needed']:.4f} | {'yes' if c['met'] else '**no**'} |"
-              for c in results["floors"]]  # judged unrounded: 0.8499 of the reduction misses a 0.85 floor
+        return (
+            "\n".join(
+                lines
+                + [
+                    "No prune here removes half of the GFLOPs, so no floor applies; prune further (`--target-flops 0.5`)."
+                ]
+            )
+            + "\n"
+        )
+    lines += [
+        "Judged on the point estimates, as the floors are written; the interval beside a speed figure resamples the timing "
+        "rounds, the one beside an mAP is the paired change against the floor's reference.",
+        "",
+        "| point | floor | value | interval | needed | met |",
+        "| --- | --- | ---: | --- | ---: | --- |",
+    ]
+    lines += [
+        f"| {c['point']} | {c['floor']} | {c['value']:.4f} | {_check_interval(c)} | {c['needed']:.4f} | {'yes' if c['met'] else '**no**'} |"
+        for c in results["floors"]
+    ]  # judged unrounded: 0.8499 of the reduction misses a 0.85 floor
     return "\n".join(lines) + "\n"
 
 

@@ -46,8 +46,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # Ultralytics may have lowered it on import; pin and record it
     data = str(resolve_data(args.data))
-    common = dict(model=args.weights, data=data, imgsz=args.imgsz, batch=args.batch, nbs=args.batch, workers=0,
-                  plots=False, verbose=False, project=str(Path(args.out).parent / "work"), exist_ok=True, warmup_epochs=0)
+    common = dict(
+        model=args.weights,
+        data=data,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        nbs=args.batch,
+        workers=0,
+        plots=False,
+        verbose=False,
+        project=str(Path(args.out).parent / "work"),
+        exist_ok=True,
+        warmup_epochs=0,
+    )
     trainers = {
         "ultralytics": DetectionTrainer(overrides=dict(common, name="plain")),
         "yoloslim": SparsityTrainer(overrides=dict(common, name="sparse"), sparsity=SparsityConfig(sr=1e-3)),
@@ -61,7 +72,7 @@ def main() -> None:
 
     times = {name: [] for name in trainers}
     for i, batch in enumerate(batches):
-        for name in (list(trainers) if i % 2 == 0 else list(trainers)[::-1]):  # alternate who goes first
+        for name in list(trainers) if i % 2 == 0 else list(trainers)[::-1]:  # alternate who goes first
             elapsed = _time_step(trainers[name], batch)
             if i >= args.warmup:
                 times[name].append(elapsed)
@@ -77,8 +88,13 @@ def main() -> None:
         "steps_per_epoch": len(trainers["ultralytics"].train_loader),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"data": data},
         "torch_threads": torch.get_num_threads(),
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
-                "cores": os.cpu_count(), "ultralytics": __import__("ultralytics").__version__},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "ultralytics": __import__("ultralytics").__version__,
+        },
         "command": "python " + " ".join(sys.argv),
     }
     _write(result, Path(args.out))

@@ -38,11 +38,13 @@ RECIPES = {
         # without accumulation (eight times the steps) took it from 0.580 to 0.697, and a fifth at lr0 0.005 to
         # 0.723. Not flat: tools/bench_prune.py's control, 70 more epochs of this recipe, reached 0.751 (0.753 on another
         # machine), so that is the sixth stage; 30 more epochs after it moved it by -0.4 point (paired -1.2 to +0.4).
-        "then": [dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.001, close_mosaic=10, seed=0, workers=0),
-                 dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.0005, close_mosaic=10, seed=0, workers=0),
-                 dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0),
-                 dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0),
-                 dict(imgsz=320, epochs=70, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0)],
+        "then": [
+            dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.001, close_mosaic=10, seed=0, workers=0),
+            dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.0005, close_mosaic=10, seed=0, workers=0),
+            dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0),
+            dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0),
+            dict(imgsz=320, epochs=70, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0),
+        ],
     },
     "sparse": {
         "model": str(ROOT / "weights" / "yolov5n-synthetic.pt"),
@@ -53,7 +55,9 @@ RECIPES = {
         # of 122 steps). The six-class synthetic model keeps more live channels: sr 0.1 for 50 epochs left 71 % of its
         # gammas below 1e-2, too few for a free prune to half the GFLOPs; sr 0.2 left 80 %, still short of the 83 % that
         # a 2x prune at --round-to 16 removes (rounding up keeps more channels per layer): sr 0.3.
-        "train": dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0),
+        "train": dict(
+            imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0
+        ),
         "sparsity": dict(sr=0.3, schedule="constant", include_head=True),
     },
 }
@@ -63,8 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=sorted(RECIPES))
     parser.add_argument("--epochs", type=int, help="override the last stage's epochs (new runs only)")
-    parser.add_argument("--last-stage-from", metavar="PT", help="train only the last stage, from this checkpoint (the "
-                        "earlier stages' output, such as the shipped weights) instead of training every stage again")
+    parser.add_argument(
+        "--last-stage-from",
+        metavar="PT",
+        help="train only the last stage, from this checkpoint (the "
+        "earlier stages' output, such as the shipped weights) instead of training every stage again",
+    )
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     stages = [recipe["train"], *recipe.get("then", [])]
@@ -78,8 +86,14 @@ def main() -> None:
         last = ROOT / "runs" / "baseline" / name / "weights" / "last.pt"
         if not _finished(last):
             train_args = dict(stage, project=str(ROOT / "runs" / "baseline"), name=name, exist_ok=True)
-            _train(recipe, weights, data, train_args, resume=last if last.exists() else None,
-                   from_scratch=index == 0 and not args.last_stage_from)
+            _train(
+                recipe,
+                weights,
+                data,
+                train_args,
+                resume=last if last.exists() else None,
+                from_scratch=index == 0 and not args.last_stage_from,
+            )
         weights = str(last.with_name("best.pt"))
     out = ROOT / "weights" / recipe["out"]
     with atomic_path(out) as tmp:
@@ -108,14 +122,23 @@ def _measure(weights: Path, data: Path) -> dict:
     from yoloslim.evaluate import evaluate
 
     ckpt = torch.load(weights, map_location="cpu", weights_only=False)
-    ultralytics = {k: round(float(v), 4) for k, v in (ckpt.get("train_metrics") or {}).items() if k.startswith("metrics/")}
+    ultralytics = {
+        k: round(float(v), 4) for k, v in (ckpt.get("train_metrics") or {}).items() if k.startswith("metrics/")
+    }
     ours = evaluate(weights, data, imgsz=320)
     return {
         "ultralytics_val_at_best_epoch": ultralytics,
-        "yoloslim_eval": {"mAP50": round(ours.map50, 4), "mAP50-95": round(ours.map, 4),
-                          "mAP50_ci95": [round(v, 4) for v in ours.ci95["map50"]], "mAP50-95_ci95": [round(v, 4) for v in ours.ci95["map"]],
-                          "images": ours.images, "instances": ours.instances},
-        "epochs_trained": len(ckpt.get("train_results", {}).get("epoch", [])) if isinstance(ckpt.get("train_results"), dict) else None,
+        "yoloslim_eval": {
+            "mAP50": round(ours.map50, 4),
+            "mAP50-95": round(ours.map, 4),
+            "mAP50_ci95": [round(v, 4) for v in ours.ci95["map50"]],
+            "mAP50-95_ci95": [round(v, 4) for v in ours.ci95["map"]],
+            "images": ours.images,
+            "instances": ours.instances,
+        },
+        "epochs_trained": len(ckpt.get("train_results", {}).get("epoch", []))
+        if isinstance(ckpt.get("train_results"), dict)
+        else None,
     }
 
 
@@ -125,7 +148,13 @@ def _train(recipe: dict, weights: str, data: Path, train_args: dict, resume: Pat
     if "sparsity" in recipe:
         from yoloslim.sparsity import SparsityConfig, train_sparse
 
-        return train_sparse(str(resume or weights), SparsityConfig(**recipe["sparsity"]), data=str(data), resume=bool(resume), **train_args)
+        return train_sparse(
+            str(resume or weights),
+            SparsityConfig(**recipe["sparsity"]),
+            data=str(data),
+            resume=bool(resume),
+            **train_args,
+        )
     if resume:
         return YOLO(str(resume)).train(resume=True)
     return YOLO(weights).train(data=str(data), pretrained=not from_scratch, **train_args)

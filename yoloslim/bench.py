@@ -28,12 +28,17 @@ class Latency:
     rounds_ms: list = field(default_factory=list, repr=False)  # each round's calls, for intervals over rounds
 
     @classmethod
-    def from_rounds(cls, seconds: list) -> "Latency":
+    def from_rounds(cls, seconds: list) -> Latency:
         """From the calls' durations, one list per round."""
         rounds = np.asarray(seconds) * 1e3
         ms = rounds.ravel()
-        return cls(float(ms.mean()), *(float(np.percentile(ms, q)) for q in (50, 90, 99)), float(1e3 / np.median(ms)), len(ms),
-                   rounds.tolist())
+        return cls(
+            float(ms.mean()),
+            *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
+            float(1e3 / np.median(ms)),
+            len(ms),
+            rounds.tolist(),
+        )
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "rounds_ms"}
@@ -51,7 +56,9 @@ def speedup_interval(reference: Latency, variant: Latency, resamples: int = 2000
     return float(low), float(high)
 
 
-def compare_latency(variants: Dict[str, Callable[[], object]], rounds: int = 20, per_round: int = 5, warmup: int = 5) -> Dict[str, Latency]:
+def compare_latency(
+    variants: Dict[str, Callable[[], object]], rounds: int = 20, per_round: int = 5, warmup: int = 5
+) -> Dict[str, Latency]:
     """Time each zero-argument callable `rounds * per_round` times, interleaved round by round."""
     names = list(variants)
     for name in names:
@@ -59,7 +66,7 @@ def compare_latency(variants: Dict[str, Callable[[], object]], rounds: int = 20,
             variants[name]()
     samples = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             call = variants[name]
             samples[name].append([])
             for _ in range(per_round):
@@ -84,7 +91,9 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
         except ImportError:
             return stats
         graph = onnx.load(str(weights)).graph
-        stats["params"] = int(sum(numpy_helper.to_array(t).size for t in graph.initializer if t.data_type in (1, 3, 10)))
+        stats["params"] = int(
+            sum(numpy_helper.to_array(t).size for t in graph.initializer if t.data_type in (1, 3, 10))
+        )
     return stats
 
 
@@ -128,11 +137,36 @@ def environment(threads: int) -> dict:
         "cores": os.cpu_count(),
         "threads": threads,
         "max_temperature_c": max(temps) if temps else None,
-        **{k: v for k, v in found.items() if k in ("machine", "python", "L4T", "JetPack", "TensorRT", "onnxruntime", "numpy", "OpenCV", "torch", "power mode", "clocks")},
+        **{
+            k: v
+            for k, v in found.items()
+            if k
+            in (
+                "machine",
+                "python",
+                "L4T",
+                "JetPack",
+                "TensorRT",
+                "onnxruntime",
+                "numpy",
+                "OpenCV",
+                "torch",
+                "power mode",
+                "clocks",
+            )
+        },
     }
 
 
-def bench(weights: list, imgsz: int = 640, batch: int = 1, threads: Optional[int] = None, image: Optional[Path] = None, rounds: int = 20, per_round: int = 5) -> dict:
+def bench(
+    weights: list,
+    imgsz: int = 640,
+    batch: int = 1,
+    threads: Optional[int] = None,
+    image: Optional[Path] = None,
+    rounds: int = 20,
+    per_round: int = 5,
+) -> dict:
     """Model-only and end-to-end latency of each model, all interleaved in one run; sizes and environment."""
     import os
 
@@ -164,8 +198,16 @@ def bench(weights: list, imgsz: int = 640, batch: int = 1, threads: Optional[int
     results = []
     for name, meta in info.items():
         model, e2e = timed[f"{name}|model"], timed[f"{name}|end_to_end"]
-        results.append({"weights": name, **meta, "batch": batch, "model": model.as_dict(), "end_to_end": e2e.as_dict(),
-                        "fps_end_to_end": batch * e2e.fps})
+        results.append(
+            {
+                "weights": name,
+                **meta,
+                "batch": batch,
+                "model": model.as_dict(),
+                "end_to_end": e2e.as_dict(),
+                "fps_end_to_end": batch * e2e.fps,
+            }
+        )
     return {"results": results, "image": str(image), "environment": environment(threads)}
 
 
@@ -181,12 +223,18 @@ def bench_table(report: dict) -> str:
     def fmt(v, spec):
         return "not measured" if v is None else format(v, spec)
 
-    lines = ["| model | backend | params | GFLOPs | MB | model p50 ms | p90 | p99 | end-to-end p50 ms | FPS |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | backend | params | GFLOPs | MB | model p50 ms | p90 | p99 | end-to-end p50 ms | FPS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in report["results"]:
         m, e = r["model"], r["end_to_end"]
-        lines.append(f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | {r['size_mb']:.2f} | "
-                     f"{m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | {r['fps_end_to_end']:.1f} |")
+        lines.append(
+            f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | {r['size_mb']:.2f} | "
+            f"{m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | {r['fps_end_to_end']:.1f} |"
+        )
     env = report["environment"]
-    lines.append(f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; TensorRT {env.get('TensorRT') or 'not installed'}")
+    lines.append(
+        f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; TensorRT {env.get('TensorRT') or 'not installed'}"
+    )
     return "\n".join(lines)

@@ -50,17 +50,36 @@ def _add_train(commands) -> None:
     )
     sub.add_argument("--weights", help=f"detection checkpoint to train (default: the shipped {BASELINE})")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
-    sub.add_argument("--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)")
-    sub.add_argument("--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)")
+    sub.add_argument(
+        "--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)"
+    )
+    sub.add_argument(
+        "--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)"
+    )
     sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
-    sub.add_argument("--weighting", default="uniform", help="uniform: every gamma pays sr (default); flops: each pays sr "
-                     "times its channel's FLOPs over the mean (experimental: collapsed the shipped model at sr 0.3, see README)")
+    sub.add_argument(
+        "--weighting",
+        default="uniform",
+        help="uniform: every gamma pays sr (default); flops: each pays sr "
+        "times its channel's FLOPs over the mean (experimental: collapsed the shipped model at sr 0.3, see README)",
+    )
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
-    sub.add_argument("--stop-at-flops", type=float, metavar="FRACTION",
-                     help="end before --epochs once pruning the channels with |gamma| < 0.01 would keep at most this "
-                     "fraction of the GFLOPs: a prune to that size is then lossless (checked every epoch)")
-    sub.add_argument("--round-to", type=int, default=8, help="the rounding the later prune will use, for --stop-at-flops (default 8)")
-    sub.add_argument("--min-keep", type=float, default=0.1, help="the later prune's per-layer minimum, for --stop-at-flops (default 0.1)")
+    sub.add_argument(
+        "--stop-at-flops",
+        type=float,
+        metavar="FRACTION",
+        help="end before --epochs once pruning the channels with |gamma| < 0.01 would keep at most this "
+        "fraction of the GFLOPs: a prune to that size is then lossless (checked every epoch)",
+    )
+    sub.add_argument(
+        "--round-to", type=int, default=8, help="the rounding the later prune will use, for --stop-at-flops (default 8)"
+    )
+    sub.add_argument(
+        "--min-keep",
+        type=float,
+        default=0.1,
+        help="the later prune's per-layer minimum, for --stop-at-flops (default 0.1)",
+    )
     _add_ultralytics_train_args(sub)
     sub.set_defaults(run=_run_train)
 
@@ -70,7 +89,9 @@ def _add_ultralytics_train_args(sub) -> None:
     sub.add_argument("--imgsz", type=int)
     sub.add_argument("--batch", type=int)
     sub.add_argument("--device")
-    sub.add_argument("--project", help="runs go to PROJECT/NAME; Ultralytics puts a relative PROJECT under runs/detect/")
+    sub.add_argument(
+        "--project", help="runs go to PROJECT/NAME; Ultralytics puts a relative PROJECT under runs/detect/"
+    )
     sub.add_argument("--name")
     sub.add_argument("--resume", action="store_true", help="continue the run whose last.pt is --weights")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics train arguments")
@@ -85,8 +106,16 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.sparsity import SparsityConfig, train_sparse
     from yoloslim.utils.assets import shipped_file
 
-    config = SparsityConfig(sr=args.sr, schedule=args.schedule, final_ratio=args.final_ratio, include_head=args.include_head,
-                            weighting=args.weighting, stop_at_flops=args.stop_at_flops, round_to=args.round_to, min_keep=args.min_keep)
+    config = SparsityConfig(
+        sr=args.sr,
+        schedule=args.schedule,
+        final_ratio=args.final_ratio,
+        include_head=args.include_head,
+        weighting=args.weighting,
+        stop_at_flops=args.stop_at_flops,
+        round_to=args.round_to,
+        min_keep=args.min_keep,
+    )
     weights = args.weights or str(shipped_file("weights", BASELINE))
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0
@@ -102,16 +131,32 @@ def _add_prune(commands) -> None:
     sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
     how = sub.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove, before rounding")
-    how.add_argument("--threshold", type=float, help="remove channels whose score (|gamma| for --method bn) is below this")
+    how.add_argument(
+        "--threshold", type=float, help="remove channels whose score (|gamma| for --method bn) is below this"
+    )
     how.add_argument("--target-flops", type=float, help="fraction of the original GFLOPs to keep")
-    sub.add_argument("--method", default="bn", choices=["bn", "l1"], help="bn: BatchNorm |gamma| (default); l1: filter L1 norm")
-    sub.add_argument("--min-keep", type=float, default=0.1, help="per-layer minimum fraction of channels kept (default 0.1)")
-    sub.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (8 TensorRT FP16, "
-                     "32 INT8 on Orin, 16 ONNX Runtime on AVX-512 CPUs, 1 off)")
-    sub.add_argument("--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers")
+    sub.add_argument(
+        "--method", default="bn", choices=["bn", "l1"], help="bn: BatchNorm |gamma| (default); l1: filter L1 norm"
+    )
+    sub.add_argument(
+        "--min-keep", type=float, default=0.1, help="per-layer minimum fraction of channels kept (default 0.1)"
+    )
+    sub.add_argument(
+        "--round-to",
+        type=int,
+        default=8,
+        help="kept widths are multiples of this (8 TensorRT FP16, "
+        "32 INT8 on Orin, 16 ONNX Runtime on AVX-512 CPUs, 1 off)",
+    )
+    sub.add_argument(
+        "--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers"
+    )
     sub.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figures (default 640)")
-    sub.add_argument("--out", help="output checkpoint (default: <weights>-pruned.pt beside the input, or under "
-                     "runs/prune/ for the shipped weights; never overwriting)")
+    sub.add_argument(
+        "--out",
+        help="output checkpoint (default: <weights>-pruned.pt beside the input, or under "
+        "runs/prune/ for the shipped weights; never overwriting)",
+    )
     sub.add_argument("--dry-run", action="store_true", help="print the plan (widths, GFLOPs, params) and write nothing")
     sub.set_defaults(run=_run_prune)
 
@@ -122,8 +167,14 @@ def _run_prune(args: argparse.Namespace) -> int:
     from yoloslim.utils.assets import shipped_file
 
     config = PruneConfig(
-        method=args.method, ratio=args.ratio, threshold=args.threshold, target_flops=args.target_flops,
-        min_keep=args.min_keep, round_to=args.round_to, compensate=not args.no_compensate, imgsz=args.imgsz,
+        method=args.method,
+        ratio=args.ratio,
+        threshold=args.threshold,
+        target_flops=args.target_flops,
+        min_keep=args.min_keep,
+        round_to=args.round_to,
+        compensate=not args.no_compensate,
+        imgsz=args.imgsz,
     )
     weights = args.weights or str(shipped_file("weights", SPARSE_BASELINE))
     result = prune(weights, config, out=args.out, dry_run=args.dry_run)
@@ -176,7 +227,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from yoloslim.evaluate import model_records, paired_bootstrap_delta, summarise
 
     compare = len(args.weights) > 1 and args.bootstrap > 0
-    print("| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |" + (" mAP50-95 change vs first, paired 95% CI |" if compare else ""))
+    print(
+        "| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |"
+        + (" mAP50-95 change vs first, paired 95% CI |" if compare else "")
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" --- |" if compare else ""))
     first = None
     for weights in args.weights:
@@ -187,10 +241,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         if compare and first is None:
             first, change = records, " |"
         elif compare:
-            delta, low, high = paired_bootstrap_delta(first, records, num_classes=max(len(names), 1), samples=args.bootstrap)["map"]
+            delta, low, high = paired_bootstrap_delta(
+                first, records, num_classes=max(len(names), 1), samples=args.bootstrap
+            )["map"]
             change = f" {100 * delta:+.1f} pt ({100 * low:+.1f} to {100 * high:+.1f}) |"
-        print(f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
-              f"{r.recall:.3f} | {r.images} | {r.instances} |{change}")
+        print(
+            f"| {weights} | {r.map50:.3f}{ci.get('map50', '')} | {r.map:.3f}{ci.get('map', '')} | {r.precision:.3f} | "
+            f"{r.recall:.3f} | {r.images} | {r.instances} |{change}"
+        )
     return 0
 
 
@@ -210,9 +268,14 @@ def _add_export(commands) -> None:
     sub.add_argument("--dynamic", action="store_true", help="dynamic batch (engines get a profile up to --max-batch)")
     sub.add_argument("--max-batch", type=int, default=8)
     sub.add_argument("--workspace", type=float, default=2.0, help="TensorRT workspace, GiB")
-    sub.add_argument("--raw", action="store_true", help="bare TensorRT plan without the metadata header (trtexec, DeepStream)")
-    sub.add_argument("--version-compatible", action="store_true",
-                     help="an engine that later TensorRT releases of the same major version can run (TensorRT 8.6+)")
+    sub.add_argument(
+        "--raw", action="store_true", help="bare TensorRT plan without the metadata header (trtexec, DeepStream)"
+    )
+    sub.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="an engine that later TensorRT releases of the same major version can run (TensorRT 8.6+)",
+    )
     sub.add_argument("--out", help="output file (default: beside the input)")
     sub.set_defaults(run=_run_export)
 
@@ -220,15 +283,25 @@ def _add_export(commands) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from yoloslim.export import ExportConfig, export
 
-    config = ExportConfig(format=args.format, precision=args.precision, imgsz=args.imgsz, batch=args.batch,
-                          dynamic=args.dynamic, max_batch=args.max_batch, workspace=args.workspace, raw=args.raw,
-                          version_compatible=args.version_compatible)
+    config = ExportConfig(
+        format=args.format,
+        precision=args.precision,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        dynamic=args.dynamic,
+        max_batch=args.max_batch,
+        workspace=args.workspace,
+        raw=args.raw,
+        version_compatible=args.version_compatible,
+    )
     print(f"wrote {export(args.weights, config, data=args.data, out=args.out)}")
     return 0
 
 
 def _add_detect(commands) -> None:
-    sub = commands.add_parser("detect", help="run a model on an image, folder, video or camera (torch-free for .onnx/.engine)")
+    sub = commands.add_parser(
+        "detect", help="run a model on an image, folder, video or camera (torch-free for .onnx/.engine)"
+    )
     sub.add_argument("--weights", required=True, help="model.engine, model.onnx or model.pt")
     sub.add_argument("--source", required=True, help="image, folder, video file, camera index or stream URL")
     sub.add_argument("--conf", type=float, default=0.25)
@@ -245,14 +318,24 @@ def _run_detect(args: argparse.Namespace) -> int:
     from yoloslim.runtime.backends import load_backend
     from yoloslim.runtime.detect import DetectConfig, detect
 
-    config = DetectConfig(conf=args.conf, iou=args.iou, imgsz=args.imgsz, save=args.save, show=args.show, project=args.project, name=args.name)
+    config = DetectConfig(
+        conf=args.conf,
+        iou=args.iou,
+        imgsz=args.imgsz,
+        save=args.save,
+        show=args.show,
+        project=args.project,
+        name=args.name,
+    )
     print(f"results in {detect(load_backend(args.weights), args.source, config)}")
     return 0
 
 
 def _add_doctor(commands) -> None:
     sub = commands.add_parser("doctor", help="what this device has, and what each command needs")
-    sub.add_argument("--selftest", action="store_true", help="build and run a small shipped engine, compare with a reference")
+    sub.add_argument(
+        "--selftest", action="store_true", help="build and run a small shipped engine, compare with a reference"
+    )
     sub.set_defaults(run=_run_doctor)
 
 
@@ -269,10 +352,14 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 def _add_bench(commands) -> None:
     sub = commands.add_parser("bench", help="latency (mean, p50, p90, p99) and FPS, model alone and end to end")
-    sub.add_argument("--weights", nargs="+", required=True, help="models to compare (.pt, .onnx, .engine), timed interleaved")
+    sub.add_argument(
+        "--weights", nargs="+", required=True, help="models to compare (.pt, .onnx, .engine), timed interleaved"
+    )
     sub.add_argument("--imgsz", type=int, default=640, help="input size for models without a fixed one")
     sub.add_argument("--batch", type=int, default=1)
-    sub.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores), recorded")
+    sub.add_argument(
+        "--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores), recorded"
+    )
     sub.add_argument("--source", help="image decoded in the end-to-end timing (default: one of the embedded dataset)")
     sub.add_argument("--project", default="runs/bench")
     sub.add_argument("--name", default="bench")
@@ -340,9 +427,20 @@ def _run_slim(args: argparse.Namespace) -> int:
     from yoloslim.slim import SlimConfig, slim
 
     started = time.time()
-    config = SlimConfig(weights=args.weights, data=args.data, target_flops=args.target_flops, ratio=args.ratio,
-                        epochs_sparse=args.epochs_sparse, epochs_finetune=args.epochs_finetune, imgsz=args.imgsz,
-                        batch=args.batch, precision=args.precision, threads=args.threads, project=args.project, name=args.name)
+    config = SlimConfig(
+        weights=args.weights,
+        data=args.data,
+        target_flops=args.target_flops,
+        ratio=args.ratio,
+        epochs_sparse=args.epochs_sparse,
+        epochs_finetune=args.epochs_finetune,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        precision=args.precision,
+        threads=args.threads,
+        project=args.project,
+        name=args.name,
+    )
     report = slim(config)
     print(f"\nreport: {report}  ({(time.time() - started) / 60:.1f} min)")
     return 0
@@ -351,8 +449,16 @@ def _run_slim(args: argparse.Namespace) -> int:
 # Ultralytics arguments that yoloslim sets itself: each with the option to use instead. `model` and `pretrained`
 # would swap the checkpoint being trained for another (the unpruned one, say) without a word.
 _OWN_OPTION = {
-    "data": "--data", "resume": "--resume", "epochs": "--epochs", "imgsz": "--imgsz", "batch": "--batch",
-    "device": "--device", "project": "--project", "name": "--name", "model": "--weights", "pretrained": "--weights",
+    "data": "--data",
+    "resume": "--resume",
+    "epochs": "--epochs",
+    "imgsz": "--imgsz",
+    "batch": "--batch",
+    "device": "--device",
+    "project": "--project",
+    "name": "--name",
+    "model": "--weights",
+    "pretrained": "--weights",
     "distill_model": "yoloslim finetune --teacher",
 }
 

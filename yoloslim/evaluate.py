@@ -146,12 +146,19 @@ def precision_recall_at_best_f1(records: list, num_classes: int) -> tuple[float,
 def bootstrap_ci(records: list, num_classes: int, samples: int = 1000, seed: int = 0) -> dict:
     """95% percentile intervals of mAP50 and mAP50-95 over images resampled with replacement."""
     rng = np.random.default_rng(seed)
-    values = np.array([mean_ap([records[i] for i in rng.integers(0, len(records), len(records))], num_classes) for _ in range(samples)])
+    values = np.array(
+        [
+            mean_ap([records[i] for i in rng.integers(0, len(records), len(records))], num_classes)
+            for _ in range(samples)
+        ]
+    )
     low, high = np.percentile(values, [2.5, 97.5], axis=0)
     return {"map50": (float(low[0]), float(high[0])), "map": (float(low[1]), float(high[1]))}
 
 
-def paired_bootstrap_delta(records_a: list, records_b: list, num_classes: int, samples: int = 1000, seed: int = 0) -> dict:
+def paired_bootstrap_delta(
+    records_a: list, records_b: list, num_classes: int, samples: int = 1000, seed: int = 0
+) -> dict:
     """mAP(b) - mAP(a) on the same images, with a 95% interval from resampling images jointly (paired)."""
     if len(records_a) != len(records_b):
         raise ValueError("paired comparison needs the same images for both models")
@@ -193,7 +200,9 @@ def split_images(data_yaml: str | Path, split: str = "val") -> tuple[list[Path],
     data_yaml = Path(data_yaml)
     spec = yaml.safe_load(data_yaml.read_text())
     if split not in spec:
-        raise YoloslimError(f"{data_yaml} has no '{split}' split; use --split with one of {', '.join(k for k in ('train', 'val', 'test') if k in spec)}")
+        raise YoloslimError(
+            f"{data_yaml} has no '{split}' split; use --split with one of {', '.join(k for k in ('train', 'val', 'test') if k in spec)}"
+        )
     root = (data_yaml.parent / spec.get("path", "")).resolve()  # Ultralytics resolves a relative path from the yaml
     names = spec["names"] if isinstance(spec["names"], dict) else dict(enumerate(spec["names"]))
     images = []
@@ -240,13 +249,17 @@ def _label_row(path: Path, line: str) -> list[float]:
     if len(values) >= 7 and len(values) % 2:
         xs, ys = values[1::2], values[2::2]
         return [values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
-    raise YoloslimError(f"{path}: cannot read the label line {line.strip()!r}; YOLO labels are 'class cx cy w h' or a polygon, one per line")
+    raise YoloslimError(
+        f"{path}: cannot read the label line {line.strip()!r}; YOLO labels are 'class cx cy w h' or a polygon, one per line"
+    )
 
 
 # -- backends and the evaluation loop -----------------------------------------------------------------------------------
 
 
-def predict_records(backend: Callable, images: Iterable[Path], imgsz: int, conf: float = 0.001, iou: float = 0.7, progress: bool = True) -> list:
+def predict_records(
+    backend: Callable, images: Iterable[Path], imgsz: int, conf: float = 0.001, iou: float = 0.7, progress: bool = True
+) -> list:
     """Run the backend over the images (batch 1) and match each image's detections to its labels."""
     import cv2
 
@@ -268,7 +281,13 @@ def predict_records(backend: Callable, images: Iterable[Path], imgsz: int, conf:
     return records
 
 
-def model_records(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", threads: int | None = None) -> tuple[list, dict]:
+def model_records(
+    weights: str | Path,
+    data: str | Path | None = None,
+    imgsz: int = 640,
+    split: str = "val",
+    threads: int | None = None,
+) -> tuple[list, dict]:
     """One model's matched detections on every image of the split, and the dataset's class names."""
     from yoloslim.data import resolve_data
 
@@ -279,7 +298,14 @@ def model_records(weights: str | Path, data: str | Path | None = None, imgsz: in
     return predict_records(backend, images, backend.imgsz or imgsz), names
 
 
-def evaluate(weights: str | Path, data: str | Path | None = None, imgsz: int = 640, split: str = "val", bootstrap: int = 1000, threads: int | None = None) -> EvalResult:
+def evaluate(
+    weights: str | Path,
+    data: str | Path | None = None,
+    imgsz: int = 640,
+    split: str = "val",
+    bootstrap: int = 1000,
+    threads: int | None = None,
+) -> EvalResult:
     """mAP50, mAP50-95 (with 95% bootstrap intervals), precision, recall and per-class AP of one model."""
     records, names = model_records(weights, data, imgsz, split, threads)
     return summarise(records, names, bootstrap=bootstrap)

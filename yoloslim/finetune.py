@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
+
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
@@ -22,14 +23,22 @@ class FinetuneTrainer(SafeDetectionTrainer):
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, nn.Module):
-            raise YoloslimError("finetuning starts from a checkpoint's model; pass --weights pruned.pt, not a model yaml")
+            raise YoloslimError(
+                "finetuning starts from a checkpoint's model; pass --weights pruned.pt, not a model yaml"
+            )
         return trainable_copy(weights, self.data["nc"])
 
     def checkpoint_extras(self) -> dict:
         return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
 
 
-def finetune(weights: str | Path, data: str | Path | None = None, teacher: str | Path | None = None, resume: bool = False, **train_args):
+def finetune(
+    weights: str | Path,
+    data: str | Path | None = None,
+    teacher: str | Path | None = None,
+    resume: bool = False,
+    **train_args,
+):
     """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics."""
     from ultralytics import YOLO
 

@@ -68,15 +68,23 @@ class Pipeline:
         self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project under runs/detect
+        self.run = (
+            Path(config.project) / config.name
+        ).resolve()  # Ultralytics nests a relative project under runs/detect
         self.run.mkdir(parents=True, exist_ok=True)
         self.state_file = self.run / "state.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {"config": asdict(config), "stages": {}}
+        self.state = (
+            json.loads(self.state_file.read_text())
+            if self.state_file.exists()
+            else {"config": asdict(config), "stages": {}}
+        )
         current = asdict(config)
         changed = [f"{k} {v} -> {current.get(k)}" for k, v in self.state["config"].items() if current.get(k) != v]
         if changed:
             settings = ", ".join(changed)
-            raise YoloslimError(f"{self.run} holds a slim run with other settings ({settings}); repeat its settings to resume it, or give --name for a new run")
+            raise YoloslimError(
+                f"{self.run} holds a slim run with other settings ({settings}); repeat its settings to resume it, or give --name for a new run"
+            )
         self.epochs_finetune = config.epochs_finetune or (5 if self.embedded else 20)
 
     def done(self, stage: str) -> Optional[dict]:
@@ -97,7 +105,15 @@ class Pipeline:
         return self.run / "report" / "report.html"
 
     def _train_args(self, name: str, epochs: int) -> dict:
-        return dict(project=str(self.run), name=name, exist_ok=True, epochs=epochs, imgsz=self.config.imgsz, batch=self.config.batch, workers=0)
+        return dict(
+            project=str(self.run),
+            name=name,
+            exist_ok=True,
+            epochs=epochs,
+            imgsz=self.config.imgsz,
+            batch=self.config.batch,
+            workers=0,
+        )
 
     def stage_sparse(self) -> dict:
         from yoloslim.sparsity import SparsityConfig, train_sparse
@@ -112,8 +128,16 @@ class Pipeline:
         start = resume_point(last, self.input)
         if start:
             # the recipe that split ../shared's license-plate model into kept and zero gammas in 30 epochs (README)
-            train_args = dict(self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8)
-            train_sparse(str(start[0]), SparsityConfig(sr=0.1, include_head=True), data=str(self.data), resume=start[1], **train_args)
+            train_args = dict(
+                self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8
+            )
+            train_sparse(
+                str(start[0]),
+                SparsityConfig(sr=0.1, include_head=True),
+                data=str(self.data),
+                resume=start[1],
+                **train_args,
+            )
         return {"weights": str(last.with_name("best.pt")), "skipped": False}
 
     def stage_prune(self) -> dict:
@@ -145,7 +169,9 @@ class Pipeline:
         # what TensorRT 11 needs for FP16 (strong typing); its accuracy is checked here, before any device sees it
         onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=self.run / "export" / "finetuned-fp16.onnx"))
         if self.config.precision == "int8":
-            onnx["finetuned-int8"] = str(quantize_int8(onnx["finetuned"], self.data, out=self.run / "export" / "finetuned-int8.onnx"))
+            onnx["finetuned-int8"] = str(
+                quantize_int8(onnx["finetuned"], self.data, out=self.run / "export" / "finetuned-int8.onnx")
+            )
         return {"onnx": onnx}
 
     def variants(self) -> list[dict]:
@@ -153,24 +179,84 @@ class Pipeline:
         import importlib.util
 
         stages = self.state["stages"]
-        found = [{"name": "base", "stage": "base", "backend": "PyTorch", "precision": "fp32", "weights": str(self.base)}]
+        found = [
+            {"name": "base", "stage": "base", "backend": "PyTorch", "precision": "fp32", "weights": str(self.base)}
+        ]
         if stages["sparse"]["weights"] != str(self.base):
-            found.append({"name": "sparse", "stage": "sparse", "backend": "PyTorch", "precision": "fp32", "weights": stages["sparse"]["weights"]})
+            found.append(
+                {
+                    "name": "sparse",
+                    "stage": "sparse",
+                    "backend": "PyTorch",
+                    "precision": "fp32",
+                    "weights": stages["sparse"]["weights"],
+                }
+            )
         found += [
-            {"name": "pruned", "stage": "pruned", "backend": "PyTorch", "precision": "fp32", "weights": stages["prune"]["weights"]},
-            {"name": "finetuned", "stage": "finetuned", "backend": "PyTorch", "precision": "fp32", "weights": stages["finetune"]["weights"]},
-            {"name": "base ONNX", "stage": "base", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["base"]},
-            {"name": "finetuned ONNX", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "fp32", "weights": stages["export"]["onnx"]["finetuned"]},
+            {
+                "name": "pruned",
+                "stage": "pruned",
+                "backend": "PyTorch",
+                "precision": "fp32",
+                "weights": stages["prune"]["weights"],
+            },
+            {
+                "name": "finetuned",
+                "stage": "finetuned",
+                "backend": "PyTorch",
+                "precision": "fp32",
+                "weights": stages["finetune"]["weights"],
+            },
+            {
+                "name": "base ONNX",
+                "stage": "base",
+                "backend": "ONNX Runtime",
+                "precision": "fp32",
+                "weights": stages["export"]["onnx"]["base"],
+            },
+            {
+                "name": "finetuned ONNX",
+                "stage": "finetuned",
+                "backend": "ONNX Runtime",
+                "precision": "fp32",
+                "weights": stages["export"]["onnx"]["finetuned"],
+            },
         ]
         if "finetuned-fp16" in stages["export"]["onnx"]:
-            found.append({"name": "finetuned FP16 ONNX", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "fp16", "weights": stages["export"]["onnx"]["finetuned-fp16"]})
+            found.append(
+                {
+                    "name": "finetuned FP16 ONNX",
+                    "stage": "finetuned",
+                    "backend": "ONNX Runtime",
+                    "precision": "fp16",
+                    "weights": stages["export"]["onnx"]["finetuned-fp16"],
+                }
+            )
         if "finetuned-int8" in stages["export"]["onnx"]:
-            found.append({"name": "finetuned INT8 Q/DQ", "stage": "finetuned", "backend": "ONNX Runtime", "precision": "int8", "weights": stages["export"]["onnx"]["finetuned-int8"]})
+            found.append(
+                {
+                    "name": "finetuned INT8 Q/DQ",
+                    "stage": "finetuned",
+                    "backend": "ONNX Runtime",
+                    "precision": "int8",
+                    "weights": stages["export"]["onnx"]["finetuned-int8"],
+                }
+            )
         has_trt = importlib.util.find_spec("tensorrt") is not None
         for precision in ("fp16", self.config.precision) if self.config.precision == "int8" else ("fp16",):
-            found.append({"name": f"finetuned TensorRT {precision.upper()}", "stage": "finetuned", "backend": f"TensorRT {precision.upper()}",
-                          "precision": precision, "weights": None, "note": "not measured: build the engine with yoloslim export --format engine, then "
-                          "yoloslim eval and bench" if has_trt else "not measured: no TensorRT on this machine"})
+            found.append(
+                {
+                    "name": f"finetuned TensorRT {precision.upper()}",
+                    "stage": "finetuned",
+                    "backend": f"TensorRT {precision.upper()}",
+                    "precision": precision,
+                    "weights": None,
+                    "note": "not measured: build the engine with yoloslim export --format engine, then "
+                    "yoloslim eval and bench"
+                    if has_trt
+                    else "not measured: no TensorRT on this machine",
+                }
+            )
         return found
 
     def stage_evaluate(self) -> dict:
@@ -179,7 +265,9 @@ class Pipeline:
         results = {}
         for v in self.variants():
             if v["weights"]:
-                results[v["name"]] = evaluate(v["weights"], self.data, imgsz=self.config.imgsz, threads=self.config.threads).as_dict()
+                results[v["name"]] = evaluate(
+                    v["weights"], self.data, imgsz=self.config.imgsz, threads=self.config.threads
+                ).as_dict()
         return {"results": results}
 
     def stage_bench(self) -> dict:
@@ -188,7 +276,10 @@ class Pipeline:
         measured = [v for v in self.variants() if v["weights"]]
         report = bench([v["weights"] for v in measured], imgsz=self.config.imgsz, threads=self.config.threads)
         by_weights = {r["weights"]: r for r in report["results"]}
-        return {"results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured}, "environment": report["environment"]}
+        return {
+            "results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured},
+            "environment": report["environment"],
+        }
 
     def stage_report(self) -> dict:
         from yoloslim.report import SUMMARY, write_report
@@ -197,11 +288,20 @@ class Pipeline:
         stages = self.state["stages"]
         variants = []
         for v in self.variants():
-            variants.append({**v, "eval": stages["evaluate"]["results"].get(v["name"]), "bench": stages["bench"]["results"].get(v["name"])})
+            variants.append(
+                {
+                    **v,
+                    "eval": stages["evaluate"]["results"].get(v["name"]),
+                    "bench": stages["bench"]["results"].get(v["name"]),
+                }
+            )
         summary = {
             "name": f"{self.config.name}: {self.input.name} on {Path(self.data).parent.name}",
-            "data": str(self.data), "imgsz": self.config.imgsz, "environment": stages["bench"]["environment"],
-            "variants": variants, "prune": {"widths": stages["prune"]["widths"]},
+            "data": str(self.data),
+            "imgsz": self.config.imgsz,
+            "environment": stages["bench"]["environment"],
+            "variants": variants,
+            "prune": {"widths": stages["prune"]["widths"]},
             "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
         }
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))

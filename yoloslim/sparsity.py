@@ -83,10 +83,14 @@ class SparsityConfig:
         if not 0 <= self.final_ratio <= 1:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
         if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
-            raise YoloslimError(f"--stop-at-flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1); got {self.stop_at_flops}")
+            raise YoloslimError(
+                f"--stop-at-flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1); got {self.stop_at_flops}"
+            )
         if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
-            raise YoloslimError(f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
-                                f"{self.round_to} and {self.min_keep}")
+            raise YoloslimError(
+                f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
+                f"{self.round_to} and {self.min_keep}"
+            )
 
     def sr_at(self, epoch: int, epochs: int) -> float:
         """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
@@ -122,8 +126,9 @@ def channel_flops_prices(model: nn.Module, include_head: bool, imgsz: int) -> li
     flops = channel_flops(unwrap_model(model), imgsz)
     missing = [name for name, _ in named if name not in flops]
     if missing:
-        raise YoloslimError(f"no channel group for {', '.join(missing[:3])}: FLOPs weighting cannot price them; "
-                            "use weighting='uniform'")
+        raise YoloslimError(
+            f"no channel group for {', '.join(missing[:3])}: FLOPs weighting cannot price them; use weighting='uniform'"
+        )
     channels = np.array([bn.num_features for _, bn in named])
     costs = np.array([flops[name] for name, _ in named])
     return (costs * channels.sum() / np.dot(costs, channels)).tolist()
@@ -133,8 +138,16 @@ def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) 
     """The fraction of GFLOPs kept by pruning exactly the channels whose |gamma| is below config.zero_gamma."""
     from yoloslim.prune import PruneConfig, prune_model
 
-    result = prune_model(unwrap_model(model), PruneConfig(threshold=config.zero_gamma, round_to=config.round_to, min_keep=config.min_keep,
-                                                           imgsz=imgsz, compensate=False))
+    result = prune_model(
+        unwrap_model(model),
+        PruneConfig(
+            threshold=config.zero_gamma,
+            round_to=config.round_to,
+            min_keep=config.min_keep,
+            imgsz=imgsz,
+            compensate=False,
+        ),
+    )
     return result.after["gflops"] / result.before["gflops"]
 
 
@@ -209,10 +222,15 @@ class SparsityTrainer(SafeDetectionTrainer):
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
         batchnorms = [bn for _, bn in prunable_batchnorms(model, self.sparsity.include_head)]
-        prices = (channel_flops_prices(model, self.sparsity.include_head, self.args.imgsz) if self.sparsity.weighting == "flops"
-                  else [1.0] * len(batchnorms))
+        prices = (
+            channel_flops_prices(model, self.sparsity.include_head, self.args.imgsz)
+            if self.sparsity.weighting == "flops"
+            else [1.0] * len(batchnorms)
+        )
         price = {id(bn.weight): p for bn, p in zip(batchnorms, prices)}
-        self._gamma_groups = [[(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups]
+        self._gamma_groups = [
+            [(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups
+        ]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
         # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
@@ -247,8 +265,10 @@ class SparsityTrainer(SafeDetectionTrainer):
             return {}
         kept = zeroed_flops_fraction(self.ema.ema, self.sparsity, self.args.imgsz)
         if kept <= target:
-            LOGGER.info(f"Sparsity: pruning the channels below |gamma| {self.sparsity.zero_gamma} keeps {kept:.3f} of the GFLOPs "
-                        f"(target {target}); ending the run after epoch {self.epoch + 1}.")
+            LOGGER.info(
+                f"Sparsity: pruning the channels below |gamma| {self.sparsity.zero_gamma} keeps {kept:.3f} of the GFLOPs "
+                f"(target {target}); ending the run after epoch {self.epoch + 1}."
+            )
             self.stop = True
         return {"sparsity/zeroed_flops": kept}
 
@@ -285,7 +305,9 @@ def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray
     return history
 
 
-def train_sparse(weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args):
+def train_sparse(
+    weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args
+):
     """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under `yoloslim train`."""
     from ultralytics import YOLO
 
@@ -300,4 +322,11 @@ def train_sparse(weights: str, config: SparsityConfig | None = None, data: str |
     return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)
 
 
-__all__ = ["channel_flops_prices", "SparsityConfig", "SparsityTrainer", "SparsityCallback", "train_sparse", "prunable_batchnorms"]
+__all__ = [
+    "channel_flops_prices",
+    "SparsityConfig",
+    "SparsityTrainer",
+    "SparsityCallback",
+    "train_sparse",
+    "prunable_batchnorms",
+]

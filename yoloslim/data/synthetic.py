@@ -37,12 +37,14 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not 0 < self.object_size[0] <= self.object_size[1] <= self.image_size:
-            raise YoloslimError(f"object_size {self.object_size} must be increasing and fit image_size {self.image_size}")
+            raise YoloslimError(
+                f"object_size {self.object_size} must be increasing and fit image_size {self.image_size}"
+            )
         if not self.classes:
             raise YoloslimError("the synthetic dataset needs at least one class")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SyntheticConfig":
+    def from_yaml(cls, path: str | Path) -> SyntheticConfig:
         raw = yaml.safe_load(Path(path).read_text())
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
@@ -97,7 +99,9 @@ def render_image(config: SyntheticConfig, rng: np.random.Generator) -> tuple[np.
     """Draw one image; return it (BGR uint8) and its YOLO labels (class, cx, cy, w, h normalised)."""
     size = config.image_size
     image = _background(size, rng)
-    masks = [(None, _distractor_mask(size, rng)) for _ in range(rng.integers(*config.distractors_per_image, endpoint=True))]
+    masks = [
+        (None, _distractor_mask(size, rng)) for _ in range(rng.integers(*config.distractors_per_image, endpoint=True))
+    ]
     masks += [_object_mask(config, rng) for _ in range(rng.integers(*config.objects_per_image, endpoint=True))]
     order = rng.permutation(len(masks))  # painting order decides who occludes whom
     masks = [masks[i] for i in order]
@@ -156,7 +160,9 @@ def _object_mask(config: SyntheticConfig, rng: np.random.Generator) -> tuple[int
         for theta in (angle, angle + np.pi / 2):
             direction = np.array([np.cos(theta), np.sin(theta)])
             normal = np.array([-direction[1], direction[0]])
-            corners = [center + s * radius * direction + t * arm * normal for s, t in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+            corners = [
+                center + s * radius * direction + t * arm * normal for s, t in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+            ]
             cv2.fillPoly(mask, [np.round(corners).astype(np.int32)], 1)
     else:
         cv2.fillPoly(mask, [_polygon(shape, center, radius, angle, aspect)], 1)
@@ -204,7 +210,11 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     period = rng.uniform(4, 40)
     theta = rng.uniform(0, np.pi)
     phase = (xx * np.cos(theta) + yy * np.sin(theta)) / period
-    texture = np.sin(2 * np.pi * phase) if rng.random() < 0.5 else np.sign(np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period))
+    texture = (
+        np.sin(2 * np.pi * phase)
+        if rng.random() < 0.5
+        else np.sign(np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period))
+    )
     image += texture[..., None] * rng.uniform(0, 30)
     return np.clip(image, 0, 255)
 

@@ -35,7 +35,9 @@ class ExportConfig:
         if self.batch < 1:
             raise YoloslimError(f"--batch must be at least 1, got {self.batch}")
         if self.dynamic and self.batch > self.max_batch:
-            raise YoloslimError(f"--batch {self.batch} is the engine's usual batch and must not exceed --max-batch {self.max_batch}; raise --max-batch")
+            raise YoloslimError(
+                f"--batch {self.batch} is the engine's usual batch and must not exceed --max-batch {self.max_batch}; raise --max-batch"
+            )
 
 
 def export(weights, config: ExportConfig, data=None, out=None) -> Path:
@@ -44,13 +46,21 @@ def export(weights, config: ExportConfig, data=None, out=None) -> Path:
     if config.format == "onnx":
         return _export_onnx(weights, config, data, out)
     onnx_path = weights if weights.suffix == ".onnx" else _export_onnx(weights, config, data, None)
-    from yoloslim.runtime.tensorrt import build_engine
     from yoloslim.runtime.cuda import load_cuda
+    from yoloslim.runtime.tensorrt import build_engine
 
     batch = (1, config.batch, config.max_batch) if config.dynamic else (config.batch,) * 3
-    return build_engine(onnx_path, out=out, precision=config.precision, batch=batch, workspace_gb=config.workspace,
-                        timing_cache=onnx_path.with_suffix(".timing.cache"), raw=config.raw, device=load_cuda().device(),
-                        version_compatible=config.version_compatible)
+    return build_engine(
+        onnx_path,
+        out=out,
+        precision=config.precision,
+        batch=batch,
+        workspace_gb=config.workspace,
+        timing_cache=onnx_path.with_suffix(".timing.cache"),
+        raw=config.raw,
+        device=load_cuda().device(),
+        version_compatible=config.version_compatible,
+    )
 
 
 def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path]) -> Path:
@@ -63,7 +73,9 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
     target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.") as work:
-        fp32 = export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=Path(work) / "fp32.onnx")
+        fp32 = export_onnx(
+            weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=Path(work) / "fp32.onnx"
+        )
         if config.precision == "fp16":
             from yoloslim.export.fp16 import convert_fp16
 

@@ -124,7 +124,9 @@ def _constant_to_half(node) -> None:
 
     for attribute in node.attribute:
         if attribute.name == "value" and attribute.t.data_type == TensorProto.FLOAT:
-            attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float16), attribute.t.name))
+            attribute.t.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float16), attribute.t.name)
+            )
 
 
 def _retarget_float_cast(node) -> None:
@@ -151,4 +153,3 @@ def _drop_unused_initializers(graph, nodes: list) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-

@@ -29,7 +29,9 @@ from yoloslim.utils.files import output_path
 OPSET = 17
 
 
-def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False, out: str | Path | None = None) -> Path:
+def export_onnx(
+    weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False, out: str | Path | None = None
+) -> Path:
     """Export an Ultralytics detection checkpoint to ONNX (static batch `batch`, or dynamic); return its path."""
     from ultralytics import YOLO
 
@@ -44,10 +46,14 @@ def export_onnx(weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: 
     work.mkdir(parents=True, exist_ok=True)
     try:
         staged = work / weights.name
-        shutil.copyfile(weights, staged)  # Ultralytics writes its export beside the weights; keep that away from the input
+        shutil.copyfile(
+            weights, staged
+        )  # Ultralytics writes its export beside the weights; keep that away from the input
         yolo = YOLO(str(staged))
         use_expectation_dfl(yolo.model)
-        exported = yolo.export(format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu")
+        exported = yolo.export(
+            format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu"
+        )
         Path(exported).replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

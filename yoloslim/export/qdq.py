@@ -44,7 +44,9 @@ def head_nodes_kept_in_float(model) -> list[str]:
     return [n.name for n in model.graph.node if n.name.startswith(head) and not _HEAD_INNER.search(n.name)]
 
 
-def convs_with_offset_inputs(model, reader: "LetterboxCalibrationReader", skip: set[str], limit: float = OFFSET_LIMIT) -> list[str]:
+def convs_with_offset_inputs(
+    model, reader: LetterboxCalibrationReader, skip: set[str], limit: float = OFFSET_LIMIT
+) -> list[str]:
     """Convolutions whose input carries its signal as small swings on large offsets, which one symmetric INT8 scale per
     tensor (all TensorRT takes) flattens: the input's largest magnitude over its median channel's swing (max - min over
     the probe images) exceeds `limit`. Sparsity training leaves such inputs (it shrinks gamma, not beta); constant
@@ -123,7 +125,9 @@ class LetterboxCalibrationReader:
         self.index = 0
 
 
-def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | None = None, count: int = CALIBRATION_IMAGES) -> Path:
+def quantize_int8(
+    onnx_path: str | Path, data: str | Path, out: str | Path | None = None, count: int = CALIBRATION_IMAGES
+) -> Path:
     """Write a Q/DQ INT8 ONNX of a static-shape FP32 ONNX, calibrated on the dataset's training images."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -132,7 +136,9 @@ def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | Non
     model = onnx.load(str(onnx_path))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if not all(d.dim_value for d in dims):
-        raise YoloslimError(f"{onnx_path} has a dynamic input shape; INT8 calibration needs a static one (export with --batch N)")
+        raise YoloslimError(
+            f"{onnx_path} has a dynamic input shape; INT8 calibration needs a static one (export with --batch N)"
+        )
     imgsz = dims[2].dim_value
     target = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-int8.onnx"), onnx_path)
     reader = LetterboxCalibrationReader(calibration_images(data, count), model.graph.input[0].name, imgsz)
@@ -152,8 +158,12 @@ def quantize_int8(onnx_path: str | Path, data: str | Path, out: str | Path | Non
             # Q/DQ on the inputs of the convolutions only (TensorRT's first placement rule); adds, concats, pools and
             # resizes see dequantized values. Quantizing those too, and each conv's output before its SiLU, lost 3.8
             # mAP50-95 points on a pruned synthetic model where this loses 1.7 (README, INT8).
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                           "OpTypesToExcludeOutputQuantization": ["Conv"]},
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": ["Conv"],
+            },
         )
         _copy_metadata(model, tmp)
     return target
@@ -200,6 +210,8 @@ def check_tensorrt_qdq(model) -> list[str]:
         elif scale.size != 1:
             problems.append(f"{node.name}: activation scales must be per-tensor")
     for t in model.graph.initializer:
-        if t.data_type == TensorProto.INT32 and any(t.name == n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        if t.data_type == TensorProto.INT32 and any(
+            t.name == n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+        ):
             problems.append(f"{t.name}: int32 tensor behind a DequantizeLinear")
     return problems

@@ -137,8 +137,10 @@ def _gflops_with(model, roots, scores, threshold, config) -> float:
 def _threshold_for_flops(model, roots, scores, config, gflops: float) -> float:
     """Smallest global threshold whose pruned model fits the GFLOPs budget (bisection over the sorted scores)."""
     if gflops <= 0:
-        raise YoloslimError(f"Ultralytics could not count this model's GFLOPs at --imgsz {config.imgsz}, so --target-flops "
-                            "has nothing to aim at; use --ratio or --threshold, or check that ultralytics-thop is installed")
+        raise YoloslimError(
+            f"Ultralytics could not count this model's GFLOPs at --imgsz {config.imgsz}, so --target-flops "
+            "has nothing to aim at; use --ratio or --threshold, or check that ultralytics-thop is installed"
+        )
     budget = config.target_flops * gflops
     candidates = torch.unique(torch.cat(scores)).tolist() + [math.inf]
     lowest = _gflops_with(model, roots, scores, math.inf, config)
@@ -174,7 +176,9 @@ def default_output(weights: Path) -> Path:
     return Path(increment_path(folder / f"{weights.stem}-pruned.pt", sep=""))
 
 
-def prune(weights: str | Path, config: PruneConfig | None = None, out: str | Path | None = None, dry_run: bool = False) -> PruneResult:
+def prune(
+    weights: str | Path, config: PruneConfig | None = None, out: str | Path | None = None, dry_run: bool = False
+) -> PruneResult:
     """Prune a checkpoint; unless dry_run, write an ordinary Ultralytics checkpoint and its report beside it."""
     from yoloslim.prune.report import write_prune_report
     from yoloslim.utils.checks import load_detection_checkpoint

@@ -13,7 +13,9 @@ from yoloslim.prune.graph import ChannelGroup, group_batchnorms, group_in_convs
 from yoloslim.prune.plan import GroupPlan
 
 
-def removed_batchnorm_channels(graph, groups: list[ChannelGroup], plans: list[GroupPlan]) -> dict[nn.BatchNorm2d, list[int]]:
+def removed_batchnorm_channels(
+    graph, groups: list[ChannelGroup], plans: list[GroupPlan]
+) -> dict[nn.BatchNorm2d, list[int]]:
     """Every BatchNorm channel that the plan removes, coupled ones included."""
     removed = defaultdict(list)
     for group, plan in zip(groups, plans):
@@ -83,7 +85,9 @@ def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> 
     if not removed_inputs:
         return
     seen = {}
-    hooks = [conv.register_forward_hook(lambda m, args, out: seen.__setitem__(m, args[0][0])) for conv in removed_inputs]
+    hooks = [
+        conv.register_forward_hook(lambda m, args, out: seen.__setitem__(m, args[0][0])) for conv in removed_inputs
+    ]
     try:
         with zeroed_gammas(removed_batchnorm_channels(graph, groups, plans)):
             model.eval()(torch.rand(1, 3, imgsz, imgsz))
@@ -106,10 +110,16 @@ def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> 
 @torch.no_grad()
 def fold_into_bias(model: nn.Module, contributions: dict[nn.Conv2d, torch.Tensor]) -> None:
     """Add a constant to each conv's output: into the following BatchNorm's running mean, or the conv bias."""
-    batchnorm_after = {m.conv: m.bn for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
+    batchnorm_after = {
+        m.conv: m.bn
+        for m in model.modules()
+        if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
+    }
     for conv, delta in contributions.items():
         if conv in batchnorm_after:
-            batchnorm_after[conv].running_mean -= delta.to(batchnorm_after[conv].running_mean)  # BN saw input + delta before
+            batchnorm_after[conv].running_mean -= delta.to(
+                batchnorm_after[conv].running_mean
+            )  # BN saw input + delta before
         elif conv.bias is not None:
             conv.bias += delta.to(conv.bias)
         else:

@@ -22,8 +22,21 @@ from yoloslim.utils.errors import YoloslimError
 # The modules of Ultralytics' YOLOv5 family (yolov5*.yaml, P6 included), the ones whose coupling the tests check.
 # Anything else (C2f and C3k2 splits, attention, ghost and depthwise convs, transposed convs) is refused.
 _SUPPORTED_MODULES = {
-    "DetectionModel", "Sequential", "ModuleList", "Identity", "Conv", "Conv2d", "BatchNorm2d", "C3", "Bottleneck",
-    "SPPF", "MaxPool2d", "Upsample", "Concat", "Detect", "DFL",
+    "DetectionModel",
+    "Sequential",
+    "ModuleList",
+    "Identity",
+    "Conv",
+    "Conv2d",
+    "BatchNorm2d",
+    "C3",
+    "Bottleneck",
+    "SPPF",
+    "MaxPool2d",
+    "Upsample",
+    "Concat",
+    "Detect",
+    "DFL",
 }
 
 
@@ -41,8 +54,11 @@ class ChannelGroup:
 
 def check_supported(model: nn.Module) -> None:
     """Refuse model families whose coupling has not been validated: better a clear no than a broken checkpoint."""
-    unsupported = {type(m).__name__ for m in model.modules()
-                   if type(m).__name__ not in _SUPPORTED_MODULES and not _is_activation(m)}
+    unsupported = {
+        type(m).__name__
+        for m in model.modules()
+        if type(m).__name__ not in _SUPPORTED_MODULES and not _is_activation(m)
+    }
     unsupported |= {"grouped convolutions" for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
     if getattr(model.model[-1], "one2one_cv2", None) is not None:
         unsupported.add("an end-to-end (NMS-free) head")
@@ -86,7 +102,9 @@ def build_graph(model: nn.Module, imgsz: int = 64) -> tuple[tp.DependencyGraph, 
     for p in model.parameters():
         p.requires_grad_(True)  # tracing relies on autograd; loaded checkpoints have it switched off
     example = torch.zeros(1, 3, imgsz, imgsz)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=_raw_head_forward, verbose=False)
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, forward_fn=_raw_head_forward, verbose=False
+    )
     names = {m: n for n, m in model.named_modules()}
     fixed = fixed_head_layers(model)
     groups = [
@@ -126,8 +144,11 @@ def channel_flops(model: nn.Module, imgsz: int) -> dict[str, float]:
     model = copy.deepcopy(model).float().cpu()
     graph, groups = build_graph(model, imgsz)
     pixels = {}
-    hooks = [m.register_forward_hook(lambda m, _, out: pixels.__setitem__(m, out.shape[-2] * out.shape[-1]))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, _, out: pixels.__setitem__(m, out.shape[-2] * out.shape[-1]))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, imgsz, imgsz))

@@ -39,7 +39,9 @@ def l1_filter_importance(graph, group: ChannelGroup) -> torch.Tensor:
         norms = conv.weight.detach().abs().flatten(1).sum(1)
         return norms[idxs] / norms.mean().clamp(min=1e-12)
 
-    return _max_over_layers(group, ((normalised(conv, idxs), root) for conv, idxs, root in group_out_convs(graph, group)))
+    return _max_over_layers(
+        group, ((normalised(conv, idxs), root) for conv, idxs, root in group_out_convs(graph, group))
+    )
 
 
 IMPORTANCES: dict[str, Importance] = {"bn": bn_gamma_importance, "l1": l1_filter_importance}

@@ -20,7 +20,9 @@ class PruneConfig:
     threshold: Optional[float] = None  # remove channels scoring below this (|gamma| for method bn)
     target_flops: Optional[float] = None  # fraction of the original GFLOPs to keep
     min_keep: float = 0.1  # per-layer minimum fraction of channels kept
-    round_to: int = 8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 16: AVX-512 CPUs; 1: off)
+    round_to: int = (
+        8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 16: AVX-512 CPUs; 1: off)
+    )
     compensate: bool = True  # fold removed channels' constant act(beta) into the consumers
     imgsz: int = 640  # image size at which GFLOPs are reported
 
@@ -40,7 +42,9 @@ class PruneConfig:
             raise YoloslimError(f"--min-keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
         if self.round_to < 1:
             raise YoloslimError(f"--round-to must be >= 1, got {self.round_to}")
-        if self.imgsz < 32 or self.imgsz % 32:  # Ultralytics' GFLOPs count is 0 for other sizes, which would void --target-flops
+        if (
+            self.imgsz < 32 or self.imgsz % 32
+        ):  # Ultralytics' GFLOPs count is 0 for other sizes, which would void --target-flops
             raise YoloslimError(f"--imgsz must be a multiple of 32 (the detector's largest stride), got {self.imgsz}")
 
     @property
@@ -88,7 +92,9 @@ def cut_score(scores: list[torch.Tensor], ratio: float) -> float:
     return -math.inf if index == 0 else float(everything[index])
 
 
-def plan_from_counts(roots: list[str], scores: list[torch.Tensor], above: list[int], config: PruneConfig) -> list[GroupPlan]:
+def plan_from_counts(
+    roots: list[str], scores: list[torch.Tensor], above: list[int], config: PruneConfig
+) -> list[GroupPlan]:
     """Keep each group's best channels: those above the cut, raised to min_keep, rounded up to round_to."""
     plans = []
     for root, s, count in zip(roots, scores, above):

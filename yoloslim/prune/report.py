@@ -21,8 +21,10 @@ def plan_table(result) -> str:
         f"| GFLOPs at {result.config.imgsz} px | {b['gflops']:.3f} | {a['gflops']:.3f} | {a['gflops'] / b['gflops']:.3f} |",
     ]
     threshold = "none" if result.threshold == -math.inf else f"{result.threshold:.4g}"
-    head = (f"criterion {result.config.method}, threshold {threshold}, removed {result.removed_fraction:.1%} of prunable "
-            f"channels after rounding to multiples of {result.config.round_to}")
+    head = (
+        f"criterion {result.config.method}, threshold {threshold}, removed {result.removed_fraction:.1%} of prunable "
+        f"channels after rounding to multiples of {result.config.round_to}"
+    )
     return "\n".join([head, "", *summary, "", *rows])
 
 
@@ -31,8 +33,16 @@ def write_prune_report(result) -> Path:
     png = result.out.with_name(f"{result.out.stem}-report.png")
     md = png.with_suffix(".md")
     _plot(result, png)
-    text = [f"# Prune report: {result.out.name}", "", f"Checkpoint size: {result.out.stat().st_size / 1e6:.2f} MB", "",
-            plan_table(result), "", f"![scores and widths]({png.name})", ""]
+    text = [
+        f"# Prune report: {result.out.name}",
+        "",
+        f"Checkpoint size: {result.out.stat().st_size / 1e6:.2f} MB",
+        "",
+        plan_table(result),
+        "",
+        f"![scores and widths]({png.name})",
+        "",
+    ]
     write_text_atomic(md, "\n".join(text))
     return md
 

@@ -21,8 +21,22 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 
 SUMMARY = "summary.json"
-COLUMNS = ("variant", "stage", "backend", "precision", "mAP50-95", "mAP50-95 95% CI", "mAP50", "ΔmAP50-95 vs base",
-           "latency p50 ms", "FPS end to end", "speedup vs base", "params", "GFLOPs", "size MB")
+COLUMNS = (
+    "variant",
+    "stage",
+    "backend",
+    "precision",
+    "mAP50-95",
+    "mAP50-95 95% CI",
+    "mAP50",
+    "ΔmAP50-95 vs base",
+    "latency p50 ms",
+    "FPS end to end",
+    "speedup vs base",
+    "params",
+    "GFLOPs",
+    "size MB",
+)
 
 
 def load_runs(runs: list) -> list[dict]:
@@ -46,14 +60,24 @@ def rows(summary: dict) -> list[dict]:
         ev, be = v.get("eval") or {}, v.get("bench") or {}
         p50 = (be.get("model") or {}).get("p50_ms")
         ci = ev.get("ci95", {}).get("map")
-        out.append({
-            "variant": v["name"], "stage": v.get("stage", ""), "backend": v.get("backend", ""), "precision": v.get("precision", ""),
-            "mAP50-95": ev.get("map"), "mAP50-95 95% CI": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else None, "mAP50": ev.get("map50"),
-            "ΔmAP50-95 vs base": None if ev.get("map") is None or base_map is None else ev["map"] - base_map,
-            "latency p50 ms": p50, "FPS end to end": be.get("fps_end_to_end"),
-            "speedup vs base": None if p50 is None or base_ms is None else base_ms / p50,
-            "params": be.get("params"), "GFLOPs": be.get("gflops"), "size MB": be.get("size_mb"),
-        })
+        out.append(
+            {
+                "variant": v["name"],
+                "stage": v.get("stage", ""),
+                "backend": v.get("backend", ""),
+                "precision": v.get("precision", ""),
+                "mAP50-95": ev.get("map"),
+                "mAP50-95 95% CI": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else None,
+                "mAP50": ev.get("map50"),
+                "ΔmAP50-95 vs base": None if ev.get("map") is None or base_map is None else ev["map"] - base_map,
+                "latency p50 ms": p50,
+                "FPS end to end": be.get("fps_end_to_end"),
+                "speedup vs base": None if p50 is None or base_ms is None else base_ms / p50,
+                "params": be.get("params"),
+                "GFLOPs": be.get("gflops"),
+                "size MB": be.get("size_mb"),
+            }
+        )
     return out
 
 
@@ -90,8 +114,14 @@ def write_report(runs: list, out: Path) -> dict:
 def render_markdown(tables, images) -> str:
     lines = ["# yoloslim comparison report", ""]
     for summary, table in tables:
-        lines += [f"## {summary['name']}", "", _context(summary), "",
-                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += [
+            f"## {summary['name']}",
+            "",
+            _context(summary),
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "---|" * len(COLUMNS),
+        ]
         lines += ["| " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |" for r in table]
         lines.append("")
     lines += [f"![{title}]({path.name})" for title, path in images]
@@ -110,6 +140,8 @@ def render_csv(tables) -> str:
 
 def _context(summary: dict) -> str:
     env = summary.get("environment") or {}
-    return (f"Data {summary.get('data', '?')}, imgsz {summary.get('imgsz', '?')}; measured on {env.get('cpu', '?')} "
-            f"({env.get('cores', '?')} cores, {env.get('threads', '?')} threads pinned), TensorRT {env.get('TensorRT') or 'not installed'}. "
-            "mAP intervals: 95% bootstrap over validation images.")
+    return (
+        f"Data {summary.get('data', '?')}, imgsz {summary.get('imgsz', '?')}; measured on {env.get('cpu', '?')} "
+        f"({env.get('cores', '?')} cores, {env.get('threads', '?')} threads pinned), TensorRT {env.get('TensorRT') or 'not installed'}. "
+        "mAP intervals: 95% bootstrap over validation images."
+    )

@@ -32,17 +32,23 @@ def _cell(value, column: str) -> str:
 def render_html(tables, images) -> str:
     from yoloslim.report import COLUMNS, _context
 
-    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
-             '<meta name=viewport content="width=device-width,initial-scale=1">',
-             f"<title>yoloslim report</title><style>{STYLE}</style></head><body>",
-             "<h1>yoloslim comparison report</h1>"]
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta name=viewport content="width=device-width,initial-scale=1">',
+        f"<title>yoloslim report</title><style>{STYLE}</style></head><body>",
+        "<h1>yoloslim comparison report</h1>",
+    ]
     for summary, table in tables:
         parts.append(f"<h2>{html.escape(summary['name'])}</h2><p class=note>{html.escape(_context(summary))}</p>")
         head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
         body = "".join("<tr>" + "".join(_cell(r[c], c) for c in COLUMNS) + "</tr>" for r in table)
-        parts.append(f'<div class=scroll><table class=variants><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+        parts.append(
+            f"<div class=scroll><table class=variants><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+        )
     for title, path in images:
         data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">")
+        parts.append(
+            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        )
     parts.append("</body></html>")
     return "\n".join(parts)

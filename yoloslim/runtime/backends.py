@@ -29,7 +29,9 @@ class OnnxRuntimeBackend:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names: Dict[int, str] = ast.literal_eval(meta["names"]) if "names" in meta else {}
         shape = self.input.shape
-        self.imgsz = int(shape[2]) if isinstance(shape[2], int) else int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
+        self.imgsz = (
+            int(shape[2]) if isinstance(shape[2], int) else int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
+        )
         self.path = Path(path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -65,7 +65,9 @@ class PyCuda:
         except ImportError:
             raise
         except Exception as error:  # pycuda's own errors: no GPU, no driver, a driver too old
-            raise YoloslimError(f"pycuda cannot start CUDA ({error}); check the GPU and driver with `yoloslim doctor`") from None
+            raise YoloslimError(
+                f"pycuda cannot start CUDA ({error}); check the GPU and driver with `yoloslim doctor`"
+            ) from None
         import pycuda.driver as cuda
 
         self.cuda = cuda
@@ -109,4 +111,6 @@ def load_cuda():
             return api()
         except ImportError:
             continue
-    raise YoloslimError("neither cuda-python nor pycuda is installed; pip install cuda-python (or use JetPack's pycuda)")
+    raise YoloslimError(
+        "neither cuda-python nor pycuda is installed; pip install cuda-python (or use JetPack's pycuda)"
+    )

@@ -94,7 +94,15 @@ def draw(image: np.ndarray, det: Detections, names: dict, fps: Optional[float]) 
     for (x1, y1, x2, y2), score, cls in zip(det.boxes.astype(int), det.scores, det.classes):
         colour = tuple(int(c) for c in np.random.default_rng(int(cls)).integers(64, 255, 3))
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, 2)
-        cv2.putText(out, f"{names.get(int(cls), int(cls))} {score:.2f}", (x1, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1)
+        cv2.putText(
+            out,
+            f"{names.get(int(cls), int(cls))} {score:.2f}",
+            (x1, max(y1 - 4, 10)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5,
+            colour,
+            1,
+        )
     if fps is not None:
         cv2.putText(out, f"{fps:.1f} FPS", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2)
     return out
@@ -106,7 +114,9 @@ def detect(backend, source: str, config: DetectConfig) -> Path:
 
     is_stream = source.isdigit() or "://" in source or Path(source).suffix.lower() in VIDEO_SUFFIXES
     if not is_stream and not Path(source).exists():
-        raise YoloslimError(f"source {source} does not exist; pass an image, a folder, a video, a camera index or a URL")
+        raise YoloslimError(
+            f"source {source} does not exist; pass an image, a folder, a video, a camera index or a URL"
+        )
     run = new_run_dir(config.project, config.name)
     (run / "labels").mkdir()
     frames = stream_frames(source, config.reconnect_attempts) if is_stream else image_sources(source)
@@ -138,7 +148,9 @@ def _write_labels(path: Path, det: Detections, shape) -> None:
     h, w = shape
     lines = []
     for (x1, y1, x2, y2), score, cls in zip(det.boxes, det.scores, det.classes):
-        lines.append(f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {score:.4f}")
+        lines.append(
+            f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {score:.4f}"
+        )
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
 
 

@@ -124,13 +124,20 @@ def selftest() -> Tuple[bool, str]:
             if precision == "fp16" and version_tuple(trt.__version__)[0] >= 11:
                 lines.append("fp16: skipped (TensorRT 11 builds FP16 only from an FP16 ONNX)")
                 continue
-            engine = build_engine(ASSETS / "selftest.onnx", out=Path(tmp) / f"{precision}.engine", precision=precision, workspace_gb=0.5)
+            engine = build_engine(
+                ASSETS / "selftest.onnx", out=Path(tmp) / f"{precision}.engine", precision=precision, workspace_gb=0.5
+            )
             backend = TensorRTBackend(engine)
             try:
-                error = float(np.abs(backend(reference["images"]) - reference["output0"]).max() / np.abs(reference["output0"]).max())
+                error = float(
+                    np.abs(backend(reference["images"]) - reference["output0"]).max()
+                    / np.abs(reference["output0"]).max()
+                )
             finally:
                 backend.close()
             passed = error <= tolerance
             ok &= passed
-            lines.append(f"{precision}: {'pass' if passed else 'FAIL'} (relative error {error:.2e}, allowed {tolerance:.0e})")
+            lines.append(
+                f"{precision}: {'pass' if passed else 'FAIL'} (relative error {error:.2e}, allowed {tolerance:.0e})"
+            )
     return ok, f"TensorRT {trt.__version__} self-test\n" + "\n".join(lines)

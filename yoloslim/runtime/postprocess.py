@@ -61,7 +61,12 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 
 def non_max_suppression(
-    output: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False, max_nms: int = 30000
+    output: np.ndarray,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    multi_label: bool = False,
+    max_nms: int = 30000,
 ) -> List[Detections]:
     """Per image of a (batch, 4 + nc, anchors) output: detections in input-pixel xyxy coordinates."""
     max_wh = 7680  # class offset that keeps classes apart in one NMS pass
@@ -80,7 +85,9 @@ def non_max_suppression(
             top = np.argsort(-scores, kind="stable")[:max_nms]
             boxes, scores, cls = boxes[top], scores[top], cls[top]
         keep = nms(boxes + cls[:, None] * max_wh, scores, iou)[:max_det]
-        results.append(Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32), cls[keep].astype(np.int64)))
+        results.append(
+            Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32), cls[keep].astype(np.int64))
+        )
     return results
 
 
@@ -95,7 +102,9 @@ def scale_to_original(det: Detections, box: Letterbox) -> Detections:
     return Detections(boxes, det.scores, det.classes)
 
 
-def postprocess(output: np.ndarray, boxes: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False) -> List[Detections]:
+def postprocess(
+    output: np.ndarray, boxes: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False
+) -> List[Detections]:
     """Model output batch -> detections in each original image's pixels."""
     found = non_max_suppression(output, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
     return [scale_to_original(d, b) for d, b in zip(found, boxes)]

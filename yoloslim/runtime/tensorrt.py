@@ -31,7 +31,9 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise YoloslimError("TensorRT is not installed; on a Jetson it comes with JetPack (python3-libnvinfer)") from None
+        raise YoloslimError(
+            "TensorRT is not installed; on a Jetson it comes with JetPack (python3-libnvinfer)"
+        ) from None
     return trt
 
 
@@ -65,14 +67,22 @@ def set_precision(trt, major: int, config, network, precision: str) -> None:
     engine whose recorded precision is not the one it runs."""
     carried = network_precisions(trt, network)
     if precision == "int8" and "int8" not in carried:
-        raise YoloslimError("INT8 engines are built from a Q/DQ ONNX; run `yoloslim export --format onnx --precision int8 --data data.yaml` on the host first")
+        raise YoloslimError(
+            "INT8 engines are built from a Q/DQ ONNX; run `yoloslim export --format onnx --precision int8 --data data.yaml` on the host first"
+        )
     if "int8" in carried and precision != "int8":
-        raise YoloslimError(f"this ONNX is quantized (Q/DQ); build it with --precision int8, or build {precision} from the float ONNX")
+        raise YoloslimError(
+            f"this ONNX is quantized (Q/DQ); build it with --precision int8, or build {precision} from the float ONNX"
+        )
     if "fp16" in carried and precision == "fp32":
-        raise YoloslimError("this ONNX holds FP16 weights; build it with --precision fp16, or build fp32 from the FP32 ONNX")
+        raise YoloslimError(
+            "this ONNX holds FP16 weights; build it with --precision fp16, or build fp32 from the FP32 ONNX"
+        )
     if major >= 11:
         if precision == "fp16" and "fp16" not in carried:
-            raise YoloslimError("TensorRT 11 builds FP16 only from an FP16 ONNX (strong typing); export it with --precision fp16 on the host")
+            raise YoloslimError(
+                "TensorRT 11 builds FP16 only from an FP16 ONNX (strong typing); export it with --precision fp16 on the host"
+            )
         return
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # with INT8, the layers left in float run in FP16
@@ -111,7 +121,9 @@ def build_engine(
         raise YoloslimError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise YoloslimError(f"ONNX file {onnx_path} does not exist; export it on the host with yoloslim export --format onnx")
+        raise YoloslimError(
+            f"ONNX file {onnx_path} does not exist; export it on the host with yoloslim export --format onnx"
+        )
     major = version_tuple(trt.__version__)[0]
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -134,8 +146,14 @@ def build_engine(
     cache = _load_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise YoloslimError(f"TensorRT {trt.__version__} failed to build {onnx_path}; rerun with a larger --workspace or see its log above")
-    meta = None if raw else engine_metadata(onnx_path, precision, trt.__version__, dynamic, batch, version_compatible, device)
+        raise YoloslimError(
+            f"TensorRT {trt.__version__} failed to build {onnx_path}; rerun with a larger --workspace or see its log above"
+        )
+    meta = (
+        None
+        if raw
+        else engine_metadata(onnx_path, precision, trt.__version__, dynamic, batch, version_compatible, device)
+    )
     engine = write_engine_file(out, bytes(plan), meta)
     if timing_cache:
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
@@ -175,9 +193,15 @@ def check_engine_compatible(meta: dict, trt_version: str, device: dict) -> None:
     built = meta.get("tensorrt")
     if built:
         same = version_tuple(built) == version_tuple(trt_version)
-        forward = meta.get("version_compatible") and version_tuple(built)[0] == version_tuple(trt_version)[0] and version_tuple(built) <= version_tuple(trt_version)
+        forward = (
+            meta.get("version_compatible")
+            and version_tuple(built)[0] == version_tuple(trt_version)[0]
+            and version_tuple(built) <= version_tuple(trt_version)
+        )
         if not (same or forward):
-            raise YoloslimError(f"this engine was built with TensorRT {built} but this device has {trt_version}; rebuild it here with yoloslim export --format engine")
+            raise YoloslimError(
+                f"this engine was built with TensorRT {built} but this device has {trt_version}; rebuild it here with yoloslim export --format engine"
+            )
     built_on = (meta.get("device") or {}).get("compute_capability")
     if built_on and device.get("compute_capability") and built_on != device["compute_capability"]:
         raise YoloslimError(
@@ -204,7 +228,9 @@ class TensorRTBackend:
             self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise YoloslimError(f"TensorRT {trt.__version__} cannot load {path}: built by another TensorRT version or for another GPU; rebuild it on this device")
+            raise YoloslimError(
+                f"TensorRT {trt.__version__} cannot load {path}: built by another TensorRT version or for another GPU; rebuild it on this device"
+            )
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -213,11 +239,15 @@ class TensorRTBackend:
         self.host, self.device = {}, {}
         for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
-            if -1 in shape:  # dynamic: buffers for the profile's largest input, which the context must know to size outputs
+            if (
+                -1 in shape
+            ):  # dynamic: buffers for the profile's largest input, which the context must know to size outputs
                 shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
                 self._set_input_shape(name, shape)
             self._allocate(trt, name, shape)
-        for name in self.outputs:  # every dimension follows from the inputs', the anchors too when height and width are open
+        for (
+            name
+        ) in self.outputs:  # every dimension follows from the inputs', the anchors too when height and width are open
             self._allocate(trt, name, tuple(self.context.get_tensor_shape(name)))
         imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
         self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
@@ -229,15 +259,19 @@ class TensorRTBackend:
 
     def _set_input_shape(self, name: str, shape: Tuple[int, ...]) -> None:
         if not self.context.set_input_shape(name, shape):
-            raise YoloslimError(f"this engine does not take input {name} of shape {shape}; rebuild it for that shape with yoloslim export --format engine")
+            raise YoloslimError(
+                f"this engine does not take input {name} of shape {shape}; rebuild it for that shape with yoloslim export --format engine"
+            )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         name = self.inputs[0]
         n = batch.shape[0]
         largest = self.host[name].shape
         if batch.ndim != len(largest) or n > largest[0] or batch.shape[1:] != largest[1:]:
-            raise YoloslimError(f"this engine takes batches of up to {largest[0]} images shaped {largest[1:]}, got {batch.shape}; "
-                                "rebuild it with --dynamic --max-batch N for larger batches")
+            raise YoloslimError(
+                f"this engine takes batches of up to {largest[0]} images shaped {largest[1:]}, got {batch.shape}; "
+                "rebuild it with --dynamic --max-batch N for larger batches"
+            )
         self._set_input_shape(name, batch.shape)
         host_in = self.host[name][:n]
         np.copyto(host_in, batch, casting="same_kind")

@@ -27,7 +27,9 @@ def shipped_file(folder: str, name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise YoloslimError(f"the shipped file {folder}/{name} is missing from this install; reinstall yoloslim, or pass --weights")
+    raise YoloslimError(
+        f"the shipped file {folder}/{name} is missing from this install; reinstall yoloslim, or pass --weights"
+    )
 
 
 def is_shipped(path: str | Path) -> bool:
@@ -40,5 +42,7 @@ def is_shipped(path: str | Path) -> bool:
 
 def cache_dir() -> Path:
     """Folder for generated data; YOLOSLIM_CACHE overrides the per-user default."""
-    root = os.environ.get("YOLOSLIM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yoloslim"
+    root = (
+        os.environ.get("YOLOSLIM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yoloslim"
+    )
     return Path(root)

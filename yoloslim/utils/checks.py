@@ -24,7 +24,9 @@ def load_detection_checkpoint(weights: str | Path):
     if not path.is_file():
         raise YoloslimError(f"weights file {path} does not exist; pass --weights path/to/best.pt")
     if path.suffix != ".pt":
-        raise YoloslimError(f"{path} is not a PyTorch checkpoint (.pt); pass the best.pt that Ultralytics training wrote")
+        raise YoloslimError(
+            f"{path} is not a PyTorch checkpoint (.pt); pass the best.pt that Ultralytics training wrote"
+        )
     # Checked before Ultralytics sees the file: it maps a name like yolov5s.pt to yolov5su.pt and downloads that.
     if pickled_modules(path) & _ORIGINAL_YOLOV5_MODULES:
         raise YoloslimError(
@@ -34,7 +36,9 @@ def load_detection_checkpoint(weights: str | Path):
     try:
         model, ckpt = load_checkpoint(path)
     except (TypeError, ModuleNotFoundError) as e:
-        raise YoloslimError(f"{path} is not a loadable Ultralytics checkpoint ({_first_line(e)}); pass another file") from None
+        raise YoloslimError(
+            f"{path} is not a loadable Ultralytics checkpoint ({_first_line(e)}); pass another file"
+        ) from None
     if type(model) is not DetectionModel:  # subclasses are the segment, pose and obb models
         kind = type(model).__name__.removesuffix("Model").lower()
         raise YoloslimError(f"{path} is a {kind} model; yoloslim slims detection models only, pass a detection best.pt")

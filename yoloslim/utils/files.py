@@ -17,7 +17,9 @@ def output_path(out: str | Path | None, default: Path, source: str | Path) -> Pa
     """Where a stage writes: `out`, or `default` when none is given; never its input file."""
     target = Path(out) if out else Path(default)
     if target.resolve() == Path(source).resolve():
-        raise YoloslimError(f"--out {target} is the input file; yoloslim never overwrites its input, choose another path")
+        raise YoloslimError(
+            f"--out {target} is the input file; yoloslim never overwrites its input, choose another path"
+        )
     return target
 
 
@@ -29,7 +31,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as e:
-        raise YoloslimError(f"cannot write {target} ({e.strerror}); choose an output path in a writable folder") from None
+        raise YoloslimError(
+            f"cannot write {target} ({e.strerror}); choose an output path in a writable folder"
+        ) from None
     os.close(fd)
     tmp = Path(tmp)
     try:

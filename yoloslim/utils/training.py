@@ -62,13 +62,19 @@ def check_resumable(last: str | Path, **ignored) -> None:
     if given:
         raise YoloslimError(f"--resume continues a run with the settings it started with; drop {' and '.join(given)}")
     if not Path(last).is_file():
-        raise YoloslimError(f"{last} does not exist; --resume takes the last.pt of the run to continue (its weights/last.pt)")
+        raise YoloslimError(
+            f"{last} does not exist; --resume takes the last.pt of the run to continue (its weights/last.pt)"
+        )
     try:
         finished = run_finished(last)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise YoloslimError(f"{last} is not a readable checkpoint ({str(e).splitlines()[0]}); pass the run's weights/last.pt") from None
+        raise YoloslimError(
+            f"{last} is not a readable checkpoint ({str(e).splitlines()[0]}); pass the run's weights/last.pt"
+        ) from None
     if finished:
-        raise YoloslimError(f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume")
+        raise YoloslimError(
+            f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume"
+        )
 
 
 def resume_run(last: str | Path, trainer, data: str | Path | None = None, refused: dict | None = None, **train_args):
@@ -87,7 +93,9 @@ def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original widths
     and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
     if getattr(model, "nc", nc) != nc:
-        raise YoloslimError(f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was trained on")
+        raise YoloslimError(
+            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was trained on"
+        )
     model = deepcopy(model).float()
     for p in model.parameters():
         p.requires_grad_(True)
