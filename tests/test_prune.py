@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from yoloslim.graph import build_graph, group_in_convs, group_out_convs
 from yoloslim.prune import PruneConfig, file_sha256, plan_pruning, prune, prune_model
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
-from yoloslim.prune.graph import build_graph, group_in_convs, group_out_convs
 from yoloslim.prune.plan import round_channels
 from yoloslim.utils.errors import YoloslimError
 

@@ -53,7 +53,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from yoloslim.prune.plan import PruneConfig  # noqa: E402
-from yoloslim.sparsity import SCHEDULES, WEIGHTINGS, SparsityConfig  # noqa: E402
+from yoloslim.sparsity import SCHEDULES, SparsityConfig  # noqa: E402
 from yoloslim.utils.files import write_text_atomic  # noqa: E402
 
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
@@ -114,12 +114,6 @@ def main() -> None:
         choices=SCHEDULES,
         default="constant",
         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)",
-    )
-    parser.add_argument(
-        "--sr-weighting",
-        choices=WEIGHTINGS,
-        default="uniform",
-        help="uniform: every gamma pays sr; flops: sr times its channel's FLOPs over the mean (own run folder)",
     )
     parser.add_argument(
         "--method",
@@ -228,7 +222,7 @@ def main() -> None:
     from yoloslim.data import resolve_data
 
     spec = MODELS[args.model]
-    folder = args.model + ("-flops" if args.sr_weighting == "flops" else "") + ("-smoke" if args.smoke else "")
+    folder = args.model + ("-smoke" if args.smoke else "")
     out = ROOT / "runs" / "bench" / "prune" / folder
     out.mkdir(parents=True, exist_ok=True)
     changed = parse_overrides(args.recipe_changes)
@@ -257,7 +251,6 @@ def main() -> None:
             sr=args.sr,
             schedule=args.sr_schedule,
             include_head=INCLUDE_HEAD,
-            weighting=args.sr_weighting,
             stop_at_flops=args.stop_at_flops,
             round_to=args.round_to,
             min_keep=args.min_keep,
@@ -442,7 +435,7 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
     from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.evaluate import paired_bootstrap_delta, predict_records, split_images, summarise
     from yoloslim.export.onnx import export_onnx
-    from yoloslim.prune import model_stats
+    from yoloslim.graph import model_stats
     from yoloslim.runtime.backends import OnnxRuntimeBackend, load_backend
     from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -576,10 +569,7 @@ def _budgets(settings: dict) -> str:
     elif settings["sparse"]:
         sparse = f"sparsity-trained checkpoint given ({settings['sparse']})"
     else:
-        sparse = (
-            f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']}, "
-            f"{settings.get('sr_weighting', 'uniform')} weighting)"
-        )
+        sparse = f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})"
         if settings.get("stop_at_flops") is not None:
             sparse += (
                 f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "

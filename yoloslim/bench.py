@@ -80,7 +80,7 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
     """Parameters and GFLOPs where they can be known without guessing; None reads as 'not measured'."""
     stats = {"size_mb": round(weights.stat().st_size / 1e6, 3), "params": None, "gflops": None}
     if weights.suffix == ".pt":
-        from yoloslim.prune import model_stats
+        from yoloslim.graph import model_stats
         from yoloslim.utils.checks import load_detection_checkpoint
 
         stats.update(model_stats(load_detection_checkpoint(weights)[0].float(), imgsz))

@@ -57,12 +57,6 @@ def _add_train(commands) -> None:
         "--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)"
     )
     sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
-    sub.add_argument(
-        "--weighting",
-        default="uniform",
-        help="uniform: every gamma pays sr (default); flops: each pays sr "
-        "times its channel's FLOPs over the mean (experimental: collapsed the shipped model at sr 0.3, see README)",
-    )
     sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
     sub.add_argument(
         "--stop-at-flops",
@@ -111,7 +105,6 @@ def _run_train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         final_ratio=args.final_ratio,
         include_head=args.include_head,
-        weighting=args.weighting,
         stop_at_flops=args.stop_at_flops,
         round_to=args.round_to,
         min_keep=args.min_keep,

@@ -12,12 +12,6 @@ scale, the loss being multiplied by the batch size, gradient accumulation and gr
 sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
 on the epoch, so a resumed run continues it exactly.
 
-Weighting. With `weighting="uniform"` (Network Slimming) every gamma pays the same sr. With `weighting="flops"` each
-gamma's amount is multiplied by its channel's price: the multiply-adds per image at the training size that removing the
-channel saves, in the convolutions producing it and in those consuming it, coupled layers included, scaled so the mean
-over all penalised channels is 1 (MorphNet's FLOP regulariser, Gordon et al. 2018). A uniform price removes the
-cheapest channels first, the wide low-resolution ones, so parameters fall far faster than FLOPs; pricing by FLOPs moves
-the cut to where the compute is. Not yet a recipe: at sr 0.3 it collapsed the shipped model (README, Weighting).
 
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them under the
@@ -48,8 +42,6 @@ from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
-Weighting = Literal["uniform", "flops"]
-WEIGHTINGS = ("uniform", "flops")
 GAMMA_HISTORY = "gamma_history.json"
 GAMMA_PLOT = "gamma_distribution.png"
 # |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
@@ -64,7 +56,6 @@ class SparsityConfig:
     schedule: Schedule = "constant"
     final_ratio: float = 0.0  # sr at the last epoch, as a fraction of sr (linear and cosine schedules)
     include_head: bool = False  # also shrink the Detect head's BatchNorms
-    weighting: Weighting = "uniform"  # "flops": each gamma's penalty scaled by its channel's FLOPs (see module doc)
     # End the run early once removing the channels whose |gamma| is below zero_gamma (at the prune's rounding) keeps at
     # most this fraction of the GFLOPs: from then on a prune to that size is lossless, and further epochs under the
     # penalty only cost accuracy that the finetune must win back.
@@ -78,8 +69,6 @@ class SparsityConfig:
             raise YoloslimError(f"sr must be a finite number >= 0, got {self.sr}; try --sr 1e-3")
         if self.schedule not in SCHEDULES:
             raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.weighting not in WEIGHTINGS:
-            raise YoloslimError(f"unknown sr weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if not 0 <= self.final_ratio <= 1:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
         if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
@@ -115,23 +104,6 @@ def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tu
             continue
         found += [(f"model.{index}.{name}", m) for name, m in layer.named_modules() if isinstance(m, nn.BatchNorm2d)]
     return found
-
-
-def channel_flops_prices(model: nn.Module, include_head: bool, imgsz: int) -> list[float]:
-    """Each penalised BatchNorm's channel price (prunable_batchnorms order): the FLOPs that removing one of its
-    channels saves, over the mean of all penalised channels."""
-    from yoloslim.prune.graph import channel_flops
-
-    named = prunable_batchnorms(model, include_head)
-    flops = channel_flops(unwrap_model(model), imgsz)
-    missing = [name for name, _ in named if name not in flops]
-    if missing:
-        raise YoloslimError(
-            f"no channel group for {', '.join(missing[:3])}: FLOPs weighting cannot price them; use weighting='uniform'"
-        )
-    channels = np.array([bn.num_features for _, bn in named])
-    costs = np.array([flops[name] for name, _ in named])
-    return (costs * channels.sum() / np.dot(costs, channels)).tolist()
 
 
 def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) -> float:
@@ -222,15 +194,8 @@ class SparsityTrainer(SafeDetectionTrainer):
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
         batchnorms = [bn for _, bn in prunable_batchnorms(model, self.sparsity.include_head)]
-        prices = (
-            channel_flops_prices(model, self.sparsity.include_head, self.args.imgsz)
-            if self.sparsity.weighting == "flops"
-            else [1.0] * len(batchnorms)
-        )
-        price = {id(bn.weight): p for bn, p in zip(batchnorms, prices)}
-        self._gamma_groups = [
-            [(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups
-        ]
+        penalised = {id(bn.weight) for bn in batchnorms}
+        self._gamma_groups = [[p for p in g["params"] if id(p) in penalised] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
         # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
@@ -246,8 +211,8 @@ class SparsityTrainer(SafeDetectionTrainer):
         for group, gammas in zip(optimizer.param_groups, self._gamma_groups):
             amount = group["lr"] * self.sr
             if amount > 0:
-                for weight, price in gammas:
-                    soft_threshold_(weight, amount * price)
+                for weight in gammas:
+                    soft_threshold_(weight, amount)
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
@@ -323,7 +288,6 @@ def train_sparse(
 
 
 __all__ = [
-    "channel_flops_prices",
     "SparsityConfig",
     "SparsityTrainer",
     "SparsityCallback",

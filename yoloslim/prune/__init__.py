@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from yoloslim.graph import build_graph, conv_widths, model_stats
 from yoloslim.prune.apply import apply_plan
-from yoloslim.prune.graph import build_graph
 from yoloslim.prune.importance import IMPORTANCES
 from yoloslim.prune.plan import (
     GroupPlan,
@@ -32,7 +32,7 @@ from yoloslim.utils.assets import is_shipped
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, output_path
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning", "model_stats"]
+__all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning"]
 
 
 @dataclass
@@ -63,16 +63,6 @@ class PruneResult:
             "after": self.after,
             "widths": self.widths,
         }
-
-
-def model_stats(model: nn.Module, imgsz: int) -> dict:
-    from ultralytics.utils.torch_utils import get_flops
-
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(model, imgsz)), 4)}
-
-
-def conv_widths(model: nn.Module) -> dict[str, int]:
-    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 @dataclass

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from yoloslim.prune.graph import ChannelGroup, group_batchnorms, group_in_convs
+from yoloslim.graph import ChannelGroup, group_batchnorms, group_in_convs
 from yoloslim.prune.plan import GroupPlan
 
 

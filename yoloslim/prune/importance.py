@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from yoloslim.prune.graph import ChannelGroup, group_batchnorms, group_out_convs
+from yoloslim.graph import ChannelGroup, group_batchnorms, group_out_convs
 
 Importance = Callable[..., torch.Tensor]
 

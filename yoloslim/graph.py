@@ -1,4 +1,6 @@
-"""What is coupled: torch-pruning's dependency graph over an Ultralytics YOLOv5 detection model.
+"""What is coupled: torch-pruning's dependency graph over an Ultralytics detection model, and the model's size.
+
+Below both sparsity training and pruning: model families add their coupling rules here and nowhere else.
 
 A ChannelGroup is one set of output channels that must shrink together: a conv and its BatchNorm, plus every conv
 joined to it by a residual add (Bottleneck, C3), with the consumers' input channels that follow, through concats
@@ -10,7 +12,6 @@ convolutions are prunable.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -138,27 +139,12 @@ def group_in_convs(graph: tp.DependencyGraph, group: ChannelGroup):
     return _group_layers(graph, group, nn.Conv2d, outputs=False)
 
 
-def channel_flops(model: nn.Module, imgsz: int) -> dict[str, float]:
-    """Multiply-adds per image that removing one channel saves, for each prunable BatchNorm (by name): the channel's
-    share of every convolution producing it and of every convolution consuming it, coupled layers included."""
-    model = copy.deepcopy(model).float().cpu()
-    graph, groups = build_graph(model, imgsz)
-    pixels = {}
-    hooks = [
-        m.register_forward_hook(lambda m, _, out: pixels.__setitem__(m, out.shape[-2] * out.shape[-1]))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, imgsz, imgsz))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    names = {m: n for n, m in model.named_modules()}
-    flops = {}
-    for group in groups:
-        cost = sum(conv.weight[0].numel() * pixels[conv] for conv, *_ in group_out_convs(graph, group))
-        cost += sum(conv.weight[:, 0].numel() * pixels[conv] for conv, *_ in group_in_convs(graph, group))
-        flops.update({names[bn]: float(cost) for bn, *_ in group_batchnorms(graph, group)})
-    return flops
+def model_stats(model: nn.Module, imgsz: int) -> dict:
+    """Parameters and GFLOPs at `imgsz` (Ultralytics' own count, so figures match its model summary)."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(model, imgsz)), 4)}
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
