@@ -34,10 +34,9 @@ def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path,
     config = SlimConfig(
         weights=str(tiny_base),
         data=str(tiny_data),
-        epochs_sparse=1,
-        epochs_finetune=1,
+        epochs=3,
+        sparse_share=0.5,
         imgsz=64,
-        batch=4,
         ratio=0.3,
         threads=1,
         project=".",
@@ -61,6 +60,8 @@ def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path,
     assert pruned.stat().st_mtime_ns == stamp  # finished stages are not redone
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert list(state["stages"]) == ["sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
+    # the budget of 3 epochs: sparsity may take half (1), the finetune gets what it left
+    assert state["stages"]["sparse"]["epochs"] == 1 and state["stages"]["finetune"]["epochs"] == 2
     html = report.read_text()
     assert "not measured" in html and "finetuned INT8 Q/DQ" in html and "data:image/png;base64" in html
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -81,7 +82,7 @@ def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path)
     sparse = tmp_path / "sparse.pt"
     torch.save({**ckpt, "ema": None, "model": model}, sparse)
     pipeline = Pipeline(SlimConfig(weights=str(sparse), data=str(tiny_data), imgsz=64, project=str(tmp_path), name="s"))
-    assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True}
+    assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True, "epochs": 0}
 
 
 def test_a_run_resumes_only_with_its_own_settings(tiny_data, tmp_path):
@@ -97,8 +98,9 @@ def test_a_run_resumes_only_with_its_own_settings(tiny_data, tmp_path):
 def test_a_bad_prune_amount_is_refused_before_any_training():
     from yoloslim.utils.errors import YoloslimError
 
-    with pytest.raises(YoloslimError, match="--target-flops"):
+    with pytest.raises(YoloslimError, match="target_flops"):
         SlimConfig(target_flops=0)
-    with pytest.raises(YoloslimError, match="only one of --ratio"):
+    with pytest.raises(YoloslimError, match="only one of ratio"):
         SlimConfig(target_flops=0.5, ratio=0.3)
-    assert SlimConfig().prune_config().target_flops == 0.5 and SlimConfig(ratio=0.3).prune_config().target_flops is None
+    assert SlimConfig().prune_config(320).target_flops == 0.5
+    assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None

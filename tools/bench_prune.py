@@ -52,8 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from yoloslim.prune.plan import PruneConfig  # noqa: E402
-from yoloslim.sparsity import SCHEDULES, SparsityConfig  # noqa: E402
+from yoloslim.config import SCHEDULES, PruneConfig, SparsityConfig  # noqa: E402
 from yoloslim.utils.files import write_text_atomic  # noqa: E402
 
 # Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last

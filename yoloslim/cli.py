@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from typing import Sequence
 
 from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE
@@ -41,54 +43,81 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_settings(sub, settings: type, skip: tuple = ()) -> None:
+    """One option per field of a settings dataclass (yoloslim/config.py), its default and help read from the field."""
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        if f.name in skip:
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            both = sub.add_mutually_exclusive_group()
+            both.add_argument(
+                flag,
+                dest=f.name,
+                action="store_true",
+                default=f.default,
+                help=text + (" (default)" if f.default else ""),
+            )
+            both.add_argument(
+                "--no-" + flag[2:],
+                dest=f.name,
+                action="store_false",
+                help="do not" + (" (default)" if not f.default else ""),
+            )
+            continue
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        shown = "" if f.default is None else f" (default {f.default})"
+        sub.add_argument(flag, dest=f.name, type=kind, default=f.default, help=text + shown, **extra)
+
+
+def _scalar_type(hint) -> type:
+    """float for Optional[float], str for Literal["a", "b"]: what argparse converts an option's text to."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return type(args[0])
+    return _scalar_type(args[0]) if args else hint
+
+
+def _settings_from(settings: type, args: argparse.Namespace):
+    return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if hasattr(args, f.name)})
+
+
 def _add_train(commands) -> None:
+    from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
+
     sub = commands.add_parser(
         "train",
         help="sparsity training (L1 on BatchNorm gamma) of a detection model",
-        description="Sparsity training: Ultralytics training plus an L1 penalty on BatchNorm scale factors. "
-        "Extra Ultralytics train arguments pass through as key=value (e.g. lr0=0.002 close_mosaic=5).",
+        description="Sparsity training: Ultralytics training plus an L1 penalty on BatchNorm scale factors. With no "
+        "option it runs the measured recipe and stops once a prune to half the GFLOPs is free. Extra Ultralytics "
+        "train arguments pass through as key=value (e.g. lr0=0.005 close_mosaic=5).",
     )
     sub.add_argument("--weights", help=f"detection checkpoint to train (default: the shipped {BASELINE})")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
-    sub.add_argument(
-        "--sr", type=float, default=1e-3, help="L1 strength on gamma, per unit learning rate (default 1e-3)"
-    )
-    sub.add_argument(
-        "--schedule", default="constant", help="sr schedule: constant, linear or cosine (default constant)"
-    )
-    sub.add_argument("--final-ratio", type=float, default=0.0, help="sr at the last epoch / sr, for linear and cosine")
-    sub.add_argument("--include-head", action="store_true", help="also shrink the Detect head's BatchNorms")
-    sub.add_argument(
-        "--stop-at-flops",
-        type=float,
-        metavar="FRACTION",
-        help="end before --epochs once pruning the channels with |gamma| < 0.01 would keep at most this "
-        "fraction of the GFLOPs: a prune to that size is then lossless (checked every epoch)",
-    )
-    sub.add_argument(
-        "--round-to", type=int, default=8, help="the rounding the later prune will use, for --stop-at-flops (default 8)"
-    )
-    sub.add_argument(
-        "--min-keep",
-        type=float,
-        default=0.1,
-        help="the later prune's per-layer minimum, for --stop-at-flops (default 0.1)",
-    )
-    _add_ultralytics_train_args(sub)
+    _add_settings(sub, SparsityConfig)
+    _add_ultralytics_train_args(sub, SPARSITY_RECIPE)
     sub.set_defaults(run=_run_train)
 
 
-def _add_ultralytics_train_args(sub) -> None:
-    sub.add_argument("--epochs", type=int)
-    sub.add_argument("--imgsz", type=int)
-    sub.add_argument("--batch", type=int)
+def _add_ultralytics_train_args(sub, recipe) -> None:
+    recipe_args = " ".join(f"{k}={v}" for k, v in recipe.train_args().items())
+    sub.add_argument("--epochs", type=int, help=f"(default {recipe.epochs})")
+    sub.add_argument("--imgsz", type=int, help="(default: the checkpoint's training size)")
+    sub.add_argument("--batch", type=int, help=f"(default {recipe.batch})")
     sub.add_argument("--device")
     sub.add_argument(
         "--project", help="runs go to PROJECT/NAME; Ultralytics puts a relative PROJECT under runs/detect/"
     )
     sub.add_argument("--name")
     sub.add_argument("--resume", action="store_true", help="continue the run whose last.pt is --weights")
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics train arguments")
+    sub.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"further Ultralytics train arguments, over the recipe's {recipe_args}",
+    )
 
 
 def _ultralytics_train_args(args: argparse.Namespace) -> dict:
@@ -97,54 +126,28 @@ def _ultralytics_train_args(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from yoloslim.sparsity import SparsityConfig, train_sparse
+    from yoloslim.config import SparsityConfig
+    from yoloslim.sparsity import train_sparse
     from yoloslim.utils.assets import shipped_file
 
-    config = SparsityConfig(
-        sr=args.sr,
-        schedule=args.schedule,
-        final_ratio=args.final_ratio,
-        include_head=args.include_head,
-        stop_at_flops=args.stop_at_flops,
-        round_to=args.round_to,
-        min_keep=args.min_keep,
-    )
     weights = args.weights or str(shipped_file("weights", BASELINE))
+    config = _settings_from(SparsityConfig, args)
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0
 
 
 def _add_prune(commands) -> None:
+    from yoloslim.config import PruneConfig
+
     sub = commands.add_parser(
         "prune",
         help="remove backbone, neck and head-inner channels for real",
         description="Channel pruning: smaller convolutions, consistent residual adds, concats and Detect head; "
-        "writes an ordinary Ultralytics checkpoint and a report beside it. Default: --ratio 0.5.",
+        "writes an ordinary Ultralytics checkpoint and a report beside it. Give at most one amount: --ratio, "
+        "--threshold or --target-flops.",
     )
     sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
-    how = sub.add_mutually_exclusive_group()
-    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove, before rounding")
-    how.add_argument(
-        "--threshold", type=float, help="remove channels whose score (|gamma| for --method bn) is below this"
-    )
-    how.add_argument("--target-flops", type=float, help="fraction of the original GFLOPs to keep")
-    sub.add_argument(
-        "--method", default="bn", choices=["bn", "l1"], help="bn: BatchNorm |gamma| (default); l1: filter L1 norm"
-    )
-    sub.add_argument(
-        "--min-keep", type=float, default=0.1, help="per-layer minimum fraction of channels kept (default 0.1)"
-    )
-    sub.add_argument(
-        "--round-to",
-        type=int,
-        default=8,
-        help="kept widths are multiples of this (8 TensorRT FP16, "
-        "32 INT8 on Orin, 16 ONNX Runtime on AVX-512 CPUs, 1 off)",
-    )
-    sub.add_argument(
-        "--no-compensate", action="store_true", help="do not fold removed channels' constant output into consumers"
-    )
-    sub.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figures (default 640)")
+    _add_settings(sub, PruneConfig)
     sub.add_argument(
         "--out",
         help="output checkpoint (default: <weights>-pruned.pt beside the input, or under "
@@ -155,22 +158,13 @@ def _add_prune(commands) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> int:
-    from yoloslim.prune import PruneConfig, prune
+    from yoloslim.config import PruneConfig
+    from yoloslim.prune import prune
     from yoloslim.prune.report import plan_table
     from yoloslim.utils.assets import shipped_file
 
-    config = PruneConfig(
-        method=args.method,
-        ratio=args.ratio,
-        threshold=args.threshold,
-        target_flops=args.target_flops,
-        min_keep=args.min_keep,
-        round_to=args.round_to,
-        compensate=not args.no_compensate,
-        imgsz=args.imgsz,
-    )
     weights = args.weights or str(shipped_file("weights", SPARSE_BASELINE))
-    result = prune(weights, config, out=args.out, dry_run=args.dry_run)
+    result = prune(weights, _settings_from(PruneConfig, args), out=args.out, dry_run=args.dry_run)
     print(plan_table(result))
     if result.out:
         print(f"\nwrote {result.out} and its report {result.report}")
@@ -178,6 +172,8 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(commands) -> None:
+    from yoloslim.config import FINETUNE_RECIPE
+
     sub = commands.add_parser(
         "finetune",
         help="finetune a pruned model, keeping its widths; optionally distilled",
@@ -187,7 +183,7 @@ def _add_finetune(commands) -> None:
     sub.add_argument("--weights", required=True, help="pruned checkpoint")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     sub.add_argument("--teacher", help="unpruned checkpoint to distill from (Ultralytics distill_model)")
-    _add_ultralytics_train_args(sub)
+    _add_ultralytics_train_args(sub, FINETUNE_RECIPE)
     sub.set_defaults(run=_run_finetune)
 
 
@@ -385,56 +381,33 @@ def _run_report(args: argparse.Namespace) -> int:
 
     from yoloslim.report import write_report
 
-    for kind, path in write_report(args.runs, Path(args.out)).items():
+    for path in write_report(args.runs, Path(args.out)).values():
         print(f"wrote {path}")
     return 0
 
 
 def _add_slim(commands) -> None:
+    from yoloslim.config import SlimConfig
+
     sub = commands.add_parser(
         "slim",
         help="the whole pipeline: sparsity, prune, finetune, export, eval, bench, report",
         description="Runs every stage into runs/slim/NAME, keeping each stage's output; the same command again resumes "
-        "after the last finished stage. With no arguments: the shipped sparsity-trained baseline on the embedded "
+        "after the last finished stage. With no arguments: the shipped sparsity-trained demo model on the embedded "
         "dataset, a short finetune at imgsz 320.",
     )
-    sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
-    sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
-    how = sub.add_mutually_exclusive_group()
-    how.add_argument("--target-flops", type=float, help="fraction of GFLOPs to keep (default 0.5)")
-    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove")
-    sub.add_argument("--epochs-sparse", type=int, default=20)
-    sub.add_argument("--epochs-finetune", type=int, help="default 5 on the embedded default, 20 otherwise")
-    sub.add_argument("--imgsz", type=int, default=320)
-    sub.add_argument("--batch", type=int, default=16)
-    sub.add_argument("--precision", default="int8", choices=["fp16", "int8"], help="deployment precision to prepare")
-    sub.add_argument("--threads", type=int, help="CPU threads for evaluation and benchmark (default: all cores)")
-    sub.add_argument("--project", default="runs/slim")
-    sub.add_argument("--name", default="slim", help="run folder; an unfinished run of this name is resumed")
+    _add_settings(sub, SlimConfig)
     sub.set_defaults(run=_run_slim)
 
 
 def _run_slim(args: argparse.Namespace) -> int:
     import time
 
-    from yoloslim.slim import SlimConfig, slim
+    from yoloslim.config import SlimConfig
+    from yoloslim.slim import slim
 
     started = time.time()
-    config = SlimConfig(
-        weights=args.weights,
-        data=args.data,
-        target_flops=args.target_flops,
-        ratio=args.ratio,
-        epochs_sparse=args.epochs_sparse,
-        epochs_finetune=args.epochs_finetune,
-        imgsz=args.imgsz,
-        batch=args.batch,
-        precision=args.precision,
-        threads=args.threads,
-        project=args.project,
-        name=args.name,
-    )
-    report = slim(config)
+    report = slim(_settings_from(SlimConfig, args))
     print(f"\nreport: {report}  ({(time.time() - started) / 60:.1f} min)")
     return 0
 

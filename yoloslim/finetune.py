@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from yoloslim.config import FINETUNE_RECIPE
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
@@ -39,7 +40,8 @@ def finetune(
     resume: bool = False,
     **train_args,
 ):
-    """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics."""
+    """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics.
+    `train_args` (Ultralytics train arguments) override FINETUNE_RECIPE's; imgsz defaults to the checkpoint's own."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
@@ -51,4 +53,6 @@ def finetune(
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)
-    return YOLO(str(weights)).train(data=str(resolve_data(data)), trainer=FinetuneTrainer, **train_args)
+    dataset = str(resolve_data(data))
+    train_args = {**FINETUNE_RECIPE.train_args(), **train_args}
+    return YOLO(str(weights)).train(data=dataset, trainer=FinetuneTrainer, **train_args)

@@ -8,43 +8,24 @@ training from its last.pt. An input whose gamma distribution is already sparse s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from yoloslim.config import (
+    DEFAULT_EPOCHS,
+    DEFAULT_TARGET_FLOPS,
+    DEMO_EPOCHS,
+    SPARSITY_RECIPE,
+    SlimConfig,
+    SparsityConfig,
+)
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 
 STAGES = ("sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
-
-
-@dataclass(frozen=True)
-class SlimConfig:
-    weights: Optional[str] = None  # default: the shipped sparsity-trained baseline
-    data: Optional[str] = None  # default: the embedded synthetic dataset
-    target_flops: Optional[float] = None  # default 0.5 unless ratio is given
-    ratio: Optional[float] = None
-    epochs_sparse: int = 20
-    epochs_finetune: Optional[int] = None  # default: 5 on the embedded default, 20 otherwise
-    imgsz: int = 320
-    batch: int = 16
-    precision: str = "int8"  # fp16 | int8: the deployment precision to prepare
-    threads: Optional[int] = None
-    project: str = "runs/slim"
-    name: str = "slim"
-
-    def __post_init__(self):
-        if self.precision not in ("fp16", "int8"):
-            raise YoloslimError(f"--precision must be fp16 or int8, got {self.precision}")
-        self.prune_config()  # refuses a bad amount now, not after sparsity training
-
-    def prune_config(self):
-        from yoloslim.prune.plan import PruneConfig
-
-        target = 0.5 if self.target_flops is None and self.ratio is None else self.target_flops
-        return PruneConfig(ratio=self.ratio, target_flops=target, imgsz=self.imgsz)
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
@@ -62,30 +43,28 @@ class Pipeline:
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
+        from yoloslim.utils.checks import load_detection_checkpoint
 
         self.config, self.log = config, log
         self.embedded = config.weights is None
         self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        self.run = (
-            Path(config.project) / config.name
-        ).resolve()  # Ultralytics nests a relative project under runs/detect
-        self.run.mkdir(parents=True, exist_ok=True)
+        _, ckpt = load_detection_checkpoint(self.input)  # a bad checkpoint is refused before any work
+        self.imgsz = config.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640
+        self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
+        self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project in runs/detect
         self.state_file = self.run / "state.json"
-        self.state = (
-            json.loads(self.state_file.read_text())
-            if self.state_file.exists()
-            else {"config": asdict(config), "stages": {}}
-        )
+        fresh = {"config": asdict(config), "stages": {}}
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else fresh
         current = asdict(config)
         changed = [f"{k} {v} -> {current.get(k)}" for k, v in self.state["config"].items() if current.get(k) != v]
         if changed:
-            settings = ", ".join(changed)
             raise YoloslimError(
-                f"{self.run} holds a slim run with other settings ({settings}); repeat its settings to resume it, or give --name for a new run"
+                f"{self.run} holds a slim run with other settings ({', '.join(changed)}); repeat its settings to "
+                "resume it, or give another name for a new run"
             )
-        self.epochs_finetune = config.epochs_finetune or (5 if self.embedded else 20)
+        self.run.mkdir(parents=True, exist_ok=True)
 
     def done(self, stage: str) -> Optional[dict]:
         return self.state["stages"].get(stage)
@@ -105,47 +84,36 @@ class Pipeline:
         return self.run / "report" / "report.html"
 
     def _train_args(self, name: str, epochs: int) -> dict:
-        return dict(
-            project=str(self.run),
-            name=name,
-            exist_ok=True,
-            epochs=epochs,
-            imgsz=self.config.imgsz,
-            batch=self.config.batch,
-            workers=0,
-        )
+        return dict(project=str(self.run), name=name, exist_ok=True, epochs=epochs, imgsz=self.imgsz, workers=0)
 
     def stage_sparse(self) -> dict:
-        from yoloslim.sparsity import SparsityConfig, train_sparse
+        """Sparsity training with the recipe's defaults, ending once the prune to the target is free; it may use up
+        to sparse_share of the budget, the finetune gets the rest."""
+        from yoloslim.sparsity import train_sparse
         from yoloslim.utils.checks import load_detection_checkpoint
         from yoloslim.utils.training import resume_point
 
         model, ckpt = load_detection_checkpoint(self.input)
         if looks_sparsity_trained(ckpt, model):
             self.log("slim: the input is already sparsity-trained; skipping sparsity training")
-            return {"weights": str(self.input), "skipped": True}
-        last = self.run / "sparse" / "weights" / "last.pt"
-        start = resume_point(last, self.input)
+            return {"weights": str(self.input), "skipped": True, "epochs": 0}
+        run = self.run / "sparse"
+        start = resume_point(run / "weights" / "last.pt", self.input)
         if start:
-            # the recipe that split ../shared's license-plate model into kept and zero gammas in 30 epochs (README)
-            train_args = dict(
-                self._train_args("sparse", self.config.epochs_sparse), optimizer="SGD", lr0=0.01, batch=8, nbs=8
-            )
+            epochs = min(SPARSITY_RECIPE.epochs, max(1, int(self.budget * self.config.sparse_share)))
+            stop = self.config.target_flops if self.config.ratio is None else None
+            config = SparsityConfig(stop_at_flops=stop or DEFAULT_TARGET_FLOPS)
             train_sparse(
-                str(start[0]),
-                SparsityConfig(sr=0.1, include_head=True),
-                data=str(self.data),
-                resume=start[1],
-                **train_args,
+                str(start[0]), config, data=str(self.data), resume=start[1], **self._train_args("sparse", epochs)
             )
-        return {"weights": str(last.with_name("best.pt")), "skipped": False}
+        return {"weights": str(run / "weights" / "best.pt"), "skipped": False, "epochs": epochs_trained(run)}
 
     def stage_prune(self) -> dict:
         from yoloslim.prune import prune
 
         out = self.run / "pruned.pt"
         out.unlink(missing_ok=True)  # a pruning interrupted before its rename left nothing; redo it whole
-        result = prune(self.done("sparse")["weights"], self.config.prune_config(), out=out)
+        result = prune(self.done("sparse")["weights"], self.config.prune_config(self.imgsz), out=out)
         return {"weights": str(out), "widths": result.widths, "before": result.before, "after": result.after}
 
     def stage_finetune(self) -> dict:
@@ -154,9 +122,10 @@ class Pipeline:
 
         last = self.run / "finetune" / "weights" / "last.pt"
         start = resume_point(last, self.done("prune")["weights"])
+        epochs = max(1, self.budget - self.done("sparse")["epochs"])
         if start:
-            finetune(start[0], data=self.data, resume=start[1], **self._train_args("finetune", self.epochs_finetune))
-        return {"weights": str(last.with_name("best.pt"))}
+            finetune(start[0], data=self.data, resume=start[1], **self._train_args("finetune", epochs))
+        return {"weights": str(last.with_name("best.pt")), "epochs": epochs}
 
     def stage_export(self) -> dict:
         from yoloslim.export.fp16 import convert_fp16
@@ -165,7 +134,7 @@ class Pipeline:
 
         onnx = {}
         for name, weights in (("base", self.base), ("finetuned", Path(self.done("finetune")["weights"]))):
-            onnx[name] = str(export_onnx(weights, imgsz=self.config.imgsz, out=self.run / "export" / f"{name}.onnx"))
+            onnx[name] = str(export_onnx(weights, imgsz=self.imgsz, out=self.run / "export" / f"{name}.onnx"))
         # what TensorRT 11 needs for FP16 (strong typing); its accuracy is checked here, before any device sees it
         onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=self.run / "export" / "finetuned-fp16.onnx"))
         if self.config.precision == "int8":
@@ -175,7 +144,7 @@ class Pipeline:
         return {"onnx": onnx}
 
     def variants(self) -> list[dict]:
-        """Every variant the run compares; the TensorRT ones are listed always, measured only on a device that has TensorRT."""
+        """Every variant the run compares; the TensorRT ones are listed always, measured only where TensorRT is."""
         import importlib.util
 
         stages = self.state["stages"]
@@ -266,7 +235,7 @@ class Pipeline:
         for v in self.variants():
             if v["weights"]:
                 results[v["name"]] = evaluate(
-                    v["weights"], self.data, imgsz=self.config.imgsz, threads=self.config.threads
+                    v["weights"], self.data, imgsz=self.imgsz, threads=self.config.threads
                 ).as_dict()
         return {"results": results}
 
@@ -274,7 +243,7 @@ class Pipeline:
         from yoloslim.bench import bench
 
         measured = [v for v in self.variants() if v["weights"]]
-        report = bench([v["weights"] for v in measured], imgsz=self.config.imgsz, threads=self.config.threads)
+        report = bench([v["weights"] for v in measured], imgsz=self.imgsz, threads=self.config.threads)
         by_weights = {r["weights"]: r for r in report["results"]}
         return {
             "results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured},
@@ -298,7 +267,7 @@ class Pipeline:
         summary = {
             "name": f"{self.config.name}: {self.input.name} on {Path(self.data).parent.name}",
             "data": str(self.data),
-            "imgsz": self.config.imgsz,
+            "imgsz": self.imgsz,
             "environment": stages["bench"]["environment"],
             "variants": variants,
             "prune": {"widths": stages["prune"]["widths"]},
@@ -307,6 +276,12 @@ class Pipeline:
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
+
+
+def epochs_trained(run: Path) -> int:
+    """Epochs a finished Ultralytics run trained: the rows of its results.csv (an early stop ends it sooner)."""
+    results = run / "results.csv"
+    return max(0, len(results.read_text().strip().splitlines()) - 1) if results.exists() else 0
 
 
 def _plain(value):

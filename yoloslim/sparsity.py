@@ -22,11 +22,9 @@ A sparsity run's best.pt is its latest epoch, not its fittest (see SparsityTrain
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -35,62 +33,15 @@ from ultralytics.optim import MuSGD
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yoloslim.utils.errors import YoloslimError
+from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
-Schedule = Literal["constant", "linear", "cosine"]
-SCHEDULES = ("constant", "linear", "cosine")
 GAMMA_HISTORY = "gamma_history.json"
 GAMMA_PLOT = "gamma_distribution.png"
 # |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
 _LOG_EDGES = np.concatenate([[0.0], np.logspace(-6, 1, 57)])
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """How hard and where to push BatchNorm gammas towards zero."""
-
-    sr: float = 1e-3
-    schedule: Schedule = "constant"
-    final_ratio: float = 0.0  # sr at the last epoch, as a fraction of sr (linear and cosine schedules)
-    include_head: bool = False  # also shrink the Detect head's BatchNorms
-    # End the run early once removing the channels whose |gamma| is below zero_gamma (at the prune's rounding) keeps at
-    # most this fraction of the GFLOPs: from then on a prune to that size is lossless, and further epochs under the
-    # penalty only cost accuracy that the finetune must win back.
-    stop_at_flops: float | None = None
-    zero_gamma: float = 1e-2
-    round_to: int = 8  # the rounding the later prune will use (see yoloslim prune --round-to)
-    min_keep: float = 0.1  # and its per-layer minimum (--min-keep)
-
-    def __post_init__(self):
-        if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
-            raise YoloslimError(f"sr must be a finite number >= 0, got {self.sr}; try --sr 1e-3")
-        if self.schedule not in SCHEDULES:
-            raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.final_ratio <= 1:
-            raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
-        if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
-            raise YoloslimError(
-                f"--stop-at-flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1); got {self.stop_at_flops}"
-            )
-        if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
-            raise YoloslimError(
-                f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
-                f"{self.round_to} and {self.min_keep}"
-            )
-
-    def sr_at(self, epoch: int, epochs: int) -> float:
-        """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
-        progress = min(max(epoch / max(epochs - 1, 1), 0.0), 1.0)
-        if self.schedule == "constant":
-            return self.sr
-        if self.schedule == "linear":
-            decay = 1 - progress
-        else:
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.sr * (self.final_ratio + (1 - self.final_ratio) * decay)
 
 
 def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -231,8 +182,8 @@ class SparsityTrainer(SafeDetectionTrainer):
         kept = zeroed_flops_fraction(self.ema.ema, self.sparsity, self.args.imgsz)
         if kept <= target:
             LOGGER.info(
-                f"Sparsity: pruning the channels below |gamma| {self.sparsity.zero_gamma} keeps {kept:.3f} of the GFLOPs "
-                f"(target {target}); ending the run after epoch {self.epoch + 1}."
+                f"Sparsity: pruning the channels below |gamma| {self.sparsity.zero_gamma} keeps {kept:.3f} of the "
+                f"GFLOPs (target {target}); ending the run after epoch {self.epoch + 1}."
             )
             self.stop = True
         return {"sparsity/zeroed_flops": kept}
@@ -273,7 +224,9 @@ def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray
 def train_sparse(
     weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args
 ):
-    """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under `yoloslim train`."""
+    """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under
+    `yoloslim train`: `train_args` (Ultralytics train arguments) override SPARSITY_RECIPE's; imgsz defaults to the
+    checkpoint's own, as in Ultralytics."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
@@ -284,11 +237,13 @@ def train_sparse(
         return resume_run(weights, trainer, data, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
-    return YOLO(weights).train(data=str(resolve_data(data)), trainer=trainer, **train_args)
+    dataset = str(resolve_data(data))
+    return YOLO(weights).train(data=dataset, trainer=trainer, **{**SPARSITY_RECIPE.train_args(), **train_args})
 
 
 __all__ = [
     "SparsityConfig",
+    "SPARSITY_RECIPE",
     "SparsityTrainer",
     "SparsityCallback",
     "train_sparse",

@@ -82,8 +82,8 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
     importance = IMPORTANCES[config.method]
     scores = [importance(graph, g) for g in groups]
     roots = [g.root for g in groups]
-    if config.effective_ratio is not None:
-        threshold, above = cut_score(scores, config.effective_ratio), counts_above_ratio(scores, config.effective_ratio)
+    if config.ratio is not None:
+        threshold, above = cut_score(scores, config.ratio), counts_above_ratio(scores, config.ratio)
     else:
         if config.threshold is not None:
             threshold = config.threshold

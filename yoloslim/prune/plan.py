@@ -4,52 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
 
 import torch
 
-from yoloslim.utils.errors import YoloslimError
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """How much to prune and how. Give at most one of ratio, threshold and target_flops (default: ratio 0.5)."""
-
-    method: Literal["bn", "l1"] = "bn"  # bn: BatchNorm |gamma| (after sparsity training); l1: filter L1 norm
-    ratio: Optional[float] = None  # fraction of prunable channels to remove, before rounding
-    threshold: Optional[float] = None  # remove channels scoring below this (|gamma| for method bn)
-    target_flops: Optional[float] = None  # fraction of the original GFLOPs to keep
-    min_keep: float = 0.1  # per-layer minimum fraction of channels kept
-    round_to: int = (
-        8  # kept widths are multiples of this (8: FP16 tensor cores; 32: INT8 on Orin; 16: AVX-512 CPUs; 1: off)
-    )
-    compensate: bool = True  # fold removed channels' constant act(beta) into the consumers
-    imgsz: int = 640  # image size at which GFLOPs are reported
-
-    def __post_init__(self):
-        given = [k for k in ("ratio", "threshold", "target_flops") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise YoloslimError(f"give only one of --ratio, --threshold and --target-flops, not {' and '.join(given)}")
-        if self.method not in ("bn", "l1"):
-            raise YoloslimError(f"unknown pruning criterion {self.method!r}; use bn or l1")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise YoloslimError(f"--ratio must lie in [0, 1), got {self.ratio}")
-        if self.target_flops is not None and not 0 < self.target_flops <= 1:
-            raise YoloslimError(f"--target-flops is the fraction of GFLOPs to keep, in (0, 1]; got {self.target_flops}")
-        if self.threshold is not None and self.threshold < 0:
-            raise YoloslimError(f"--threshold must be >= 0, got {self.threshold}")
-        if not 0 <= self.min_keep <= 1:
-            raise YoloslimError(f"--min-keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
-        if self.round_to < 1:
-            raise YoloslimError(f"--round-to must be >= 1, got {self.round_to}")
-        if (
-            self.imgsz < 32 or self.imgsz % 32
-        ):  # Ultralytics' GFLOPs count is 0 for other sizes, which would void --target-flops
-            raise YoloslimError(f"--imgsz must be a multiple of 32 (the detector's largest stride), got {self.imgsz}")
-
-    @property
-    def effective_ratio(self) -> Optional[float]:
-        return 0.5 if self.ratio is None and self.threshold is None and self.target_flops is None else self.ratio
+from yoloslim.config import PruneConfig
 
 
 @dataclass

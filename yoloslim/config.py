@@ -1,0 +1,193 @@
+"""Every stage's settings and their defaults, stated once.
+
+The defaults are the recipe measured to work (docs/sparsity.md, docs/pruning.md, docs/finetuning.md): `yoloslim train`
+with no option runs it and stops once the prune is ready, `yoloslim slim` splits its epoch budget the way the
+measurements say. The CLI builds its options from these fields and their `help`; `slim`, the tools and the docs read
+them from here. Torch-free, so the device's command line imports it; kept to Python 3.8 typing for the same reason.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+from yoloslim.utils.errors import YoloslimError
+
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def option(default, help: str, **cli):
+    """A settings field with its command-line help (and argparse extras such as metavar)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The Ultralytics train arguments of a measured recipe; the user's key=value arguments override each."""
+
+    epochs: int
+    batch: int
+    optimizer: str
+    lr0: float
+    nbs: Optional[int] = None  # nominal batch: gradient accumulation over nbs / batch batches
+    close_mosaic: Optional[int] = None
+
+    def train_args(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# Sparsity training: SGD (Adam-family optimizers normalise each gamma's gradient, so the gammas shrink together
+# instead of splitting), one penalty step per batch of 8, up to 30 epochs; measured on the license-plate YOLOv5n.
+SPARSITY_RECIPE = TrainRecipe(epochs=30, batch=8, optimizer="SGD", lr0=0.01, nbs=8, close_mosaic=5)
+# Finetuning a pruned model: AdamW at a small learning rate (its bias warm-up starts at zero, see utils/training.py).
+FINETUNE_RECIPE = TrainRecipe(epochs=20, batch=16, optimizer="AdamW", lr0=0.002, close_mosaic=5)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How hard and where to push BatchNorm gammas towards zero, and when to stop."""
+
+    sr: float = option(0.1, "L1 strength on gamma, per unit learning rate")
+    schedule: Schedule = option("constant", "sr schedule over the epochs", choices=SCHEDULES)
+    final_ratio: float = option(0.0, "sr at the last epoch as a fraction of sr (linear and cosine schedules)")
+    include_head: bool = option(
+        True, "also shrink the Detect head's inner BatchNorms (about 40%% of a nano model's CPU latency)"
+    )
+    # End the run once removing the channels whose |gamma| is below zero_gamma (at the prune's rounding) keeps at most
+    # this fraction of the GFLOPs: from then on a prune to that size is lossless, and further epochs under the penalty
+    # only cost accuracy that the finetune must win back.
+    stop_at_flops: Optional[float] = option(
+        0.5,
+        "end once pruning the channels with |gamma| < zero_gamma keeps at most this fraction of the GFLOPs "
+        "(checked each epoch; 0 trains all epochs)",
+        metavar="FRACTION",
+    )
+    zero_gamma: float = option(1e-2, "|gamma| below which a channel counts as zeroed, for stop_at_flops")
+    round_to: int = option(8, "the rounding the later prune will use, for stop_at_flops")
+    min_keep: float = option(0.1, "the later prune's per-layer minimum fraction, for stop_at_flops")
+
+    def __post_init__(self):
+        if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
+            raise YoloslimError(f"sr must be a finite number >= 0, got {self.sr}; the measured recipe uses sr=0.1")
+        if self.schedule not in SCHEDULES:
+            raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.final_ratio <= 1:
+            raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
+        if self.stop_at_flops == 0:
+            object.__setattr__(self, "stop_at_flops", None)
+        if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:
+            raise YoloslimError(
+                "stop_at_flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1), or 0 for "
+                f"no early stop; got {self.stop_at_flops}"
+            )
+        if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
+            raise YoloslimError(
+                f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
+                f"{self.round_to} and {self.min_keep}"
+            )
+
+    def sr_at(self, epoch: int, epochs: int) -> float:
+        """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""
+        progress = min(max(epoch / max(epochs - 1, 1), 0.0), 1.0)
+        if self.schedule == "constant":
+            return self.sr
+        if self.schedule == "linear":
+            decay = 1 - progress
+        else:
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.sr * (self.final_ratio + (1 - self.final_ratio) * decay)
+
+
+# Half the GFLOPs: the size at which the measured prunes ran at 0.88 to 0.96 of the reduction on one CPU thread.
+DEFAULT_TARGET_FLOPS = 0.5
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How much to prune and how. Give at most one of ratio, threshold and target_flops; with none, target_flops is
+    DEFAULT_TARGET_FLOPS."""
+
+    method: Literal["bn", "l1"] = option(
+        "bn",
+        "channel score: bn = BatchNorm |gamma| (after sparsity training); l1 = filter L1 norm (without)",
+        choices=("bn", "l1"),
+    )
+    ratio: Optional[float] = option(None, "fraction of prunable channels to remove, before rounding")
+    threshold: Optional[float] = option(None, "remove channels whose score is below this")
+    target_flops: Optional[float] = option(
+        None, f"fraction of the original GFLOPs to keep ({DEFAULT_TARGET_FLOPS} when no amount is given)"
+    )
+    min_keep: float = option(0.1, "per-layer minimum fraction of channels kept")
+    round_to: int = option(
+        8,
+        "kept widths are multiples of this (8: TensorRT FP16; 32: INT8 on Orin; 16: ONNX Runtime "
+        "on AVX-512 CPUs; 1: off)",
+    )
+    compensate: bool = option(True, "fold removed channels' constant output into their consumers")
+    imgsz: int = option(640, "image size of the GFLOPs figures (a multiple of 32)")
+
+    def __post_init__(self):
+        given = [k for k in ("ratio", "threshold", "target_flops") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise YoloslimError(f"give only one of ratio, threshold and target_flops, not {' and '.join(given)}")
+        if not given:
+            object.__setattr__(self, "target_flops", DEFAULT_TARGET_FLOPS)
+        if self.method not in ("bn", "l1"):
+            raise YoloslimError(f"unknown pruning criterion {self.method!r}; use bn or l1")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise YoloslimError(f"ratio must lie in [0, 1), got {self.ratio}")
+        if self.target_flops is not None and not 0 < self.target_flops <= 1:
+            raise YoloslimError(f"target_flops is the fraction of GFLOPs to keep, in (0, 1]; got {self.target_flops}")
+        if self.threshold is not None and self.threshold < 0:
+            raise YoloslimError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0 <= self.min_keep <= 1:
+            raise YoloslimError(f"min_keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
+        if self.round_to < 1:
+            raise YoloslimError(f"round_to must be >= 1, got {self.round_to}")
+        # Ultralytics' GFLOPs count is 0 for other sizes, which would void target_flops
+        if self.imgsz < 32 or self.imgsz % 32:
+            raise YoloslimError(f"imgsz must be a multiple of 32 (the detector's largest stride), got {self.imgsz}")
+
+
+# slim's epoch budget beyond the base: 50, 29 of them sparsity training, gave the measured license-plate result
+# (docs/benchmarks.md); the demo ships its sparsity training, so its budget is a short finetune.
+DEFAULT_EPOCHS = 50
+DEMO_EPOCHS = 5
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    """The whole pipeline: one epoch budget split between sparsity training and finetuning."""
+
+    weights: Optional[str] = option(None, "detection checkpoint (default: the shipped sparsity-trained demo model)")
+    data: Optional[str] = option(None, "dataset yaml (default: the embedded synthetic dataset)")
+    target_flops: Optional[float] = option(
+        None, f"fraction of the GFLOPs to keep ({DEFAULT_TARGET_FLOPS} unless ratio is given)"
+    )
+    ratio: Optional[float] = option(None, "fraction of prunable channels to remove instead of target_flops")
+    # 50 epochs beyond the base, 29 of them sparsity, gave the measured license-plate result (docs/benchmarks.md).
+    epochs: Optional[int] = option(
+        None,
+        "epoch budget beyond the base: sparsity training stops once the prune is ready (at most "
+        "sparse_share of the budget), finetuning gets the rest (default 50; 5 finetuning epochs for the shipped demo)",
+    )
+    sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
+    imgsz: Optional[int] = option(
+        None, "training and evaluation size (default: the checkpoint's own, 320 for the demo)"
+    )
+    precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
+    threads: Optional[int] = option(None, "CPU threads for evaluation and benchmark (default: all cores)")
+    project: str = option("runs/slim", "runs go to PROJECT/NAME")
+    name: str = option("slim", "run folder; an unfinished run of this name is resumed")
+
+    def __post_init__(self):
+        if self.precision not in ("fp16", "int8"):
+            raise YoloslimError(f"precision must be fp16 or int8, got {self.precision}")
+        if self.epochs is not None and self.epochs < 1:
+            raise YoloslimError(f"epochs is the budget beyond the base, at least 1; got {self.epochs}")
+        if not 0 < self.sparse_share < 1:
+            raise YoloslimError(f"sparse_share must lie in (0, 1), got {self.sparse_share}")
+        self.prune_config(32)  # refuses a bad amount now, not after sparsity training
+
+    def prune_config(self, imgsz: int) -> PruneConfig:
+        return PruneConfig(ratio=self.ratio, target_flops=self.target_flops, imgsz=imgsz)
