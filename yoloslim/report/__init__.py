@@ -245,9 +245,8 @@ def write_report(runs: list, out: Path) -> dict:
 def render_markdown(tables, images) -> str:
     lines = ["# yoloslim comparison report", ""]
     for summary, table in tables:
-        lines += [f"## {summary['name']}", "", f"**{headline(summary)}**", ""]
-        if headline_basis(summary):
-            lines += [headline_basis(summary), ""]
+        basis = headline_basis(summary)
+        lines += [f"## {summary['name']}", "", f"**{headline(summary)}**", ""] + ([basis, ""] if basis else [])
         lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |" for r in table]
         lines += ["", context(summary), ""]
