@@ -1,10 +1,19 @@
-"""The report's pictures: accuracy against speed (Pareto), widths per layer, gamma distribution per epoch."""
+"""The report's pictures: accuracy against speed (Pareto), widths per layer, gamma distribution per epoch.
+
+They are drawn at PIXEL_RATIO image pixels per CSS pixel (100 CSS pixels per figure inch) and shown at their CSS size,
+so they stay sharp on high-density screens, and their text keeps a legible size when a phone shrinks them to its width.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from yoloslim.utils.plots import plot_gamma_history, plot_widths, pyplot, save_figure
+
+PIXEL_RATIO = 2
+DPI = 100 * PIXEL_RATIO
+# where a point's number may go, in points from the point, by preference: close points get numbers on different sides
+NUMBER_OFFSETS = ((6, 4), (6, -12), (-13, 4), (-13, -12), (7, -4), (-14, -4), (6, 12), (-13, 12), (6, -20), (-13, -20))
 
 
 def pareto_front(points: list) -> list:
@@ -17,35 +26,87 @@ def pareto_front(points: list) -> list:
     return sorted(front)
 
 
-def plot_pareto(summaries: list, path: Path) -> bool:
+def run_label(summary: dict) -> str:
+    """A run's short name: slim names a run "<folder>: <weights> on <data>", and the folders of runs differ."""
+    return summary["name"].split(":")[0]
+
+
+def accuracy_speed_points(summaries: list) -> list:
+    """(FPS end to end, mAP50-95, label, 95% interval or None) of every variant measured for both."""
     points = []
     for s in summaries:
         for v in s["variants"]:
             ev, be = v.get("eval") or {}, v.get("bench") or {}
             if ev.get("map") is not None and be.get("fps_end_to_end"):
-                points.append((be["fps_end_to_end"], ev["map"], v["name"], ev.get("ci95", {}).get("map")))
+                label = v["name"] if len(summaries) == 1 else f"{run_label(s)}: {v['name']}"
+                points.append((be["fps_end_to_end"], ev["map"], label, ev.get("ci95", {}).get("map")))
+    return points
+
+
+def marker_boxes(ax, points: list, half_width_pt: float = 4.0) -> list:
+    """Display boxes of each point's marker and error bar, which numbers must not cover."""
+    from matplotlib.transforms import Bbox
+
+    half = half_width_pt * ax.figure.dpi / 72
+    boxes = []
+    for fps, value, _, ci in points:
+        low, high = ci or (value, value)
+        (x, y0), (_, y1) = ax.transData.transform([(fps, low), (fps, high)])
+        boxes.append(Bbox.from_extents(x - half, y0 - half, x + half, y1 + half))
+    return boxes
+
+
+def number_points(ax, points: list, colors: list, obstacles: tuple = ()) -> list:
+    """Write each point's number (1, 2, ...) beside it, at the first offset whose box overlaps no obstacle and no
+    earlier number; returns the numbers' boxes (with a margin) in display pixels. The axes must have their final
+    layout (draw the figure first)."""
+    renderer = ax.figure.canvas.get_renderer()
+    gap = 3 * ax.figure.dpi / 72  # two numbers that touch read as one: "1" beside "4" reads 14
+    taken = []
+    for i, ((x, y), color) in enumerate(zip(points, colors), 1):
+        for offset in NUMBER_OFFSETS:
+            number = ax.annotate(
+                str(i), (x, y), textcoords="offset points", xytext=offset, fontsize=10, weight="bold", color=color
+            )
+            number.set_in_layout(False)  # placed after the layout; must not move it
+            box = number.get_window_extent(renderer).padded(gap / 2)
+            if not any(box.overlaps(other) for other in [*obstacles, *taken]) or offset == NUMBER_OFFSETS[-1]:
+                break
+            number.remove()
+        taken.append(box)
+    return taken
+
+
+def plot_pareto(summaries: list, path: Path) -> bool:
+    """mAP50-95 against FPS, each variant a numbered point, its name in the legend below (labels beside the points
+    overlapped wherever two variants were close, and shrank to nothing on a phone)."""
+    points = accuracy_speed_points(summaries)
     if not points:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for fps, value, label, ci in points:
+    columns = 2 if max(len(p[2]) for p in points) <= 24 else 1  # two columns of long names overflow a phone's width
+    legend_rows = -(-(len(points) + 1) // columns)
+    fig, ax = plt.subplots(figsize=(4.4, 3.4 + 0.22 * legend_rows), dpi=DPI, layout="constrained")
+    palette = plt.get_cmap("tab10").colors
+    colors = [palette[i % len(palette)] for i in range(len(points))]
+    for i, ((fps, value, label, ci), color) in enumerate(zip(points, colors), 1):
         err = [[value - ci[0]], [ci[1] - value]] if ci else None
-        ax.errorbar(fps, value, yerr=err, fmt="o", capsize=3)
-        ax.annotate(label, (fps, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar(fps, value, yerr=err, fmt="o", ms=5, capsize=3, color=color, label=f"{i}  {label}")
     front = pareto_front([p[:3] for p in points])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
     ax.set(xlabel="FPS, end to end", ylabel="mAP50-95 (95% CI)", title="Accuracy against speed")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.margins(0.15)
+    fig.legend(loc="outside lower center", ncol=columns, fontsize=9, frameon=False, handletextpad=0.3)
+    fig.canvas.draw()
+    number_points(ax, [p[:2] for p in points], colors, obstacles=tuple(marker_boxes(ax, points)))
     save_figure(fig, path)
     return True
 
 
 def plot_prune_widths(widths: dict, path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=DPI, layout="constrained")
     plot_widths(ax, widths)
-    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -59,6 +120,6 @@ def figures(summaries: list, out: Path) -> list:
             plot_prune_widths(s["prune"]["widths"], out / f"widths-{i}.png")
             found.append((f"Widths per layer, {s['name']}", out / f"widths-{i}.png"))
         if s.get("gamma_history"):
-            plot_gamma_history(s["gamma_history"], out / f"gamma-{i}.png")
+            plot_gamma_history(s["gamma_history"], out / f"gamma-{i}.png", figsize=(5.5, 3.6), dpi=DPI)
             found.append((f"Gamma distribution during sparsity training, {s['name']}", out / f"gamma-{i}.png"))
     return found

@@ -27,13 +27,13 @@ def save_figure(fig, path: Path) -> None:
         pyplot().close(fig)
 
 
-def plot_gamma_history(history: dict, path: Path) -> None:
+def plot_gamma_history(history: dict, path: Path, figsize: tuple = (8, 4.5), dpi: int = 110) -> None:
     """Heat map of the |gamma| distribution per epoch with its quantiles: where a gap opens, a threshold fits."""
     plt = pyplot()
     epochs = [e["epoch"] + 1 for e in history["epochs"]]
     counts = np.array([e["counts"] for e in history["epochs"]], dtype=float).T
     edges = np.array(history["edges"])
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
     y = np.append(np.maximum(edges, 1e-7), 20.0)  # zero bin drawn just below 1e-6
     x = np.append(np.array(epochs) - 0.5, epochs[-1] + 0.5)
     mesh = ax.pcolormesh(x, y, np.log1p(counts), cmap="viridis", shading="flat")
