@@ -68,6 +68,11 @@ def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path,
     assert summary["gamma_history"]["epochs"] and summary["prune"]["widths"]
     measured = [v for v in summary["variants"] if v["weights"]]
     assert all(v["eval"] is not None and v["bench"] is not None for v in measured)
+    by_name = {v["name"]: v for v in measured}
+    paired = by_name["finetuned ONNX"]["eval"]["paired"]
+    change, low, high = paired["map"]
+    assert paired["against"] == "base ONNX" and low <= high
+    assert change == pytest.approx(by_name["finetuned ONNX"]["eval"]["map"] - by_name["base ONNX"]["eval"]["map"])
 
 
 def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path):

@@ -229,14 +229,21 @@ class Pipeline:
         return found
 
     def stage_evaluate(self) -> dict:
-        from yoloslim.evaluate import evaluate
+        """Each measured variant's mAP with its interval, and its change against the base it is compared with (the
+        report's reference) with a paired interval: the same images resampled for both."""
+        from yoloslim.evaluate import model_records, paired_bootstrap_delta, summarise
+        from yoloslim.report import reference
 
-        results = {}
-        for v in self.variants():
-            if v["weights"]:
-                results[v["name"]] = evaluate(
-                    v["weights"], self.data, imgsz=self.imgsz, threads=self.config.threads
-                ).as_dict()
+        variants = [v for v in self.variants() if v["weights"]]
+        records, results = {}, {}
+        for v in variants:
+            records[v["name"]], names = model_records(v["weights"], self.data, self.imgsz, threads=self.config.threads)
+            results[v["name"]] = summarise(records[v["name"]], names).as_dict()
+        for v in variants:
+            ref = reference(variants, v)
+            if ref is not None and ref is not v:
+                delta = paired_bootstrap_delta(records[ref["name"]], records[v["name"]], num_classes=max(len(names), 1))
+                results[v["name"]]["paired"] = {"against": ref["name"], **delta}
         return {"results": results}
 
     def stage_bench(self) -> dict:
