@@ -1,9 +1,10 @@
-"""The pruning benchmark judges every point against the right model: a finetune only against a control of equal epochs."""
+"""The pruning benchmark judges every point against the right model: a finetune against a control of equal epochs."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 spec = importlib.util.spec_from_file_location(
     "bench_prune", Path(__file__).resolve().parents[1] / "tools" / "bench_prune.py"
@@ -50,7 +51,7 @@ def test_each_finetune_is_compared_with_the_control_trained_as_long():
 
 
 @pytest.mark.parametrize(("finetuned", "met"), [(0.745, True), (0.735, False)])
-def test_second_cycle_finetune_floor_uses_the_second_cycle_control(finetuned, met):
+def test_second_cycle_finetune_criterion_uses_the_second_cycle_control(finetuned, met):
     rows = {
         "base": _row(0.75, gflops_reduction=1),
         "sparse": _row(0.61, gflops_reduction=1),
@@ -60,7 +61,7 @@ def test_second_cycle_finetune_floor_uses_the_second_cycle_control(finetuned, me
         f"finetuned-{TAG}": _row(0.70),
         f"finetuned-{TAG}-plus30": _row(finetuned),
     }
-    checks = {check["point"]: check for check in bench_prune._floors(rows) if "finetuning" in check["floor"]}
+    checks = {check["point"]: check for check in bench_prune._criteria(rows) if "finetuning" in check["criterion"]}
     assert checks[f"finetuned-{TAG}"]["needed"] == pytest.approx(0.69)
     assert checks[f"finetuned-{TAG}-plus30"]["needed"] == pytest.approx(0.745)
     assert checks[f"finetuned-{TAG}-plus30"]["met"] is met
@@ -100,7 +101,7 @@ def test_distill_names_prunes_by_amount_or_takes_all(distill, met):
     assert bench_prune._distilled({"target_flops": 0.5}, distill) is met
 
 
-def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prune_floor():
+def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prune_criterion():
     tag = "l1-flops0.5-r16"
     assert bench_prune._prune_tag(bench_prune.PruneConfig(method="l1", target_flops=0.5, round_to=16)) == tag
     rows = {
@@ -110,24 +111,24 @@ def test_an_l1_prune_of_the_base_is_judged_against_the_base_and_has_no_post_prun
         f"finetuned-{tag}": _row(0.755),
     }
     assert bench_prune._references(rows)[f"pruned-{tag}"] == "base"
-    floors = {check["floor"].split(" >=")[0]: check for check in bench_prune._floors(rows)}
-    assert "mAP50-95 right after pruning" not in floors
-    assert floors["mAP50-95 after finetuning"]["met"]
+    criteria = {check["criterion"].split(" >=")[0]: check for check in bench_prune._criteria(rows)}
+    assert "mAP50-95 right after pruning" not in criteria
+    assert criteria["mAP50-95 after finetuning"]["met"]
 
 
-def test_floors_are_judged_on_unrounded_values():
+def test_criteria_are_judged_on_unrounded_values():
     rows = {
         "base": _row(0.75, gflops_reduction=1),
         "sparse": _row(0.61, gflops_reduction=1),
         f"pruned-{TAG}": {**_row(0.609, gflops_reduction=2.0), "speedup": {"2": 2.0 * 0.8499}},
     }
-    speed = next(check for check in bench_prune._floors(rows) if check["floor"].startswith("speedup"))
+    speed = next(check for check in bench_prune._criteria(rows) if check["criterion"].startswith("speedup"))
     assert speed["met"] is False
 
 
-def test_the_report_says_when_no_prune_reaches_the_floors():
+def test_the_report_says_when_no_prune_reaches_the_criteria():
     settings = dict(
-        model="synthetic",
+        weights="weights/yolov5n-synthetic.pt",
         method="bn",
         sparse=None,
         sparse_epochs=30,
@@ -157,7 +158,7 @@ def test_the_report_says_when_no_prune_reaches_the_floors():
     }
     results = {
         "points": points,
-        "floors": bench_prune._floors(points),
+        "criteria": bench_prune._criteria(points),
         "settings": settings,
         "command": "python tools/bench_prune.py",
         "env": {"onnxruntime": "1.x", "cpu": "a CPU", "cpu_vector_isa": "avx2", "cores": 2},
@@ -208,3 +209,14 @@ def test_a_stage_that_stopped_early_counts_the_epochs_it_trained(tmp_path):
     assert (
         bench_prune._epochs_trained(tmp_path / "elsewhere" / "sparse.pt", default=30) == 30
     )  # a --sparse checkpoint from elsewhere
+
+
+def test_the_image_size_defaults_to_the_one_the_model_was_trained_at():
+    root = Path(__file__).resolve().parents[1] / "weights"
+    recipe = yaml.safe_load((root / "yolov5n-synthetic.recipe.yaml").read_text())["recipe"]
+    assert bench_prune._trained_imgsz(root / "yolov5n-synthetic.pt") == recipe["train"]["imgsz"]
+
+
+@pytest.mark.parametrize(("text", "fraction"), [("0.5", 0.5), ("none", None), ("None", None)])
+def test_the_stop_can_be_turned_off(text, fraction):
+    assert bench_prune._fraction_or_none(text) == fraction

@@ -1,14 +1,19 @@
 """Pruning benchmark: sparsity training once, pruning at several amounts, finetuning each, against an honest control.
 
-    python tools/bench_prune.py --model synthetic        # the shipped baseline on the embedded dataset
-    python tools/bench_prune.py --model license_plate    # ../shared's user model on ../shared's license plates
-    python tools/bench_prune.py --model synthetic --smoke   # one tiny epoch per stage: checks the tool, not the model
+    python tools/bench_prune.py                          # the shipped baseline on the embedded synthetic dataset
+    python tools/bench_prune.py --weights <license-plate>/license_plate_yolov5nu.pt --data <license-plate>/data.yaml
+    python tools/bench_prune.py --smoke                  # one tiny epoch per stage: checks the tool, not the model
 
-Every stage writes its output under runs/bench/prune/<model>/ and is skipped when that output exists; an interrupted
-training resumes from its last.pt. Run the same command again to continue, in this session or a later one. A stage's
-name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune that stage's
-name, its amount and its guards, a finetune its prune's name and its epochs), so a run with other settings reuses
-nothing it should not. Prunes of a checkpoint given with `--sparse` carry no stage name: before giving another
+`--weights` is the model a user brings (default: the shipped baseline) and `--data` its dataset (default: the
+embedded synthetic dataset). Sparsity training, pruning and finetuning follow yoloslim's defaults (`yoloslim train
+--help`, `yoloslim prune --help`, `yoloslim finetune --help`) unless an option here says otherwise; images are the
+size the model was trained at unless `--imgsz` is given.
+
+Every stage writes its output under runs/bench/prune/<weights name>/ and is skipped when that output exists; an
+interrupted training resumes from its last.pt. Run the same command again to continue, on this machine or later. A
+stage's name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune that
+stage's name, its amount and its guards, a finetune its prune's name and its epochs), so a run with other settings
+reuses nothing it should not. Prunes of a checkpoint given with `--sparse` carry no stage name: before giving another
 checkpoint, move the first one's prunes away.
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
@@ -19,7 +24,7 @@ control: the base), with a paired bootstrap interval over the same images, much 
 The control is the unpruned model trained for the same extra epochs (sparsity + finetune) with the finetuning recipe.
 A trained stage's point is its best.pt, which Ultralytics picks on the same validation images: that favours the
 control, the best of many near-equal epochs on a flat curve, more than a finetune that is still rising, so it makes the
-finetune floor stricter, not looser. The speed floor's interval resamples the interleaved timing rounds.
+finetuning criterion stricter, not looser. The speed criterion's interval resamples the interleaved timing rounds.
 Prunes are given as `--ratios` and/or `--target-flops` fractions, with `--min-keep` and `--round-to` as in `yoloslim
 prune`. `--method l1` skips sparsity training: it prunes the base by filter L1 norm and finetunes for the control's
 whole budget, the alternative a user weighs against Network Slimming at the same epochs.
@@ -28,7 +33,9 @@ a short, strong sparsity run can leave the sparse model weaker than it), to meas
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--recipe lr0=0.001` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
-control alike, and names their stages by them.
+control alike, and names their stages by them. The synthetic runs in docs/benchmarks.md finetune with the shipped
+baseline's last training cycle, `--recipe optimizer=SGD lr0=0.005 batch=8 nbs=8`, so that their control continues the
+baseline's own curve.
 `--lane control` trains only the control and `--lane pruned` the sparsity stage and every finetune, and neither
 measures: on a machine with a core per lane, run both at once (each trains on one core), then the command without
 `--lane` finds those stages done, trains what needs both (`--extra-cycle`) and measures on a quiet machine.
@@ -49,49 +56,44 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from yoloslim.config import SCHEDULES, PruneConfig, SparsityConfig  # noqa: E402
+from yoloslim.config import (  # noqa: E402
+    DEFAULT_TARGET_FLOPS,
+    FINETUNE_RECIPE,
+    SCHEDULES,
+    SPARSITY_RECIPE,
+    PruneConfig,
+    SparsityConfig,
+)
+from yoloslim.utils.assets import BASELINE, shipped_file  # noqa: E402
 from yoloslim.utils.files import write_text_atomic  # noqa: E402
 
-# Each model's finetuning recipe, which its control shares. The synthetic baseline's is the recipe of its own last
-# training cycle, so the control continues the baseline's curve and its gain over the base shows how flat that curve is.
-MODELS = {
-    "synthetic": {
-        "weights": ROOT / "weights" / "yolov5n-synthetic.pt",
-        "data": None,
-        "finetune": dict(optimizer="SGD", lr0=0.005, batch=8, nbs=8),
-    },
-    "license_plate": {
-        "weights": SHARED / "weights" / "license_plate_yolov5nu.pt",
-        "data": SHARED / "data" / "license_plate" / "data.yaml",
-        "finetune": dict(optimizer="AdamW", lr0=0.002, batch=16),
-    },
-}
-RECIPE = dict(imgsz=320, workers=0, seed=0, close_mosaic=5, plots=True)
-# Sparsity training uses SGD: Adam-family optimizers normalise each gamma's loss gradient, so every gamma settles where
-# its gradient's signal-to-noise ratio meets sr and the distribution shrinks as a whole instead of splitting in two.
-# Batch 8 without accumulation gives 4x the optimizer steps of Ultralytics' nbs=64, so gammas can reach zero within the
-# epoch budget at an sr small enough that the loss gradient, not the penalty, decides which channels survive.
-SPARSITY = dict(optimizer="SGD", lr0=0.01, batch=8, nbs=8)
-# The Detect head's inner convolutions are ~40% of a nano model's latency; with their gammas left out of the penalty
-# they stay near 1, a global threshold never reaches them, and the prune cuts FLOPs where they are cheapest.
-INCLUDE_HEAD = True
-DEFAULT_ROUND_TO = PruneConfig.round_to
-# Rounds of compare_latency (5 calls of each model per round): the speed floor's interval resamples them.
+# Settings of every trained stage that keep runs comparable: one data loader process and one seed, so a rerun on the
+# same machine repeats exactly, and the mosaic closed for the last 5 epochs, as in every run recorded in
+# docs/benchmarks.md.
+COMMON = dict(workers=0, seed=0, close_mosaic=5, plots=True)
+# The measured recipe (yoloslim/config.py): the Ultralytics train arguments of each stage, the epochs being the tool's
+# own options.
+SPARSITY_TRAIN = {k: v for k, v in SPARSITY_RECIPE.train_args().items() if k != "epochs"}
+FINETUNE_TRAIN = {k: v for k, v in FINETUNE_RECIPE.train_args().items() if k != "epochs"}
+DEFAULT_SPARSITY = SparsityConfig()
+DEFAULT_PRUNE = PruneConfig()
+# Rounds of compare_latency (5 calls of each model per round): the speed criterion's interval resamples them.
 LATENCY_ROUNDS = 40
-DEFAULT_MIN_KEEP = PruneConfig.min_keep
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="synthetic")
+    parser.add_argument("--weights", type=Path, help=f"the unpruned model (default: the shipped {BASELINE})")
+    parser.add_argument("--data", type=Path, help="its dataset yaml (default: the embedded synthetic dataset)")
+    parser.add_argument("--imgsz", type=int, help="image size (default: the one the model was trained at)")
     parser.add_argument(
         "--ratios",
         type=float,
         nargs="+",
-        help="fractions of prunable channels to remove (default 0.3 0.5 0.7 unless --target-flops is given)",
+        help=f"fractions of prunable channels to remove (without --ratios and --target-flops: --target-flops "
+        f"{DEFAULT_TARGET_FLOPS})",
     )
     parser.add_argument(
         "--target-flops",
@@ -104,14 +106,16 @@ def main() -> None:
     parser.add_argument(
         "--min-keep",
         type=float,
-        default=DEFAULT_MIN_KEEP,
+        default=DEFAULT_PRUNE.min_keep,
         help="per-layer minimum fraction of channels kept (see yoloslim prune --min-keep)",
     )
-    parser.add_argument("--sr", type=float, default=0.1, help="sparsity strength (see yoloslim.sparsity)")
+    parser.add_argument(
+        "--sr", type=float, default=DEFAULT_SPARSITY.sr, help="sparsity strength (see yoloslim train --sr)"
+    )
     parser.add_argument(
         "--sr-schedule",
         choices=SCHEDULES,
-        default="constant",
+        default=DEFAULT_SPARSITY.schedule,
         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)",
     )
     parser.add_argument(
@@ -129,19 +133,21 @@ def main() -> None:
         "the recipe below) instead of training one; its epochs are the rows of its run's results.csv, "
         "or --sparse-epochs without one",
     )
-    parser.add_argument("--sparse-epochs", type=int, default=30)
+    parser.add_argument("--sparse-epochs", type=int, default=SPARSITY_RECIPE.epochs)
     parser.add_argument(
         "--stop-at-flops",
-        type=float,
-        metavar="FRACTION",
+        type=_fraction_or_none,
+        default=DEFAULT_SPARSITY.stop_at_flops,
+        metavar="FRACTION|none",
         help="end the sparsity stage once pruning its channels with |gamma| < 0.01 (at --round-to) keeps "
-        "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>)",
+        "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>); "
+        f"none trains every --sparse-epochs (default {DEFAULT_SPARSITY.stop_at_flops})",
     )
-    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_RECIPE.epochs)
     parser.add_argument(
         "--round-to",
         type=int,
-        default=DEFAULT_ROUND_TO,
+        default=DEFAULT_PRUNE.round_to,
         help="kept widths are multiples of this (see yoloslim prune --round-to); 16 suits ONNX Runtime on "
         "AVX-512 CPUs, whose NCHWc convolution kernels take channels in blocks of 16",
     )
@@ -213,27 +219,27 @@ def main() -> None:
         parser.error(
             "--distill-teacher control needs the trained control: train the control lane first, then run without --lane"
         )
-    if args.ratios is None:
-        args.ratios = [] if args.target_flops else [0.3, 0.5, 0.7]
+    if not args.ratios and not args.target_flops:
+        args.target_flops = [DEFAULT_TARGET_FLOPS]
+    args.ratios = args.ratios or []
 
     from yoloslim.bench import cpu_name, cpu_vector_isa
     from yoloslim.cli import parse_overrides
     from yoloslim.data import resolve_data
 
-    spec = MODELS[args.model]
-    folder = args.model + ("-smoke" if args.smoke else "")
-    out = ROOT / "runs" / "bench" / "prune" / folder
-    out.mkdir(parents=True, exist_ok=True)
+    base = args.weights or shipped_file("weights", BASELINE)
     changed = parse_overrides(args.recipe_changes)
-    recipe, recipe_tag = dict(RECIPE, **spec["finetune"], **changed), _recipe_tag(changed)
-    data = resolve_data(spec["data"])
+    recipe = {**COMMON, "imgsz": args.imgsz or _trained_imgsz(base), **FINETUNE_TRAIN, **changed}
+    recipe_tag = _recipe_tag(changed)
+    data = resolve_data(args.data)
+    out = ROOT / "runs" / "bench" / "prune" / (base.stem + ("-smoke" if args.smoke else ""))
+    out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        data, recipe["imgsz"], recipe["batch"] = _smoke_data(out, spec["weights"]), 64, 4
+        data, recipe["imgsz"], recipe["batch"] = _smoke_data(out, base), 64, 4
         args.sparse_epochs = args.finetune_epochs = 1
     recipe["project"] = str(out)
     imgsz = recipe["imgsz"]
 
-    base = Path(spec["weights"])
     points = {"base": base}
     control_epochs = args.sparse_epochs + args.finetune_epochs
     trains_control = not args.skip_finetune and args.lane != "pruned"
@@ -246,10 +252,10 @@ def main() -> None:
         return
     sparse_tag = _sparse_tag(args)
     if args.method == "bn":
-        sparsity = SparsityConfig(
+        sparsity = dataclasses.replace(
+            DEFAULT_SPARSITY,
             sr=args.sr,
             schedule=args.sr_schedule,
-            include_head=INCLUDE_HEAD,
             stop_at_flops=args.stop_at_flops,
             round_to=args.round_to,
             min_keep=args.min_keep,
@@ -297,7 +303,8 @@ def main() -> None:
     results["settings"] = {
         **vars(args),
         "recipe": recipe,
-        "sparsity": {**SPARSITY, "include_head": INCLUDE_HEAD},
+        "sparsity": {**SPARSITY_TRAIN, "include_head": DEFAULT_SPARSITY.include_head},
+        "weights": str(base),
         "data": str(data),
     }
     results["env"] = {
@@ -320,6 +327,22 @@ def main() -> None:
     write_text_atomic(out / f"{args.name}.json", json.dumps(results, indent=2, default=str))
     write_text_atomic(out / f"{args.name}.md", _markdown(results))
     print(_markdown(results))
+
+
+def _fraction_or_none(text: str) -> float | None:
+    """--stop-at-flops: a fraction, or none to train every epoch."""
+    return None if text.lower() == "none" else float(text)
+
+
+def _trained_imgsz(weights: Path) -> int:
+    """The image size the model was trained at, from its checkpoint's training arguments."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.errors import YoloslimError
+
+    imgsz = (load_detection_checkpoint(weights)[1].get("train_args") or {}).get("imgsz")
+    if not isinstance(imgsz, int):
+        raise YoloslimError(f"{weights} does not record the image size it was trained at; pass --imgsz")
+    return imgsz
 
 
 def _smoke_data(out: Path, weights: Path) -> Path:
@@ -356,7 +379,7 @@ def _train(
     if start and sparsity is not None:
         from yoloslim.sparsity import train_sparse
 
-        train_sparse(str(start[0]), sparsity, data=str(data), resume=start[1], **{**args, **SPARSITY})
+        train_sparse(str(start[0]), sparsity, data=str(data), resume=start[1], **{**args, **SPARSITY_TRAIN})
     elif start:
         from yoloslim.finetune import finetune
 
@@ -414,8 +437,8 @@ def _prune_tag(config: PruneConfig) -> str:
 
 def _guards_tag(min_keep: float, round_to: int) -> str:
     """A prune's per-layer minimum and rounding, each unless default."""
-    return ("" if min_keep == DEFAULT_MIN_KEEP else f"-mk{min_keep}") + (
-        "" if round_to == DEFAULT_ROUND_TO else f"-r{round_to}"
+    return ("" if min_keep == DEFAULT_PRUNE.min_keep else f"-mk{min_keep}") + (
+        "" if round_to == DEFAULT_PRUNE.round_to else f"-r{round_to}"
     )
 
 
@@ -476,7 +499,7 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
             rows[name]["speedup_ci95"][str(n)] = speedup_interval(latency["base"], lat)
     for row in rows.values():
         row["gflops_reduction"] = rows["base"]["gflops"] / row["gflops"]
-    return {"points": rows, "floors": _floors(rows)}
+    return {"points": rows, "criteria": _criteria(rows)}
 
 
 def _stage(weights: Path) -> str:
@@ -505,8 +528,11 @@ def _reference(name: str) -> str | None:
     return f"control{cycle}" if name.startswith(("finetuned-", "distilled-")) else None
 
 
-def _floors(rows: dict) -> list[dict]:
-    """The issue's floors, checked at every prune that removes at least half of the GFLOPs."""
+def _criteria(rows: dict) -> list[dict]:
+    """What a good prune achieves, checked at every prune that removes at least half of the GFLOPs: a speedup of at
+    least 0.85 of the GFLOPs reduction; right after pruning a sparsity-trained model, at most max(1 point, the sparse
+    model's CI half-width) under it; after finetuning, at most max(1 point, the control's CI half-width) under the
+    control."""
 
     def allowance(row):  # max(1 point, the CI half-width)
         lo, hi = row["map_ci95"]
@@ -522,18 +548,20 @@ def _floors(rows: dict) -> list[dict]:
             checks.append(
                 {
                     "point": name,
-                    "floor": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
+                    "criterion": f"speedup >= 0.85 x GFLOPs reduction ({n} thread{'' if n == '1' else 's'})",
                     "value": speedup / row["gflops_reduction"],
                     "needed": 0.85,
                     "ci95": None if low is None else [low / row["gflops_reduction"], high / row["gflops_reduction"]],
                 }
             )
-        if _reference(name) == "sparse":  # the floor is for sparsity-trained models; an L1 prune of the base has none
+        if (
+            _reference(name) == "sparse"
+        ):  # only a sparsity-trained model is expected to survive the prune; an L1 prune of the base is not
             sparse = rows["sparse"]
             checks.append(
                 {
                     "point": name,
-                    "floor": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
+                    "criterion": "mAP50-95 right after pruning >= sparse - max(1 pt, CI half-width)",
                     "value": row["map"],
                     "needed": sparse["map"] - allowance(sparse),
                     "paired": row.get("map_delta"),
@@ -543,7 +571,7 @@ def _floors(rows: dict) -> list[dict]:
             checks.append(
                 {
                     "point": tuned,
-                    "floor": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
+                    "criterion": "mAP50-95 after finetuning >= control - max(1 pt, CI half-width)",
                     "value": rows[tuned]["map"],
                     "needed": control["map"] - allowance(control),
                     "paired": rows[tuned].get("map_delta"),
@@ -571,10 +599,11 @@ def _budgets(settings: dict) -> str:
         sparse = f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})"
         if settings.get("stop_at_flops") is not None:
             sparse += (
-                f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the GFLOPs "
-                f"(after {settings['sparse_epochs_used']} epochs)"
+                f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the "
+                f"GFLOPs (after {settings['sparse_epochs_used']} epochs)"
             )
-    sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {settings.get('min_keep', DEFAULT_MIN_KEEP)} of each layer kept"
+    min_keep = settings.get("min_keep", DEFAULT_PRUNE.min_keep)
+    sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {min_keep} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
     teachers = "; ".join(
@@ -612,14 +641,15 @@ def _check_interval(check: dict) -> str:
 
 def _markdown(results: dict) -> str:
     threads = list(next(iter(results["points"].values()))["latency_ms_p50"])
+    env, settings = results["env"], results["settings"]
     lines = [
-        f"# Pruning benchmark ({results['settings']['model']})",
+        f"# Pruning benchmark ({Path(settings['weights']).name})",
         "",
         f"`{results['command']}`",
         "",
-        f"ONNX Runtime {results['env']['onnxruntime']} CPU ({results['env']['cpu']}, {results['env']['cpu_vector_isa']}), batch 1, latency p50 at {' and '.join(threads)} threads pinned, "
-        f"{results['env']['cores']} cores, every point timed in the same interleaved pass as the unpruned model; "
-        f"imgsz {results['settings']['recipe']['imgsz']}; {_budgets(results['settings'])}",
+        f"ONNX Runtime {env['onnxruntime']} CPU ({env['cpu']}, {env['cpu_vector_isa']}), batch 1, latency p50 at "
+        f"{' and '.join(threads)} threads pinned, {env['cores']} cores, every point timed in the same interleaved "
+        f"pass as the unpruned model; imgsz {settings['recipe']['imgsz']}; {_budgets(settings)}",
         "",
         "| point | params | GFLOPs | GFLOPs ÷ | "
         + " | ".join(f"ms ({n}T) | speedup ({n}T)" for n in threads)
@@ -633,30 +663,32 @@ def _markdown(results: dict) -> str:
             f"| {name} | {r['params']:,} | {r['gflops']:.3f} | {r['gflops_reduction']:.2f} | {timing} "
             f"| {r['map']:.3f} ({lo:.3f}-{hi:.3f}) | {_delta(r.get('map_delta'))} |"
         )
-    lines += ["", "## Floors (prunes removing at least half of the GFLOPs)", ""]
-    if not results["floors"]:
-        return (
-            "\n".join(
-                lines
-                + [
-                    "No prune here removes half of the GFLOPs, so no floor applies; prune further (`--target-flops 0.5`)."
-                ]
-            )
-            + "\n"
+    lines += ["", "## Criteria (prunes removing at least half of the GFLOPs)", ""]
+    if not results["criteria"]:
+        lines.append(
+            "No prune here removes half of the GFLOPs, so no criterion applies; prune further (`--target-flops 0.5`)."
         )
+        return "\n".join(lines) + "\n"
     lines += [
-        "Judged on the point estimates, as the floors are written; the interval beside a speed figure resamples the timing "
-        "rounds, the one beside an mAP is the paired change against the floor's reference.",
+        "Judged on the point estimates; the interval beside a speed figure resamples the timing rounds, the one beside "
+        "an mAP is the paired change against the criterion's reference.",
         "",
-        "| point | floor | value | interval | needed | met |",
+        "| point | criterion | value | interval | needed | met |",
         "| --- | --- | ---: | --- | ---: | --- |",
     ]
+    # judged unrounded: 0.8499 of the reduction misses 0.85
     lines += [
-        f"| {c['point']} | {c['floor']} | {c['value']:.4f} | {_check_interval(c)} | {c['needed']:.4f} | {'yes' if c['met'] else '**no**'} |"
-        for c in results["floors"]
-    ]  # judged unrounded: 0.8499 of the reduction misses a 0.85 floor
+        f"| {c['point']} | {c['criterion']} | {c['value']:.4f} | {_check_interval(c)} | {c['needed']:.4f} "
+        f"| {'yes' if c['met'] else '**no**'} |"
+        for c in results["criteria"]
+    ]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    from yoloslim.utils.errors import YoloslimError
+
+    try:
+        main()
+    except YoloslimError as e:
+        sys.exit(f"bench_prune: error: {e}")

@@ -1,6 +1,6 @@
 """Per-step time overhead of sparsity training against plain Ultralytics training, measured in the same run.
 
-    python tools/bench_sparsity_overhead.py [--weights weights/yolov5n-synthetic.pt] [--steps 30] [--threads 2]
+    python tools/bench_sparsity_overhead.py [--weights best.pt] [--data data.yaml] [--steps 30] [--threads 2]
 
 Both trainers are set up on the same weights and data; their training steps (forward, backward, optimizer step,
 EMA update, and for SparsityTrainer the gamma penalty) alternate on the same batches so machine noise hits both alike.
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(ROOT / "weights" / "yolov5n-synthetic.pt"))
+    parser.add_argument("--weights", help="detection checkpoint (default: the shipped baseline)")
     parser.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
@@ -43,11 +43,14 @@ def main() -> None:
     from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
     from yoloslim.sparsity import SparsityConfig, SparsityTrainer
+    from yoloslim.utils.assets import BASELINE, shipped_file
 
     torch.set_num_threads(args.threads)  # Ultralytics may have lowered it on import; pin and record it
+    weights = str(args.weights or shipped_file("weights", BASELINE))
     data = str(resolve_data(args.data))
+    sparsity = SparsityConfig()  # the penalty's cost per step does not depend on its strength
     common = dict(
-        model=args.weights,
+        model=weights,
         data=data,
         imgsz=args.imgsz,
         batch=args.batch,
@@ -61,11 +64,11 @@ def main() -> None:
     )
     trainers = {
         "ultralytics": DetectionTrainer(overrides=dict(common, name="plain")),
-        "yoloslim": SparsityTrainer(overrides=dict(common, name="sparse"), sparsity=SparsityConfig(sr=1e-3)),
+        "yoloslim": SparsityTrainer(overrides=dict(common, name="sparse"), sparsity=sparsity),
     }
     for trainer in trainers.values():
         trainer._setup_train()
-        trainer.epoch, trainer.sr = 0, 1e-3
+        trainer.epoch, trainer.sr = 0, sparsity.sr
         trainer.metrics, trainer.train_time_start = {}, time.time()
     torch.set_num_threads(args.threads)
     batches = [b for _, b in zip(range(args.steps + args.warmup), _cycle(trainers["ultralytics"].train_loader))]
@@ -86,7 +89,7 @@ def main() -> None:
         "steps": args.steps,
         "epoch_extras_seconds": epoch_extras,
         "steps_per_epoch": len(trainers["ultralytics"].train_loader),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"data": data},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"weights": weights, "data": data},
         "torch_threads": torch.get_num_threads(),
         "env": {
             "python": platform.python_version(),
@@ -141,7 +144,8 @@ def _write(result: dict, out: Path) -> None:
         "",
         "| | Ultralytics | yoloslim | overhead |",
         "| --- | ---: | ---: | ---: |",
-        f"| training step, median s | {med['ultralytics']:.4f} | {med['yoloslim']:.4f} | {result['overhead_per_step']:+.2%} |",
+        f"| training step, median s | {med['ultralytics']:.4f} | {med['yoloslim']:.4f} "
+        f"| {result['overhead_per_step']:+.2%} |",
         f"| once per epoch (checkpoint + metrics), s | {extras['ultralytics']:.3f} | {extras['yoloslim']:.3f} | "
         f"{per_epoch:+.2%} of an epoch of {result['steps_per_epoch']} steps |",
         "",

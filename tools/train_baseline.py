@@ -1,4 +1,4 @@
-"""Train the shipped baselines on the embedded synthetic dataset (resumable across sessions).
+"""Train the shipped baselines on the embedded synthetic dataset (resumable: rerun the same command).
 
     python tools/train_baseline.py base      # YOLOv5n from scratch -> weights/yolov5n-synthetic.pt
     python tools/train_baseline.py sparse    # sparsity training of that -> weights/yolov5n-synthetic-sparse.pt
@@ -36,8 +36,9 @@ RECIPES = {
         # 0.9 point over its last 10): a third at half the learning rate. That one flattened (+0.2 point over its last
         # 10), but at batch 16 and nbs 64 a cycle is only ~470 optimizer steps: a fourth cycle of SGD at batch 8
         # without accumulation (eight times the steps) took it from 0.580 to 0.697, and a fifth at lr0 0.005 to
-        # 0.723. Not flat: tools/bench_prune.py's control, 70 more epochs of this recipe, reached 0.751 (0.753 on another
-        # machine), so that is the sixth stage; 30 more epochs after it moved it by -0.4 point (paired -1.2 to +0.4).
+        # 0.723. Not flat: tools/bench_prune.py's control, 70 more epochs of this recipe, reached 0.751 (0.753 on
+        # another machine), so that is the sixth stage; 30 more epochs after it moved it by -0.4 point (paired -1.2 to
+        # +0.4). docs/demo.md tells the whole story.
         "then": [
             dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.001, close_mosaic=10, seed=0, workers=0),
             dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.0005, close_mosaic=10, seed=0, workers=0),
@@ -51,10 +52,10 @@ RECIPES = {
         "out": "yolov5n-synthetic-sparse.pt",
         # SGD: Adam-family optimizers normalise each gamma's gradient, so gammas shrink together instead of splitting.
         # Batch 8 without accumulation gives enough penalty steps to reach zero at an sr small enough that the loss
-        # gradient decides which channels survive (the recipe that split ../shared's license-plate model in 30 epochs
-        # of 122 steps). The six-class synthetic model keeps more live channels: sr 0.1 for 50 epochs left 71 % of its
-        # gammas below 1e-2, too few for a free prune to half the GFLOPs; sr 0.2 left 80 %, still short of the 83 % that
-        # a 2x prune at --round-to 16 removes (rounding up keeps more channels per layer): sr 0.3.
+        # gradient decides which channels survive (the recipe that split the license-plate model in 30 epochs of 122
+        # steps, docs/sparsity.md). The six-class synthetic model keeps more live channels: sr 0.1 for 50 epochs left
+        # 71 % of its gammas below 1e-2, too few for a free prune to half the GFLOPs; sr 0.2 left 80 %, still short of
+        # the 83 % that a 2x prune at --round-to 16 removes (rounding up keeps more channels per layer): sr 0.3.
         "train": dict(
             imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0
         ),
