@@ -284,7 +284,7 @@ def test_convs_reading_small_swings_on_large_offsets_stay_float():
 
 
 def test_sparse_models_offset_inputs_stay_float_in_the_qdq_graph(tmp_path):
-    """The shipped sparse model's model.4 convs read small swings on large offsets (README, INT8): no Q/DQ on them."""
+    """The shipped sparse model's model.4 convs read small swings on large offsets (docs/deployment.md): no Q/DQ on them."""
     from yoloslim.data import resolve_data
     from yoloslim.utils.assets import shipped_file
 

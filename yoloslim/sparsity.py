@@ -109,7 +109,7 @@ class SparsityCallback:
 class SparsityTrainer(SafeDetectionTrainer):
     """Ultralytics DetectionTrainer with the L1 penalty on BatchNorm gammas, gamma monitoring and atomic saves.
 
-    Use as `YOLO(w).train(data=..., trainer=SparsityTrainer.with_config(SparsityConfig(sr=1e-3)))`; plain
+    Use as `YOLO(w).train(data=..., trainer=SparsityTrainer.with_config(SparsityConfig()))`; plain
     `trainer=SparsityTrainer` uses the default SparsityConfig (or the checkpoint's on resume).
     """
 

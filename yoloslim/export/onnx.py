@@ -7,7 +7,7 @@ metadata (names, stride, imgsz, task) in the ONNX, so it does the work.
 One change to the graph it writes: the Detect head's DFL (a softmax over 16 distance bins, then their expectation) is
 written as Softmax on the bins' own axis, Mul and ReduceSum instead of Ultralytics' Transpose, Softmax and 1x1 Conv.
 Same numbers; ONNX Runtime runs the Ultralytics form in about 1.4 ms per 320 px frame and this one in about 0.2 ms on
-the development CPU, a fixed cost that pruning cannot shrink. Node names stay under /model.N/dfl/.
+a 2-core AMD EPYC, a fixed cost that pruning cannot shrink. Node names stay under /model.N/dfl/.
 
 Output layout: one input `images` (batch, 3, imgsz, imgsz) float32 RGB in [0, 1] (letterboxed, see
 yoloslim.runtime.preprocess); one output `output0` (batch, 4 + classes, anchors) float32: box centre x, centre y,

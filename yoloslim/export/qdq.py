@@ -28,7 +28,7 @@ from yoloslim.utils.files import atomic_path, output_path
 CALIBRATION_IMAGES = 500
 OFFSET_PROBE_IMAGES = 32
 # A conv input whose largest value exceeds this many times its median channel's swing keeps the conv in float (see
-# convs_with_offset_inputs). At 5 the shipped baseline and ../shared's license-plate model keep every conv in INT8 and
+# convs_with_offset_inputs). At 5 the shipped baseline and the license-plate model (docs/deployment.md) keep every conv in INT8 and
 # the shipped sparse model keeps 17 in float (INT8 0.364 -> 0.590 against 0.610 FP32); 3 would also take 7 of the
 # license-plate model's.
 OFFSET_LIMIT = 5.0
@@ -157,7 +157,7 @@ def quantize_int8(
             calibrate_method=CalibrationMethod.MinMax,
             # Q/DQ on the inputs of the convolutions only (TensorRT's first placement rule); adds, concats, pools and
             # resizes see dequantized values. Quantizing those too, and each conv's output before its SiLU, lost 3.8
-            # mAP50-95 points on a pruned synthetic model where this loses 1.7 (README, INT8).
+            # mAP50-95 points on a pruned synthetic model where this loses 1.7 (docs/deployment.md).
             extra_options={
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
