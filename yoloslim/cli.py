@@ -321,21 +321,53 @@ def _run_detect(args: argparse.Namespace) -> int:
 
 
 def _add_doctor(commands) -> None:
-    sub = commands.add_parser("doctor", help="what this device has, and what each command needs")
-    sub.add_argument(
-        "--selftest", action="store_true", help="build and run a small shipped engine, compare with a reference"
+    sub = commands.add_parser(
+        "doctor",
+        help="what this device has and what each command needs; on a Jetson, check and benchmark TensorRT",
+        description="Lists what this device has and what each command still needs. On a device with TensorRT, "
+        "--selftest builds and checks small shipped engines and --benchmark measures engines of ONNX files "
+        "(built, checked against ONNX Runtime, timed, evaluated) into one report.",
     )
+    sub.add_argument(
+        "--selftest", action="store_true", help="build the shipped self-test engines and compare with stored outputs"
+    )
+    sub.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="build the FP32/FP16/INT8 engines of --onnx, check them against ONNX Runtime where installed, time "
+        "them and evaluate mAP; writes benchmark.json and benchmark.md",
+    )
+    sub.add_argument(
+        "--onnx",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="ONNX files from yoloslim export (e.g. model.onnx model-fp16.onnx model-int8.onnx) for --benchmark "
+        "(default: the shipped self-test models)",
+    )
+    sub.add_argument("--data", help="dataset yaml for --benchmark's mAP (default: the generated synthetic dataset)")
+    sub.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds for --benchmark (default 20)")
+    sub.add_argument("--project", default="runs/doctor")
+    sub.add_argument("--name", default="benchmark")
     sub.set_defaults(run=_run_doctor)
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from yoloslim.runtime.doctor import report, selftest
+    from yoloslim.runtime.doctor import benchmark, benchmark_markdown, report, selftest, write_benchmark
 
+    if (args.onnx or args.data) and not args.benchmark:
+        raise YoloslimError("--onnx and --data are for --benchmark; add --benchmark")
+    if args.rounds < 1:
+        raise YoloslimError(f"--rounds must be at least 1, got {args.rounds}")
     print(report())
-    if not args.selftest:
-        return 0
-    ok, text = selftest()
-    print("\n" + text)
+    ok = True
+    if args.selftest:
+        ok, text = selftest()
+        print("\n" + text)
+    if args.benchmark:
+        result = benchmark(args.onnx, data=args.data, rounds=args.rounds)
+        run = write_benchmark(result, args.project, args.name)
+        print("\n" + benchmark_markdown(result) + f"\nwrote {run / 'benchmark.json'} and {run / 'benchmark.md'}")
     return 0 if ok else 1
 
 

@@ -1,18 +1,43 @@
-"""The CUDA boundary: device memory, copies and streams, through cuda-python or pycuda, whichever is installed.
+"""The CUDA boundary: page-locked host memory, device memory, copies and streams, through cuda-python or pycuda,
+whichever works here. Nothing else in yoloslim touches CUDA.
 
 cuda-python 12.6+ and 13 expose the runtime API as `cuda.bindings.runtime` (13 removed the old `from cuda import
-cudart`); older JetPack images carry pycuda instead. Nothing else in yoloslim touches CUDA.
+cudart`); older JetPack images carry pycuda instead. A cuda-python built for a newer CUDA than the device's driver
+imports fine and fails on its first call (cudaErrorInsufficientDriver: cuda-python 13 needs driver 580 or later,
+which no JetPack 5 or 6 has), so a binding counts as usable only once a call has succeeded.
 """
 
 from __future__ import annotations
+
+import ctypes
+from typing import Tuple
 
 import numpy as np
 
 from yoloslim.utils.errors import YoloslimError
 
 
+def cuda_python_requirement(cuda_version: str) -> str:
+    """The cuda-python releases for a device with this CUDA toolkit ('12.6' from nvcc): its major, no newer minor.
+    cuda-python shares CUDA's major.minor; a newer major needs a newer driver, and a newer minor of the same major
+    leans on CUDA's minor-version compatibility, which yoloslim has not seen work on a Jetson."""
+    major, minor = (int(part) for part in cuda_version.split(".")[:2])
+    return f"cuda-python>={major}.0,<{major}.{minor + 1}"
+
+
+def _distribution_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
 class CudaPython:
     """cuda-python's runtime API."""
+
+    distribution = "cuda-python"
 
     def __init__(self):
         try:
@@ -20,12 +45,28 @@ class CudaPython:
         except ImportError:
             from cuda import cudart  # cuda-python before 12.6
         self.rt = cudart
+        if self.device_count() < 1:
+            raise YoloslimError("CUDA sees no GPU; check the driver with `yoloslim doctor`")
 
     def _check(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise YoloslimError(f"CUDA error {err}; check the driver with `yoloslim doctor`")
+            name = getattr(err, "name", err)  # cudaErrorInsufficientDriver: str() of an IntEnum is its number
+            raise YoloslimError(f"CUDA error {name}; check the driver and CUDA binding with `yoloslim doctor`")
         return rest[0] if len(rest) == 1 else rest
+
+    def device_count(self) -> int:
+        return int(self._check(self.rt.cudaGetDeviceCount()))
+
+    def host_empty(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """A page-locked array (cudaMallocHost): cudaMemcpyAsync from pageable memory is staged and synchronous."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        ptr = int(self._check(self.rt.cudaMallocHost(nbytes)))
+        return np.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype=dtype).reshape(shape)
+
+    def free_host(self, array: np.ndarray) -> None:
+        self._check(self.rt.cudaFreeHost(array.ctypes.data))
 
     def malloc(self, nbytes: int) -> int:
         return int(self._check(self.rt.cudaMalloc(nbytes)))
@@ -59,9 +100,11 @@ class CudaPython:
 class PyCuda:
     """pycuda's driver API (it keeps the allocation objects alive, so they are held here)."""
 
+    distribution = "pycuda"
+
     def __init__(self):
         try:
-            import pycuda.autoinit  # noqa: F401  (creates the context)
+            import pycuda.autoinit  # noqa: F401  (creates the context: the first call into the driver)
         except ImportError:
             raise
         except Exception as error:  # pycuda's own errors: no GPU, no driver, a driver too old
@@ -72,6 +115,13 @@ class PyCuda:
 
         self.cuda = cuda
         self._allocations, self._streams = {}, {}
+
+    def host_empty(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """A page-locked array: cudaMemcpyAsync from pageable memory is staged and synchronous."""
+        return self.cuda.pagelocked_empty(shape, dtype)
+
+    def free_host(self, array: np.ndarray) -> None:
+        array.base.free()  # the HostAllocation behind pagelocked_empty
 
     def malloc(self, nbytes: int) -> int:
         allocation = self.cuda.mem_alloc(nbytes)
@@ -104,13 +154,26 @@ class PyCuda:
         return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
 
 
+BINDINGS = (CudaPython, PyCuda)
+
+
 def load_cuda():
-    """cuda-python if installed, else pycuda; a clear error when neither is."""
-    for api in (CudaPython, PyCuda):
+    """The first binding that imports and answers a call: cuda-python, else pycuda; else one error naming why each
+    failed."""
+    failures = []
+    for api in BINDINGS:
         try:
             return api()
         except ImportError:
-            continue
+            failures.append(f"{api.distribution} is not installed")
+        except Exception as error:  # any failure of a first call: fall back to the next binding
+            failures.append(f"{api.distribution} {_distribution_version(api.distribution)} fails: {error}")
     raise YoloslimError(
-        "neither cuda-python nor pycuda is installed; pip install cuda-python (or use JetPack's pycuda)"
+        f"no usable CUDA binding ({'; '.join(failures)}); install the cuda-python that `yoloslim doctor` names for "
+        "this CUDA, or pycuda"
     )
+
+
+def describe(binding) -> str:
+    """'cuda-python 12.6.2' or 'pycuda 2024.1', for reports."""
+    return f"{binding.distribution} {_distribution_version(binding.distribution)}"

@@ -1,14 +1,40 @@
-"""`yoloslim doctor`: what this device has, and what each command still needs. Reads only; changes nothing."""
+"""`yoloslim doctor`: what this device has, and what each command still needs.
+
+With --selftest it builds every engine the shipped self-test ONNX files give on this TensorRT (FP32, FP16, INT8) and
+compares each with ONNX Runtime's stored output. With --benchmark it builds the engines of the given ONNX files (the
+shipped ones by default), checks them against ONNX Runtime where it is installed, times them, evaluates mAP where the
+model's classes are the dataset's, records the power mode and clocks, and writes one JSON and Markdown report. All of
+it runs with the base install plus TensorRT; only the benchmark writes, and only its report.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import platform
 import re
 import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from yoloslim.runtime.onnx_meta import read_onnx_metadata
+from yoloslim.utils.errors import YoloslimError
+
+ASSETS = Path(__file__).parent / "assets"
+SELFTEST_ONNX = ("selftest.onnx", "selftest-fp16.onnx", "selftest-int8.onnx")  # and selftest.npz: input, outputs
+# How close an engine's output must be to ONNX Runtime's output of the same ONNX: the statistic of the error (each
+# element's |engine - reference| over the largest |reference| of its output channel) and its bound. FP32 allows for
+# TF32, which TensorRT uses by default on Ampere GPUs such as Orin. INT8 is judged by the mean: an activation that
+# lands on the other side of a rounding step moves a box by a DFL bin, and TensorRT and ONNX Runtime round
+# differently; on the shipped self-test model, 1e-4 of input noise moved ONNX Runtime's own INT8 output by 0.004 to
+# 0.006 on average (0.07 to 0.08 at most), while the FP32 output in its place is 0.14 away on average.
+CHECKS = {"fp32": ("max", 1e-2), "fp16": ("max", 3e-2), "int8": ("mean", 2e-2)}
 
 
 def _run(command: List[str]) -> Optional[str]:
@@ -46,34 +72,62 @@ def opencv_gstreamer() -> Optional[bool]:
     return bool(re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()))
 
 
-def cuda_binding() -> Optional[str]:
-    for module in ("cuda.bindings", "cuda", "pycuda"):
-        try:
-            if importlib.util.find_spec(module) is not None:
-                return {"cuda.bindings": "cuda-python", "cuda": "cuda-python (old cudart)", "pycuda": "pycuda"}[module]
-        except ModuleNotFoundError:
-            continue
-    return None
+def cuda_binding() -> Tuple[Optional[str], Optional[str]]:
+    """(the CUDA binding that answered a call, with its GPU; None) or (None, why none did)."""
+    from yoloslim.runtime.cuda import describe, load_cuda
+
+    try:
+        binding = load_cuda()
+    except YoloslimError as error:
+        return None, str(error)
+    gpu = binding.device()
+    return f"{describe(binding)} ({gpu['name']}, compute capability {gpu['compute_capability']})", None
 
 
 def nvcc_release() -> Optional[str]:
-    """nvcc's last line (its release); JetPack installs it in /usr/local/cuda/bin, which is not on PATH by default."""
+    """nvcc's release line ('Cuda compilation tools, release 12.6, V12.6.68'); JetPack installs nvcc in
+    /usr/local/cuda/bin, which is not on PATH by default."""
     for nvcc in ("nvcc", "/usr/local/cuda/bin/nvcc"):
         lines = (_run([nvcc, "--version"]) or "").splitlines()
         if lines:
-            return lines[-1]
+            return next((line for line in lines if "release" in line), lines[-1])
     return None
 
 
+def cuda_release(nvcc_line: Optional[str]) -> Optional[str]:
+    """'12.6' from nvcc's 'Cuda compilation tools, release 12.6, V12.6.68'."""
+    match = re.search(r"release (\d+\.\d+)", nvcc_line or "")
+    return match.group(1) if match else None
+
+
+def gpu_clocks() -> Optional[str]:
+    """Each devfreq device's current and highest clock (the Jetson GPU is one: 17000000.gpu or .ga10b on Orin)."""
+    found = []
+    for node in sorted(Path("/sys/class/devfreq").glob("*")):
+        try:
+            current, highest = (int((node / f).read_text()) for f in ("cur_freq", "max_freq"))
+        except (OSError, ValueError):
+            continue
+        found.append(f"{node.name} {current / 1e6:.0f} MHz (max {highest / 1e6:.0f})")
+    return "; ".join(found) or None
+
+
 def facts() -> Dict[str, Optional[str]]:
+    from yoloslim.runtime.cuda import cuda_python_requirement
+
+    nvcc = nvcc_release()
+    cuda = cuda_release(nvcc)
+    binding, no_binding = cuda_binding()
     return {
         "machine": f"{platform.machine()} {platform.system()}",
         "python": platform.python_version(),
         "L4T": l4t_release(),
         "JetPack": _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"]),
         "TensorRT": _version("tensorrt"),
-        "CUDA binding": cuda_binding(),
-        "nvcc": nvcc_release(),
+        "CUDA binding": binding,
+        "no CUDA binding": no_binding,
+        "nvcc": nvcc,
+        "cuda-python for this CUDA": cuda_python_requirement(cuda) if cuda else None,
         "onnxruntime": _version("onnxruntime"),
         "numpy": _version("numpy"),
         "OpenCV": _version("cv2"),
@@ -81,22 +135,28 @@ def facts() -> Dict[str, Optional[str]]:
         "torch": _version("torch"),
         "ultralytics": _version("ultralytics"),
         "power mode": _run(["nvpmodel", "-q"]),
-        "clocks": _run(["jetson_clocks", "--show"]),
+        "clocks": _run(["jetson_clocks", "--show"]),  # needs root; absent otherwise
+        "GPU clocks": gpu_clocks(),
     }
 
 
 NEEDS: Dict[str, Tuple[str, ...]] = {
     "detect / eval with .onnx": ("onnxruntime", "numpy", "OpenCV"),
     "detect / eval / bench with .engine": ("TensorRT", "CUDA binding", "numpy", "OpenCV"),
-    "export --format engine": ("TensorRT", "CUDA binding", "numpy"),
+    "export --format engine, doctor --selftest / --benchmark": ("TensorRT", "CUDA binding", "numpy"),
     "train, prune, finetune, export --format onnx": ("torch", "ultralytics"),
 }
+SHOWN_ONLY_WHEN_FOUND = {"no CUDA binding"}
 
 
 def report() -> str:
     found = facts()
     lines = ["| item | found |", "| --- | --- |"]
-    lines += [f"| {k} | {(v or 'not found').splitlines()[0] if v else 'not found'} |" for k, v in found.items()]
+    lines += [
+        f"| {k} | {v.splitlines()[0] if v else 'not found'} |"
+        for k, v in found.items()
+        if v or k not in SHOWN_ONLY_WHEN_FOUND
+    ]
     lines += ["", "| command | status |", "| --- | --- |"]
     for command, needs in NEEDS.items():
         missing = [n for n in needs if not found.get(n)]
@@ -104,40 +164,270 @@ def report() -> str:
     return "\n".join(lines)
 
 
-ASSETS = Path(__file__).parent / "assets"
-SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # max |engine - reference| / max |reference|
+# -- engines of ONNX files: built, checked, timed, evaluated ----------------------------------------------------------
+
+
+def onnx_precision(path) -> str:
+    """What `yoloslim export` recorded in the ONNX (fp16, int8); fp32 for any other ONNX."""
+    return str(read_onnx_metadata(path).get("precision", "fp32"))
+
+
+def engine_precisions(onnx_precision: str, trt_major: int) -> Tuple[str, ...]:
+    """The engines an ONNX gives on this TensorRT: an FP32 ONNX builds FP32 and, before 11, FP16 through the builder
+    flag; TensorRT 11 builds what the ONNX's types say, and FP16 and INT8 ONNX build their own precision everywhere."""
+    if onnx_precision == "fp32":
+        return ("fp32", "fp16") if trt_major < 11 else ("fp32",)
+    return (onnx_precision,)
+
+
+def output_error(got: np.ndarray, want: np.ndarray) -> Dict[str, float]:
+    """Mean and largest |got - want| over the largest |want| of each output channel (boxes are pixels, scores 0-1)."""
+    scale = np.maximum(np.abs(want).max(axis=(0, 2), keepdims=True), 1e-6)
+    error = np.abs(got.astype(np.float64) - want) / scale
+    return {"mean": float(error.mean()), "max": float(error.max())}
+
+
+def build_engines(onnx_files: Sequence[Path], folder: Path, trt_major: int, device: dict) -> List[dict]:
+    """Every engine each ONNX gives here, built into `folder`; a failed build is recorded with its reason."""
+    from yoloslim.runtime.engine_file import read_engine_header
+    from yoloslim.runtime.tensorrt import build_engine, yoloslim_metadata
+
+    rows = []
+    for onnx in onnx_files:
+        source = onnx_precision(onnx)
+        for precision in engine_precisions(source, trt_major):
+            row = {"onnx": str(onnx), "onnx_precision": source, "precision": precision}
+            start = time.perf_counter()
+            try:
+                engine = build_engine(
+                    onnx,
+                    out=folder / f"{onnx.stem}-{precision}.engine",
+                    precision=precision,
+                    workspace_gb=1.0,
+                    timing_cache=folder / "timing.cache",
+                    device=device,
+                )
+            except YoloslimError as error:
+                row["error"] = str(error)
+            else:
+                row["engine"] = str(engine)
+                row["build_s"] = round(time.perf_counter() - start, 1)
+                row["float_layers"] = yoloslim_metadata(read_engine_header(engine)[1])["float_layers"]
+            rows.append(row)
+    return rows
+
+
+def check_output(row: dict, got: np.ndarray, want: Optional[np.ndarray], source: str) -> None:
+    """Record how far the engine's output is from the reference, and whether that is within its precision's bound."""
+    row["check"] = {"reference": source}
+    if want is not None:
+        statistic, bound = CHECKS[row["precision"]]
+        error = output_error(got, want)
+        row["check"].update(error, statistic=statistic, bound=bound, passed=error[statistic] <= bound)
 
 
 def selftest() -> Tuple[bool, str]:
-    """Build engines from the shipped self-test ONNX, run them, compare with the shipped ONNX Runtime output."""
-    import tempfile
-
-    import numpy as np
-
-    from yoloslim.runtime.tensorrt import TensorRTBackend, build_engine, import_tensorrt, version_tuple
+    """Build the engines of the shipped self-test ONNX files, run each on the stored input, compare with ONNX
+    Runtime's stored output of its ONNX."""
+    from yoloslim.runtime.cuda import load_cuda
+    from yoloslim.runtime.tensorrt import TensorRTBackend, import_tensorrt, version_tuple
 
     trt = import_tensorrt()
-    reference = np.load(ASSETS / "selftest.npz")
-    lines, ok = [], True
+    cuda = load_cuda()
+    stored = np.load(ASSETS / "selftest.npz")
     with tempfile.TemporaryDirectory() as tmp:
-        for precision, tolerance in SELFTEST_TOLERANCE.items():
-            if precision == "fp16" and version_tuple(trt.__version__)[0] >= 11:
-                lines.append("fp16: skipped (TensorRT 11 builds FP16 only from an FP16 ONNX)")
-                continue
-            engine = build_engine(
-                ASSETS / "selftest.onnx", out=Path(tmp) / f"{precision}.engine", precision=precision, workspace_gb=0.5
-            )
-            backend = TensorRTBackend(engine)
-            try:
-                error = float(
-                    np.abs(backend(reference["images"]) - reference["output0"]).max()
-                    / np.abs(reference["output0"]).max()
-                )
-            finally:
+        major = version_tuple(trt.__version__)[0]
+        rows = build_engines([ASSETS / name for name in SELFTEST_ONNX], Path(tmp), major, cuda.device())
+        for row in rows:
+            if "engine" in row:
+                backend = TensorRTBackend(row["engine"], cuda=cuda)
+                try:
+                    got = backend(stored["images"])
+                finally:
+                    backend.close()
+                check_output(row, got, stored[row["onnx_precision"]], "stored ONNX Runtime output")
+    lines = [f"TensorRT {trt.__version__} self-test"] + [_selftest_line(row) for row in rows]
+    if major >= 11:
+        lines.append("(TensorRT 11 builds FP16 only from the FP16 ONNX, so the FP32 ONNX gives no FP16 engine)")
+    return all(row.get("check", {}).get("passed") for row in rows), "\n".join(lines)
+
+
+def _selftest_line(row: dict) -> str:
+    name = f"{Path(row['onnx']).name} -> {row['precision']}"
+    if "error" in row:
+        return f"{name}: FAIL ({row['error']})"
+    return f"{name}: {_verdict(row['check'])}"
+
+
+def _verdict(check: dict) -> str:
+    """'pass (mean error 1.2e-03, allowed 2e-02)', or where the reference came from when there was none."""
+    if "passed" not in check:
+        return check["reference"]
+    statistic = check["statistic"]
+    verdict = "pass" if check["passed"] else "FAIL"
+    return f"{verdict} ({statistic} error {check[statistic]:.1e}, allowed {check['bound']:.0e})"
+
+
+def _reference(onnx: Path, image_input: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+    """(input, reference output, where it comes from) for an output check: a shipped self-test ONNX has its stored
+    input and output; any other ONNX is run by ONNX Runtime on a dataset image, where ONNX Runtime is installed."""
+    if onnx.resolve().parent == ASSETS.resolve() and onnx.name in SELFTEST_ONNX:
+        stored = np.load(ASSETS / "selftest.npz")
+        return stored["images"], stored[onnx_precision(onnx)], "stored ONNX Runtime output"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return image_input, None, "not checked: onnxruntime is not installed"
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+
+    return image_input, OnnxRuntimeBackend(str(onnx))(image_input), "ONNX Runtime on a dataset image"
+
+
+def benchmark(
+    onnx_files: Sequence = (), data=None, rounds: int = 20, per_round: int = 5, bootstrap: int = 1000
+) -> dict:
+    """Build, check, time and evaluate the engines of `onnx_files` (default: the shipped self-test ONNX files)."""
+    import cv2
+
+    from yoloslim.bench import compare_latency, environment
+    from yoloslim.data import resolve_data
+    from yoloslim.evaluate import split_images
+    from yoloslim.runtime.cuda import describe, load_cuda
+    from yoloslim.runtime.preprocess import preprocess
+    from yoloslim.runtime.tensorrt import TensorRTBackend, import_tensorrt, version_tuple
+
+    trt = import_tensorrt()
+    onnx_files = [Path(p) for p in onnx_files] or [ASSETS / name for name in SELFTEST_ONNX]
+    for onnx in onnx_files:
+        if not onnx.is_file():
+            raise YoloslimError(f"ONNX file {onnx} does not exist; pass --onnx files written by yoloslim export")
+    data_yaml = resolve_data(data)
+    images, names = split_images(data_yaml, "val")
+    if not images:
+        raise YoloslimError(f"{data_yaml} has no validation images; pass --data with a dataset that has a val split")
+    cuda = load_cuda()
+    device = cuda.device()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = build_engines(onnx_files, Path(tmp), version_tuple(trt.__version__)[0], device)
+        backends = {i: TensorRTBackend(row["engine"], cuda=cuda) for i, row in enumerate(rows) if "engine" in row}
+        try:
+            frame = cv2.imread(str(images[0]))
+            for i, backend in backends.items():
+                x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.imgsz)[0])
+                check_output(rows[i], backend(x), want, source)
+            timed = compare_latency(_timed_calls(backends, images[0]), rounds=rounds, per_round=per_round)
+            for i, backend in backends.items():
+                rows[i]["model"] = timed[f"{i}|model"].as_dict()
+                rows[i]["end_to_end"] = timed[f"{i}|end_to_end"].as_dict()
+                rows[i]["eval"] = _evaluate(backend, images, names, bootstrap)
+        finally:
+            for backend in backends.values():
                 backend.close()
-            passed = error <= tolerance
-            ok &= passed
-            lines.append(
-                f"{precision}: {'pass' if passed else 'FAIL'} (relative error {error:.2e}, allowed {tolerance:.0e})"
-            )
-    return ok, f"TensorRT {trt.__version__} self-test\n" + "\n".join(lines)
+    return {
+        "tensorrt": trt.__version__,
+        "gpu": device,
+        "cuda_binding": describe(cuda),
+        "dataset": {"yaml": str(data_yaml), "split": "val", "images": len(images)},
+        "timing": {"rounds": rounds, "per_round": per_round, "batch": 1},
+        "engines": rows,
+        "onnxruntime": _onnxruntime_evals(onnx_files, images, names, bootstrap),
+        "environment": {**environment(os.cpu_count() or 1), "GPU clocks": gpu_clocks()},
+    }
+
+
+def _timed_calls(backends: dict, image: Path) -> dict:
+    """Per engine, the model alone on a letterboxed image, and the image end to end: decode, letterbox, model, NMS."""
+    import cv2
+
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import preprocess
+
+    def end_to_end(backend):
+        tensor, boxes = preprocess([cv2.imread(str(image))], backend.imgsz)
+        return postprocess(backend(tensor), boxes)
+
+    calls = {}
+    for i, backend in backends.items():
+        x = preprocess([cv2.imread(str(image))], backend.imgsz)[0]
+        calls[f"{i}|model"] = lambda backend=backend, x=x: backend(x)
+        calls[f"{i}|end_to_end"] = lambda backend=backend: end_to_end(backend)
+    return calls
+
+
+def _evaluate(backend, images: list, names: dict, bootstrap: int) -> dict:
+    """mAP with its interval, where the model's classes are the dataset's; else why not."""
+    from yoloslim.evaluate import predict_records, summarise
+
+    if backend.names != names:
+        return {"skipped": f"the model's classes ({', '.join(backend.names.values())}) are not the dataset's"}
+    records = predict_records(backend, images, backend.imgsz, progress=False)
+    return summarise(records, names, bootstrap=bootstrap).as_dict()
+
+
+def _onnxruntime_evals(onnx_files: Sequence[Path], images: list, names: dict, bootstrap: int) -> List[dict]:
+    """The same mAP from ONNX Runtime on the CPU, where it is installed: what each engine's mAP is compared with."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return []
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+
+    return [
+        {"onnx": str(onnx), "eval": _evaluate(OnnxRuntimeBackend(str(onnx)), images, names, bootstrap)}
+        for onnx in onnx_files
+    ]
+
+
+def benchmark_markdown(result: dict) -> str:
+    """The report as one Markdown table per backend, headed by what the figures depend on."""
+    env = result["environment"]
+    gpu = result["gpu"]
+    lines = [
+        f"# TensorRT {result['tensorrt']} on {gpu['name']} (compute capability {gpu['compute_capability']})",
+        "",
+        f"JetPack {env.get('JetPack') or '?'}, L4T {env.get('L4T') or '?'}, {result['cuda_binding']}; "
+        f"power mode: {_first_line(env.get('power mode'))}; GPU clocks: {env.get('GPU clocks') or 'not found'}; "
+        f"jetson_clocks: {_first_line(env.get('clocks'))}; hottest zone {env.get('max_temperature_c')} C.",
+        f"mAP on {result['dataset']['images']} images of {result['dataset']['yaml']} (val); latency at batch 1, "
+        f"{result['timing']['rounds']} interleaved rounds of {result['timing']['per_round']} calls.",
+        "",
+        "| ONNX | engine | float layers | build s | output vs reference | mAP50-95 (95% CI) | mAP50 | "
+        "model p50 ms | p90 ms | FPS | FPS end to end |",
+        "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [_engine_line(row) for row in result["engines"]]
+    if result["onnxruntime"]:
+        lines += ["", "| ONNX (ONNX Runtime, CPU) | mAP50-95 (95% CI) | mAP50 |", "| --- | --- | ---: |"]
+        lines += [f"| {Path(r['onnx']).name} | {_map_cells(r['eval'])} |" for r in result["onnxruntime"]]
+    return "\n".join(lines) + "\n"
+
+
+def _first_line(text: Optional[str]) -> str:
+    return text.splitlines()[0] if text else "not found"
+
+
+def _map_cells(found: dict) -> str:
+    if "map" not in found:
+        return f"{found['skipped']} | "
+    low, high = found["ci95"].get("map", (float("nan"),) * 2)
+    return f"{found['map']:.3f} ({low:.3f}-{high:.3f}) | {found['map50']:.3f}"
+
+
+def _engine_line(row: dict) -> str:
+    name = Path(row["onnx"]).name
+    if "error" in row:
+        return f"| {name} | {row['precision']}: not built ({row['error']}) | | | | | | | | | |"
+    verdict = _verdict(row["check"])
+    model, e2e = row["model"], row["end_to_end"]
+    return (
+        f"| {name} | {row['precision']} | {row['float_layers']} | {row['build_s']} | {verdict} | "
+        f"{_map_cells(row['eval'])} | {model['p50_ms']:.2f} | {model['p90_ms']:.2f} | {model['fps']:.0f} | "
+        f"{e2e['fps']:.0f} |"
+    )
+
+
+def write_benchmark(result: dict, project: str = "runs/doctor", name: str = "benchmark") -> Path:
+    """benchmark.json (everything) and benchmark.md (the tables) in a new run folder; return the folder."""
+    from yoloslim.runtime.detect import new_run_dir
+    from yoloslim.utils.files import write_text_atomic
+
+    run = new_run_dir(project, name)
+    write_text_atomic(run / "benchmark.json", json.dumps(result, indent=2, default=str))
+    write_text_atomic(run / "benchmark.md", benchmark_markdown(result))
+    return run

@@ -3,17 +3,25 @@
 Builds from the ONNX (FP32 or FP16) or the Q/DQ INT8 ONNX that `yoloslim export` writes on the host, with only
 tensorrt and numpy installed, across the versions JetPack ships:
 
-| TensorRT | JetPack | network | FP16 | INT8 |
-| --- | --- | --- | --- | --- |
-| 8.5, 8.6 | 5.1, 6.0 | EXPLICIT_BATCH flag | BuilderFlag.FP16 | Q/DQ ONNX + BuilderFlag.INT8 (+FP16 for the float parts) |
-| 10.x | 6.1, 6.2, 7 | explicit batch is the default | BuilderFlag.FP16 | Q/DQ ONNX + BuilderFlag.INT8 (+FP16) |
-| 11.x | 7.2.2+ | always strongly typed | only from an FP16 ONNX | only from a Q/DQ ONNX |
+| TensorRT | JetPack | network | FP16 | INT8 | float layers |
+| --- | --- | --- | --- | --- | --- |
+| 8.5, 8.6 | 5.1, 6.0 | EXPLICIT_BATCH flag | FP16 flag | Q/DQ ONNX + INT8, FP16 flags | FP16 or FP32 per layer |
+| 10.x | 6.1, 6.2, 7 | explicit batch by default | FP16 flag | Q/DQ ONNX + INT8, FP16 flags | FP16 or FP32 per layer |
+| 11.x | 7.2.2+ | always strongly typed | only from an FP16 ONNX | only from a Q/DQ ONNX | the ONNX's own types |
 
-The runtime uses the tensor-name API (num_io_tensors, set_tensor_address, execute_async_v3), present from 8.5 on.
+"Float layers" are those outside Q/DQ: on 11, an INT8 engine of yoloslim's Q/DQ ONNX (quantized from the FP32 model)
+runs them in FP32.
+
+What differs between versions is decided by small functions of the version (network_flags, set_precision,
+float_layers, engine_refusal); the calls into tensorrt stay in build_engine and TensorRTBackend.
+
+The runtime uses the tensor-name API (num_io_tensors, set_tensor_address, execute_async_v3), present from 8.5 on, with
+one page-locked host buffer and one device buffer per I/O tensor, as NVIDIA's Python samples allocate them.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -25,6 +33,23 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
+METADATA_KEY = "yoloslim"  # yoloslim's own engine metadata, under one key beside Ultralytics' keys
+
+# TensorRT DataType names -> numpy. TensorRT 8.5.2's trt.nptype builds its table with np.bool, which numpy 1.24
+# removed, so it raises AttributeError for every type on JetPack 5 once pip has installed numpy 1.24.
+NUMPY_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+# Version-compatible engines across major versions, as NVIDIA lists them ("Engine Compatibility", TensorRT 10 and
+# 11 developer guides; TensorRT 11.4 support matrix): 8.x (from 8.6) on 9 and 10, 9 on 10, 10 on 11; nothing else.
+CROSS_MAJOR_RUNS = {(8, 9), (8, 10), (9, 10), (10, 11)}
 
 
 def import_tensorrt():
@@ -38,17 +63,40 @@ def import_tensorrt():
 
 
 def version_tuple(version: str) -> Tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    """'8.5.2.2' -> (8, 5, 2, 2): every leading numeric part, the build number included."""
+    parts = []
+    for part in str(version).split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
 
 
-def network_flags(trt, major: int) -> int:
-    """Explicit batch must be asked for before 10 (deprecated there, default since); 11 is strongly typed anyway."""
-    if major < 10:
+def numpy_dtype(trt_dtype) -> np.dtype:
+    """The numpy type of a TensorRT DataType, by its name (str gives 'DataType.FLOAT' in every version)."""
+    name = str(trt_dtype).rsplit(".", 1)[-1]
+    if name not in NUMPY_DTYPES:
+        raise YoloslimError(
+            f"this engine has a {name} input or output, which numpy cannot hold; export the ONNX with float32 I/O"
+        )
+    return np.dtype(NUMPY_DTYPES[name])
+
+
+def network_flags(trt, version: Tuple[int, ...]) -> int:
+    """Explicit batch must be asked for before 10 (deprecated there, default since; 11 has no such flag)."""
+    if version[0] < 10:
         return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     return 0
 
 
-def network_precisions(trt, network) -> set:
+def cast_sets_output_type(version: Tuple[int, ...]) -> bool:
+    """TensorRT 8.5's ONNX parser turns Cast into an identity layer with its output type set, and the output tensor's
+    dtype shows the input's type until the build; ICastLayer, whose output carries the type, came in 8.6."""
+    return version < (8, 6)
+
+
+def network_precisions(trt, version: Tuple[int, ...], network) -> set:
     """What the parsed network itself carries: 'int8' if it has Q/DQ layers, 'fp16' if it has half tensors."""
     found = set()
     for i in range(network.num_layers):
@@ -56,19 +104,21 @@ def network_precisions(trt, network) -> set:
         if layer.type in (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE):
             found.add("int8")
         for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype == trt.DataType.HALF:
+            typed = cast_sets_output_type(version) and layer.output_type_is_set(j)
+            dtype = layer.get_output_type(j) if typed else layer.get_output(j).dtype
+            if dtype == trt.DataType.HALF:
                 found.add("fp16")
     return found
 
 
-def set_precision(trt, major: int, config, network, precision: str) -> None:
+def set_precision(trt, version: Tuple[int, ...], config, carried: set, precision: str) -> None:
     """Enable the precision the way this TensorRT version wants it, or say why it cannot be built. The request must
     match what the ONNX carries: TensorRT 11 builds whatever the network's types say, so a mismatch would give an
     engine whose recorded precision is not the one it runs."""
-    carried = network_precisions(trt, network)
     if precision == "int8" and "int8" not in carried:
         raise YoloslimError(
-            "INT8 engines are built from a Q/DQ ONNX; run `yoloslim export --format onnx --precision int8 --data data.yaml` on the host first"
+            "INT8 engines are built from a Q/DQ ONNX; run "
+            "`yoloslim export --format onnx --precision int8 --data data.yaml` on the host first"
         )
     if "int8" in carried and precision != "int8":
         raise YoloslimError(
@@ -78,16 +128,28 @@ def set_precision(trt, major: int, config, network, precision: str) -> None:
         raise YoloslimError(
             "this ONNX holds FP16 weights; build it with --precision fp16, or build fp32 from the FP32 ONNX"
         )
-    if major >= 11:
+    if version[0] >= 11:
         if precision == "fp16" and "fp16" not in carried:
             raise YoloslimError(
-                "TensorRT 11 builds FP16 only from an FP16 ONNX (strong typing); export it with --precision fp16 on the host"
+                "TensorRT 11 builds FP16 only from an FP16 ONNX (strong typing); "
+                "export it with --precision fp16 on the host"
             )
         return
     if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # with INT8, the layers left in float run in FP16
+        config.set_flag(trt.BuilderFlag.FP16)  # with INT8, the layers left in float may run in FP16
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)  # still required before 11 to enable int8 kernels for Q/DQ
+
+
+def float_layers(version: Tuple[int, ...], precision: str, carried: set) -> str:
+    """What the layers outside Q/DQ (all of them for fp32 and fp16) compute in. Before 11 the FP16 flag lets TensorRT
+    pick FP16 or FP32 per layer; 11 is strongly typed, so they keep the ONNX's types: an INT8 engine from a Q/DQ ONNX
+    of the FP32 model runs everything but the quantized convolutions in FP32."""
+    if precision == "fp32":
+        return "fp32"
+    if version[0] >= 11:
+        return "fp16 and fp32, as the ONNX types them" if "fp16" in carried else "fp32"
+    return "fp16 or fp32, TensorRT's choice per layer"
 
 
 def add_batch_profile(builder, config, network, batch: Tuple[int, int, int], imgsz) -> None:
@@ -124,94 +186,114 @@ def build_engine(
         raise YoloslimError(
             f"ONNX file {onnx_path} does not exist; export it on the host with yoloslim export --format onnx"
         )
-    major = version_tuple(trt.__version__)[0]
+    version = version_tuple(trt.__version__)
+    if version_compatible and version < (8, 6):
+        raise YoloslimError("version-compatible engines need TensorRT 8.6 or later")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, major))
+    network = builder.create_network(network_flags(trt, version))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise YoloslimError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    set_precision(trt, major, config, network, precision)
+    carried = network_precisions(trt, version, network)
+    set_precision(trt, version, config, carried, precision)
     dynamic = any(network.get_input(i).shape[0] == -1 for i in range(network.num_inputs))
     if dynamic:
         add_batch_profile(builder, config, network, batch, read_onnx_metadata(onnx_path).get("imgsz", 640))
     if version_compatible:
-        if version_tuple(trt.__version__) < (8, 6):
-            raise YoloslimError("version-compatible engines need TensorRT 8.6 or later")
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     out = output_path(out, onnx_path.with_suffix(".engine"), onnx_path)
     cache = _load_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise YoloslimError(
-            f"TensorRT {trt.__version__} failed to build {onnx_path}; rerun with a larger --workspace or see its log above"
+            f"TensorRT {trt.__version__} failed to build {onnx_path}; "
+            "rerun with a larger --workspace or see its log above"
         )
-    meta = (
-        None
-        if raw
-        else engine_metadata(onnx_path, precision, trt.__version__, dynamic, batch, version_compatible, device)
-    )
-    engine = write_engine_file(out, bytes(plan), meta)
+    own = {
+        "precision": precision,
+        "float_layers": float_layers(version, precision, carried),
+        "tensorrt": trt.__version__,
+        "version_compatible": version_compatible,
+        "dynamic": dynamic,
+        "device": device or {},
+    }
+    engine = write_engine_file(out, bytes(plan), None if raw else engine_metadata(onnx_path, dynamic, batch, own))
     if timing_cache:
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
     return engine
 
 
 def _load_timing_cache(config, path):
-    """The cache of earlier builds on this device, so rebuilds skip kernel timing; an empty one if there is none or
-    it came from another TensorRT or GPU (TensorRT refuses it then)."""
+    """The cache of earlier builds on this device, so rebuilds skip kernel timing. A cache TensorRT cannot read
+    (another TensorRT version) comes back as None and one from another GPU is refused by set_timing_cache; both are
+    checked, as NVIDIA's samples do (shared/utils/cacheUtils.cpp), and the build starts from an empty cache."""
     data = Path(path).read_bytes() if path and Path(path).is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    cache = config.create_timing_cache(data) if data else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
 
 
-def engine_metadata(onnx_path, precision, trt_version, dynamic, batch, version_compatible, device) -> dict:
-    """Ultralytics' metadata from the ONNX (names, stride, imgsz, task...) plus what yoloslim adds."""
+def engine_metadata(onnx_path, dynamic: bool, batch: Tuple[int, int, int], own: dict) -> dict:
+    """Ultralytics' metadata from the ONNX (names, stride, imgsz, task, args...) as Ultralytics writes it, and
+    yoloslim's under METADATA_KEY. Ultralytics' backend copies every top-level key onto itself (BaseBackend.
+    apply_metadata), so a top-level 'device' would replace its torch device and break YOLO('model.engine')."""
     from yoloslim import __version__
 
     meta = {k: v for k, v in read_onnx_metadata(onnx_path).items() if k != "precision"}
-    meta.update(
-        batch=batch[2] if dynamic else meta.get("batch", batch[0]),
-        dynamic=dynamic,
-        precision=precision,
-        tensorrt=trt_version,
-        yoloslim=__version__,
-        version_compatible=version_compatible,
-        device=device or {},
-    )
+    meta["batch"] = batch[2] if dynamic else meta.get("batch", batch[0])
+    meta[METADATA_KEY] = {"version": __version__, **own}
     return meta
+
+
+def yoloslim_metadata(meta: dict) -> dict:
+    """yoloslim's part of an engine's metadata; empty for an engine built elsewhere (Ultralytics, trtexec)."""
+    own = meta.get(METADATA_KEY)
+    return own if isinstance(own, dict) else {}
+
+
+def engine_refusal(built: str, version_compatible: bool, runtime: str) -> Optional[str]:
+    """Why TensorRT `runtime` cannot run an engine built by TensorRT `built`, or None if it can. An ordinary engine
+    runs only on the exact version that built it, build number included; a version-compatible one (8.6 or later) on
+    that version or a later one of the same major, or of a major NVIDIA supports it on (CROSS_MAJOR_RUNS)."""
+    made, here = version_tuple(built), version_tuple(runtime)
+    if made == here:
+        return None
+    if not version_compatible:
+        return (
+            f"it was built with TensorRT {built} and this device has {runtime}; an engine runs only on the TensorRT "
+            "that built it"
+        )
+    if made > here:
+        return f"it was built with TensorRT {built}, newer than this device's {runtime}"
+    if made[0] != here[0] and (made[0], here[0]) not in CROSS_MAJOR_RUNS:
+        return f"NVIDIA supports no version-compatible engine of TensorRT {made[0]} on TensorRT {here[0]}"
+    return None
 
 
 def check_engine_compatible(meta: dict, trt_version: str, device: dict) -> None:
     """Refuse, with a clear message, an engine this TensorRT or this GPU cannot run (deserialising it could crash)."""
-    built = meta.get("tensorrt")
-    if built:
-        same = version_tuple(built) == version_tuple(trt_version)
-        forward = (
-            meta.get("version_compatible")
-            and version_tuple(built)[0] == version_tuple(trt_version)[0]
-            and version_tuple(built) <= version_tuple(trt_version)
-        )
-        if not (same or forward):
-            raise YoloslimError(
-                f"this engine was built with TensorRT {built} but this device has {trt_version}; rebuild it here with yoloslim export --format engine"
-            )
-    built_on = (meta.get("device") or {}).get("compute_capability")
+    own = yoloslim_metadata(meta)
+    if own.get("tensorrt"):
+        reason = engine_refusal(own["tensorrt"], bool(own.get("version_compatible")), trt_version)
+        if reason:
+            raise YoloslimError(f"this engine cannot run here: {reason}; rebuild it here with yoloslim export")
+    built_on = (own.get("device") or {}).get("compute_capability")
     if built_on and device.get("compute_capability") and built_on != device["compute_capability"]:
         raise YoloslimError(
-            f"this engine was built for a GPU of compute capability {built_on} ({meta['device'].get('name', '?')}), this one is "
-            f"{device['compute_capability']} ({device.get('name', '?')}); rebuild it on this device"
+            f"this engine was built for a GPU of compute capability {built_on} ({own['device'].get('name', '?')}), "
+            f"this one is {device['compute_capability']} ({device.get('name', '?')}); rebuild it on this device"
         )
 
 
 class TensorRTBackend:
-    """Runs an engine: one host and one device buffer per I/O tensor, by name; copy in, execute, copy out on a stream."""
+    """Runs an engine: one pinned host and one device buffer per I/O tensor, by name; copy in, execute, copy out on a
+    stream. close() releases everything in the reverse order of creation."""
 
     def __init__(self, path, cuda=None):
         from yoloslim.runtime.cuda import load_cuda
@@ -222,14 +304,15 @@ class TensorRTBackend:
         check_engine_compatible(meta, trt.__version__, self.cuda.device())
         self.meta = meta
         self.names: Dict[int, str] = {int(k): v for k, v in (meta.get("names") or {}).items()}
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(logger)
-        if meta.get("version_compatible"):
-            self.runtime.engine_host_code_allowed = True
+        self.logger = trt.Logger(trt.Logger.WARNING)  # TensorRT keeps a pointer to it: it must outlive the runtime
+        self.runtime = trt.Runtime(self.logger)
+        if yoloslim_metadata(meta).get("version_compatible"):
+            self.runtime.engine_host_code_allowed = True  # the plan carries the lean runtime that runs it
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise YoloslimError(
-                f"TensorRT {trt.__version__} cannot load {path}: built by another TensorRT version or for another GPU; rebuild it on this device"
+                f"TensorRT {trt.__version__} cannot load {path}: built by another TensorRT version or for another "
+                "GPU; rebuild it on this device"
             )
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
@@ -239,28 +322,25 @@ class TensorRTBackend:
         self.host, self.device = {}, {}
         for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
-            if (
-                -1 in shape
-            ):  # dynamic: buffers for the profile's largest input, which the context must know to size outputs
+            if -1 in shape:  # dynamic: buffers for the profile's largest input, which the context needs to size outputs
                 shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
                 self._set_input_shape(name, shape)
-            self._allocate(trt, name, shape)
-        for (
-            name
-        ) in self.outputs:  # every dimension follows from the inputs', the anchors too when height and width are open
-            self._allocate(trt, name, tuple(self.context.get_tensor_shape(name)))
+            self._allocate(name, shape)
+        for name in self.outputs:  # every dimension follows from the inputs', the anchors too when H and W are open
+            self._allocate(name, tuple(self.context.get_tensor_shape(name)))
         imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
         self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
 
-    def _allocate(self, trt, name: str, shape: Tuple[int, ...]) -> None:
-        self.host[name] = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+    def _allocate(self, name: str, shape: Tuple[int, ...]) -> None:
+        self.host[name] = self.cuda.host_empty(shape, numpy_dtype(self.engine.get_tensor_dtype(name)))
         self.device[name] = self.cuda.malloc(self.host[name].nbytes)
         self.context.set_tensor_address(name, self.device[name])
 
     def _set_input_shape(self, name: str, shape: Tuple[int, ...]) -> None:
         if not self.context.set_input_shape(name, shape):
             raise YoloslimError(
-                f"this engine does not take input {name} of shape {shape}; rebuild it for that shape with yoloslim export --format engine"
+                f"this engine does not take input {name} of shape {shape}; "
+                "rebuild it for that shape with yoloslim export --format engine"
             )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -286,9 +366,19 @@ class TensorRTBackend:
         return host_out.astype(np.float32, copy=True)
 
     def close(self) -> None:
+        """The context before its engine, the engine before its runtime (TensorRT's object lifetimes), then the
+        buffers the context pointed at, then the stream. Safe to call twice."""
+        if self.stream is None:
+            return
+        self.cuda.synchronize(self.stream)
+        self.context = None
+        self.engine = None
+        self.runtime = None
         for ptr in self.device.values():
             self.cuda.free(ptr)
+        for array in self.host.values():
+            self.cuda.free_host(array)
         self.device.clear()
-        if self.stream is not None:
-            self.cuda.destroy_stream(self.stream)
-            self.stream = None
+        self.host.clear()
+        self.cuda.destroy_stream(self.stream)
+        self.stream = None
