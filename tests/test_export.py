@@ -235,6 +235,16 @@ def test_checker_accepts_float_weights_through_a_qdq_pair():
     assert any("axis 0" in p for p in check_tensorrt_qdq(_conv_with_weight_qdq(axis=1)))
 
 
+def test_checker_refuses_non_positive_scales():
+    model = _conv_with_weight_qdq(axis=0)
+    scale = next(t for t in model.graph.initializer if t.name == "w_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.array([0.1, 0.0, -0.1, 0.1], np.float32), "w_scale"))
+    assert [p for p in check_tensorrt_qdq(model) if "positive" in p] == [
+        "wq: scales must be finite and positive",
+        "wd: scales must be finite and positive",
+    ]
+
+
 class _RandomImages:
     """A calibration reader feeding a few random inputs."""
 

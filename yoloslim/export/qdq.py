@@ -200,6 +200,9 @@ def check_tensorrt_qdq(model) -> list[str]:
         if scale is None:
             problems.append(f"{node.name}: scale must be an initializer")
             continue
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            # TensorRT's ONNX parser refuses non-positive scales (8.5 to 10.x); a dead channel calibrates to 0
+            problems.append(f"{node.name}: scales must be finite and positive")
         is_weight = node.input[0] in init or node.input[0] in quantized_weights
         if is_weight:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
