@@ -16,15 +16,13 @@ import pickle
 import shutil
 from copy import deepcopy
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
-from ultralytics.engine import trainer as trainer_module
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK
 from ultralytics.utils.patches import torch_load
-from ultralytics.utils.torch_utils import strip_optimizer
+from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first
 
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, write_text_atomic
@@ -164,9 +162,22 @@ class SafeDetectionTrainer(DetectionTrainer):
             torch.save(ckpt, path)
 
     def final_eval(self):
-        # Ultralytics strips last.pt and best.pt in place here; stage those writes too.
-        with mock.patch.object(trainer_module, "strip_optimizer", strip_optimizer_atomic):
-            return super().final_eval()
+        """Ultralytics' final_eval with the optimizer stripped through staged files: its own strips last.pt and
+        best.pt in place, where a kill leaves a torn file."""
+        with torch_distributed_zero_first(LOCAL_RANK):  # strip only on the first GPU; the others wait
+            if RANK in {-1, 0}:
+                ckpt = strip_optimizer_atomic(self.last) if self.last.exists() else {}
+                if self.best.exists():
+                    strip_optimizer_atomic(self.best, updates={"train_results": ckpt.get("train_results")})
+        if self.best.exists():
+            LOGGER.info(f"\nValidating {self.best}...")
+            self.validator.args.plots = self.args.plots
+            self.validator.args.compile = False  # as Ultralytics: a compiled final validation is too slow
+            self.metrics = self.validator(model=self.best)
+            self.metrics.pop("fitness", None)
+            self.epoch += 1  # logged as the step after the last epoch, as Ultralytics does
+            self.run_callbacks("on_fit_epoch_end")
+            self.epoch -= 1
 
 
 def strip_optimizer_atomic(f, s: str = "", updates=None) -> dict:
