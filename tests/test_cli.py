@@ -187,7 +187,7 @@ def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(tmp_path):
 
 def test_resume_refuses_a_new_teacher(detection_pt):
     assert_one_line_error(
-        *run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop --teacher"
+        *run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop teacher"
     )
 
 

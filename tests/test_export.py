@@ -202,7 +202,7 @@ def test_export_config_refuses_batches_outside_the_profile():
 
     with pytest.raises(YoloslimError, match="at least 1"):
         ExportConfig(batch=0)
-    with pytest.raises(YoloslimError, match="must not exceed --max-batch 8"):
+    with pytest.raises(YoloslimError, match="must not exceed max_batch 8"):
         ExportConfig(format="engine", dynamic=True, batch=16)
     assert ExportConfig(format="engine", dynamic=True, batch=16, max_batch=16).batch == 16
 

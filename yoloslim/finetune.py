@@ -48,7 +48,7 @@ def finetune(
     from yoloslim.utils.checks import load_detection_checkpoint
 
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
-        return resume_run(weights, FinetuneTrainer, data, refused={"--teacher": teacher}, **train_args)
+        return resume_run(weights, FinetuneTrainer, data, refused={"teacher": teacher}, **train_args)
     load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)

@@ -31,12 +31,12 @@ class ExportConfig:
         if self.precision not in ("fp32", "fp16", "int8"):
             raise YoloslimError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
         if self.precision == "int8" and self.dynamic:
-            raise YoloslimError("INT8 calibration needs a static batch; drop --dynamic and pass --batch N")
+            raise YoloslimError("INT8 calibration needs a static batch; set dynamic=False and a batch N")
         if self.batch < 1:
-            raise YoloslimError(f"--batch must be at least 1, got {self.batch}")
+            raise YoloslimError(f"batch must be at least 1, got {self.batch}")
         if self.dynamic and self.batch > self.max_batch:
             raise YoloslimError(
-                f"--batch {self.batch} is the engine's usual batch and must not exceed --max-batch {self.max_batch}; raise --max-batch"
+                f"batch {self.batch} is the engine's usual batch and must not exceed max_batch {self.max_batch}; raise max_batch"
             )
 
 

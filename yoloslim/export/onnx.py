@@ -40,7 +40,7 @@ def export_onnx(
     weights = Path(weights)
     load_detection_checkpoint(weights)
     if batch < 1:
-        raise YoloslimError(f"--batch must be >= 1, got {batch}")
+        raise YoloslimError(f"batch must be >= 1, got {batch}")
     target = output_path(out, weights.with_suffix(".onnx"), weights)
     work = target.parent / f".{target.stem}.export"
     work.mkdir(parents=True, exist_ok=True)

@@ -128,15 +128,15 @@ def _threshold_for_flops(model, roots, scores, config, gflops: float) -> float:
     """Smallest global threshold whose pruned model fits the GFLOPs budget (bisection over the sorted scores)."""
     if gflops <= 0:
         raise YoloslimError(
-            f"Ultralytics could not count this model's GFLOPs at --imgsz {config.imgsz}, so --target-flops "
-            "has nothing to aim at; use --ratio or --threshold, or check that ultralytics-thop is installed"
+            f"Ultralytics could not count this model's GFLOPs at imgsz {config.imgsz}, so target_flops "
+            "has nothing to aim at; use ratio or threshold, or check that ultralytics-thop is installed"
         )
     budget = config.target_flops * gflops
     candidates = torch.unique(torch.cat(scores)).tolist() + [math.inf]
     lowest = _gflops_with(model, roots, scores, math.inf, config)
     if lowest > budget:
         raise YoloslimError(
-            f"--target-flops cannot be reached with --min-keep {config.min_keep} and --round-to {config.round_to}: the "
+            f"target_flops cannot be reached with min_keep {config.min_keep} and round_to {config.round_to}: the "
             f"smallest reachable model keeps {math.ceil(lowest / gflops * 1000) / 1000:.3f} of the GFLOPs; ask for that "
             "or lower the guards"
         )
@@ -179,7 +179,7 @@ def prune(
     if not dry_run:
         out = output_path(out, default_output(weights), weights)
         if out.suffix != ".pt":  # Ultralytics loads checkpoints by their suffix
-            raise YoloslimError(f"--out {out} must end in .pt so that YOLO() and yoloslim finetune can load it")
+            raise YoloslimError(f"out {out} must end in .pt so that YOLO() and yoloslim finetune can load it")
     result = prune_model(model, config)
     if dry_run:
         return result

@@ -17,9 +17,7 @@ def output_path(out: str | Path | None, default: Path, source: str | Path) -> Pa
     """Where a stage writes: `out`, or `default` when none is given; never its input file."""
     target = Path(out) if out else Path(default)
     if target.resolve() == Path(source).resolve():
-        raise YoloslimError(
-            f"--out {target} is the input file; yoloslim never overwrites its input, choose another path"
-        )
+        raise YoloslimError(f"out {target} is the input file; yoloslim never overwrites its input, choose another path")
     return target
 
 

@@ -58,10 +58,10 @@ def check_resumable(last: str | Path, **ignored) -> None:
     (`ignored`: option name -> the value given, None when not given)."""
     given = [name for name, value in ignored.items() if value is not None]
     if given:
-        raise YoloslimError(f"--resume continues a run with the settings it started with; drop {' and '.join(given)}")
+        raise YoloslimError(f"a resumed run keeps the settings it started with; drop {' and '.join(given)}")
     if not Path(last).is_file():
         raise YoloslimError(
-            f"{last} does not exist; --resume takes the last.pt of the run to continue (its weights/last.pt)"
+            f"{last} does not exist; resuming takes the last.pt of the run to continue (its weights/last.pt)"
         )
     try:
         finished = run_finished(last)
@@ -71,7 +71,7 @@ def check_resumable(last: str | Path, **ignored) -> None:
         ) from None
     if finished:
         raise YoloslimError(
-            f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without --resume"
+            f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without resuming"
         )
 
 
@@ -92,7 +92,8 @@ def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
     if getattr(model, "nc", nc) != nc:
         raise YoloslimError(
-            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was trained on"
+            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was "
+            "trained on"
         )
     model = deepcopy(model).float()
     for p in model.parameters():
