@@ -230,11 +230,13 @@ def bench_table(report: dict) -> str:
     for r in report["results"]:
         m, e = r["model"], r["end_to_end"]
         lines.append(
-            f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | {r['size_mb']:.2f} | "
-            f"{m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | {r['fps_end_to_end']:.1f} |"
+            f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | "
+            f"{r['size_mb']:.2f} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | "
+            f"{r['fps_end_to_end']:.1f} |"
         )
     env = report["environment"]
     lines.append(
-        f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; TensorRT {env.get('TensorRT') or 'not installed'}"
+        f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; "
+        f"TensorRT {env.get('TensorRT') or 'not installed'}"
     )
     return "\n".join(lines)

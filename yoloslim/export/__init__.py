@@ -36,7 +36,8 @@ class ExportConfig:
             raise YoloslimError(f"batch must be at least 1, got {self.batch}")
         if self.dynamic and self.batch > self.max_batch:
             raise YoloslimError(
-                f"batch {self.batch} is the engine's usual batch and must not exceed max_batch {self.max_batch}; raise max_batch"
+                f"batch {self.batch} is the engine's usual batch and must not exceed max_batch {self.max_batch}; "
+                "raise max_batch"
             )
 
 

@@ -44,7 +44,8 @@ def convert_fp16(onnx_path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def to_float16(model, keep_float32: set[str]):
-    """A copy of `model` computing in float16 except the nodes named in `keep_float32`; inputs and outputs stay float32."""
+    """A copy of `model` computing in float16 except the nodes named in `keep_float32`; inputs and outputs stay
+    float32."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

@@ -28,9 +28,9 @@ from yoloslim.utils.files import atomic_path, output_path
 CALIBRATION_IMAGES = 500
 OFFSET_PROBE_IMAGES = 32
 # A conv input whose largest value exceeds this many times its median channel's swing keeps the conv in float (see
-# convs_with_offset_inputs). At 5 the shipped baseline and the license-plate model (docs/deployment.md) keep every conv in INT8 and
-# the shipped sparse model keeps 17 in float (INT8 0.364 -> 0.590 against 0.610 FP32); 3 would also take 7 of the
-# license-plate model's.
+# convs_with_offset_inputs). At 5 the shipped baseline and the license-plate model (docs/deployment.md) keep every conv
+# in INT8 and the shipped sparse model keeps 17 in float (INT8 0.364 -> 0.590 against 0.610 FP32); 3 would also take 7
+# of the license-plate model's.
 OFFSET_LIMIT = 5.0
 _HEAD_INNER = re.compile(r"/cv[23]\.\d+/cv[23]\.\d+\.[01]/")  # the head's inner conv blocks, quantized like the body
 

@@ -88,8 +88,8 @@ def resume_run(last: str | Path, trainer, data: str | Path | None = None, refuse
 
 
 def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
-    """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original widths
-    and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
+    """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original
+    widths and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
     if getattr(model, "nc", nc) != nc:
         raise YoloslimError(
             f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was "
