@@ -92,8 +92,8 @@ def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     widths and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
     if getattr(model, "nc", nc) != nc:
         raise YoloslimError(
-            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model was "
-            "trained on"
+            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model "
+            "was trained on"
         )
     model = deepcopy(model).float()
     for p in model.parameters():
