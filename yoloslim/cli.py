@@ -131,7 +131,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from yoloslim.utils.assets import shipped_file
 
     weights = args.weights or str(shipped_file("weights", BASELINE))
-    config = _settings_from(SparsityConfig, args)
+    config = None if args.resume else _settings_from(SparsityConfig, args)  # a resumed run keeps its own settings
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0
 

@@ -129,8 +129,9 @@ class SparsityTrainer(SafeDetectionTrainer):
         self.sr = self.sparsity.sr_at(0, self.epochs)
 
     @classmethod
-    def with_config(cls, config: SparsityConfig):
-        """A trainer factory for `YOLO.train(trainer=...)` that uses `config`."""
+    def with_config(cls, config: SparsityConfig | None):
+        """A trainer factory for `YOLO.train(trainer=...)` that uses `config` (None: the defaults, or on resume the
+        checkpoint's settings)."""
         return partial(cls, sparsity=config)
 
     def _carried_callback(self) -> SparsityCallback | None:
@@ -232,7 +233,7 @@ def train_sparse(
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    trainer = SparsityTrainer.with_config(config or SparsityConfig())
+    trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
         return resume_run(weights, trainer, data, **train_args)
     if str(weights).endswith(".pt"):
