@@ -213,8 +213,7 @@ def bench(
 
 def _sample_image() -> Path:
     """A validation image of the embedded dataset, so end-to-end timing decodes a real JPEG."""
-    from yoloslim.data import resolve_data
-    from yoloslim.evaluate import split_images
+    from yoloslim.data import resolve_data, split_images
 
     return split_images(resolve_data(None), "val")[0][0]
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from yoloslim.data import label_path, read_labels, split_images  # noqa: F401  label_path: also importable from here
 from yoloslim.runtime.backends import load_backend
-from yoloslim.runtime.detect import IMAGE_SUFFIXES
 from yoloslim.runtime.postprocess import Detections, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
@@ -187,70 +187,6 @@ def summarise(records: list, names: dict, bootstrap: int = 1000, seed: int = 0) 
         ci95=bootstrap_ci(records, num_classes, bootstrap, seed) if bootstrap else {},
         images=len(records),
         instances=int(n_gt.sum()),
-    )
-
-
-# -- datasets ---------------------------------------------------------------------------------------------------------
-
-
-def split_images(data_yaml: str | Path, split: str = "val") -> tuple[list[Path], dict]:
-    """Image paths of a split of an Ultralytics dataset yaml, and its class names."""
-    import yaml
-
-    data_yaml = Path(data_yaml)
-    spec = yaml.safe_load(data_yaml.read_text())
-    if split not in spec:
-        raise YoloslimError(
-            f"{data_yaml} has no '{split}' split; use --split with one of {', '.join(k for k in ('train', 'val', 'test') if k in spec)}"
-        )
-    root = (data_yaml.parent / spec.get("path", "")).resolve()  # Ultralytics resolves a relative path from the yaml
-    names = spec["names"] if isinstance(spec["names"], dict) else dict(enumerate(spec["names"]))
-    images = []
-    for entry in spec[split] if isinstance(spec[split], list) else [spec[split]]:
-        location = root / entry
-        if location.is_dir():
-            images += sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif location.suffix == ".txt" and location.is_file():
-            images += [(root / line.strip()).resolve() for line in location.read_text().splitlines() if line.strip()]
-        else:
-            raise YoloslimError(f"split '{split}' of {data_yaml} points to {location}, which does not exist")
-    return images, {int(k): v for k, v in names.items()}
-
-
-def label_path(image: Path) -> Path:
-    """Ultralytics' convention: the last images folder in the path becomes labels, the suffix .txt; with no images
-    folder, the label lies beside the image."""
-    folders = list(image.parts[:-1])
-    if "images" not in folders:
-        return image.with_suffix(".txt")
-    index = len(folders) - 1 - folders[::-1].index("images")
-    return Path(*folders[:index], "labels", *folders[index + 1 :], image.name).with_suffix(".txt")
-
-
-def read_labels(image: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Ground-truth boxes (xyxy pixels) and classes of an image from its YOLO txt label file."""
-    path = label_path(image)
-    lines = path.read_text().splitlines() if path.is_file() else []
-    rows = np.array([_label_row(path, line) for line in lines if line.strip()], dtype=np.float64).reshape(-1, 5)
-    h, w = shape
-    cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
-    boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
-    return boxes, rows[:, 0].astype(np.int64)
-
-
-def _label_row(path: Path, line: str) -> list[float]:
-    """`class cx cy w h`, or `class x1 y1 x2 y2 ...`: a segment polygon, which Ultralytics boxes by its extent."""
-    try:
-        values = [float(v) for v in line.split()]
-    except ValueError:
-        values = []
-    if len(values) == 5:
-        return values
-    if len(values) >= 7 and len(values) % 2:
-        xs, ys = values[1::2], values[2::2]
-        return [values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
-    raise YoloslimError(
-        f"{path}: cannot read the label line {line.strip()!r}; YOLO labels are 'class cx cy w h' or a polygon, one per line"
     )
 
 

@@ -85,16 +85,22 @@ def convs_with_offset_inputs(
 
 def calibration_images(data: str | Path, count: int = CALIBRATION_IMAGES, seed: int = 0) -> list[Path]:
     """Up to `count` training images, none of which belongs to the validation split."""
-    from yoloslim.evaluate import split_images
+    from yoloslim.data import split_images
 
+    if count < 1:
+        raise YoloslimError(f"count is {count}; INT8 calibration needs at least 1 image")
     train, _ = split_images(data, "train")
+    if not train:
+        raise YoloslimError(
+            f"the train split of {data} has no images, so the calibration set would be empty; put training images in it"
+        )
     val, _ = split_images(data, "val")
     held_out = {p.resolve() for p in val}
     usable = [p for p in train if p.resolve() not in held_out]
     if not usable:
         raise YoloslimError(
-            f"every training image of {data} is also in its val split, so calibrating would leak into the mAP; "
-            "give the dataset a separate train split"
+            f"every training image of {data} is also in its val split (train and val are the same images), so "
+            "calibrating on them would leak into the mAP measured on val; give the dataset a separate train split"
         )
     random.Random(seed).shuffle(usable)
     return usable[:count]

@@ -1,6 +1,6 @@
-"""Input checks shared by every stage: weights files and dataset definitions.
+"""The check of a weights file shared by every stage (the dataset's is yoloslim.data.check).
 
-Each check turns what would otherwise be a traceback from deep inside torch or Ultralytics into a YoloslimError
+It turns what would otherwise be a traceback from deep inside torch or Ultralytics into a YoloslimError
 that names the file, the problem and the fix.
 """
 
@@ -14,6 +14,16 @@ from yoloslim.utils.errors import YoloslimError
 
 # Checkpoints of github.com/ultralytics/yolov5 pickle classes from its top-level `models` package.
 _ORIGINAL_YOLOV5_MODULES = {"models.yolo", "models.common", "models.experimental"}
+# Ultralytics' model classes of the other tasks (subclasses included, e.g. YOLOE's segmentation model): the task
+# each solves, and its name in Ultralytics.
+_OTHER_TASKS = {
+    "ClassificationModel": ("a classification", "classify"),
+    "SegmentationModel": ("a segmentation", "segment"),
+    "SemanticSegmentationModel": ("a semantic segmentation", "semantic"),
+    "PoseModel": ("a pose estimation", "pose"),
+    "OBBModel": ("an oriented bounding box (OBB)", "obb"),
+    "DepthModel": ("a depth estimation", "depth"),
+}
 
 
 def load_detection_checkpoint(weights: str | Path):
@@ -39,10 +49,26 @@ def load_detection_checkpoint(weights: str | Path):
         raise YoloslimError(
             f"{path} is not a loadable Ultralytics checkpoint ({_first_line(e)}); pass another file"
         ) from None
-    if type(model) is not DetectionModel:  # subclasses are the segment, pose and obb models
-        kind = type(model).__name__.removesuffix("Model").lower()
-        raise YoloslimError(f"{path} is a {kind} model; yoloslim slims detection models only, pass a detection best.pt")
+    task = other_task(model)
+    if task:
+        raise YoloslimError(f"{path} is {task}; yoloslim slims detection models only, pass a detection best.pt")
+    if type(model) is not DetectionModel:  # a detector of another family: YOLO-World, YOLOE, RT-DETR
+        raise YoloslimError(
+            f"{path} is a {type(model).__name__}; yoloslim slims Ultralytics DetectionModel checkpoints only, pass one"
+        )
     return model, ckpt
+
+
+def other_task(model) -> str | None:
+    """The task, other than detection, that `model` solves, as "a segmentation model (task segment)" reads; None for
+    a detector."""
+    from ultralytics.nn import tasks
+
+    for name, (kind, task) in _OTHER_TASKS.items():
+        model_class = getattr(tasks, name, None)  # the newer tasks' classes are missing from older 8.4 releases
+        if model_class and isinstance(model, model_class):
+            return f"{kind} model (task {task})"
+    return None
 
 
 def pickled_modules(path: Path) -> set[str]:
@@ -65,18 +91,6 @@ def pickled_modules(path: Path) -> set[str]:
     except ValueError:
         pass  # a damaged pickle: keep what was read, the loader reports the damage
     return modules
-
-
-def check_data_yaml(data: str | Path) -> Path:
-    path = Path(data)
-    if not path.is_file():
-        raise YoloslimError(
-            f"dataset yaml {path} does not exist; pass --data path/to/data.yaml, or leave --data out to use the "
-            "embedded synthetic dataset"
-        )
-    if path.suffix not in {".yaml", ".yml"}:
-        raise YoloslimError(f"{path} is not a dataset yaml; pass --data path/to/data.yaml")
-    return path
 
 
 def _first_line(error: BaseException) -> str:
