@@ -139,15 +139,7 @@ def data_commands(weights):
     }
 
 
-# export writes its ONNX model before it reads --data, which makes each of these take seconds
-COMMANDS = [
-    "train",
-    "finetune",
-    "eval",
-    pytest.param("export", marks=pytest.mark.slow),
-    pytest.param("bench", marks=pytest.mark.xfail(strict=True, reason="yoloslim bench takes no --data yet")),
-    "slim",
-]
+COMMANDS = ["train", "finetune", "eval", "export", "bench", "slim"]
 
 
 def files_under(*folders) -> dict:
@@ -247,13 +239,7 @@ def test_weights_of_each_other_task_are_named(task, other_task_weights, tmp_path
 
 @pytest.mark.parametrize(
     "command",
-    [
-        *("prune", "finetune", "eval", "export", "detect", "bench"),
-        pytest.param(
-            "slim",
-            marks=pytest.mark.xfail(strict=True, reason="slim makes its run folder before it reads the weights"),
-        ),
-    ],
+    ["prune", "finetune", "eval", "export", "detect", "bench", "slim"],
 )
 def test_every_command_refuses_weights_of_another_task(
     command, other_task_weights, tmp_path, models, refused_without_writing
@@ -274,7 +260,6 @@ def test_a_refusal_is_one_line_from_the_installed_command_too(tmp_path, models):
     assert_refused("eval", result.returncode, result.stderr, words)
 
 
-@pytest.mark.slow  # the ONNX export comes before the calibration set is read
 def test_train_and_val_of_the_same_images_are_refused_by_int8_export_only(tmp_path, models, refused_without_writing):
     from yoloslim.data import resolve_data
 

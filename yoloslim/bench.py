@@ -164,10 +164,12 @@ def bench(
     batch: int = 1,
     threads: Optional[int] = None,
     image: Optional[Path] = None,
+    data: Optional[Path] = None,
     rounds: int = 20,
     per_round: int = 5,
 ) -> dict:
-    """Model-only and end-to-end latency of each model, all interleaved in one run; sizes and environment."""
+    """Model-only and end-to-end latency of each model, all interleaved in one run; sizes and environment. The
+    end-to-end timing decodes `image`, else the first validation image of `data` (default: the embedded dataset)."""
     import os
 
     import cv2
@@ -177,7 +179,7 @@ def bench(
     from yoloslim.runtime.preprocess import preprocess
 
     threads = threads or os.cpu_count() or 1
-    image = Path(image) if image else _sample_image()
+    image = Path(image) if image else _sample_image(data)
     if cv2.imread(str(image)) is None:
         raise YoloslimError(f"cannot read the image {image}; give --source an image file OpenCV can open")
     variants, info = {}, {}
@@ -211,11 +213,11 @@ def bench(
     return {"results": results, "image": str(image), "environment": environment(threads)}
 
 
-def _sample_image() -> Path:
-    """A validation image of the embedded dataset, so end-to-end timing decodes a real JPEG."""
+def _sample_image(data: Optional[Path]) -> Path:
+    """A validation image of the dataset, so end-to-end timing decodes a real photo."""
     from yoloslim.data import resolve_data, split_images
 
-    return split_images(resolve_data(None), "val")[0][0]
+    return split_images(resolve_data(data), "val")[0][0]
 
 
 def bench_table(report: dict) -> str:

@@ -381,7 +381,12 @@ def _add_bench(commands) -> None:
     sub.add_argument(
         "--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores), recorded"
     )
-    sub.add_argument("--source", help="image decoded in the end-to-end timing (default: one of the embedded dataset)")
+    sub.add_argument("--source", help="image decoded in the end-to-end timing (default: the first val image of --data)")
+    sub.add_argument(
+        "--data",
+        help="dataset yaml whose first val image the end-to-end timing decodes (default: the "
+        "embedded synthetic dataset)",
+    )
     sub.add_argument("--project", default="runs/bench")
     sub.add_argument("--name", default="bench")
     sub.set_defaults(run=_run_bench)
@@ -393,7 +398,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from yoloslim.bench import bench, bench_table
     from yoloslim.runtime.detect import new_run_dir
 
-    report = bench(args.weights, imgsz=args.imgsz, batch=args.batch, threads=args.threads, image=args.source)
+    report = bench(
+        args.weights, imgsz=args.imgsz, batch=args.batch, threads=args.threads, image=args.source, data=args.data
+    )
     run = new_run_dir(args.project, args.name)
     (run / "bench.json").write_text(json.dumps(report, indent=2))
     print(bench_table(report))

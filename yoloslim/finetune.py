@@ -47,12 +47,12 @@ def finetune(
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
+    dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
-        return resume_run(weights, FinetuneTrainer, data, refused={"teacher": teacher}, **train_args)
+        return resume_run(weights, FinetuneTrainer, dataset, refused={"teacher": teacher}, **train_args)
     load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)
-    dataset = str(resolve_data(data))
     train_args = {**FINETUNE_RECIPE.train_args(), **train_args}
     return YOLO(str(weights)).train(data=dataset, trainer=FinetuneTrainer, **train_args)

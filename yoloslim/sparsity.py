@@ -233,12 +233,12 @@ def train_sparse(
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
+    dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
     trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
-        return resume_run(weights, trainer, data, **train_args)
+        return resume_run(weights, trainer, dataset, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
-    dataset = str(resolve_data(data))
     return YOLO(weights).train(data=dataset, trainer=trainer, **{**SPARSITY_RECIPE.train_args(), **train_args})
 
 

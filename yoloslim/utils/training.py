@@ -77,13 +77,11 @@ def check_resumable(last: str | Path, **ignored) -> None:
 
 def resume_run(last: str | Path, trainer, data: str | Path | None = None, refused: dict | None = None, **train_args):
     """Continue the run that ended in `last` with `trainer`, after check_resumable (`refused`: its `ignored`). A new
-    `data` passes through: Ultralytics takes a moved dataset's path on resume."""
+    `data` (already checked by resolve_data) passes through: Ultralytics takes a moved dataset's path on resume."""
     from ultralytics import YOLO
 
-    from yoloslim.data import resolve_data
-
     check_resumable(last, **(refused or {}))
-    moved = {"data": str(resolve_data(data))} if data else {}
+    moved = {"data": str(data)} if data else {}
     return YOLO(str(last)).train(resume=True, trainer=trainer, **moved, **train_args)
 
 
