@@ -190,7 +190,7 @@ def summarise(records: list, names: dict, bootstrap: int = 1000, seed: int = 0) 
     )
 
 
-# -- backends and the evaluation loop -----------------------------------------------------------------------------------
+# -- backends and the evaluation loop ----------------------------------------------------------------------------------
 
 
 def predict_records(
