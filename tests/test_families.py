@@ -3,6 +3,7 @@ own yaml, and the refusal of what they do not cover."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_prune import (
@@ -282,4 +283,45 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(cfg, tiny_data,
     assert 0 <= metrics.box.map <= 1
     assert_onnx_export_matches(out)
     if "26" in cfg:  # the NMS-free export: the one-to-one branch and its top-k selection
-        assert_onnx_export_matches(out, nms=False)
+        end_to_end = assert_onnx_export_matches(out, nms=False)
+        assert_runtime_reads_end_to_end_output_as_ultralytics(end_to_end, out, image)
+
+
+def assert_runtime_reads_end_to_end_output_as_ultralytics(onnx_path: Path, weights: Path, image: Path) -> None:
+    """yoloslim's letterbox and end-to-end reading on the NMS-free ONNX give the boxes Ultralytics predicts."""
+    import cv2
+    from ultralytics import YOLO
+
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import preprocess
+
+    picture = cv2.imread(str(image))
+    batch, boxes = preprocess([picture], 64)
+    ours = postprocess(OnnxRuntimeBackend(str(onnx_path))(batch), boxes, conf=0.001, end_to_end=True)[0]
+    theirs = YOLO(str(weights)).predict(picture, imgsz=64, conf=0.001, nms=False, verbose=False)[0].boxes
+    assert len(ours) == len(theirs) > 10
+    rows = np.concatenate([ours.boxes, ours.scores[:, None], ours.classes[:, None]], 1)
+    want = np.concatenate([theirs.xyxy.numpy(), theirs.conf.numpy()[:, None], theirs.cls.numpy()[:, None]], 1)
+    nearest = np.abs(rows[:, None] - want[None]).max(-1).argmin(0)  # near-equal scores may come in another order
+    assert len(set(nearest.tolist())) == len(want)
+    np.testing.assert_allclose(rows[nearest], want, atol=0.05)
+
+
+def test_runtime_reads_an_end_to_end_output_without_nms():
+    """Rows already selected by the head: kept above conf, in order, at most max_det, mapped back through the
+    letterbox; overlapping boxes of one class are not suppressed."""
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import letterbox
+
+    _, box = letterbox(np.zeros((50, 100, 3), np.uint8), 64)  # gain 0.64, 16 px of padding above and below
+    output = np.array(
+        [[[10, 20, 30, 40, 0.9, 2], [10, 20, 30, 41, 0.8, 2], [0, 10, 64, 60, 0.5, 0], [1, 2, 3, 4, 0.1, 1]]],
+        np.float32,
+    )
+    found = postprocess(output, [box], conf=0.25, end_to_end=True)[0]
+    np.testing.assert_allclose(found.scores, [0.9, 0.8, 0.5])
+    assert found.classes.tolist() == [2, 2, 0] and found.classes.dtype == np.int64
+    np.testing.assert_allclose(found.boxes[2], [0, 0, 100, 50])  # clipped to the 100 x 50 image
+    np.testing.assert_allclose(found.boxes[0], [15.625, 6.25, 46.875, 37.5])
+    assert len(postprocess(output, [box], conf=0.25, max_det=2, end_to_end=True)[0]) == 2

@@ -217,8 +217,8 @@ def assert_plain_ultralytics_loads(weights: Path, image: Path, cwd: Path) -> Non
         assert done.returncode == 0, done.stderr[-2000:]
 
 
-def assert_onnx_export_matches(weights: Path, imgsz: int = 64, **export_args) -> None:
-    """Ultralytics' own ONNX export runs, and ONNX Runtime gives what the checkpoint gives in PyTorch."""
+def assert_onnx_export_matches(weights: Path, imgsz: int = 64, **export_args) -> Path:
+    """Ultralytics' own ONNX export runs, and ONNX Runtime gives what the checkpoint gives in PyTorch; returns it."""
     import onnxruntime as ort
     from ultralytics import YOLO
 
@@ -237,6 +237,7 @@ def assert_onnx_export_matches(weights: Path, imgsz: int = 64, **export_args) ->
         assert len(set(distance.argmin(0).tolist())) == len(want[0])
         got = got[:, distance.argmin(0)]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    return onnx_path
 
 
 @pytest.fixture(scope="module")
