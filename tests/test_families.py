@@ -1,6 +1,7 @@
 """Pruning YOLOv8, YOLO11 and YOLO26: the coupling rules of yoloslim.graph proved on models built from Ultralytics'
 own yaml, and the refusal of what they do not cover."""
 
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from test_prune import (
 )
 from torch import nn
 
-from yoloslim.graph import build_graph, check_supported, prunable_batchnorms
+from yoloslim.graph import build_graph, check_supported, model_stats, prunable_batchnorms
 from yoloslim.prune import PruneConfig, plan_pruning, prune, prune_model
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
 from yoloslim.utils.errors import YoloslimError
@@ -201,6 +202,19 @@ def test_sparsity_penalises_only_prunable_batchnorms():
     names = {n for n, _ in prunable_batchnorms(model)}
     assert "model.10.m.0.attn.qkv.bn" not in names and "model.10.cv1.bn" not in names
     assert {"model.10.m.0.ffn.0.bn", "model.10.cv2.bn", "model.23.cv3.0.0.0.bn"} <= names
+
+
+def test_gflops_count_the_head_branch_that_inference_runs():
+    """A deployed end-to-end model keeps one branch of its head; the other must not count towards --target-flops."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = random_model(cfg="yolo26n.yaml")
+    one_branch = deepcopy(model)
+    one_branch.model[-1].fuse()  # what Ultralytics does before inference: drops the branch end2end does not select
+    stats = model_stats(model, 64)
+    assert stats["gflops"] == pytest.approx(get_flops(one_branch, 64), abs=1e-4)
+    assert stats["gflops"] < get_flops(model, 64)
+    assert stats["params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_tracing_leaves_the_model_as_it_was():

@@ -41,6 +41,7 @@ slice only selects, so it is as exact through a split as through a concat.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -107,7 +108,7 @@ def _refresh_half_width(module) -> None:
 
 def _head_branches(head) -> list:
     """(box convs, class convs) of each branch: one-to-many, then one-to-one for an end-to-end head."""
-    branches = [(head.cv2, head.cv3)]
+    branches = [(head.cv2, head.cv3)] if getattr(head, "cv2", None) is not None else []
     if getattr(head, "one2one_cv2", None) is not None:
         branches.append((head.one2one_cv2, head.one2one_cv3))
     return branches
@@ -306,8 +307,6 @@ def _equal_parts(graph: tp.DependencyGraph, group: ChannelGroup, splits: dict) -
 def prunable_batchnorms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     """(name, BatchNorm) of every BatchNorm whose channels a prune can remove, in module order: the ones sparsity
     training should push towards zero. Traced on a copy, so `model` is left as it is."""
-    from copy import deepcopy
-
     copy = deepcopy(model).float().cpu().eval()
     graph, groups = build_graph(copy)
     names = {m: n for n, m in copy.named_modules()}
@@ -347,10 +346,16 @@ def group_in_convs(graph: tp.DependencyGraph, group: ChannelGroup):
 
 
 def model_stats(model: nn.Module, imgsz: int) -> dict:
-    """Parameters and GFLOPs at `imgsz` (Ultralytics' own count, so figures match its model summary)."""
+    """Parameters (all the checkpoint holds) and GFLOPs at `imgsz` (Ultralytics' own count, so figures match its
+    model summary). In PyTorch an end-to-end head runs both branches, but a deployed model keeps one (Ultralytics'
+    fuse drops the other), so only the branch that the model's `end2end` selects is counted."""
     from ultralytics.utils.torch_utils import get_flops
 
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(model, imgsz)), 4)}
+    counted = model
+    if len(_head_branches(model.model[-1])) > 1:
+        counted = deepcopy(model)
+        counted.model[-1].fuse()
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(counted, imgsz)), 4)}
 
 
 def conv_widths(model: nn.Module) -> dict[str, int]:
