@@ -26,14 +26,15 @@ How each module type is traced (its `trace`, a forward with the same result that
   box and class convolutions of every branch (and the DFL) keep their output shapes; their inner convolutions,
   depthwise ones included, are prunable. Pruning a neck output removes it from every branch that reads it.
 - Attention (C2PSA's PSABlock, and YOLO26's attention C3k2) keeps its inner widths, and so does the residual stream
-  through it: its output is reshaped to the stream's width (`view(B, C, H, W)` with C the input's channels), so the
-  stream and the value channels must keep equal counts, and whole heads are the only consistent unit of the query and
-  key channels. A nano model has two heads (64 channels each); pruning one removes half the block and 64 channels of
-  the stream with it, a step far coarser than any other layer takes, for a block that runs once at stride 32 (about 2 %
-  of a YOLO11n's GFLOPs). So the attention's convolutions are fixed, which fixes every channel coupled to them: the
-  stream through the PSABlocks and, with it, the split conv's output of the C2PSA or C3k2 around them (both halves,
-  as they keep equal counts). What stays prunable there: the feed-forward's hidden channels, the inner Bottleneck's
-  hidden channels, and the block's output.
+  through it. Its output is reshaped to the stream's width (`view(B, C, H, W)` with C the input's channels), so the
+  stream and the value channels must keep equal counts, and the query, key and value channels are viewed per head, so
+  each can only shrink by the same count in every head; the consistent unit is a whole head. A nano model has two
+  heads of 64 channels: pruning one removes half the block and 64 channels of the stream with it, a step far coarser
+  than any other layer takes, for blocks that run at stride 32 only (C2PSA is 3 % of a YOLO11n's convolution work at
+  640 px, YOLO26n's attention C3k2 6 %, their attention convolutions 0.7 % each). So the attention's convolutions
+  are fixed, which fixes every channel coupled to them: the stream through the PSABlocks and, with it, the split
+  conv's output of the C2PSA or C3k2 around them (both halves, as they keep equal counts). What stays prunable there:
+  the feed-forward's hidden channels, the inner Bottleneck's hidden channels, and the block's output.
 
 Bias compensation (prune/apply.py) sees none of this: it works on each consuming conv's input, which a split or a
 slice only selects, so it is as exact through a split as through a concat.
