@@ -1,4 +1,4 @@
-"""Channel pruning of Ultralytics YOLOv5 detectors: `prune()` is the API under `yoloslim prune`.
+"""Channel pruning of Ultralytics YOLO detectors: `prune()` is the API under `yoloslim prune`.
 
 graph.py says what is coupled, importance.py what matters, plan.py which channels go, apply.py removes them (with
 bias compensation), report.py shows the result. The output is an ordinary Ultralytics checkpoint.
@@ -22,10 +22,10 @@ from yoloslim.prune.importance import IMPORTANCES
 from yoloslim.prune.plan import (
     GroupPlan,
     PruneConfig,
-    counts_above_ratio,
-    counts_above_threshold,
+    above_ratio,
+    above_threshold,
     cut_score,
-    plan_from_counts,
+    plan_groups,
     removed_fraction,
 )
 from yoloslim.utils.assets import is_shipped
@@ -81,17 +81,16 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
     graph, groups = build_graph(model)
     importance = IMPORTANCES[config.method]
     scores = [importance(graph, g) for g in groups]
-    roots = [g.root for g in groups]
     if config.ratio is not None:
-        threshold, above = cut_score(scores, config.ratio), counts_above_ratio(scores, config.ratio)
+        threshold, above = cut_score(scores, config.ratio), above_ratio(scores, config.ratio)
     else:
         if config.threshold is not None:
             threshold = config.threshold
         else:
             gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
-            threshold = _threshold_for_flops(model, roots, scores, config, gflops)
-        above = counts_above_threshold(scores, threshold)
-    return Planned(graph, groups, scores, threshold, plan_from_counts(roots, scores, above, config))
+            threshold = _threshold_for_flops(model, [g.root for g in groups], scores, config, gflops)
+        above = above_threshold(scores, threshold)
+    return Planned(graph, groups, scores, threshold, plan_groups(groups, scores, above, config))
 
 
 def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
@@ -119,7 +118,7 @@ def _gflops_with(model, roots, scores, threshold, config) -> float:
     graph, groups = build_graph(trial)
     if [g.root for g in groups] != roots:  # the plans are matched to the groups by position
         raise RuntimeError("the dependency graph of a copy traced its channel groups in another order")
-    plans = plan_from_counts(roots, scores, counts_above_threshold(scores, threshold), config)
+    plans = plan_groups(groups, scores, above_threshold(scores, threshold), config)
     apply_plan(trial, graph, groups, plans, compensate=False)
     return model_stats(trial, config.imgsz)["gflops"]
 
@@ -137,8 +136,8 @@ def _threshold_for_flops(model, roots, scores, config, gflops: float) -> float:
     if lowest > budget:
         raise YoloslimError(
             f"target_flops cannot be reached with min_keep {config.min_keep} and round_to {config.round_to}: the "
-            f"smallest reachable model keeps {math.ceil(lowest / gflops * 1000) / 1000:.3f} of the GFLOPs; ask for that "
-            "or lower the guards"
+            f"smallest reachable model keeps {math.ceil(lowest / gflops * 1000) / 1000:.3f} of the GFLOPs; ask for "
+            "that or lower the guards"
         )
     lo, hi = 0, len(candidates) - 1  # invariant: candidates[hi] fits the budget
     while lo < hi:

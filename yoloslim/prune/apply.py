@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from yoloslim.graph import ChannelGroup, group_batchnorms, group_in_convs
+from yoloslim.graph import ChannelGroup, group_batchnorms, group_in_convs, refresh_widths
 from yoloslim.prune.plan import GroupPlan
 
 
@@ -70,7 +70,7 @@ def _constant_carrier(x: torch.Tensor, removed: list[int], tolerance: float = 1e
 
 
 @torch.no_grad()
-def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> None:
+def compensate_removed_inputs(model, graph, groups, plans) -> None:
     """Give each consuming conv back what the removed channels fed it in the zero-gamma model.
 
     A channel whose gamma is zero leaves its BatchNorm as the constant beta, so act(beta) flows on through upsampling,
@@ -78,8 +78,9 @@ def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> 
     Where a kept input channel is such a constant too (a zero-gamma channel kept by rounding), the removed constants
     move onto its weights tap by tap, exact at the borders too (both maps meet the same zero padding). Otherwise
     the consumer's response (value times the filter's spatial sum) is folded into its following BatchNorm's running
-    mean or its bias: exact on interior pixels only. The probe image is large enough that the deepest maps are wider
-    than SPPF's pooling window, which would make every pooled channel look constant.
+    mean or its bias: exact on interior pixels only. The probe image makes the deepest maps 16 pixels wide, more than
+    SPPF's three chained 5x5 poolings reach (13): on a narrower map the last poolings return each channel's global
+    maximum everywhere, so every pooled channel would look constant and could be picked as a carrier.
     """
     removed_inputs = _removed_inputs(graph, groups, plans)
     if not removed_inputs:
@@ -90,6 +91,7 @@ def compensate_removed_inputs(model, graph, groups, plans, imgsz: int = 256) -> 
     ]
     try:
         with zeroed_gammas(removed_batchnorm_channels(graph, groups, plans)):
+            imgsz = 16 * int(max(model.stride))
             model.eval()(torch.rand(1, 3, imgsz, imgsz))
     finally:
         for hook in hooks:
@@ -134,3 +136,4 @@ def apply_plan(model: nn.Module, graph, groups: list[ChannelGroup], plans: list[
         if plan.removed:
             root = group.group[0].dep
             graph.get_pruning_group(root.target.module, root.handler, plan.removed).prune()
+    refresh_widths(model)

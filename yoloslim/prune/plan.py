@@ -14,7 +14,7 @@ from yoloslim.config import PruneConfig
 class GroupPlan:
     root: str
     size: int
-    keep: list[int]  # group channel indices kept, most important first
+    keep: list[int]  # group channel indices kept, most important first (in each equal part)
 
     @property
     def removed(self) -> list[int]:
@@ -23,24 +23,25 @@ class GroupPlan:
 
 
 def round_channels(count: int, size: int, round_to: int) -> int:
-    """Round a kept width up to a multiple of round_to, within [round_to, size]; a layer narrower than round_to stays."""
+    """Round a kept width up to a multiple of round_to, within [round_to, size]; a layer that narrow stays whole."""
     if size <= round_to:
         return size
     return min(size, max(round_to, math.ceil(count / round_to) * round_to))
 
 
-def counts_above_threshold(scores: list[torch.Tensor], threshold: float) -> list[int]:
-    return [int((s >= threshold).sum()) for s in scores]
+def above_threshold(scores: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Per group, which channels score at least `threshold`."""
+    return [s >= threshold for s in scores]
 
 
-def counts_above_ratio(scores: list[torch.Tensor], ratio: float) -> list[int]:
-    """Per group, how many channels rank above the global `ratio` cut (ties broken by order, so the ratio holds
-    even when many scores are equal, as in a model that was never sparsity-trained)."""
+def above_ratio(scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    """Per group, which channels rank above the global `ratio` cut (ties broken by order, so the ratio holds even when
+    many scores are equal, as in a model that was never sparsity-trained)."""
     everything = torch.cat(scores)
     order = torch.argsort(everything, stable=True)
     above = torch.ones(len(everything), dtype=torch.bool)
     above[order[: int(ratio * len(everything))]] = False
-    return [int(part.sum()) for part in torch.split(above, [len(s) for s in scores])]
+    return list(torch.split(above, [len(s) for s in scores]))
 
 
 def cut_score(scores: list[torch.Tensor], ratio: float) -> float:
@@ -50,15 +51,23 @@ def cut_score(scores: list[torch.Tensor], ratio: float) -> float:
     return -math.inf if index == 0 else float(everything[index])
 
 
-def plan_from_counts(
-    roots: list[str], scores: list[torch.Tensor], above: list[int], config: PruneConfig
+def plan_groups(
+    groups: list, scores: list[torch.Tensor], above: list[torch.Tensor], config: PruneConfig
 ) -> list[GroupPlan]:
-    """Keep each group's best channels: those above the cut, raised to min_keep, rounded up to round_to."""
+    """Keep each group's best channels: those above the cut, raised to min_keep, rounded up to round_to.
+
+    A group whose channels are cut into equal parts (a split conv's halves) keeps the same count in each part, the
+    largest any part needs, so no channel above the cut goes; the guards apply per part.
+    """
     plans = []
-    for root, s, count in zip(roots, scores, above):
-        width = round_channels(max(count, math.ceil(config.min_keep * len(s)), 1), len(s), config.round_to)
-        order = torch.argsort(s, descending=True, stable=True)
-        plans.append(GroupPlan(root=root, size=len(s), keep=order[:width].tolist()))
+    for group, s, mask in zip(groups, scores, above):
+        parts = group.parts or [list(range(len(s)))]
+        size = len(parts[0])
+        count = max(int(mask[part].sum()) for part in parts)
+        width = round_channels(max(count, math.ceil(config.min_keep * size), 1), size, config.round_to)
+        best = [torch.argsort(s[part], descending=True, stable=True)[:width].tolist() for part in parts]
+        keep = [part[i] for part, order in zip(parts, best) for i in order]
+        plans.append(GroupPlan(root=group.root, size=len(s), keep=keep))
     return plans
 
 

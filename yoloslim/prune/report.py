@@ -18,7 +18,8 @@ def plan_table(result) -> str:
         "| | before | after | ratio |",
         "| --- | ---: | ---: | ---: |",
         f"| parameters | {b['params']:,} | {a['params']:,} | {a['params'] / b['params']:.3f} |",
-        f"| GFLOPs at {result.config.imgsz} px | {b['gflops']:.3f} | {a['gflops']:.3f} | {a['gflops'] / b['gflops']:.3f} |",
+        f"| GFLOPs at {result.config.imgsz} px | {b['gflops']:.3f} | {a['gflops']:.3f} | "
+        f"{a['gflops'] / b['gflops']:.3f} |",
     ]
     threshold = "none" if result.threshold == -math.inf else f"{result.threshold:.4g}"
     head = (

@@ -4,6 +4,10 @@ The exported detection head outputs (batch, 4 + classes, anchors): box centre x,
 then per-class scores (already sigmoid). NMS follows Ultralytics' non_max_suppression: candidates above `conf`, at
 most `max_nms` of them by score, class-aware (classes never suppress each other), greedy IoU suppression, at most
 `max_det` kept, optionally one candidate per class above `conf` per anchor (multi_label, as Ultralytics' validator).
+
+An end-to-end head (YOLO26's one-to-one branch, exported NMS-free) has already selected its boxes: (batch, k, 6) rows
+of x1, y1, x2, y2 in input pixels, score, class, best first. They are only filtered by `conf` and cut at `max_det`, as
+Ultralytics does; IoU and multi_label do not apply (the head's top-k may already list one anchor under two classes).
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ def non_max_suppression(
     return results
 
 
+def select_end_to_end(output: np.ndarray, conf: float = 0.25, max_det: int = 300) -> List[Detections]:
+    """Per image of a (batch, k, 6) end-to-end output: its rows above `conf`, at most `max_det`, in input pixels."""
+    results = []
+    for pred in output:
+        pred = pred[pred[:, 4] > conf][:max_det]
+        results.append(
+            Detections(pred[:, :4].astype(np.float32), pred[:, 4].astype(np.float32), pred[:, 5].astype(np.int64))
+        )
+    return results
+
+
 def scale_to_original(det: Detections, box: Letterbox) -> Detections:
     """Undo the letterbox: input-pixel boxes to original-image pixels, clipped to the image."""
     boxes = det.boxes.copy()
@@ -103,8 +118,18 @@ def scale_to_original(det: Detections, box: Letterbox) -> Detections:
 
 
 def postprocess(
-    output: np.ndarray, boxes: list, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, multi_label: bool = False
+    output: np.ndarray,
+    boxes: list,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    multi_label: bool = False,
+    end_to_end: bool = False,
 ) -> List[Detections]:
-    """Model output batch -> detections in each original image's pixels."""
-    found = non_max_suppression(output, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
+    """Model output batch -> detections in each original image's pixels; `end_to_end` for a head that selects its
+    own boxes (no NMS)."""
+    if end_to_end:
+        found = select_end_to_end(output, conf=conf, max_det=max_det)
+    else:
+        found = non_max_suppression(output, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
     return [scale_to_original(d, b) for d, b in zip(found, boxes)]

@@ -1,0 +1,341 @@
+"""Pruning YOLOv8, YOLO11 and YOLO26: the coupling rules of yoloslim.graph proved on models built from Ultralytics'
+own yaml, and the refusal of what they do not cover."""
+
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_prune import (
+    _compensated_layers,
+    assert_onnx_export_matches,
+    assert_plain_ultralytics_loads,
+    random_model,
+    save_as_ultralytics_would,
+)
+from torch import nn
+
+from yoloslim.graph import build_graph, check_supported, model_stats, prunable_batchnorms
+from yoloslim.prune import PruneConfig, plan_pruning, prune, prune_model
+from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
+from yoloslim.utils.errors import YoloslimError
+
+FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread than on two cores that other processes share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def head_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Everything a deployed model can be asked for: the decoded one-to-many output and, for an end-to-end head, the
+    one-to-one branch's raw maps and its selected boxes (what an NMS-free export returns)."""
+    decoded, raw = model(x)
+    outputs = {"decoded": decoded}
+    if "one2one" in raw:
+        outputs.update({f"one-to-one {k}": raw["one2one"][k] for k in ("boxes", "scores")})
+        model.end2end = True
+        try:
+            outputs["end-to-end"] = model(x)[0]
+        finally:
+            model.end2end = False
+    return outputs
+
+
+def split_convs(model: nn.Module) -> list[nn.Module]:
+    """The blocks whose first conv's output is split in halves (C2f, C3k2, C2PSA)."""
+    return [m for m in model.modules() if type(m).__name__ in ("C2f", "C3k2", "C2PSA")]
+
+
+@pytest.mark.parametrize("method", ["bn", "l1"])
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_without_compensation_pruning_equals_zeroed_activations(cfg, method):
+    """Proves the coupling through the splits, nested blocks, depthwise convs, the residual SPPF and every head branch:
+    the pruned model computes exactly what the original computes with the removed channels forced to zero."""
+    model = random_model(cfg=cfg)
+    planned = plan_pruning(model, PruneConfig(method=method, ratio=0.5, compensate=False, imgsz=64))
+    split_removed = [
+        [sum(i in plan.removed for i in part) for part in group.parts]
+        for group, plan in zip(planned.groups, planned.plans)
+        if group.parts
+    ]
+    assert any(min(counts) > 0 for counts in split_removed)  # both halves of some split lose channels
+    removed = removed_batchnorm_channels(planned.graph, planned.groups, planned.plans)
+    inputs = [torch.rand(2, 3, h, w) for h, w in [(64, 64), (96, 128), (160, 96)]]
+    with torch.no_grad(), zeroed_gammas(removed, also_beta=True):  # SiLU(0) = 0: the activation is forced to zero
+        expected = [head_outputs(model, x) for x in inputs]
+    depthwise_before = {n: m.out_channels for n, m in model.named_modules() if _is_depthwise(m)}
+    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=False)
+    depthwise_after = {n: m.out_channels for n, m in model.named_modules() if _is_depthwise(m)}
+    assert all(_is_depthwise(m) for n, m in model.named_modules() if n in depthwise_before)
+    if depthwise_before:
+        assert depthwise_after != depthwise_before
+    with torch.no_grad():
+        for x, want in zip(inputs, expected):
+            got = head_outputs(model, x)
+            assert got.keys() == want.keys() and ("end-to-end" in got) == ("26" in cfg)
+            for key in want:
+                torch.testing.assert_close(
+                    got[key], want[key], rtol=1e-4, atol=1e-4 * float(want[key].abs().max()), msg=key
+                )
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_compensation_reproduces_zero_gamma_model_layer_by_layer(cfg):
+    model = random_model(cfg=cfg)
+    planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
+    names = {m: n for n, m in model.named_modules()}
+    checked = []
+    for conv, _, y, want in _compensated_layers(model, planned, torch.rand(1, 3, 128, 128)):
+        p = conv.padding[0]
+        interior = (slice(None), slice(None), slice(p, y.shape[2] - p), slice(p, y.shape[3] - p))
+        torch.testing.assert_close(y[interior], want[interior], rtol=1e-4, atol=1e-4)
+        checked.append(names[conv])
+    # consumers behind a split: the closing conv of a C2f or C3k2, and the first block's conv on the second half
+    assert any(n.endswith(".cv2.conv") and ".m." not in n for n in checked)
+    assert any(".m.0.cv1.conv" in n for n in checked)
+    assert len(checked) >= 20
+
+
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_compensation_through_a_kept_zero_gamma_channel_is_exact_at_the_borders_too(cfg):
+    model = random_model(cfg=cfg, seed=1)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight[torch.rand(bn.num_features) < 0.6] = 0
+    planned = plan_pruning(model, PruneConfig(threshold=1e-6, round_to=8, imgsz=64))
+    checked = 0
+    for conv, x_kept, y, want in _compensated_layers(model, planned, torch.rand(1, 3, 96, 96)):
+        flat = x_kept[0].flatten(1)
+        if conv.kernel_size[0] == 1 or not bool(((flat.amax(1) == flat.amin(1)) & (flat[:, 0].abs() > 1e-3)).any()):
+            continue  # a 1x1 conv has no padding; without a constant kept input the fold is exact on the interior only
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("round_to", [1, 32])
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_guards_min_keep_and_rounding_hold_for_each_half(cfg, round_to):
+    result = prune_model(random_model(cfg=cfg), PruneConfig(ratio=0.9, min_keep=0.25, round_to=round_to, imgsz=64))
+    halves = {f"{n}.cv1.conv" for n, m in result.model.named_modules() if m in split_convs(result.model)}
+    pruned_layers = 0
+    for name, (before, after) in result.widths.items():
+        unit, kept = (before // 2, after // 2) if name in halves else (before, after)
+        assert kept >= min(unit, round_to) and kept >= 0.25 * unit - 1e-9, name
+        if unit > round_to and kept < unit:
+            assert kept % round_to == 0, name
+            pruned_layers += 1
+    assert pruned_layers > 0
+    assert any(result.widths[n][1] < result.widths[n][0] for n in halves)
+
+
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_split_blocks_keep_their_width_attribute_in_step(cfg):
+    """C2f's forward_split (which Ultralytics' exporter uses for some formats) and C2PSA's split read `c`."""
+    result = prune_model(random_model(cfg=cfg), PruneConfig(ratio=0.6, imgsz=64))
+    blocks = split_convs(result.model)
+    assert all(2 * b.c == b.cv1.conv.out_channels for b in blocks)
+    with torch.no_grad():
+        for block in (b for b in blocks if hasattr(b, "forward_split")):
+            x = torch.rand(1, block.cv1.conv.in_channels, 8, 8)
+            torch.testing.assert_close(block.forward_split(x), block(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolov8s.yaml", "yolo11s.yaml", "yolo26s.yaml"])
+def test_s_size_models_prune_consistently(cfg):
+    result = prune_model(random_model(nc=80, cfg=cfg), PruneConfig(ratio=0.6, imgsz=64))
+    model = result.model
+    for m in model.modules():
+        if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            assert m.conv.out_channels == m.bn.num_features == m.bn.running_mean.numel()
+    head = model.model[-1]
+    for prefix in ("", "one2one_") if "26" in cfg else ("",):
+        assert [c[-1].out_channels for c in getattr(head, f"{prefix}cv2")] == [4 * head.reg_max] * 3
+        assert [c[-1].out_channels for c in getattr(head, f"{prefix}cv3")] == [80] * 3
+    assert all(2 * b.c == b.cv1.conv.out_channels for b in split_convs(model))
+    with torch.no_grad():
+        assert head_outputs(model, torch.rand(1, 3, 96, 64))["decoded"].shape[1] == 4 + 80
+    assert result.after["gflops"] < 0.75 * result.before["gflops"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_threshold_and_target_flops(cfg):
+    model = random_model(cfg=cfg)
+    by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
+    assert by_threshold.threshold == 0.5 and 0.2 < by_threshold.removed_fraction < 0.7
+    target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
+    assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
+    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable"):
+        prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+
+
+def test_attention_keeps_its_inner_widths_and_what_is_around_it_is_pruned():
+    result = prune_model(random_model(cfg="yolo26n.yaml"), PruneConfig(ratio=0.9, min_keep=0.0, round_to=1, imgsz=64))
+    widths = result.widths
+    attention = [n for n in widths if ".attn." in n]
+    assert attention and all(widths[n][0] == widths[n][1] for n in attention)
+    psa, attention_c3k2 = "model.10", "model.22"  # C2PSA, and the C3k2 with an attention block
+    for block in (psa, attention_c3k2):
+        assert widths[f"{block}.cv1.conv"][1] == widths[f"{block}.cv1.conv"][0]  # its stream goes through attention
+        assert widths[f"{block}.cv2.conv"][1] < widths[f"{block}.cv2.conv"][0]
+    assert widths[f"{psa}.m.0.ffn.0.conv"][1] < widths[f"{psa}.m.0.ffn.0.conv"][0]
+    assert widths[f"{attention_c3k2}.m.0.0.cv1.conv"][1] < widths[f"{attention_c3k2}.m.0.0.cv1.conv"][0]
+
+
+def test_sparsity_penalises_only_prunable_batchnorms():
+    v5 = random_model(cfg="yolov5n.yaml")
+    assert len(prunable_batchnorms(v5)) == sum(isinstance(m, nn.BatchNorm2d) for m in v5.modules())
+    model = random_model(cfg="yolo11n.yaml")
+    names = {n for n, _ in prunable_batchnorms(model)}
+    assert "model.10.m.0.attn.qkv.bn" not in names and "model.10.cv1.bn" not in names
+    assert {"model.10.m.0.ffn.0.bn", "model.10.cv2.bn", "model.23.cv3.0.0.0.bn"} <= names
+
+
+def test_gflops_count_the_head_branch_that_inference_runs():
+    """A deployed end-to-end model keeps one branch of its head; the other must not count towards --target-flops."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = random_model(cfg="yolo26n.yaml")
+    one_branch = deepcopy(model)
+    one_branch.model[-1].fuse()  # what Ultralytics does before inference: drops the branch end2end does not select
+    stats = model_stats(model, 64)
+    assert stats["gflops"] == pytest.approx(get_flops(one_branch, 64), abs=1e-4)
+    assert stats["gflops"] < get_flops(model, 64)
+    assert stats["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    model = random_model(cfg="yolo26n.yaml")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    build_graph(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the traced forwards are gone
+    assert not any(m.training for m in model.modules())
+
+
+# -- what stays refused, and what is accepted -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, cfg, named",
+    [
+        ("SegmentationModel", "yolov8n-seg.yaml", "Segment head.*segmentation"),
+        ("SegmentationModel", "yolo26n-seg.yaml", "Segment26 head.*segmentation"),
+        ("PoseModel", "yolo11n-pose.yaml", "Pose head.*pose"),
+        ("OBBModel", "yolo11n-obb.yaml", "OBB head"),
+        ("ClassificationModel", "yolo11n-cls.yaml", "Classify head.*classification"),
+        ("RTDETRDetectionModel", "rtdetr-l.yaml", "RTDETRDecoder head.*RT-DETR"),
+        ("WorldModel", "yolov8s-worldv2.yaml", "WorldDetect head.*YOLO-World"),
+        ("YOLOEModel", "yoloe-11s.yaml", "YOLOEDetect head.*YOLOE"),
+        ("DetectionModel", "yolov8n-ghost.yaml", "has C3Ghost, GhostBottleneck, GhostConv,"),
+        ("DetectionModel", "yolov6n.yaml", "has ConvTranspose2d,"),
+        ("DetectionModel", "yolov10n.yaml", "has C2fCIB, CIB, PSA, RepVGGDW, SCDown, v10Detect,"),
+        ("DetectionModel", "yolo12n.yaml", "has A2C2f, AAttn, ABlock,"),
+    ],
+)
+def test_other_tasks_and_families_are_refused_in_one_line(kind, cfg, named):
+    from ultralytics.nn import tasks
+
+    model = getattr(tasks, kind)(cfg, nc=2, verbose=False)
+    with pytest.raises(YoloslimError, match=f"{named}.*supported models table in README.md") as refused:
+        build_graph(model)
+    assert "\n" not in str(refused.value)
+
+
+def test_grouped_convolutions_that_are_not_depthwise_are_refused():
+    model = random_model(cfg="yolov8n.yaml")
+    model.model[1].conv = nn.Conv2d(16, 32, 3, 2, 1, groups=2, bias=False)
+    with pytest.raises(YoloslimError, match="grouped convolutions"):
+        check_supported(model)
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n-p2.yaml", "yolo26n-p6.yaml"])
+def test_a_family_of_covered_modules_is_accepted_and_prunes_exactly(cfg):
+    model = random_model(cfg=cfg)
+    planned = plan_pruning(model, PruneConfig(ratio=0.5, compensate=False, imgsz=64))
+    x = torch.rand(1, 3, 128, 192)  # multiples of the P6 stride, 64
+    with torch.no_grad(), zeroed_gammas(removed_batchnorm_channels(planned.graph, planned.groups, planned.plans), True):
+        want = head_outputs(model, x)
+    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=False)
+    with torch.no_grad():
+        got = head_outputs(model, x)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4 * float(want[key].abs().max()), msg=key)
+
+
+# -- the checkpoint ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(cfg, tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    weights = save_as_ultralytics_would(random_model(nc=6, cfg=cfg), tmp_path / "best.pt")
+    out = prune(weights, PruneConfig(ratio=0.5, imgsz=64), out=tmp_path / "pruned.pt").out
+    ckpt = torch.load(out, weights_only=False)
+    assert {type(m).__module__.split(".")[0] for m in ckpt["model"].modules()} <= {"torch", "ultralytics"}
+    assert not any("forward" in m.__dict__ for m in ckpt["model"].modules())
+    image = next((Path(tiny_data).parent / "images" / "val").glob("*.jpg"))
+    assert_plain_ultralytics_loads(out, image, tmp_path)
+    metrics = YOLO(str(out)).val(
+        data=str(tiny_data), imgsz=64, batch=2, plots=False, verbose=False, project=str(tmp_path), name="val"
+    )
+    assert 0 <= metrics.box.map <= 1
+    assert_onnx_export_matches(out)
+    if "26" in cfg:  # the NMS-free export: the one-to-one branch and its top-k selection
+        end_to_end = assert_onnx_export_matches(out, nms=False)
+        assert_runtime_reads_end_to_end_output_as_ultralytics(end_to_end, out, image)
+
+
+def assert_runtime_reads_end_to_end_output_as_ultralytics(onnx_path: Path, weights: Path, image: Path) -> None:
+    """yoloslim's letterbox and end-to-end reading on the NMS-free ONNX give the boxes Ultralytics predicts."""
+    import cv2
+    from ultralytics import YOLO
+
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import preprocess
+
+    picture = cv2.imread(str(image))
+    batch, boxes = preprocess([picture], 64)
+    ours = postprocess(OnnxRuntimeBackend(str(onnx_path))(batch), boxes, conf=0.001, end_to_end=True)[0]
+    theirs = YOLO(str(weights)).predict(picture, imgsz=64, conf=0.001, nms=False, verbose=False)[0].boxes
+    assert len(ours) == len(theirs) > 10
+    rows = np.concatenate([ours.boxes, ours.scores[:, None], ours.classes[:, None]], 1)
+    want = np.concatenate([theirs.xyxy.numpy(), theirs.conf.numpy()[:, None], theirs.cls.numpy()[:, None]], 1)
+    nearest = np.abs(rows[:, None] - want[None]).max(-1).argmin(0)  # near-equal scores may come in another order
+    assert len(set(nearest.tolist())) == len(want)
+    np.testing.assert_allclose(rows[nearest], want, atol=0.05)
+
+
+def test_runtime_reads_an_end_to_end_output_without_nms():
+    """Rows already selected by the head: kept above conf, in order, at most max_det, mapped back through the
+    letterbox; overlapping boxes of one class are not suppressed."""
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import letterbox
+
+    _, box = letterbox(np.zeros((50, 100, 3), np.uint8), 64)  # gain 0.64, 16 px of padding above and below
+    output = np.array(
+        [[[10, 20, 30, 40, 0.9, 2], [10, 20, 30, 41, 0.8, 2], [0, 10, 64, 60, 0.5, 0], [1, 2, 3, 4, 0.1, 1]]],
+        np.float32,
+    )
+    found = postprocess(output, [box], conf=0.25, end_to_end=True)[0]
+    np.testing.assert_allclose(found.scores, [0.9, 0.8, 0.5])
+    assert found.classes.tolist() == [2, 2, 0] and found.classes.dtype == np.int64
+    np.testing.assert_allclose(found.boxes[2], [0, 0, 100, 50])  # clipped to the 100 x 50 image
+    np.testing.assert_allclose(found.boxes[0], [15.625, 6.25, 46.875, 37.5])
+    assert len(postprocess(output, [box], conf=0.25, max_det=2, end_to_end=True)[0]) == 2
