@@ -339,3 +339,18 @@ def test_runtime_reads_an_end_to_end_output_without_nms():
     np.testing.assert_allclose(found.boxes[2], [0, 0, 100, 50])  # clipped to the 100 x 50 image
     np.testing.assert_allclose(found.boxes[0], [15.625, 6.25, 46.875, 37.5])
     assert len(postprocess(output, [box], conf=0.25, max_det=2, end_to_end=True)[0]) == 2
+
+
+def test_sparsity_training_penalises_only_batchnorms_a_prune_can_shrink():
+    """YOLO11's attention keeps its inner widths, so its BatchNorms are left out of the penalty (it would only cost
+    accuracy); the head's inner ones join with include_head."""
+    from yoloslim.sparsity import prunable_batchnorms as penalised
+
+    model = random_model(cfg="yolo11n.yaml")
+    body, everything = penalised(model), penalised(model, include_head=True)
+    names = {n for n, _ in body}
+    assert names and not any(".attn." in n for n in names)
+    head = f"model.{len(model.model) - 1}."
+    assert {n for n, _ in everything} - names and all(n.startswith(head) for n, _ in everything if n not in names)
+    all_batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert any(".attn." in n for n in all_batchnorms)

@@ -33,6 +33,7 @@ from ultralytics.optim import MuSGD
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloslim import graph
 from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
@@ -45,16 +46,18 @@ _LOG_EDGES = np.concatenate([[0.0], np.logspace(-6, 1, 57)])
 
 
 def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
-    """The BatchNorms whose channels pruning may remove: backbone and neck, plus the head's if asked."""
+    """The BatchNorms whose channels a prune can remove (yoloslim.graph): backbone and neck, plus the head's inner ones
+    if asked. Others (attention's inner widths, the head's output side) are left alone: a penalty there only costs
+    accuracy."""
     model = unwrap_model(model)
-    layers = model.model
-    head = layers[-1]
-    found = []
-    for index, layer in enumerate(layers):
-        if layer is head and not include_head:
-            continue
-        found += [(f"model.{index}.{name}", m) for name, m in layer.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    return found
+    head = f"model.{len(model.model) - 1}."
+    return [(n, bn) for n, bn in graph.prunable_batchnorms(model) if include_head or not n.startswith(head)]
+
+
+def batchnorms_named(model: nn.Module, names: list[str]) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The same BatchNorms in another copy of the model (the EMA), found by name without tracing it again."""
+    modules = dict(unwrap_model(model).named_modules())
+    return [(n, modules[n]) for n in names]
 
 
 def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) -> float:
@@ -79,8 +82,10 @@ def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
     weight.copy_(weight.sign() * (weight.abs() - amount).clamp_(min=0))
 
 
-def gamma_magnitudes(model: nn.Module, include_head: bool = False) -> np.ndarray:
-    gammas = [bn.weight.detach().abs().flatten().float().cpu() for _, bn in prunable_batchnorms(model, include_head)]
+def gamma_magnitudes(model: nn.Module, include_head: bool = False, names: list[str] | None = None) -> np.ndarray:
+    """|gamma| of the prunable BatchNorms (or of those `names`), one array."""
+    found = batchnorms_named(model, names) if names is not None else prunable_batchnorms(model, include_head)
+    gammas = [bn.weight.detach().abs().flatten().float().cpu() for _, bn in found]
     return torch.cat(gammas).numpy() if gammas else np.zeros(0)
 
 
@@ -145,8 +150,9 @@ class SparsityTrainer(SafeDetectionTrainer):
     # -- the penalty -----------------------------------------------------------------------------------------------
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        batchnorms = [bn for _, bn in prunable_batchnorms(model, self.sparsity.include_head)]
-        penalised = {id(bn.weight) for bn in batchnorms}
+        named = prunable_batchnorms(model, self.sparsity.include_head)
+        self._penalised_names = [name for name, _ in named]
+        penalised = {id(bn.weight) for _, bn in named}
         self._gamma_groups = [[p for p in g["params"] if id(p) in penalised] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
@@ -168,7 +174,7 @@ class SparsityTrainer(SafeDetectionTrainer):
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
-        gammas = gamma_magnitudes(self.ema.ema, self.sparsity.include_head)
+        gammas = gamma_magnitudes(self.ema.ema, names=self._penalised_names)
         super().save_metrics({**metrics, "sparsity/sr": self.sr, **self._stop_check(), **gamma_summary(gammas)})
         history = record_gamma_histogram(self.save_dir / GAMMA_HISTORY, self.epoch, self.sr, gammas)
         if self.args.plots:
