@@ -312,7 +312,9 @@ def assert_runtime_reads_end_to_end_output_as_ultralytics(onnx_path: Path, weigh
 
     picture = cv2.imread(str(image))
     batch, boxes = preprocess([picture], 64)
-    ours = postprocess(OnnxRuntimeBackend(str(onnx_path))(batch), boxes, conf=0.001, end_to_end=True)[0]
+    backend = OnnxRuntimeBackend(str(onnx_path))
+    assert backend.end_to_end  # read from the metadata Ultralytics' exporter writes (end2end)
+    ours = postprocess(backend(batch), boxes, conf=0.001, end_to_end=backend.end_to_end)[0]
     theirs = YOLO(str(weights)).predict(picture, imgsz=64, conf=0.001, nms=False, verbose=False)[0].boxes
     assert len(ours) == len(theirs) > 10
     rows = np.concatenate([ours.boxes, ours.scores[:, None], ours.classes[:, None]], 1)

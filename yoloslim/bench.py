@@ -191,7 +191,7 @@ def bench(
         def end_to_end(backend=backend, size=size):
             frame = cv2.imread(str(image))
             tensor, boxes = preprocess([frame] * batch, size)
-            return postprocess(backend(tensor), boxes)
+            return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
 
         variants[f"{path}|model"] = lambda backend=backend, x=x: backend(x)
         variants[f"{path}|end_to_end"] = end_to_end

@@ -211,7 +211,9 @@ def predict_records(
         if image is None:
             raise YoloslimError(f"cannot read image {path}; remove it from the split or replace it")
         batch, boxes = preprocess([image], imgsz)
-        det = postprocess(backend(batch), boxes, conf=conf, iou=iou, max_det=300, multi_label=True)[0]
+        det = postprocess(
+            backend(batch), boxes, conf=conf, iou=iou, max_det=300, multi_label=True, end_to_end=backend.end_to_end
+        )[0]
         gt_boxes, gt_classes = read_labels(path, image.shape[:2])
         records.append(match_image(det, gt_boxes, gt_classes))
     return records

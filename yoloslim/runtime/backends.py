@@ -10,6 +10,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from yoloslim.runtime.onnx_meta import is_end_to_end
+
 
 class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU (or a provider the caller names), with its thread count pinned and recorded."""
@@ -28,6 +30,7 @@ class OnnxRuntimeBackend:
         self.input = self.session.get_inputs()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names: Dict[int, str] = ast.literal_eval(meta["names"]) if "names" in meta else {}
+        self.end_to_end = is_end_to_end(meta)
         shape = self.input.shape
         self.imgsz = (
             int(shape[2]) if isinstance(shape[2], int) else int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
@@ -52,6 +55,7 @@ class TorchBackend:
         model, _ = load_detection_checkpoint(weights)
         self.model = model.float().eval()
         self.names = dict(model.names)
+        self.end_to_end = bool(getattr(model.model[-1], "end2end", False))
         self.imgsz = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -126,7 +126,7 @@ def detect(backend, source: str, config: DetectConfig) -> Path:
     for name, image in tqdm(frames, desc="detect", unit="frame"):
         t0 = time.perf_counter()
         batch, boxes = preprocess([image], imgsz)
-        det = postprocess(backend(batch), boxes, conf=config.conf, iou=config.iou)[0]
+        det = postprocess(backend(batch), boxes, conf=config.conf, iou=config.iou, end_to_end=backend.end_to_end)[0]
         elapsed = time.perf_counter() - t0
         fps = 1 / elapsed if fps is None else 0.9 * fps + 0.1 / elapsed
         _write_labels(run / "labels" / f"{Path(name).stem}.txt", det, image.shape[:2])

@@ -342,7 +342,7 @@ def _timed_calls(backends: dict, image: Path) -> dict:
 
     def end_to_end(backend):
         tensor, boxes = preprocess([cv2.imread(str(image))], backend.imgsz)
-        return postprocess(backend(tensor), boxes)
+        return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
 
     calls = {}
     for i, backend in backends.items():

@@ -54,3 +54,9 @@ def read_onnx_metadata(path) -> Dict[str, object]:
             except (ValueError, SyntaxError):
                 meta[key] = text
     return meta
+
+
+def is_end_to_end(meta: Dict[str, object]) -> bool:
+    """Whether a model's head selects its own boxes (Ultralytics' `end2end` key: YOLO26 exported without NMS), so
+    its output is (batch, k, 6) rows of x1, y1, x2, y2, score, class and needs no NMS."""
+    return str(meta.get("end2end", False)) == "True"

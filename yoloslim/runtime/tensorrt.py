@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from yoloslim.runtime.engine_file import read_engine_file, write_engine_file
-from yoloslim.runtime.onnx_meta import read_onnx_metadata
+from yoloslim.runtime.onnx_meta import is_end_to_end, read_onnx_metadata
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_bytes_atomic
 
@@ -304,6 +304,7 @@ class TensorRTBackend:
         check_engine_compatible(meta, trt.__version__, self.cuda.device())
         self.meta = meta
         self.names: Dict[int, str] = {int(k): v for k, v in (meta.get("names") or {}).items()}
+        self.end_to_end = is_end_to_end(meta)
         self.logger = trt.Logger(trt.Logger.WARNING)  # TensorRT keeps a pointer to it: it must outlive the runtime
         self.runtime = trt.Runtime(self.logger)
         if yoloslim_metadata(meta).get("version_compatible"):
