@@ -39,9 +39,13 @@ def load_detection_checkpoint(weights: str | Path):
         )
     # Checked before Ultralytics sees the file: it maps a name like yolov5s.pt to yolov5su.pt and downloads that.
     if pickled_modules(path) & _ORIGINAL_YOLOV5_MODULES:
+        from yoloslim.models import load_classic_checkpoint
+
+        load_classic_checkpoint(path)  # refuses, naming it, another task, a module it does not read, a damaged file
         raise YoloslimError(
-            f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which yoloslim cannot "
-            "read; retrain it with the ultralytics package (model yolov5n.yaml) and pass that best.pt"
+            f"{path} is an anchor-based checkpoint from the original YOLOv5 repository; yoloslim's commands take "
+            "Ultralytics checkpoints only, retrain it with the ultralytics package (model yolov5n.yaml) and pass that "
+            "best.pt"
         )
     try:
         model, ckpt = load_checkpoint(path)
