@@ -165,16 +165,14 @@ class SlimConfig:
         None, f"fraction of the GFLOPs to keep ({DEFAULT_TARGET_FLOPS} unless ratio is given)"
     )
     ratio: Optional[float] = option(None, "fraction of prunable channels to remove instead of target_flops")
-    # 50 epochs beyond the base, 29 of them sparsity, gave the measured license-plate result (docs/benchmarks.md).
     epochs: Optional[int] = option(
         None,
-        "epoch budget beyond the base: sparsity training stops once the prune is ready (at most "
-        "sparse_share of the budget), finetuning gets the rest (default 50; 5 finetuning epochs for the shipped demo)",
+        "epoch budget beyond the base: sparsity training stops once the prune is ready (using at most sparse_share of "
+        f"the budget), finetuning gets the rest (default {DEFAULT_EPOCHS}; {DEMO_EPOCHS} for the shipped demo, whose "
+        "sparsity training is done)",
     )
     sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
-    imgsz: Optional[int] = option(
-        None, "training and evaluation size (default: the checkpoint's own, 320 for the demo)"
-    )
+    imgsz: Optional[int] = option(None, "training and evaluation size (default: the checkpoint's own)")
     precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
     threads: Optional[int] = option(None, "CPU threads for evaluation and benchmark (default: all cores)")
     project: str = option("runs/slim", "runs go to PROJECT/NAME")
