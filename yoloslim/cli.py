@@ -288,18 +288,20 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_detect(commands) -> None:
+    from yoloslim.runtime.detect import DetectConfig
+
     sub = commands.add_parser(
         "detect", help="run a model on an image, folder, video or camera (torch-free for .onnx/.engine)"
     )
     sub.add_argument("--weights", required=True, help="model.engine, model.onnx or model.pt")
     sub.add_argument("--source", required=True, help="image, folder, video file, camera index or stream URL")
-    sub.add_argument("--conf", type=float, default=0.25)
-    sub.add_argument("--iou", type=float, default=0.7)
-    sub.add_argument("--imgsz", type=int, default=640, help="input size for models without a fixed one")
+    sub.add_argument("--conf", type=float, default=DetectConfig.conf)
+    sub.add_argument("--iou", type=float, default=DetectConfig.iou)
+    sub.add_argument("--imgsz", type=int, default=DetectConfig.imgsz, help="input size for models without a fixed one")
     sub.add_argument("--save", action="store_true", help="save annotated images or video")
     sub.add_argument("--show", action="store_true", help="show annotated frames in a window (q quits)")
-    sub.add_argument("--project", default="runs/detect")
-    sub.add_argument("--name", default="predict")
+    sub.add_argument("--project", default=DetectConfig.project)
+    sub.add_argument("--name", default=DetectConfig.name)
     sub.set_defaults(run=_run_detect)
 
 
@@ -307,16 +309,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     from yoloslim.runtime.backends import load_backend
     from yoloslim.runtime.detect import DetectConfig, detect
 
-    config = DetectConfig(
-        conf=args.conf,
-        iou=args.iou,
-        imgsz=args.imgsz,
-        save=args.save,
-        show=args.show,
-        project=args.project,
-        name=args.name,
-    )
-    print(f"results in {detect(load_backend(args.weights), args.source, config)}")
+    print(f"results in {detect(load_backend(args.weights), args.source, _settings_from(DetectConfig, args))}")
     return 0
 
 
