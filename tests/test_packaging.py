@@ -19,7 +19,10 @@ def test_installed_wheel_finds_the_embedded_default(tmp_path):
         check=True,
         timeout=600,
     )
-    probe = "from yoloslim.utils.assets import shipped_file; import yoloslim; print(yoloslim.__file__); print(shipped_file('data', 'synthetic.yaml'))"
+    probe = (
+        "from yoloslim.utils.assets import shipped_file; import yoloslim; "
+        "print(yoloslim.__file__); print(shipped_file('data', 'synthetic.yaml'))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=tmp_path,
