@@ -188,6 +188,7 @@ def test_resume_refuses_a_new_teacher(cli, detection_pt):
     )
 
 
+@pytest.mark.slow
 def test_prune_output_in_an_unwritable_place_is_a_one_line_error(cli, detection_pt, tmp_path):
     (tmp_path / "file").write_text("")
     result = cli(

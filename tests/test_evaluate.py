@@ -105,6 +105,7 @@ def test_bootstrap_interval_of_a_binomial_case():
     assert expected[1] - expected[0] > 10 / 101  # the case is wide enough to tell a wrong interval
 
 
+@pytest.mark.slow
 def test_agrees_with_ultralytics_val_on_the_shipped_model(shipped_weights, synthetic_data, tmp_path):
     from ultralytics import YOLO
 

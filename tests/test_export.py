@@ -174,6 +174,7 @@ def test_fp16_onnx_matches_fp32_on_dataset_images(fp32_onnx, fp16_onnx, syntheti
     assert abs(a[:, :4].transpose(0, 2, 1)[confident] - b[:, :4].transpose(0, 2, 1)[confident]).max() < 0.5
 
 
+@pytest.mark.slow
 def test_fp16_export_from_checkpoint_leaves_only_its_output(shipped_weights, tmp_path):
     from yoloslim.export import ExportConfig, export
 
@@ -279,6 +280,7 @@ def test_convs_reading_small_swings_on_large_offsets_stay_float():
     assert convs_with_offset_inputs(model, _RandomImages("x", (1, 2, 8, 8)), skip=set()) == ["offset"]
 
 
+@pytest.mark.slow
 def test_sparse_models_offset_inputs_stay_float_in_the_qdq_graph(shipped_sparse_weights, synthetic_data, tmp_path):
     """The shipped sparse model's model.4 convs read small swings on large offsets (README, INT8): no Q/DQ on them."""
     fp32 = export_onnx(shipped_sparse_weights, imgsz=160, out=tmp_path / "sparse.onnx")

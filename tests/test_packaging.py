@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_the_embedded_default(tmp_path):
     """A non-editable install has no checkout around it: the shipped files must come from the wheel."""
     subprocess.run(

@@ -37,6 +37,7 @@ def decoded(model, x):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bn", "l1"])
 def test_without_compensation_pruning_equals_zeroed_activations(method):
     """Proves the channel bookkeeping across residual adds, concats and the head's inputs, borders included."""
@@ -86,6 +87,7 @@ def _compensated_layers(model, planned, x):
             yield conv, x_kept, layer[conv](x_kept), y_ref if kept_out is None else y_ref[:, kept_out]
 
 
+@pytest.mark.slow
 def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
     model = random_model()
     planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
@@ -98,6 +100,7 @@ def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
     assert checked >= 10
 
 
+@pytest.mark.slow
 def test_compensation_through_a_kept_zero_gamma_channel_is_exact_at_the_borders_too():
     """Zero-gamma channels kept by rounding carry the removed constants, so zero padding cannot tell the difference."""
     model = random_model(seed=1)
@@ -125,6 +128,7 @@ def test_every_conv_and_batchnorm_is_consistent():
     assert result.after["gflops"] < 0.75 * result.before["gflops"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_to", [1, 8, 32])
 def test_guards_min_keep_and_rounding(round_to):
     result = prune_model(random_model(), PruneConfig(ratio=0.9, min_keep=0.25, round_to=round_to, imgsz=64))
@@ -138,6 +142,7 @@ def test_guards_min_keep_and_rounding(round_to):
     assert round_channels(9, 64, 8) == 16 and round_channels(0, 64, 8) == 8 and round_channels(3, 4, 8) == 4
 
 
+@pytest.mark.slow
 def test_threshold_and_target_flops():
     model = random_model()
     by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
@@ -230,6 +235,7 @@ def test_dry_run_writes_nothing_and_input_is_untouched(trained_pt):
     assert file_sha256(trained_pt) == digest and set(trained_pt.parent.iterdir()) == files
 
 
+@pytest.mark.slow
 def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tiny_data, tmp_path):
     from ultralytics import YOLO
 
@@ -265,11 +271,6 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
         assert done.returncode == 0, done.stderr[-2000:]
 
     model = YOLO(str(out))
-    metrics = model.val(
-        data=str(tiny_data), imgsz=64, batch=2, plots=False, verbose=False, project=str(tmp_path), name="val"
-    )
-    assert 0 <= metrics.box.map <= 1
-
     onnx_path = Path(model.export(format="onnx", imgsz=64, opset=17, simplify=False, dynamic=False))
     import onnxruntime as ort
 
@@ -282,6 +283,27 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
+@pytest.mark.slow
+def test_pruning_zeroed_channels_keeps_the_map_plain_ultralytics_measures(
+    shipped_sparse_weights, synthetic_data, tmp_path
+):
+    """Half the GFLOPs of the shipped sparse model are channels whose gamma sparsity training drove to zero: removed,
+    with their constant output folded into the next layer, they leave the detections as they were. Without that
+    compensation the same prune loses nearly all of the mAP."""
+    from ultralytics import YOLO
+
+    pruned = prune(shipped_sparse_weights, PruneConfig(target_flops=0.5, imgsz=64), out=tmp_path / "pruned.pt")
+    assert pruned.after["gflops"] <= 0.5 * pruned.before["gflops"]
+    before, after = (
+        YOLO(str(weights))
+        .val(data=str(synthetic_data), imgsz=320, batch=8, plots=False, verbose=False, project=str(tmp_path), name="v")
+        .box.map
+        for weights in (shipped_sparse_weights, pruned.out)
+    )
+    assert before > 0.3 and abs(after - before) < 0.005
+
+
+@pytest.mark.slow
 def test_a_repeated_prune_keeps_the_history(trained_pt, tmp_path):
     once = prune(trained_pt, PruneConfig(ratio=0.3, imgsz=64), out=tmp_path / "once.pt").out
     twice = prune(once, PruneConfig(ratio=0.2, imgsz=64), out=tmp_path / "twice.pt").out

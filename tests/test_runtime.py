@@ -45,7 +45,7 @@ def test_runtime_reproduces_ultralytics_predictions(shipped_weights, synthetic_d
 
     backend = TorchBackend(shipped_weights)
     model = YOLO(str(shipped_weights))
-    images = sorted((synthetic_data.parent / "images" / "val").glob("*.jpg"))[:12]
+    images = sorted((synthetic_data.parent / "images" / "val").glob("*.jpg"))[:6]
     compared = 0
     for path in images:
         image = cv2.imread(str(path))
@@ -59,7 +59,7 @@ def test_runtime_reproduces_ultralytics_predictions(shipped_weights, synthetic_d
             np.testing.assert_allclose(ours.scores[order], theirs.conf.numpy(), atol=1e-3)
             np.testing.assert_array_equal(ours.classes[order], theirs.cls.numpy().astype(int))
             compared += len(ours)
-    assert compared >= 5
+    assert compared >= 20  # boxes enough for the comparison to mean something
 
 
 def ultralytics_onnx(weights: Path, folder: Path) -> Path:
