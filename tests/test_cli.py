@@ -131,7 +131,6 @@ def test_prune_conflicting_targets_are_refused(cli, detection_pt):
     assert code == 2 and "not allowed with" in err
 
 
-@pytest.mark.slow
 def test_prune_unreachable_target_names_the_nearest(cli, detection_pt):
     assert_one_line_error(
         cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"),
@@ -188,7 +187,6 @@ def test_resume_refuses_a_new_teacher(cli, detection_pt):
     )
 
 
-@pytest.mark.slow
 def test_prune_output_in_an_unwritable_place_is_a_one_line_error(cli, detection_pt, tmp_path):
     (tmp_path / "file").write_text("")
     result = cli(

@@ -37,7 +37,6 @@ def decoded(model, x):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bn", "l1"])
 def test_without_compensation_pruning_equals_zeroed_activations(method):
     """Proves the channel bookkeeping across residual adds, concats and the head's inputs, borders included."""
@@ -87,7 +86,6 @@ def _compensated_layers(model, planned, x):
             yield conv, x_kept, layer[conv](x_kept), y_ref if kept_out is None else y_ref[:, kept_out]
 
 
-@pytest.mark.slow
 def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
     model = random_model()
     planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
@@ -100,7 +98,6 @@ def test_compensation_reproduces_zero_gamma_model_layer_by_layer():
     assert checked >= 10
 
 
-@pytest.mark.slow
 def test_compensation_through_a_kept_zero_gamma_channel_is_exact_at_the_borders_too():
     """Zero-gamma channels kept by rounding carry the removed constants, so zero padding cannot tell the difference."""
     model = random_model(seed=1)
@@ -128,7 +125,6 @@ def test_every_conv_and_batchnorm_is_consistent():
     assert result.after["gflops"] < 0.75 * result.before["gflops"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("round_to", [1, 8, 32])
 def test_guards_min_keep_and_rounding(round_to):
     result = prune_model(random_model(), PruneConfig(ratio=0.9, min_keep=0.25, round_to=round_to, imgsz=64))
