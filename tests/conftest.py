@@ -6,16 +6,57 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+def _synthetic_dataset(tmp_path_factory, **changes) -> Path:
+    from yoloslim.data.synthetic import default_config, ensure_synthetic_dataset
+
+    config = dataclasses.replace(default_config(), **changes)
+    return ensure_synthetic_dataset(config, root=tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A few small synthetic images: enough for training steps, not for accuracy."""
-    from yoloslim.data.synthetic import default_config, ensure_synthetic_dataset
+    return _synthetic_dataset(tmp_path_factory, image_size=96, splits={"train": 8, "val": 4}, object_size=(8, 48))
 
-    config = dataclasses.replace(default_config(), image_size=96, splits={"train": 8, "val": 4}, object_size=(8, 48))
-    return ensure_synthetic_dataset(config, root=tmp_path_factory.mktemp("data"))
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """The first images of the embedded dataset at full size (each image depends only on its split and index): the
+    shipped models were trained on these train images and measured on these val images, so they detect in them."""
+    return _synthetic_dataset(tmp_path_factory, splits={"train": 16, "val": 24})
+
+
+@pytest.fixture(scope="session")
+def synthetic_val_data(tmp_path_factory) -> Path:
+    """The embedded dataset's whole val split, for checks that need its statistical power (and 16 train images)."""
+    from yoloslim.data.synthetic import default_config
+
+    return _synthetic_dataset(tmp_path_factory, splits={"train": 16, "val": default_config().splits["val"]})
+
+
+@pytest.fixture(scope="session")
+def shipped_weights() -> Path:
+    """The shipped baseline, trained on the embedded synthetic dataset."""
+    from yoloslim.utils.assets import BASELINE, shipped_file
+
+    return shipped_file("weights", BASELINE)
+
+
+@pytest.fixture(scope="session")
+def shipped_sparse_weights() -> Path:
+    """The shipped baseline after sparsity training: many BatchNorm gammas at zero."""
+    from yoloslim.utils.assets import SPARSE_BASELINE, shipped_file
+
+    return shipped_file("weights", SPARSE_BASELINE)
+
+
+@pytest.fixture(scope="session")
+def shipped_onnx(tmp_path_factory, shipped_weights) -> Path:
+    """The shipped baseline exported by yoloslim to ONNX at 320 px, the size it was trained at."""
+    from yoloslim.export.onnx import export_onnx
+
+    return export_onnx(shipped_weights, imgsz=320, out=tmp_path_factory.mktemp("onnx") / "synthetic.onnx")
 
 
 @pytest.fixture

@@ -2,12 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED
 
 from yoloslim.bench import Latency, bench, bench_table, compare_latency, speedup_interval
-
-USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
-IMAGE = next((SHARED / "data" / "license_plate" / "images" / "val").glob("*.jpg"), None)
 
 
 def test_variants_are_interleaved_in_rotating_order():
@@ -34,13 +30,10 @@ def test_speedup_interval_resamples_rounds_paired():
         speedup_interval(base, Latency.from_rounds(np.full((3, 5), 0.01)))
 
 
-@pytest.mark.skipif(IMAGE is None, reason="../shared is not beside the project")
-def test_bench_json_schema(tmp_path):
-    from yoloslim.export.onnx import export_onnx
-
-    onnx = export_onnx(USER_WEIGHTS, imgsz=64, out=tmp_path / "m.onnx")
+def test_bench_json_schema(shipped_weights, shipped_onnx, synthetic_data):
+    image = next((synthetic_data.parent / "images" / "val").glob("*.jpg"))
     report = json.loads(
-        json.dumps(bench([USER_WEIGHTS, onnx], imgsz=64, threads=1, image=IMAGE, rounds=2, per_round=2))
+        json.dumps(bench([shipped_weights, shipped_onnx], imgsz=320, threads=1, image=image, rounds=2, per_round=2))
     )
     assert set(report) == {"results", "image", "environment"}
     assert {
@@ -81,8 +74,8 @@ def test_bench_json_schema(tmp_path):
     assert "not measured" in bench_table(report)
 
 
-def test_an_unreadable_source_image_is_named(tmp_path):
+def test_an_unreadable_source_image_is_named(shipped_weights, tmp_path):
     from yoloslim.utils.errors import YoloslimError
 
     with pytest.raises(YoloslimError, match="cannot read the image .*missing.jpg; give --source"):
-        bench([USER_WEIGHTS], imgsz=64, threads=1, image=tmp_path / "missing.jpg")
+        bench([shipped_weights], imgsz=64, threads=1, image=tmp_path / "missing.jpg")

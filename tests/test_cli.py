@@ -1,14 +1,32 @@
+import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 
-def run_cli(*argv) -> tuple[int, str]:
-    result = subprocess.run([sys.executable, "-m", "yoloslim.cli", *argv], capture_output=True, text=True, timeout=300)
-    return result.returncode, result.stderr.strip()
+@pytest.fixture
+def cli(capfd):
+    """Run `yoloslim ARGV...` in this process (the interpreter's start-up and imports are paid once per session, not
+    per test); return its exit status, what it wrote to file descriptor 2 and to 1. Torch's thread count, which
+    `--threads` sets for the process, is restored afterwards."""
+    from yoloslim.cli import main
+
+    def run(*argv) -> tuple[int, str, str]:
+        capfd.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        out, err = capfd.readouterr()
+        return code, err.strip(), out
+
+    threads = torch.get_num_threads()
+    yield run
+    torch.set_num_threads(threads)
 
 
 def save_model(path, model) -> str:
@@ -16,14 +34,15 @@ def save_model(path, model) -> str:
     return str(path)
 
 
-@pytest.fixture
-def detection_pt(tmp_path):
+@pytest.fixture(scope="module")
+def detection_pt(tmp_path_factory):
     from ultralytics.nn.tasks import DetectionModel
 
-    return save_model(tmp_path / "det.pt", DetectionModel("yolov5n.yaml", nc=2, verbose=False))
+    return save_model(tmp_path_factory.mktemp("det") / "det.pt", DetectionModel("yolov5n.yaml", nc=2, verbose=False))
 
 
-def assert_one_line_error(code, err, *words):
+def assert_one_line_error(result, *words):
+    code, err, _ = result
     assert code == 2
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
@@ -31,12 +50,12 @@ def assert_one_line_error(code, err, *words):
         assert word in err, err
 
 
-def test_missing_weights(tmp_path):
-    assert_one_line_error(*run_cli("train", "--weights", str(tmp_path / "nope.pt")), "does not exist", "--weights")
+def test_missing_weights(cli, tmp_path):
+    assert_one_line_error(cli("train", "--weights", tmp_path / "nope.pt"), "does not exist", "--weights")
 
 
 @pytest.mark.parametrize("kind", ["classify", "segment"])
-def test_non_detection_checkpoints_are_refused(tmp_path, kind):
+def test_non_detection_checkpoints_are_refused(cli, tmp_path, kind):
     from ultralytics.nn.tasks import ClassificationModel, SegmentationModel
 
     model = (
@@ -46,13 +65,13 @@ def test_non_detection_checkpoints_are_refused(tmp_path, kind):
     )
     weights = save_model(tmp_path / f"{kind}.pt", model)
     assert_one_line_error(
-        *run_cli("train", "--weights", weights),
+        cli("train", "--weights", weights),
         "is a classification model" if kind == "classify" else "is a segmentation model",
         "detection",
     )
 
 
-def test_original_yolov5_repository_checkpoint_is_refused(tmp_path, monkeypatch):
+def test_original_yolov5_repository_checkpoint_is_refused(cli, tmp_path, monkeypatch):
     # Checkpoints of github.com/ultralytics/yolov5 pickle classes from its top-level `models` package.
     package, module = types.ModuleType("models"), types.ModuleType("models.yolo")
     model_class = type("Model", (torch.nn.Module,), {"__module__": "models.yolo"})
@@ -63,20 +82,20 @@ def test_original_yolov5_repository_checkpoint_is_refused(tmp_path, monkeypatch)
     weights = save_model(tmp_path / "yolov5s.pt", model_class())
     monkeypatch.delitem(sys.modules, "models")
     monkeypatch.delitem(sys.modules, "models.yolo")
-    assert_one_line_error(*run_cli("train", "--weights", weights), "original YOLOv5 repository")
+    assert_one_line_error(cli("train", "--weights", weights), "original YOLOv5 repository")
 
 
-def test_missing_dataset_yaml(tmp_path, detection_pt):
-    err = run_cli("train", "--weights", detection_pt, "--data", str(tmp_path / "nope.yaml"))
-    assert_one_line_error(*err, "nope.yaml does not exist", "--data")
+def test_missing_dataset_yaml(cli, tmp_path, detection_pt):
+    result = cli("train", "--weights", detection_pt, "--data", tmp_path / "nope.yaml")
+    assert_one_line_error(result, "nope.yaml does not exist", "--data")
 
 
-def test_negative_sr(detection_pt):
-    assert_one_line_error(*run_cli("train", "--weights", detection_pt, "--sr=-1e-3"), "sr must be")
+def test_negative_sr(cli, detection_pt):
+    assert_one_line_error(cli("train", "--weights", detection_pt, "--sr=-1e-3"), "sr must be")
 
 
-def test_unknown_passthrough_argument(detection_pt):
-    assert_one_line_error(*run_cli("train", "--weights", detection_pt, "lr00=0.1"), "'lr00'")
+def test_unknown_passthrough_argument(cli, detection_pt):
+    assert_one_line_error(cli("train", "--weights", detection_pt, "lr00=0.1"), "'lr00'")
 
 
 def test_console_script_runs_as_module():
@@ -86,42 +105,35 @@ def test_console_script_runs_as_module():
     assert result.returncode == 0 and "train" in result.stdout
 
 
-def test_prune_dry_run_prints_the_plan_and_writes_nothing(detection_pt):
-    from pathlib import Path
-
-    folder = Path(detection_pt).parent
-    before = set(folder.iterdir())
+@pytest.mark.slow
+def test_an_error_in_a_separate_process_is_one_line_on_stderr(tmp_path):
+    """What a user's shell sees, warnings and logging included; the tests above run the CLI in this process."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "yoloslim.cli",
-            "prune",
-            "--weights",
-            detection_pt,
-            "--ratio",
-            "0.4",
-            "--dry-run",
-            "--imgsz",
-            "64",
-        ],
+        [sys.executable, "-m", "yoloslim.cli", "train", "--weights", str(tmp_path / "nope.pt")],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr
-    assert "GFLOPs at 64 px" in result.stdout and "model.2.cv1.conv" in result.stdout
+    assert_one_line_error((result.returncode, result.stderr.strip(), result.stdout), "does not exist", "--weights")
+
+
+def test_prune_dry_run_prints_the_plan_and_writes_nothing(cli, detection_pt):
+    folder = Path(detection_pt).parent
+    before = set(folder.iterdir())
+    code, err, out = cli("prune", "--weights", detection_pt, "--ratio", "0.4", "--dry-run", "--imgsz", "64")
+    assert code == 0, err
+    assert "GFLOPs at 64 px" in out and "model.2.cv1.conv" in out
     assert set(folder.iterdir()) == before
 
 
-def test_prune_conflicting_targets_are_refused(detection_pt):
-    code, err = run_cli("prune", "--weights", detection_pt, "--ratio", "0.4", "--target-flops", "0.5")
+def test_prune_conflicting_targets_are_refused(cli, detection_pt):
+    code, err, _ = cli("prune", "--weights", detection_pt, "--ratio", "0.4", "--target-flops", "0.5")
     assert code == 2 and "give only one of ratio, threshold and target_flops" in err
 
 
-def test_prune_unreachable_target_names_the_nearest(detection_pt):
+def test_prune_unreachable_target_names_the_nearest(cli, detection_pt):
     assert_one_line_error(
-        *run_cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"),
+        cli("prune", "--weights", detection_pt, "--target-flops", "0.01", "--min-keep", "0.5", "--imgsz", "64"),
         "smallest reachable",
     )
 
@@ -136,64 +148,48 @@ def test_missing_shipped_weights_is_a_one_line_error(monkeypatch, tmp_path):
         assets.shipped_file("weights", "nothing.pt")
 
 
-def test_eval_compares_every_model_with_the_first_on_the_same_images(tmp_path):
-    from conftest import SHARED
-
-    weights, data = SHARED / "weights" / "license_plate_yolov5nu.pt", SHARED / "data" / "license_plate" / "data.yaml"
-    if not weights.exists():
-        pytest.skip("../shared is not beside the project")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "yoloslim.cli",
-            "eval",
-            "--weights",
-            str(weights),
-            str(weights),
-            "--data",
-            str(data),
-            "--imgsz",
-            "64",
-            "--bootstrap",
-            "50",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+@pytest.mark.slow
+def test_eval_compares_every_model_with_the_first_on_the_same_images(
+    cli, shipped_weights, shipped_sparse_weights, synthetic_data
+):
+    weights = (shipped_weights, shipped_sparse_weights, shipped_weights)
+    code, err, out = cli(
+        "eval", "--weights", *weights, "--data", synthetic_data, "--imgsz", "320", "--bootstrap", "50", "--threads", "1"
     )
-    assert result.returncode == 0, result.stderr
-    header, _, first, second = result.stdout.strip().splitlines()
+    assert code == 0, err
+    header, _, *rows = out.strip().splitlines()
     assert header.endswith("mAP50-95 change vs first, paired 95% CI |")
-    assert first.endswith("| |") and second.endswith("| +0.0 pt (+0.0 to +0.0) |")
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[0] for c in cells] == [str(w) for w in weights] and cells[0][-1] == ""
+    map_ = [float(c[2].split()[0]) for c in cells]
+    change = [re.fullmatch(r"([+-][0-9.]+) pt \(([+-][0-9.]+) to ([+-][0-9.]+)\)", c[-1]).groups() for c in cells[1:]]
+    sparse_change, low, high = (float(v) for v in change[0])
+    assert sparse_change == pytest.approx(100 * (map_[1] - map_[0]), abs=0.15) and low < high < 0  # each is a loss
+    assert change[1] == ("+0.0", "+0.0", "+0.0")  # the first model against itself, image for image
 
 
 @pytest.mark.parametrize(
     "pair, option", [("data=other.yaml", "--data"), ("pretrained=base.pt", "--weights"), ("epochs=3", "--epochs")]
 )
-def test_arguments_with_their_own_option_are_refused_as_key_value(detection_pt, pair, option):
-    assert_one_line_error(*run_cli("finetune", "--weights", detection_pt, pair), "set by yoloslim", option)
+def test_arguments_with_their_own_option_are_refused_as_key_value(cli, detection_pt, pair, option):
+    assert_one_line_error(cli("finetune", "--weights", detection_pt, pair), "set by yoloslim", option)
 
 
-def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(tmp_path):
-    assert_one_line_error(*run_cli("finetune", "--weights", str(tmp_path / "last.pt"), "--resume"), "does not exist")
+def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(cli, tmp_path):
+    assert_one_line_error(cli("finetune", "--weights", tmp_path / "last.pt", "--resume"), "does not exist")
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    assert_one_line_error(cli("train", "--weights", tmp_path / "torn.pt", "--resume"), "not a readable checkpoint")
+
+
+def test_resume_refuses_a_new_teacher(cli, detection_pt):
     assert_one_line_error(
-        *run_cli("train", "--weights", str(tmp_path / "torn.pt"), "--resume"), "not a readable checkpoint"
+        cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop teacher"
     )
 
 
-def test_resume_refuses_a_new_teacher(detection_pt):
-    assert_one_line_error(
-        *run_cli("finetune", "--weights", detection_pt, "--resume", "--teacher", detection_pt), "drop teacher"
-    )
-
-
-def test_prune_output_in_an_unwritable_place_is_a_one_line_error(detection_pt, tmp_path):
+def test_prune_output_in_an_unwritable_place_is_a_one_line_error(cli, detection_pt, tmp_path):
     (tmp_path / "file").write_text("")
-    err = run_cli(
-        "prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", str(tmp_path / "file" / "p.pt")
+    result = cli(
+        "prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", tmp_path / "file" / "p.pt"
     )
-    assert_one_line_error(*err, "cannot write", "writable folder")
+    assert_one_line_error(result, "cannot write", "writable folder")

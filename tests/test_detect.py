@@ -4,21 +4,15 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED
 
 from yoloslim.runtime import detect as detect_module
-from yoloslim.runtime.detect import stream_frames
-
-USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
-IMAGES = SHARED / "data" / "license_plate" / "images" / "val"
-needs_shared = pytest.mark.skipif(not USER_WEIGHTS.exists(), reason="../shared is not beside the project")
+from yoloslim.runtime.detect import DetectConfig, check_source, detect, stream_frames
+from yoloslim.utils.errors import YoloslimError
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    from yoloslim.export.onnx import export_onnx
-
-    return export_onnx(USER_WEIGHTS, imgsz=320, out=tmp_path_factory.mktemp("m") / "lp.onnx")
+def images(synthetic_data):
+    return sorted((synthetic_data.parent / "images" / "val").glob("*.jpg"))
 
 
 def run(*argv, cwd):
@@ -27,14 +21,13 @@ def run(*argv, cwd):
     )
 
 
-@needs_shared
-def test_detect_on_a_folder_writes_labels_and_images_under_runs(onnx_model, tmp_path):
+def test_detect_on_a_folder_writes_labels_and_images_under_runs(shipped_onnx, images, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
-    for image in sorted(IMAGES.glob("*.jpg"))[:3]:
+    for image in images[:3]:
         (folder / image.name).write_bytes(image.read_bytes())
     for expected in ("predict", "predict2"):  # a second run gets a new folder, as in Ultralytics
-        result = run("detect", "--weights", str(onnx_model), "--source", str(folder), "--save", cwd=tmp_path)
+        result = run("detect", "--weights", str(shipped_onnx), "--source", str(folder), "--save", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         out = tmp_path / "runs" / "detect" / expected
         assert len(list((out / "labels").glob("*.txt"))) == 3 and len(list(out.glob("*.jpg"))) == 3
@@ -42,26 +35,46 @@ def test_detect_on_a_folder_writes_labels_and_images_under_runs(onnx_model, tmp_
     assert rows and all(len(r) == 6 and 0 <= float(r[1]) <= 1 for r in rows)
 
 
-@needs_shared
-def test_detect_on_a_video(onnx_model, tmp_path):
+def test_detect_on_a_video(shipped_onnx, images, tmp_path):
     video = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (416, 416))
-    for image in sorted(IMAGES.glob("*.jpg"))[:5]:
+    for image in images[:5]:
         writer.write(cv2.resize(cv2.imread(str(image)), (416, 416)))
     writer.release()
     result = run(
-        "detect", "--weights", str(onnx_model), "--source", str(video), "--save", "--name", "vid", cwd=tmp_path
+        "detect", "--weights", str(shipped_onnx), "--source", str(video), "--save", "--name", "vid", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "detect" / "vid"
     assert len(list((out / "labels").glob("*.txt"))) == 5 and (out / "output.mp4").stat().st_size > 0
 
 
-def test_missing_source_is_a_one_line_error(tmp_path):
-    onnx = tmp_path / "m.onnx"
-    onnx.write_bytes(b"")
-    result = run("detect", "--weights", str(tmp_path / "missing.onnx"), "--source", "x.jpg", cwd=tmp_path)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+def test_missing_source_is_a_one_line_error(shipped_onnx, tmp_path):
+    result = run("detect", "--weights", str(shipped_onnx), "--source", "x.jpg", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "yoloslim detect: error: source x.jpg does not exist; pass an image, a folder, a video, a camera index or a URL"
+    ]
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+class NeverCalled:
+    def __call__(self, batch):
+        raise AssertionError("the model ran although the source does not exist")
+
+
+@pytest.mark.parametrize("source", ["missing.jpg", "missing-folder", "missing.mp4"])
+def test_the_source_is_checked_before_anything_runs_or_is_written(tmp_path, source):
+    config = DetectConfig(project=str(tmp_path / "runs"))
+    with pytest.raises(YoloslimError, match=f"{source} does not exist"):
+        detect(NeverCalled(), str(tmp_path / source), config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cameras_urls_and_videos_are_streams_images_and_folders_are_not(tmp_path):
+    for name in ("clip.mp4", "a.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert check_source("0") and check_source("rtsp://camera/1") and check_source(str(tmp_path / "clip.mp4"))
+    assert not check_source(str(tmp_path / "a.jpg")) and not check_source(str(tmp_path))
 
 
 class FlakyCamera:

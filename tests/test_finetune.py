@@ -18,27 +18,11 @@ def saved_widths(path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def pruned_pt(tmp_path_factory, tiny_data):
-    """A small model trained one epoch on the tiny dataset, then pruned by 40%."""
-    from ultralytics import YOLO
-
-    root = tmp_path_factory.mktemp("ft")
-    YOLO("yolov5n.yaml").train(
-        data=str(tiny_data),
-        imgsz=64,
-        epochs=1,
-        batch=4,
-        workers=0,
-        plots=False,
-        verbose=False,
-        project=str(root),
-        name="base",
-        val=False,
-    )
-    base = root / "base" / "weights" / "last.pt"
-    out = root / "pruned.pt"
-    prune(base, PruneConfig(ratio=0.4, imgsz=64), out=out)
-    return base, out
+def pruned_pt(tmp_path_factory, shipped_weights):
+    """The shipped baseline (trained on the classes of the tiny dataset) and that model pruned by 40%."""
+    out = tmp_path_factory.mktemp("ft") / "pruned.pt"
+    prune(shipped_weights, PruneConfig(ratio=0.4, imgsz=64), out=out)
+    return shipped_weights, out
 
 
 def run_args(train_args, **extra):
@@ -53,6 +37,7 @@ def stop_after_first_save(trainer):
     raise Interrupt
 
 
+@pytest.mark.slow
 def test_finetuning_keeps_pruned_widths_also_after_resume(pruned_pt, train_args, tiny_data):
     from ultralytics import YOLO
 
@@ -75,16 +60,23 @@ def test_finetuning_keeps_pruned_widths_also_after_resume(pruned_pt, train_args,
         assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4  # the lineage travels with the model
 
 
-def test_plain_ultralytics_training_falls_into_the_trap(pruned_pt, train_args, tiny_data):
-    """Documents why `yoloslim finetune` exists: Ultralytics rebuilds the original widths from the yaml."""
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # the widths differ; an error of the run itself is not this known failure
+    reason="Ultralytics' trainer rebuilds a checkpoint's model from its yaml, so plain training of a pruned model "
+    "trains the original widths; `yoloslim finetune` exists for this. Passing means Ultralytics keeps the widths now.",
+)
+def test_plain_ultralytics_training_keeps_pruned_widths(pruned_pt, train_args, tiny_data):
     from ultralytics import YOLO
 
     base, pruned = pruned_pt
     model = YOLO(str(pruned))
     model.train(data=str(tiny_data), **run_args(train_args, epochs=1, name="trap"))
-    assert saved_widths(model.trainer.last) == saved_widths(base)
+    assert saved_widths(model.trainer.last) == saved_widths(pruned) != saved_widths(base)
 
 
+@pytest.mark.slow
 def test_distillation_keeps_student_widths_also_after_resume(pruned_pt, train_args, tiny_data):
     from ultralytics import YOLO
 
@@ -116,6 +108,7 @@ def test_a_finished_run_is_not_resumed(pruned_pt, tmp_path):
     assert resume_point(tmp_path / "last.pt", "start.pt") == (Path("start.pt"), False)
 
 
+@pytest.mark.slow
 def test_sparsity_training_a_pruned_model_keeps_its_widths(pruned_pt, train_args, tiny_data):
     """Iterative slimming: a pruned model's yaml holds the original widths, the trap finetuning avoids."""
     from yoloslim.sparsity import SparsityConfig, train_sparse

@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_the_embedded_default(tmp_path):
     """A non-editable install has no checkout around it: the shipped files must come from the wheel."""
     subprocess.run(
@@ -19,7 +22,10 @@ def test_installed_wheel_finds_the_embedded_default(tmp_path):
         check=True,
         timeout=600,
     )
-    probe = "from yoloslim.utils.assets import shipped_file; import yoloslim; print(yoloslim.__file__); print(shipped_file('data', 'synthetic.yaml'))"
+    probe = (
+        "from yoloslim.utils.assets import shipped_file; import yoloslim; "
+        "print(yoloslim.__file__); print(shipped_file('data', 'synthetic.yaml'))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=tmp_path,

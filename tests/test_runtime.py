@@ -5,15 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
 
 from yoloslim.runtime.postprocess import nms, postprocess
 from yoloslim.runtime.preprocess import letterbox, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-LICENSE_PLATE = SHARED / "data" / "license_plate"
-USER_WEIGHTS = SHARED / "weights" / "license_plate_yolov5nu.pt"
-needs_shared = pytest.mark.skipif(not USER_WEIGHTS.exists(), reason="../shared is not beside the project")
 
 
 @pytest.mark.parametrize("shape", [(416, 416), (480, 640), (640, 360), (100, 37)])
@@ -40,17 +36,16 @@ def test_nms_keeps_best_and_separates_classes():
     assert sorted(found.classes.tolist()) == [0, 1]
 
 
-@needs_shared
-def test_runtime_reproduces_ultralytics_predictions():
-    """Our letterbox + NMS on the model's raw output gives Ultralytics' own boxes on real images."""
+def test_runtime_reproduces_ultralytics_predictions(shipped_weights, synthetic_data):
+    """Our letterbox + NMS on the model's raw output gives Ultralytics' own boxes on the images it was measured on."""
     import cv2
     from ultralytics import YOLO
 
     from yoloslim.runtime.backends import TorchBackend
 
-    backend = TorchBackend(USER_WEIGHTS)
-    model = YOLO(str(USER_WEIGHTS))
-    images = sorted((LICENSE_PLATE / "images" / "val").glob("*.jpg"))[:12]
+    backend = TorchBackend(shipped_weights)
+    model = YOLO(str(shipped_weights))
+    images = sorted((synthetic_data.parent / "images" / "val").glob("*.jpg"))[:6]
     compared = 0
     for path in images:
         image = cv2.imread(str(path))
@@ -64,16 +59,26 @@ def test_runtime_reproduces_ultralytics_predictions():
             np.testing.assert_allclose(ours.scores[order], theirs.conf.numpy(), atol=1e-3)
             np.testing.assert_array_equal(ours.classes[order], theirs.cls.numpy().astype(int))
             compared += len(ours)
-    assert compared >= 5
+    assert compared >= 20  # boxes enough for the comparison to mean something
 
 
-@needs_shared
-def test_onnx_runtime_path_runs_without_torch(tmp_path):
-    """The device runtime must import and run with torch and ultralytics made unimportable."""
+def ultralytics_onnx(weights: Path, folder: Path) -> Path:
+    """Ultralytics' own ONNX export (what `yolo export` gives a user), made from a copy so that nothing is written
+    beside the shipped weights."""
     from ultralytics import YOLO
 
-    onnx = YOLO(str(USER_WEIGHTS)).export(format="onnx", imgsz=320, opset=17, simplify=False, dynamic=False)
-    image = next((LICENSE_PLATE / "images" / "val").glob("*.jpg"))
+    copy = folder / weights.name
+    copy.write_bytes(weights.read_bytes())
+    return Path(YOLO(str(copy)).export(format="onnx", imgsz=320, opset=17, simplify=False, dynamic=False))
+
+
+@pytest.mark.parametrize("exporter", ["yoloslim", pytest.param("ultralytics", marks=pytest.mark.slow)])
+def test_onnx_runtime_path_runs_without_torch(exporter, shipped_weights, shipped_onnx, synthetic_data, tmp_path):
+    """The device runtime must import and run with torch and ultralytics made unimportable."""
+    from yoloslim.data.synthetic import default_config
+
+    onnx = shipped_onnx if exporter == "yoloslim" else ultralytics_onnx(shipped_weights, tmp_path)
+    image = next((synthetic_data.parent / "images" / "val").glob("*.jpg"))
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
@@ -93,14 +98,16 @@ def test_onnx_runtime_path_runs_without_torch(tmp_path):
         "x, boxes = preprocess([cv2.imread(sys.argv[2])], b.imgsz)\n"
         "d = postprocess(b(x), boxes)[0]\n"
         "assert 'torch' not in sys.modules and 'ultralytics' not in sys.modules\n"
-        "print(len(d), b.names)\n"
+        "print(len(d))\n"
+        "print(b.names)\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
     result = subprocess.run(
         [sys.executable, "-c", probe, str(onnx), str(image)], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "License_Plate" in result.stdout
+    detections, names = result.stdout.strip().splitlines()[-2:]
+    assert int(detections) > 0 and names == str(dict(enumerate(default_config().classes)))
     blocked = subprocess.run(
         [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=60
     )

@@ -5,34 +5,15 @@ import pytest
 from yoloslim.slim import Pipeline, SlimConfig, slim
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tiny_data):
-    from ultralytics import YOLO
-
-    root = tmp_path_factory.mktemp("slimbase")
-    YOLO("yolov5n.yaml").train(
-        data=str(tiny_data),
-        imgsz=64,
-        epochs=1,
-        batch=4,
-        workers=0,
-        plots=False,
-        verbose=False,
-        project=str(root),
-        name="b",
-        val=False,
-    )
-    return root / "b" / "weights" / "last.pt"
-
-
 class Interrupt(Exception):
     pass
 
 
-def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative project, as the CLI's default runs/slim
     config = SlimConfig(
-        weights=str(tiny_base),
+        weights=str(shipped_weights),
         data=str(tiny_data),
         epochs=3,
         sparse_share=0.5,
@@ -75,10 +56,10 @@ def test_slim_resumes_after_an_interrupted_stage(tiny_base, tiny_data, tmp_path,
     assert change == pytest.approx(by_name["finetuned ONNX"]["eval"]["map"] - by_name["base ONNX"]["eval"]["map"])
 
 
-def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path):
+def test_sparsity_trained_input_skips_that_stage(shipped_weights, tiny_data, tmp_path):
     import torch
 
-    ckpt = torch.load(tiny_base, weights_only=False)
+    ckpt = torch.load(shipped_weights, weights_only=False)
     model = ckpt["ema"] or ckpt["model"]
     with torch.no_grad():
         for m in model.modules():
@@ -88,6 +69,18 @@ def test_sparsity_trained_input_skips_that_stage(tiny_base, tiny_data, tmp_path)
     torch.save({**ckpt, "ema": None, "model": model}, sparse)
     pipeline = Pipeline(SlimConfig(weights=str(sparse), data=str(tiny_data), imgsz=64, project=str(tmp_path), name="s"))
     assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True, "epochs": 0}
+
+
+def test_the_shipped_sparse_model_counts_as_sparsity_trained_and_the_baseline_does_not(
+    shipped_weights, shipped_sparse_weights
+):
+    from yoloslim.slim import looks_sparsity_trained
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    for weights, sparse in ((shipped_weights, False), (shipped_sparse_weights, True)):
+        model, ckpt = load_detection_checkpoint(weights)
+        assert looks_sparsity_trained(ckpt, model) is sparse
+        assert looks_sparsity_trained({}, model) is sparse  # by its gammas alone, without yoloslim's record
 
 
 def test_a_run_resumes_only_with_its_own_settings(tiny_data, tmp_path):

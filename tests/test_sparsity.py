@@ -78,6 +78,7 @@ def test_head_batchnorms_are_excluded_unless_asked():
 # -- the penalty ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_sparsity_drives_gamma_towards_zero(train_args, optimizer):
     args = dict(train_args, optimizer=optimizer, lr0=0.01, epochs=3)
@@ -89,6 +90,7 @@ def test_sparsity_drives_gamma_towards_zero(train_args, optimizer):
         assert np.median(g_sparse) < np.median(g_plain) - 0.05, attr
 
 
+@pytest.mark.slow
 def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     args = dict(train_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
     config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
@@ -209,6 +211,7 @@ def _interrupt_after_epoch(epoch):
     return callback
 
 
+@pytest.mark.slow
 def test_resume_continues_schedule_with_checkpoint_settings(train_args):
     from ultralytics import YOLO
 
@@ -266,6 +269,7 @@ def test_ddp_round_trip_keeps_settings(train_args):
     assert sum(isinstance(c, SparsityCallback) for c in worker.callbacks["on_train_epoch_start"]) == 1
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_latest_epoch(train_args, monkeypatch):
     """Validation mAP usually falls while the gammas split; best.pt must still be the latest, sparsest model."""
     from ultralytics.engine.trainer import BaseTrainer
@@ -285,6 +289,7 @@ def test_best_checkpoint_is_the_latest_epoch(train_args, monkeypatch):
     assert all(torch.equal(best[k], last[k]) for k in last)
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoint_resumable(train_args, monkeypatch):
     from ultralytics import YOLO
 

@@ -307,8 +307,9 @@ def _add_detect(commands) -> None:
 
 def _run_detect(args: argparse.Namespace) -> int:
     from yoloslim.runtime.backends import load_backend
-    from yoloslim.runtime.detect import DetectConfig, detect
+    from yoloslim.runtime.detect import DetectConfig, check_source, detect
 
+    check_source(args.source)  # before the model loads, so a bad source is named as such
     print(f"results in {detect(load_backend(args.weights), args.source, _settings_from(DetectConfig, args))}")
     return 0
 

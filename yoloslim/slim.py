@@ -250,7 +250,8 @@ class Pipeline:
         from yoloslim.bench import bench
 
         measured = [v for v in self.variants() if v["weights"]]
-        report = bench([v["weights"] for v in measured], imgsz=self.imgsz, threads=self.config.threads)
+        weights = [v["weights"] for v in measured]
+        report = bench(weights, imgsz=self.imgsz, threads=self.config.threads, data=self.data)
         by_weights = {r["weights"]: r for r in report["results"]}
         return {
             "results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured},

@@ -108,15 +108,22 @@ def draw(image: np.ndarray, det: Detections, names: dict, fps: Optional[float]) 
     return out
 
 
+def check_source(source: str) -> bool:
+    """Refuse a file or folder that does not exist (before a model is loaded, so the error names the source);
+    return whether the source is read as a stream of frames (a video file, a camera index or a URL)."""
+    live = source.isdigit() or "://" in source
+    if not live and not Path(source).exists():
+        raise YoloslimError(
+            f"source {source} does not exist; pass an image, a folder, a video, a camera index or a URL"
+        )
+    return live or Path(source).suffix.lower() in VIDEO_SUFFIXES
+
+
 def detect(backend, source: str, config: DetectConfig) -> Path:
     """Run `backend` over `source`; return the run folder (labels and, with save, annotated images/video)."""
     from tqdm import tqdm
 
-    is_stream = source.isdigit() or "://" in source or Path(source).suffix.lower() in VIDEO_SUFFIXES
-    if not is_stream and not Path(source).exists():
-        raise YoloslimError(
-            f"source {source} does not exist; pass an image, a folder, a video, a camera index or a URL"
-        )
+    is_stream = check_source(source)
     run = new_run_dir(config.project, config.name)
     (run / "labels").mkdir()
     frames = stream_frames(source, config.reconnect_attempts) if is_stream else image_sources(source)
