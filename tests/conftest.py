@@ -7,6 +7,14 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import pytest
 
 
+def pytest_ignore_collect(collection_path, config):
+    """`pytest -m jetson` on a device runs with the base install and TensorRT alone: every other test module imports
+    torch, so only the device's own modules are collected there."""
+    if config.getoption("markexpr") == "jetson" and collection_path.suffix == ".py":
+        return None if collection_path.name.startswith("test_jetson_") else True
+    return None
+
+
 def _synthetic_dataset(tmp_path_factory, **changes) -> Path:
     from yoloslim.data.synthetic import default_config, ensure_synthetic_dataset
 
