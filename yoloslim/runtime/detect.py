@@ -156,7 +156,8 @@ def _write_labels(path: Path, det: Detections, shape) -> None:
     lines = []
     for (x1, y1, x2, y2), score, cls in zip(det.boxes, det.scores, det.classes):
         lines.append(
-            f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {score:.4f}"
+            f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} "
+            f"{score:.4f}"
         )
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
 
