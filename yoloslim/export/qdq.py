@@ -176,19 +176,20 @@ def correct_biases(quantized, reference, reader: LetterboxCalibrationReader) -> 
     from onnx import numpy_helper
 
     producer = {o: n for n in quantized.graph.node for o in n.output}
-    biases = {}  # conv output -> (its int32 bias, that bias's scale)
+    reference_output = {n.name: n.output[0] for n in reference.graph.node}  # the quantizer renames graph outputs
+    biases = {}  # conv output -> (its int32 bias, that bias's scale, the conv's output in the reference)
     for node in quantized.graph.node:
         source = producer.get(node.input[2]) if node.op_type == "Conv" and len(node.input) > 2 else None
         if source is not None and source.op_type == "DequantizeLinear":
-            biases[node.output[0]] = (source.input[0], source.input[1])
-    reference_means = channel_means(reference, reader, list(biases))
+            biases[node.output[0]] = (source.input[0], source.input[1], reference_output[node.name])
+    reference_means = channel_means(reference, reader, [b[2] for b in biases.values()])
     initializers = {t.name: t for t in quantized.graph.initializer}
     for group in _by_depth(quantized, set(biases)):
         means = channel_means(quantized, reader, group)
         for output in group:
-            bias_name, scale_name = biases[output]
+            bias_name, scale_name, reference_name = biases[output]
             bias, scale = (numpy_helper.to_array(initializers[name]) for name in (bias_name, scale_name))
-            shift = np.round((means[output] - reference_means[output]) / scale)
+            shift = np.round((means[output] - reference_means[reference_name]) / scale)
             initializers[bias_name].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.int32), bias_name))
     return len(biases)
 
