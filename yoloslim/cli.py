@@ -251,6 +251,12 @@ def _add_export(commands) -> None:
     sub.add_argument("--weights", required=True, help=".pt checkpoint (onnx, engine) or .onnx (engine)")
     sub.add_argument("--format", default="onnx", choices=["onnx", "engine"])
     sub.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    sub.add_argument(
+        "--target",
+        default="tensorrt",
+        metavar="{tensorrt,cpu}",
+        help="what the INT8 Q/DQ ONNX is placed for: TensorRT engines (default) or ONNX Runtime on a CPU",
+    )
     sub.add_argument("--data", help="dataset yaml for INT8 calibration (training split; default: the embedded dataset)")
     sub.add_argument("--imgsz", type=int, default=640)
     sub.add_argument("--batch", type=int, default=1, help="static batch (default 1)")
@@ -282,6 +288,7 @@ def _run_export(args: argparse.Namespace) -> int:
         workspace=args.workspace,
         raw=args.raw,
         version_compatible=args.version_compatible,
+        target=args.target,
     )
     print(f"wrote {export(args.weights, config, data=args.data, out=args.out)}")
     return 0

@@ -24,12 +24,21 @@ class ExportConfig:
     raw: bool = False  # bare TensorRT plan, for trtexec and DeepStream
     version_compatible: bool = False  # runs on later TensorRT releases of the same major version (8.6+)
     calibration_images: int = 500
+    target: str = "tensorrt"  # INT8 flavour: tensorrt (Q/DQ for TensorRT) | cpu (for ONNX Runtime's CPU kernels)
 
     def __post_init__(self):
         if self.format not in ("onnx", "engine"):
             raise YoloslimError(f"unknown format {self.format!r}; use onnx or engine")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise YoloslimError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
+        if self.target not in ("tensorrt", "cpu"):
+            raise YoloslimError(f"unknown target {self.target!r}; use tensorrt or cpu")
+        if self.target == "cpu" and self.precision != "int8":
+            raise YoloslimError(
+                f"target cpu is an INT8 flavour, not for {self.precision}; set precision int8 or leave target tensorrt"
+            )
+        if self.target == "cpu" and self.format == "engine":
+            raise YoloslimError("TensorRT engines are built from the tensorrt INT8 flavour; set target tensorrt")
         if self.precision == "int8" and self.dynamic:
             raise YoloslimError("INT8 calibration needs a static batch; set dynamic=False and a batch N")
         if self.batch < 1:
@@ -48,7 +57,9 @@ def export(weights, config: ExportConfig, data=None, out=None) -> Path:
         return _export_onnx(weights, config, data, out)
     onnx_path = weights if weights.suffix == ".onnx" else _export_onnx(weights, config, data, None)
     from yoloslim.runtime.cuda import load_cuda
-    from yoloslim.runtime.tensorrt import build_engine
+    from yoloslim.runtime.tensorrt import build_engine, refuse_cpu_flavour
+
+    refuse_cpu_flavour(onnx_path)  # before looking for CUDA, so that the host says so too
 
     batch = (1, config.batch, config.max_batch) if config.dynamic else (config.batch,) * 3
     return build_engine(
@@ -89,4 +100,4 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
             return convert_fp16(fp32, out=target)
         from yoloslim.export.qdq import quantize_int8
 
-        return quantize_int8(fp32, data, out=target, count=config.calibration_images)
+        return quantize_int8(fp32, data, out=target, count=config.calibration_images, target=config.target)

@@ -166,6 +166,13 @@ def add_batch_profile(builder, config, network, batch: Tuple[int, int, int], img
     config.add_optimization_profile(profile)
 
 
+def refuse_cpu_flavour(onnx_path) -> None:
+    """Refuse the CPU flavour of a Q/DQ ONNX (uint8 activations with zero points, placed for ONNX Runtime), which
+    yoloslim.export.qdq marks in the metadata. A missing file is build_engine's to report."""
+    if Path(onnx_path).is_file() and read_onnx_metadata(onnx_path).get("int8_target") == "cpu":
+        raise YoloslimError(f"{onnx_path} is the CPU flavour of INT8; export with --target tensorrt for an engine")
+
+
 def build_engine(
     onnx_path,
     out=None,
@@ -186,6 +193,7 @@ def build_engine(
         raise YoloslimError(
             f"ONNX file {onnx_path} does not exist; export it on the host with yoloslim export --format onnx"
         )
+    refuse_cpu_flavour(onnx_path)
     version = version_tuple(trt.__version__)
     if version_compatible and version < (8, 6):
         raise YoloslimError("version-compatible engines need TensorRT 8.6 or later")
