@@ -8,27 +8,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def cli(capfd):
-    """Run `yoloslim ARGV...` in this process (the interpreter's start-up and imports are paid once per session, not
-    per test); return its exit status, what it wrote to file descriptor 2 and to 1. Torch's thread count, which
-    `--threads` sets for the process, is restored afterwards."""
-    from yoloslim.cli import main
-
-    def run(*argv) -> tuple[int, str, str]:
-        capfd.readouterr()
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own usage errors
-            code = e.code
-        out, err = capfd.readouterr()
-        return code, err.strip(), out
-
-    threads = torch.get_num_threads()
-    yield run
-    torch.set_num_threads(threads)
-
-
 def save_model(path, model) -> str:
     torch.save({"model": model, "train_args": {}}, path)
     return str(path)

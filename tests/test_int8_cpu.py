@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error
 from test_export import _RandomImages
 
 from yoloslim.export import ExportConfig, export
@@ -235,12 +235,12 @@ def _cpu_flavoured_onnx(path):
     return path
 
 
-def test_engines_are_not_built_from_the_cpu_flavour(tmp_path):
+def test_engines_are_not_built_from_the_cpu_flavour(cli, tmp_path):
     onnx_path = _cpu_flavoured_onnx(tmp_path / "model-int8.onnx")
     with pytest.raises(YoloslimError, match="CPU flavour"):
         export(onnx_path, ExportConfig(format="engine", precision="int8"))
     assert_one_line_error(
-        *run_cli("export", "--weights", str(onnx_path), "--format", "engine", "--precision", "int8"),
+        cli("export", "--weights", str(onnx_path), "--format", "engine", "--precision", "int8"),
         "CPU flavour",
         "--target tensorrt",
     )
@@ -253,5 +253,5 @@ def test_engines_are_not_built_from_the_cpu_flavour(tmp_path):
         (["--precision", "fp16", "--target", "cpu"], ["INT8 flavour", "precision int8"]),
     ],
 )
-def test_cli_refuses_bad_targets_in_one_line(tmp_path, flags, words):
-    assert_one_line_error(*run_cli("export", "--weights", str(tmp_path / "missing.pt"), *flags), *words)
+def test_cli_refuses_bad_targets_in_one_line(cli, tmp_path, flags, words):
+    assert_one_line_error(cli("export", "--weights", str(tmp_path / "missing.pt"), *flags), *words)
