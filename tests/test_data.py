@@ -2,6 +2,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import pytest
 import yaml
 
 from yoloslim.data import resolve_data
@@ -217,3 +218,6 @@ def test_labels_are_found_where_ultralytics_looks(tmp_path):
     boxes, classes = read_labels(beside, (100, 200))
     np.testing.assert_allclose(boxes, [[80, 30, 120, 70], [20, 20, 60, 60]])
     assert classes.tolist() == [0, 1]
+    beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(YoloslimError, match="b.txt: cannot read the label line '0 0.5 0.5 0.2'"):
+        read_labels(beside, (100, 200))

@@ -3,20 +3,17 @@ import math
 import numpy as np
 import pytest
 
+from yoloslim.data import label_path, read_labels, split_images
 from yoloslim.evaluate import (
     IOU_THRESHOLDS,
     average_precision,
     bootstrap_ci,
     evaluate,
-    label_path,
     match_image,
     mean_ap,
-    read_labels,
-    split_images,
     summarise,
 )
 from yoloslim.runtime.postprocess import Detections
-from yoloslim.utils.errors import YoloslimError
 
 
 def test_hand_worked_average_precision():
@@ -116,18 +113,3 @@ def test_agrees_with_ultralytics_val_on_the_shipped_model(shipped_weights, synth
     assert ours.map > 0.3  # a trained model on the images it was measured on: the comparison has detections to match
     assert abs(ours.map50 - theirs.box.map50) < 0.01
     assert abs(ours.map - theirs.box.map) < 0.01
-
-
-def test_labels_in_each_layout_ultralytics_reads(tmp_path):
-    nested = tmp_path / "set" / "images" / "val" / "a.jpg"
-    assert label_path(nested) == tmp_path / "set" / "labels" / "val" / "a.txt"
-    beside = tmp_path / "flat" / "b.jpg"
-    assert label_path(beside) == tmp_path / "flat" / "b.txt"
-    beside.parent.mkdir()
-    beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.2 0.3 0.2 0.3 0.6 0.1 0.6\n")
-    boxes, classes = read_labels(beside, (100, 200))
-    np.testing.assert_allclose(boxes, [[80, 30, 120, 70], [20, 20, 60, 60]])
-    assert classes.tolist() == [0, 1]
-    beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2\n")
-    with pytest.raises(YoloslimError, match="b.txt: cannot read the label line '0 0.5 0.5 0.2'"):
-        read_labels(beside, (100, 200))

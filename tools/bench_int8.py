@@ -112,7 +112,7 @@ def latency(paths: dict, data, threads: list, rounds: int, per_round: int) -> di
     import numpy as np
 
     from yoloslim.bench import compare_latency, speedup_interval
-    from yoloslim.evaluate import split_images
+    from yoloslim.data import split_images
     from yoloslim.runtime.backends import OnnxRuntimeBackend
     from yoloslim.runtime.preprocess import preprocess
 
@@ -159,7 +159,7 @@ def per_frame_costs(fp32: Path, data, threads: int) -> dict:
     import cv2
     import numpy as np
 
-    from yoloslim.evaluate import split_images
+    from yoloslim.data import split_images
     from yoloslim.runtime.backends import OnnxRuntimeBackend
     from yoloslim.runtime.postprocess import postprocess
     from yoloslim.runtime.preprocess import preprocess

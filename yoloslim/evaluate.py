@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from yoloslim.data import label_path, read_labels, split_images  # noqa: F401  label_path: also importable from here
+from yoloslim.data import read_labels, split_images
 from yoloslim.runtime.backends import load_backend
 from yoloslim.runtime.postprocess import Detections, postprocess
 from yoloslim.runtime.preprocess import preprocess

@@ -288,8 +288,7 @@ def benchmark(
     import cv2
 
     from yoloslim.bench import compare_latency, environment
-    from yoloslim.data import resolve_data
-    from yoloslim.evaluate import split_images
+    from yoloslim.data import resolve_data, split_images
     from yoloslim.runtime.cuda import describe, load_cuda
     from yoloslim.runtime.preprocess import preprocess
     from yoloslim.runtime.tensorrt import TensorRTBackend, import_tensorrt, version_tuple
