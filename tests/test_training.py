@@ -32,3 +32,11 @@ def test_a_kill_during_the_final_strip_leaves_last_pt_whole(train_args, monkeypa
     ckpt = torch.load(trainer.last, weights_only=False)
     assert ckpt["optimizer"] is not None and ckpt["epoch"] == 0  # the whole, unstripped epoch-1 checkpoint
     assert not list(trainer.wdir.glob(".*.stripping"))
+
+
+def test_a_checkpoint_of_an_earlier_release_resumes_with_the_settings_it_still_has(train_args, monkeypatch):
+    """Checkpoints written before `weighting` was removed still name it; resuming them must not fail on it."""
+    saved = {"sr": 0.2, "schedule": "linear", "final_ratio": 0.5, "include_head": True, "weighting": "uniform"}
+    monkeypatch.setattr(SparsityTrainer, "lineage", lambda self: {"sparsity": saved})
+    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(sr=0.1))
+    assert trainer._config_from_checkpoint() == SparsityConfig(sr=0.2, schedule="linear", final_ratio=0.5)

@@ -21,6 +21,7 @@ A sparsity run's best.pt is its latest epoch, not its fittest (see SparsityTrain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from functools import partial
@@ -145,7 +146,11 @@ class SparsityTrainer(SafeDetectionTrainer):
 
     def _config_from_checkpoint(self) -> SparsityConfig | None:
         saved = self.lineage().get("sparsity")
-        return SparsityConfig(**saved) if saved else None
+        if not saved:
+            return None
+        # settings that earlier releases stored and this one no longer has (the removed `weighting`) are dropped
+        known = {f.name for f in dataclasses.fields(SparsityConfig)}
+        return SparsityConfig(**{k: v for k, v in saved.items() if k in known})
 
     # -- the penalty -----------------------------------------------------------------------------------------------
     def build_optimizer(self, model, *args, **kwargs):
