@@ -50,6 +50,8 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     measured = [v for v in summary["variants"] if v["weights"]]
     assert all(v["eval"] is not None and v["bench"] is not None for v in measured)
     by_name = {v["name"]: v for v in measured}
+    cpu_int8 = by_name["finetuned INT8 Q/DQ, CPU placement"]  # what a CPU box runs, beside the TensorRT placement
+    assert cpu_int8["eval"]["paired"]["against"] == "base ONNX" and cpu_int8["bench"]["model"]["p50_ms"] > 0
     paired = by_name["finetuned ONNX"]["eval"]["paired"]
     change, low, high = paired["map"]
     assert paired["against"] == "base ONNX" and low <= high

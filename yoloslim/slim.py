@@ -132,15 +132,17 @@ class Pipeline:
         from yoloslim.export.onnx import export_onnx
         from yoloslim.export.qdq import quantize_int8
 
+        folder = self.run / "export"
         onnx = {}
         for name, weights in (("base", self.base), ("finetuned", Path(self.done("finetune")["weights"]))):
-            onnx[name] = str(export_onnx(weights, imgsz=self.imgsz, out=self.run / "export" / f"{name}.onnx"))
+            onnx[name] = str(export_onnx(weights, imgsz=self.imgsz, out=folder / f"{name}.onnx"))
         # what TensorRT 11 needs for FP16 (strong typing); its accuracy is checked here, before any device sees it
-        onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=self.run / "export" / "finetuned-fp16.onnx"))
-        if self.config.precision == "int8":
-            onnx["finetuned-int8"] = str(
-                quantize_int8(onnx["finetuned"], self.data, out=self.run / "export" / "finetuned-int8.onnx")
-            )
+        onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=folder / "finetuned-fp16.onnx"))
+        if self.config.precision == "int8":  # placed for TensorRT (the device) and for ONNX Runtime on this CPU
+            for target, name in (("tensorrt", "finetuned-int8"), ("cpu", "finetuned-int8-cpu")):
+                onnx[name] = str(
+                    quantize_int8(onnx["finetuned"], self.data, out=folder / f"{name}.onnx", target=target)
+                )
         return {"onnx": onnx}
 
     def variants(self) -> list[dict]:
@@ -148,84 +150,43 @@ class Pipeline:
         import importlib.util
 
         stages = self.state["stages"]
-        found = [
-            {"name": "base", "stage": "base", "backend": "PyTorch", "precision": "fp32", "weights": str(self.base)}
-        ]
+        onnx = stages["export"]["onnx"]
+        found = [_variant("base", "base", "PyTorch", "fp32", str(self.base))]
         if stages["sparse"]["weights"] != str(self.base):
-            found.append(
-                {
-                    "name": "sparse",
-                    "stage": "sparse",
-                    "backend": "PyTorch",
-                    "precision": "fp32",
-                    "weights": stages["sparse"]["weights"],
-                }
-            )
+            found.append(_variant("sparse", "sparse", "PyTorch", "fp32", stages["sparse"]["weights"]))
         found += [
-            {
-                "name": "pruned",
-                "stage": "pruned",
-                "backend": "PyTorch",
-                "precision": "fp32",
-                "weights": stages["prune"]["weights"],
-            },
-            {
-                "name": "finetuned",
-                "stage": "finetuned",
-                "backend": "PyTorch",
-                "precision": "fp32",
-                "weights": stages["finetune"]["weights"],
-            },
-            {
-                "name": "base ONNX",
-                "stage": "base",
-                "backend": "ONNX Runtime",
-                "precision": "fp32",
-                "weights": stages["export"]["onnx"]["base"],
-            },
-            {
-                "name": "finetuned ONNX",
-                "stage": "finetuned",
-                "backend": "ONNX Runtime",
-                "precision": "fp32",
-                "weights": stages["export"]["onnx"]["finetuned"],
-            },
+            _variant("pruned", "pruned", "PyTorch", "fp32", stages["prune"]["weights"]),
+            _variant("finetuned", "finetuned", "PyTorch", "fp32", stages["finetune"]["weights"]),
+            _variant("base ONNX", "base", "ONNX Runtime", "fp32", onnx["base"]),
+            _variant("finetuned ONNX", "finetuned", "ONNX Runtime", "fp32", onnx["finetuned"]),
+            _variant("finetuned FP16 ONNX", "finetuned", "ONNX Runtime", "fp16", onnx["finetuned-fp16"]),
         ]
-        if "finetuned-fp16" in stages["export"]["onnx"]:
-            found.append(
-                {
-                    "name": "finetuned FP16 ONNX",
-                    "stage": "finetuned",
-                    "backend": "ONNX Runtime",
-                    "precision": "fp16",
-                    "weights": stages["export"]["onnx"]["finetuned-fp16"],
-                }
-            )
-        if "finetuned-int8" in stages["export"]["onnx"]:
-            found.append(
-                {
-                    "name": "finetuned INT8 Q/DQ",
-                    "stage": "finetuned",
-                    "backend": "ONNX Runtime",
-                    "precision": "int8",
-                    "weights": stages["export"]["onnx"]["finetuned-int8"],
-                }
-            )
+        if "finetuned-int8" in onnx:
+            found += [
+                _variant(
+                    "finetuned INT8 Q/DQ, TensorRT placement",
+                    "finetuned",
+                    "ONNX Runtime",
+                    "int8",
+                    onnx["finetuned-int8"],
+                ),
+                _variant(
+                    "finetuned INT8 Q/DQ, CPU placement",
+                    "finetuned",
+                    "ONNX Runtime",
+                    "int8",
+                    onnx["finetuned-int8-cpu"],
+                ),
+            ]
         has_trt = importlib.util.find_spec("tensorrt") is not None
+        note = (
+            "not measured: build the engine with yoloslim export --format engine, then yoloslim eval and bench"
+            if has_trt
+            else "not measured: no TensorRT on this machine"
+        )
         for precision in ("fp16", self.config.precision) if self.config.precision == "int8" else ("fp16",):
-            found.append(
-                {
-                    "name": f"finetuned TensorRT {precision.upper()}",
-                    "stage": "finetuned",
-                    "backend": f"TensorRT {precision.upper()}",
-                    "precision": precision,
-                    "weights": None,
-                    "note": "not measured: build the engine with yoloslim export --format engine, then "
-                    "yoloslim eval and bench"
-                    if has_trt
-                    else "not measured: no TensorRT on this machine",
-                }
-            )
+            name, backend = f"finetuned TensorRT {precision.upper()}", f"TensorRT {precision.upper()}"
+            found.append({**_variant(name, "finetuned", backend, precision, None), "note": note})
         return found
 
     def stage_evaluate(self) -> dict:
@@ -284,6 +245,10 @@ class Pipeline:
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
+
+
+def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:
+    return {"name": name, "stage": stage, "backend": backend, "precision": precision, "weights": weights}
 
 
 def epochs_trained(run: Path) -> int:
