@@ -614,9 +614,8 @@ def _budgets(settings: dict) -> str:
         "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
     )
     recipe = settings["recipe"]
-    how = f"{recipe['optimizer']} lr0 {recipe['lr0']}, batch {recipe['batch']}" + (
-        f", nbs {recipe['nbs']}" if "nbs" in recipe else ""
-    )
+    lr0 = f" lr0 {recipe['lr0']}" if "lr0" in recipe else " (Ultralytics' choice of learning rate)"
+    how = f"{recipe['optimizer']}{lr0}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
     how += "".join(f", {change}" for change in settings.get("recipe_changes", []))
     cycle = settings.get("extra_cycle")
     cycle = f"; *-plus{cycle}: a second cycle of {cycle} epochs each from its best.pt" if cycle else ""
