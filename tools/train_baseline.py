@@ -2,6 +2,8 @@
 
     python tools/train_baseline.py base      # YOLOv5n from scratch -> weights/yolov5n-synthetic.pt
     python tools/train_baseline.py sparse    # sparsity training of that -> weights/yolov5n-synthetic-sparse.pt
+    python tools/train_baseline.py license-plate-yolov8n --data <license-plate>/data.yaml
+                                             # -> weights/benchmarks/license_plate_yolov8n.pt (also -yolo11n, -yolo26n)
 
 A recipe is one or more training stages, each starting from the previous stage's best.pt. Re-running the same command
 resumes the unfinished stage under runs/baseline/ where it stopped; `--last-stage-from weights/yolov5n-synthetic.pt`
@@ -65,6 +67,21 @@ RECIPES = {
 }
 
 
+# The pruning benchmark's user models: each family trained on Roboflow Universe's License Plate Recognition v6
+# exactly as the YOLOv5nu user's model there was (plain Ultralytics from the yaml, its train_args: 30 epochs at 320
+# px, batch 16, AdamW lr0 0.002, bias warm-up from 0, seed 0), so the families compare on one recipe.
+LICENSE_PLATE_TRAIN = dict(
+    imgsz=320, epochs=30, batch=16, optimizer="AdamW", lr0=0.002, warmup_bias_lr=0.0, seed=0, workers=0
+)
+for _family in ("yolov8n", "yolo11n", "yolo26n"):
+    RECIPES[f"license-plate-{_family}"] = {
+        "model": f"{_family}.yaml",
+        "out": f"benchmarks/license_plate_{_family}.pt",
+        "train": LICENSE_PLATE_TRAIN,
+        "needs_data": True,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=sorted(RECIPES))
@@ -75,12 +92,15 @@ def main() -> None:
         help="train only the last stage, from this checkpoint (the "
         "earlier stages' output, such as the shipped weights) instead of training every stage again",
     )
+    parser.add_argument("--data", help="data.yaml to train on (the license-plate recipes; the others use the demo set)")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
+    if recipe.get("needs_data") and not args.data:
+        parser.error(f"{args.recipe} trains on a dataset you name: add --data <license-plate>/data.yaml")
     stages = [recipe["train"], *recipe.get("then", [])]
     if args.epochs:
         stages[-1] = dict(stages[-1], epochs=args.epochs)
-    data = ensure_synthetic_dataset()
+    data = Path(args.data).resolve() if args.data else ensure_synthetic_dataset()
     weights = args.last_stage_from or recipe["model"]
     first = len(stages) - 1 if args.last_stage_from else 0
     for index, stage in enumerate(stages[first:], start=first):
@@ -100,7 +120,10 @@ def main() -> None:
     out = ROOT / "weights" / recipe["out"]
     with atomic_path(out) as tmp:
         shutil.copyfile(weights, tmp)
-    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k != "out"}, "val": _measure(out, data)}
+    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k not in ("out", "needs_data")}}
+    if args.data:
+        card["recipe"]["data"] = "License Plate Recognition v6 (Roboflow Universe, CC BY 4.0): data.yaml"
+    card["val"] = _measure(out, data)
     write_text_atomic(out.with_suffix(".recipe.yaml"), yaml.safe_dump(card, sort_keys=False))
     print(f"wrote {out}\n{yaml.safe_dump(card, sort_keys=False)}")
 
