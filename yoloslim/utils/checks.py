@@ -26,8 +26,11 @@ _OTHER_TASKS = {
 }
 
 
-def load_detection_checkpoint(weights: str | Path):
-    """Load an Ultralytics detection checkpoint; return (model, checkpoint dict) or raise a YoloslimError."""
+def load_detection_checkpoint(weights: str | Path, classic: bool = False):
+    """Load an Ultralytics detection checkpoint; return (model, checkpoint dict) or raise a YoloslimError.
+
+    classic: the caller also takes the original YOLOv5 repository's anchor-based checkpoints, returned as
+    yoloslim.models' DetectionModel (FP32, eval mode) and the checkpoint dict; otherwise they are refused."""
     from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
     path = Path(weights)
@@ -41,7 +44,9 @@ def load_detection_checkpoint(weights: str | Path):
     if pickled_modules(path) & _ORIGINAL_YOLOV5_MODULES:
         from yoloslim.models import load_classic_checkpoint
 
-        load_classic_checkpoint(path)  # refuses, naming it, another task, a module it does not read, a damaged file
+        classic_model, ckpt = load_classic_checkpoint(path)  # refuses another task, unknown modules, damaged files
+        if classic:
+            return classic_model, ckpt
         raise YoloslimError(
             f"{path} is an anchor-based checkpoint from the original YOLOv5 repository; yoloslim's commands take "
             "Ultralytics checkpoints only, retrain it with the ultralytics package (model yolov5n.yaml) and pass that "
