@@ -6,6 +6,7 @@ from torch import nn
 
 from yoloslim.finetune import FinetuneTrainer, finetune
 from yoloslim.prune import PruneConfig, prune
+from yoloslim.utils.metadata import checkpoint_metadata
 
 
 def conv_widths(model: nn.Module) -> list[int]:
@@ -57,7 +58,7 @@ def test_finetuning_keeps_pruned_widths_also_after_resume(pruned_pt, train_args,
     for path in (resumed.trainer.last, resumed.trainer.best):
         ckpt = torch.load(path, weights_only=False)
         assert conv_widths(ckpt["model"]) == widths
-        assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4  # the lineage travels with the model
+        assert checkpoint_metadata(ckpt)["prune"]["settings"]["ratio"] == 0.4  # the lineage travels with the model
 
 
 @pytest.mark.slow
@@ -94,7 +95,7 @@ def test_distillation_keeps_student_widths_also_after_resume(pruned_pt, train_ar
     finetune(model.trainer.last, resume=True)  # its model is a DistillationModel around the student
     ckpt = torch.load(Path(train_args["project"]) / "distill" / "weights" / "best.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == widths and ckpt["epoch"] == -1
-    assert ckpt["yoloslim"]["finetune"]["teacher"] == str(base)
+    assert checkpoint_metadata(ckpt)["finetune"]["teacher"] == str(base)
 
 
 def test_a_finished_run_is_not_resumed(pruned_pt, tmp_path):
@@ -119,7 +120,8 @@ def test_sparsity_training_a_pruned_model_keeps_its_widths(pruned_pt, train_args
     )
     ckpt = torch.load(Path(train_args["project"]) / "resparse" / "weights" / "last.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == saved_widths(pruned)
-    assert ckpt["yoloslim"]["prune"]["settings"]["ratio"] == 0.4 and ckpt["yoloslim"]["sparsity"]["sr"] == 0.01
+    meta = checkpoint_metadata(ckpt)
+    assert meta["prune"]["settings"]["ratio"] == 0.4 and meta["sparsity"]["sr"] == 0.01
 
 
 @pytest.mark.parametrize(

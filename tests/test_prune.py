@@ -15,6 +15,7 @@ from yoloslim.prune import PruneConfig, file_sha256, plan_pruning, prune, prune_
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
 from yoloslim.prune.plan import round_channels
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.metadata import checkpoint_metadata
 
 
 def random_model(nc: int = 3, cfg: str = "yolov5n.yaml", seed: int = 0) -> nn.Module:
@@ -270,7 +271,7 @@ def test_pruned_checkpoint_is_an_ordinary_ultralytics_checkpoint(trained_pt, tin
     assert out.with_name("pruned-report.png").stat().st_size > 0
 
     ckpt = torch.load(out, weights_only=False)
-    meta = ckpt["yoloslim"]["prune"]
+    meta = checkpoint_metadata(ckpt)["prune"]
     assert meta["source_sha256"] == digest and meta["settings"]["ratio"] == 0.5
     assert any(b != a for b, a in meta["widths"].values())
     assert {type(m).__module__.split(".")[0] for m in ckpt["model"].modules()} <= {"torch", "ultralytics"}
@@ -304,7 +305,7 @@ def test_pruning_zeroed_channels_keeps_the_map_plain_ultralytics_measures(
 def test_a_repeated_prune_keeps_the_history(trained_pt, tmp_path):
     once = prune(trained_pt, PruneConfig(ratio=0.3, imgsz=64), out=tmp_path / "once.pt").out
     twice = prune(once, PruneConfig(ratio=0.2, imgsz=64), out=tmp_path / "twice.pt").out
-    meta = torch.load(twice, weights_only=False)["yoloslim"]
+    meta = checkpoint_metadata(torch.load(twice, weights_only=False))
     assert meta["prune"]["settings"]["ratio"] == 0.2 and meta["prune"]["source"] == str(once)
     assert [p["settings"]["ratio"] for p in meta["earlier_prunes"]] == [0.3]
 

@@ -19,7 +19,7 @@ from yoloslim.sparsity import (
     zeroed_flops_fraction,
 )
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.training import CHECKPOINT_KEY
+from yoloslim.utils.metadata import checkpoint_metadata
 
 
 def read_results(run_dir: Path) -> list[dict]:
@@ -222,7 +222,7 @@ def test_resume_continues_schedule_with_checkpoint_settings(train_args):
         first.train()
     last = first.last
     for snapshot in (last, last.with_name("epoch0.pt")):  # a save_period snapshot resumes with the settings too
-        assert torch.load(snapshot, weights_only=False)[CHECKPOINT_KEY]["sparsity"]["schedule"] == "linear"
+        assert checkpoint_metadata(torch.load(snapshot, weights_only=False))["sparsity"]["schedule"] == "linear"
 
     model = YOLO(str(last))
     model.train(resume=True, trainer=SparsityTrainer)  # no settings given: they come from the checkpoint
@@ -238,9 +238,9 @@ def test_resume_continues_schedule_with_checkpoint_settings(train_args):
 
     # the final strip keeps the settings, and the output is an ordinary Ultralytics detection checkpoint
     best = torch.load(first.best, weights_only=False)
-    assert best["optimizer"] is None and best[CHECKPOINT_KEY]["sparsity"]["sr"] == 0.2
+    assert best["optimizer"] is None and checkpoint_metadata(best)["sparsity"]["sr"] == 0.2
     last = torch.load(first.last, weights_only=False)
-    assert [e["epoch"] for e in last[CHECKPOINT_KEY]["gamma_history"]["epochs"]] == [0, 1, 2]
+    assert [e["epoch"] for e in checkpoint_metadata(last)["gamma_history"]["epochs"]] == [0, 1, 2]
     loaded = YOLO(str(first.best))
     assert loaded.task == "detect" and len(loaded.names) == 6
 

@@ -24,6 +24,7 @@ from yoloslim.config import (
 )
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
+from yoloslim.utils.metadata import checkpoint_metadata
 
 STAGES = ("sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
 
@@ -32,7 +33,7 @@ def looks_sparsity_trained(ckpt: dict, model) -> bool:
     """True when the checkpoint says so, or when a fifth of the prunable gammas are already below 0.05."""
     from yoloslim.sparsity import gamma_magnitudes
 
-    if (ckpt.get("yoloslim") or {}).get("sparsity"):
+    if checkpoint_metadata(ckpt).get("sparsity"):
         return True
     return bool((gamma_magnitudes(model) < 0.05).mean() >= 0.2)
 

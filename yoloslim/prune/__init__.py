@@ -31,6 +31,7 @@ from yoloslim.prune.plan import (
 from yoloslim.utils.assets import is_shipped
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, output_path
+from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning"]
 
@@ -196,7 +197,7 @@ def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: P
         p.requires_grad_(False)
     model.args = dict(getattr(model, "args", {}) or {})
     carried = {k: ckpt.get(k) for k in ("train_args", "license", "docs") if k in ckpt}
-    previous = dict(ckpt.get("yoloslim") or {})
+    previous = checkpoint_metadata(ckpt)
     if "prune" in previous:  # pruning a pruned model: keep the history, latest under "prune"
         previous["earlier_prunes"] = [*previous.get("earlier_prunes", []), previous.pop("prune")]
     payload = {
@@ -209,7 +210,7 @@ def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: P
         "ema": None,
         "updates": None,
         "optimizer": None,
-        "yoloslim": {**previous, "prune": result.metadata(source)},
     }
+    set_checkpoint_metadata(model, {**previous, "prune": result.metadata(source)})
     with atomic_path(out) as tmp:
         torch.save(payload, tmp)

@@ -5,8 +5,9 @@ Adam.
 Ultralytics writes last.pt and best.pt in place (in save_model, and again when final_eval strips the optimizer), so a
 kill during a write leaves a truncated file that `resume` cannot read. Here each write goes to a staging file that is
 renamed into place, and a `save_period` snapshot (epochN.pt) is replaced by a copy of the finished last.pt. yoloslim's
-settings live under the checkpoint's top-level key "yoloslim", which Ultralytics' final strip keeps (it drops unknown
-train arguments, so they cannot live there).
+settings ride on the checkpoint's model as its `yoloslim` attribute (a dict of plain values), so that each file is
+written once, by Ultralytics' own save, and travels with the model from stage to stage; they cannot live in the train
+arguments, which Ultralytics' final strip filters.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import shutil
 from copy import deepcopy
 from pathlib import Path
 
-import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK
@@ -26,16 +26,16 @@ from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zer
 
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, write_text_atomic
+from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 
-CHECKPOINT_KEY = "yoloslim"
 # The optimizers whose biases warm up from zero unless the user says otherwise: Ultralytics' own optimizer=auto does
 # that when it picks AdamW, an explicit optimizer=AdamW does not.
 ADAM_FAMILY = frozenset({"adam", "adamax", "adamw", "nadam", "radam"})
 
 
 def read_checkpoint_extras(path) -> dict:
-    """The "yoloslim" metadata of a checkpoint file (empty for a plain Ultralytics one)."""
-    return torch_load(path, map_location="cpu").get(CHECKPOINT_KEY) or {}
+    """The yoloslim metadata of a checkpoint file (empty for a plain Ultralytics one)."""
+    return checkpoint_metadata(torch_load(path, map_location="cpu"))
 
 
 def run_finished(last: str | Path) -> bool:
@@ -116,12 +116,12 @@ class SafeDetectionTrainer(DetectionTrainer):
         super().__init__(cfg, adam_bias_warmup(overrides or {}), _callbacks)
 
     def checkpoint_extras(self) -> dict:
-        """yoloslim metadata for the checkpoint's "yoloslim" key: the input's (its prune, an earlier stage's settings);
+        """yoloslim metadata for the checkpoint's model: the input's (its prune, an earlier stage's settings);
         subclasses add theirs."""
         return dict(self.lineage())
 
     def lineage(self) -> dict:
-        """The "yoloslim" metadata of the checkpoint this run started from, or continues on resume."""
+        """The yoloslim metadata of the checkpoint this run started from, or continues on resume."""
         if not hasattr(self, "_lineage"):
             source = self.args.resume if self.resume else self.args.model
             self._lineage = read_checkpoint_extras(source) if str(source).endswith(".pt") else {}
@@ -132,7 +132,9 @@ class SafeDetectionTrainer(DetectionTrainer):
         super().save_metrics(metrics)
 
     def save_model(self):
-        """Ultralytics' save_model, staged to temporary files that are renamed into place."""
+        """Ultralytics' save_model, with yoloslim's metadata on the saved model, staged to temporary files that are
+        renamed into place."""
+        set_checkpoint_metadata(self.ema.ema, self.checkpoint_extras())  # save_model pickles a copy of the EMA
         final = (self.last, self.best)
         staged = [p.with_name(f".{p.name}.saving") for p in final]
         for path in staged:
@@ -144,7 +146,6 @@ class SafeDetectionTrainer(DetectionTrainer):
             self.last, self.best = final
         for stage, target in zip(staged, final):
             if stage.exists():
-                self._embed_extras(stage)
                 os.replace(stage, target)
         periodic = self.wdir / f"epoch{self.epoch}.pt"
         if self.save_period > 0 and self.epoch % self.save_period == 0 and periodic.exists():
@@ -152,13 +153,6 @@ class SafeDetectionTrainer(DetectionTrainer):
             with atomic_path(periodic) as tmp:
                 shutil.copyfile(self.last, tmp)
         return saved
-
-    def _embed_extras(self, path: Path) -> None:
-        extras = self.checkpoint_extras()
-        if extras:
-            ckpt = torch_load(path, map_location="cpu")
-            ckpt[CHECKPOINT_KEY] = {**(ckpt.get(CHECKPOINT_KEY) or {}), **extras}
-            torch.save(ckpt, path)
 
     def final_eval(self):
         """Ultralytics' final_eval with the optimizer stripped through staged files: its own strips last.pt and

@@ -1,0 +1,24 @@
+"""yoloslim's metadata in a checkpoint: a dict of plain values on the checkpoint's model, as its `yoloslim`
+attribute, so that it travels with the model from stage to stage, survives Ultralytics' own saves and strips, and
+loads with plain `YOLO(path)` (also under ULTRALYTICS_SAFE_LOAD)."""
+
+from __future__ import annotations
+
+CHECKPOINT_KEY = "yoloslim"
+
+
+def checkpoint_metadata(ckpt: dict) -> dict:
+    """The yoloslim metadata of a loaded checkpoint (empty for a plain Ultralytics one)."""
+    model = ckpt.get("model") or ckpt.get("ema")  # a finished run keeps "model", an unfinished one "ema"
+    return dict(getattr(_detector(model), CHECKPOINT_KEY, None) or {})
+
+
+def set_checkpoint_metadata(model, metadata: dict) -> None:
+    """Attach yoloslim's metadata to the model a checkpoint is about to pickle."""
+    setattr(_detector(model), CHECKPOINT_KEY, metadata)
+
+
+def _detector(model):
+    """The detector itself: under distillation Ultralytics saves a wrapper around it during training and unwraps it
+    when the run ends, so the metadata lives on the student to survive that."""
+    return getattr(model, "student_model", model)
