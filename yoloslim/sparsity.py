@@ -14,8 +14,9 @@ on the epoch, so a resumed run continues it exactly.
 
 
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
-rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them on its model
-(yoloslim.utils.metadata), which Ultralytics' final strip keeps, so `resume=True` continues with the same settings.
+rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them on its
+model (yoloslim.utils.metadata), which Ultralytics' final strip keeps, so `resume=True` continues with the same
+settings.
 A sparsity run's best.pt is its latest epoch, not its fittest (see SparsityTrainer.validate).
 """
 
