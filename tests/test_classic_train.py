@@ -1,5 +1,6 @@
-"""Training the original YOLOv5 repository's anchor-based models through Ultralytics' trainer (yoloslim/models/train.py):
-the loss from an Ultralytics batch, the validator's layout, a few steps, sparsity, and finetuning that keeps widths."""
+"""Training the original YOLOv5 repository's anchor-based models through Ultralytics' trainer
+(yoloslim/models/train.py): the loss from an Ultralytics batch, the validator's layout, a few steps, sparsity, and
+finetuning that keeps widths."""
 
 import dataclasses
 from pathlib import Path

@@ -154,7 +154,8 @@ class ClassicTraining:
             return super().save_model()
 
     def get_validator(self):
-        return ClassicValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+        args = copy(self.args)
+        return ClassicValidator(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
 
 
 class ClassicValidator(DetectionValidator):
