@@ -2,6 +2,7 @@
 (yoloslim/models/train.py): the loss from an Ultralytics batch, the validator's layout, a few steps, sparsity, and
 finetuning that keeps widths."""
 
+import csv
 import dataclasses
 from pathlib import Path
 
@@ -144,6 +145,23 @@ def test_sparsity_drives_gamma_towards_zero(classic_args):
         plain, sparse = (getattr(runs[n], attr) for n in ("plain", "sparse"))
         plain, sparse = (m.ema if attr == "ema" else m for m in (plain, sparse))
         assert np.median(gammas(sparse)) < np.median(gammas(plain)) - 0.05, attr
+
+
+@pytest.mark.slow
+def test_run_ends_once_the_zeroed_channels_give_the_target_prune(classic_args):
+    """stop_at_flops measures a prune of the training model, traced as the plain classic model."""
+    from yoloslim.sparsity import SparsityConfig, zeroed_flops_fraction
+
+    require_classic_tracing()
+    config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
+    args = dict(classic_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
+    trainer = ClassicSparsityTrainer(overrides=args, sparsity=config)
+    trainer.train()
+    with open(trainer.csv) as f:
+        kept = [float(row["sparsity/zeroed_flops"]) for row in csv.DictReader(f)]
+    assert len(kept) < 6 and kept[-1] <= 0.9 and all(k > 0.9 for k in kept[:-1])
+    with plain_classic(trainer.ema.ema):
+        assert kept[-1] == pytest.approx(zeroed_flops_fraction(trainer.ema.ema, config, 64), abs=1e-4)
 
 
 class Interrupt(Exception):

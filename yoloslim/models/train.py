@@ -180,8 +180,8 @@ def read_classic_checkpoint(path: str | Path) -> tuple[DetectionModel, dict]:
     model, ckpt = load_checkpoint(path)
     if not isinstance(model, DetectionModel):
         raise YoloslimError(
-            f"{path} holds a {type(model).__name__}, not an anchor-based model of the original YOLOv5 repository; "
-            "pass such a checkpoint"
+            f"{path} holds a {type(model).__module__}.{type(model).__name__}, not an anchor-based model of the "
+            "original YOLOv5 repository; pass such a checkpoint"
         )
     return model, ckpt
 
