@@ -117,6 +117,20 @@ def test_a_few_training_steps_reduce_the_loss(classic_args):
         assert type(model) is DetectionModel and ckpt["epoch"] == -1
 
 
+@pytest.mark.slow
+def test_a_new_model_is_built_from_a_classic_yaml_with_the_datasets_classes(classic_args, tmp_path):
+    import yaml
+
+    spec = dict(load_classic_checkpoint(CHECKPOINT)[0].yaml, nc=80)
+    cfg = tmp_path / "classic.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    trainer = ClassicTrainer(overrides=dict(classic_args, model=str(cfg), epochs=1, val=False))
+    trainer.train()
+    model, _ = read_classic_checkpoint(trainer.best)
+    assert model.model[-1].nc == 3 and model.model[-1].no * 3 == model.model[-1].m[0].out_channels
+    assert conv_widths(model)[:-3] == conv_widths(DetectionModel(spec))[:-3]  # the yaml's layout, 3 classes
+
+
 def gammas(model: nn.Module) -> np.ndarray:
     return torch.cat([m.weight.detach().abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]).numpy()
 
@@ -194,3 +208,6 @@ def test_finetuning_keeps_widths_also_after_resume(classic_args, tmp_path):
     for path in (resumed.last, resumed.best):
         model, ckpt = read_classic_checkpoint(path)
         assert conv_widths(model) == widths and ckpt["epoch"] == -1
+    with open(resumed.csv) as f:  # validated every epoch, with the classic loss on the val images
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(row["val/box_loss"]) > 0 and float(row["val/obj_loss"]) > 0 for row in rows)
