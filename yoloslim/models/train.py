@@ -1,0 +1,218 @@
+"""Training the original YOLOv5 repository's anchor-based models with Ultralytics' trainer, so that sparsity training,
+finetuning, schedules, resume, atomic checkpoints and monitoring work for them as for the YOLOv5u path.
+
+What the trainer expects of its model, and how a classic model meets it:
+- called with a batch dict, it returns the loss: ClassicTrainingModel computes yoloslim's classic loss
+  (yoloslim/models/loss.py) with the original's gains, scaled for the run's classes, levels and image size;
+- in eval mode its output suits Ultralytics' DetectionValidator, which expects the anchor-free layout (batch, 4 +
+  classes, boxes): the classic boxes are passed on with objectness x class score as each class's confidence, which
+  is the original's confidence, and the raw maps ride along for the validation loss;
+- it is built by get_model from the checkpoint's module (its widths kept: a pruned model trains as it is) or, for a
+  new model, from a classic model yaml.
+
+ClassicTrainingModel exists only while training: what is saved, and what yoloslim.graph traces (the sparsity
+penalty's BatchNorms), is the plain classic DetectionModel (plain_classic), so checkpoints hold the same classes as a
+model read from the original's files.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from copy import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import DEFAULT_CFG
+
+from yoloslim.finetune import FinetuneTrainer
+from yoloslim.models.loss import ClassicLoss, LossGains
+from yoloslim.models.yolo import DetectionModel
+from yoloslim.sparsity import SparsityTrainer
+from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.training import CHECKPOINT_KEY, SafeDetectionTrainer, trainable_copy
+
+LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+
+
+class ClassicTrainingModel(DetectionModel):
+    """A classic DetectionModel as Ultralytics' trainer and validator call it (see the module docstring)."""
+
+    criterion = None
+
+    def forward(self, x, augment: bool = False):
+        if isinstance(x, dict):
+            return self.loss(x)
+        if augment:
+            raise YoloslimError("test-time augmentation is not implemented for anchor-based models; set augment=False")
+        out = super().forward(x)
+        if self.training:
+            return out
+        boxes, raw = out
+        return anchor_free_layout(boxes), raw
+
+    def loss(self, batch: dict, preds=None):
+        """(loss to minimise, {name: detached part}) for an Ultralytics batch; preds: this model's output for it."""
+        if self.criterion is None:
+            self.criterion = self.init_criterion()
+        if preds is None:
+            preds = self.forward(batch["img"])
+        raw = preds[1] if isinstance(preds, tuple) else preds
+        loss, parts = self.criterion(raw, ultralytics_targets(batch))
+        return loss, dict(zip(LOSS_NAMES, parts))
+
+    def init_criterion(self) -> ClassicLoss:
+        head = self.model[-1]
+        return ClassicLoss(head, LossGains().scaled(nc=head.nc, nl=head.nl, imgsz=self.args.imgsz))
+
+    def set_head_attr(self, **attributes) -> None:
+        """Ultralytics sets its own head's settings (max_det) through this; those the classic head lacks are no
+        concern of it (the classic head keeps every box until NMS)."""
+        head = self.model[-1]
+        for name, value in attributes.items():
+            if hasattr(head, name):
+                setattr(head, name, value)
+
+
+def anchor_free_layout(boxes: torch.Tensor) -> torch.Tensor:
+    """Classic eval boxes (batch, anchors, 5 + classes) as Ultralytics' (batch, 4 + classes, anchors): box in input
+    pixels (centre x, centre y, width, height), then objectness x class score per class."""
+    return torch.cat((boxes[..., :4], boxes[..., 4:5] * boxes[..., 5:]), 2).transpose(1, 2)
+
+
+def ultralytics_targets(batch: dict) -> torch.Tensor:
+    """An Ultralytics batch's labels as the classic loss takes them: (n, 6) rows of image, class, x, y, w, h."""
+    return torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+
+
+def as_training_model(model: DetectionModel) -> ClassicTrainingModel:
+    """The same module (no copy), trainable by Ultralytics."""
+    model.__class__ = ClassicTrainingModel
+    return model
+
+
+@contextmanager
+def plain_classic(model: nn.Module):
+    """Within the block, a ClassicTrainingModel is a plain DetectionModel: what is pickled into checkpoints and what
+    yoloslim.graph traces and recognises."""
+    swapped = type(model) is ClassicTrainingModel
+    if swapped:
+        model.__class__ = DetectionModel
+    try:
+        yield model
+    finally:
+        if swapped:
+            model.__class__ = ClassicTrainingModel
+
+
+class ClassicTraining:
+    """What makes a yoloslim trainer (a SafeDetectionTrainer subclass) train classic models; list it first among the
+    bases."""
+
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None, **kwargs):
+        # channels_last would convert every tensor the model holds, and the head's cached grids from the original's
+        # checkpoints are 5-D, which that memory format refuses
+        super().__init__(cfg or DEFAULT_CFG, {**(overrides or {}), "channels_last": False}, _callbacks, **kwargs)
+
+    def setup_model(self):
+        """The model from --model: a classic checkpoint (the original's format, or one a classic run wrote) or a classic
+        model yaml. Returns the checkpoint, which a resumed run continues."""
+        if isinstance(self.model, nn.Module):
+            return None
+        source = str(self.model)
+        if not source.endswith(".pt"):
+            self.model = self.get_model(cfg=source)
+            return None
+        weights, ckpt = read_classic_checkpoint(source)
+        self.model = self.get_model(cfg=weights.yaml, weights=weights)
+        return ckpt
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if isinstance(weights, nn.Module):
+            if not isinstance(weights, DetectionModel):
+                raise YoloslimError(
+                    f"the classic trainer takes the original YOLOv5 repository's models, not a {type(weights).__name__}"
+                )
+            return as_training_model(trainable_copy(weights, self.data["nc"]))
+        return as_training_model(DetectionModel(cfg, ch=self.data["channels"], nc=self.data["nc"]))
+
+    def lineage(self) -> dict:
+        source = self.args.resume if self.resume else self.args.model
+        if not hasattr(self, "_lineage") and in_original_format(source):  # which Ultralytics' loader cannot read
+            from yoloslim.models import load_classic_checkpoint
+
+            self._lineage = load_classic_checkpoint(source)[1].get(CHECKPOINT_KEY) or {}
+        return super().lineage()
+
+    def build_optimizer(self, model, *args, **kwargs):
+        with plain_classic(model):  # SparsityTrainer's penalty finds its BatchNorms through yoloslim.graph
+            return super().build_optimizer(model, *args, **kwargs)
+
+    def save_model(self):
+        with plain_classic(self.ema.ema):
+            return super().save_model()
+
+    def get_validator(self):
+        args = copy(self.args)
+        return ClassicValidator(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
+
+
+class ClassicValidator(DetectionValidator):
+    """Ultralytics' DetectionValidator for classic models: a checkpoint given by path (the final validation of best.pt)
+    runs as a ClassicTrainingModel, whose output is in the layout the validator reads."""
+
+    def __call__(self, trainer=None, model=None):
+        if trainer is None and isinstance(model, (str, Path)):
+            model = as_training_model(read_classic_checkpoint(model)[0])
+        return super().__call__(trainer=trainer, model=model)
+
+
+def read_classic_checkpoint(path: str | Path) -> tuple[DetectionModel, dict]:
+    """(model, checkpoint) of a classic checkpoint: the original's format through yoloslim's allow-list, or one that a
+    classic run of this module wrote (yoloslim's classes beside Ultralytics' entries), through Ultralytics."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from yoloslim.models import load_classic_checkpoint
+
+    if in_original_format(path):
+        return load_classic_checkpoint(path)
+    model, ckpt = load_checkpoint(path)
+    if not isinstance(model, DetectionModel):
+        raise YoloslimError(
+            f"{path} holds a {type(model).__module__}.{type(model).__name__}, not an anchor-based model of the "
+            "original YOLOv5 repository; pass such a checkpoint"
+        )
+    return model, ckpt
+
+
+def in_original_format(path: str | Path) -> bool:
+    """Whether a .pt file pickles the original repository's classes (its `models` package)."""
+    from yoloslim.utils.checks import pickled_modules
+
+    return str(path).endswith(".pt") and any(m.split(".")[0] == "models" for m in pickled_modules(Path(path)))
+
+
+class ClassicTrainer(ClassicTraining, SafeDetectionTrainer):
+    """Plain training of a classic model."""
+
+
+class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
+    """Sparsity training of a classic model (yoloslim.sparsity)."""
+
+    def _stop_check(self) -> dict:
+        with plain_classic(self.ema.ema):  # measured by a prune, which traces the model
+            return super()._stop_check()
+
+
+class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
+    """Finetuning of a (pruned) classic model, its widths kept (yoloslim.finetune). Distillation is not available:
+    Ultralytics' DistillationModel matches the features of its own heads."""
+
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
+        if (overrides or {}).get("distill_model"):
+            raise YoloslimError(
+                "distillation takes Ultralytics' anchor-free heads, not the original YOLOv5 repository's anchor-based "
+                "one; finetune without a teacher"
+            )
+        super().__init__(cfg, overrides, _callbacks)
