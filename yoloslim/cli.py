@@ -144,7 +144,8 @@ def _add_prune(commands) -> None:
         help="remove backbone, neck and head-inner channels for real",
         description="Channel pruning: smaller convolutions, consistent residual adds, concats and Detect head; "
         "writes an ordinary Ultralytics checkpoint and a report beside it. Give at most one amount: --ratio, "
-        "--threshold or --target-flops.",
+        "--threshold, --target-flops, or --target-latency or --target-fps with the --latency-table that yoloslim "
+        "profile measured on the target.",
     )
     sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
     _add_settings(sub, PruneConfig)
@@ -166,6 +167,10 @@ def _run_prune(args: argparse.Namespace) -> int:
     weights = args.weights or str(shipped_file("weights", SPARSE_BASELINE))
     result = prune(weights, _settings_from(PruneConfig, args), out=args.out, dry_run=args.dry_run)
     print(plan_table(result))
+    if result.latency:
+        from yoloslim.prune.latency import latency_lines
+
+        print("\n" + "\n".join(latency_lines(result.latency)))
     if result.out:
         print(f"\nwrote {result.out} and its report {result.report}")
     return 0
