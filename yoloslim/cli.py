@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloslim", description="Slim Ultralytics YOLOv5 detectors for edge devices.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
+    _add_profile(commands)
     _add_prune(commands)
     _add_finetune(commands)
     _add_eval(commands)
@@ -133,6 +134,30 @@ def _run_train(args: argparse.Namespace) -> int:
     weights = args.weights or str(shipped_file("weights", BASELINE))
     config = None if args.resume else _settings_from(SparsityConfig, args)  # a resumed run keeps its own settings
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
+    return 0
+
+
+def _add_profile(commands) -> None:
+    from yoloslim.profile import ProfileConfig
+
+    sub = commands.add_parser(
+        "profile",
+        help="measure on this device how latency depends on each prunable group's width (torch-free for .onnx)",
+        description="Times narrowed copies of the model on the backend it will run on, each interleaved with the "
+        "unpruned model, and fits a latency predictor checked on random plans it did not see. The table feeds "
+        "yoloslim prune --target-latency / --target-fps. Running the same command again continues an interrupted run.",
+    )
+    sub.add_argument("--weights", required=True, help="model.onnx (static shape) or best.pt (exported with torch)")
+    _add_settings(sub, ProfileConfig, skip=("multiples",))
+    sub.add_argument("--out", help="the table (default: <weights>-latency-BACKEND-PRECISION-Nt.json beside the input)")
+    sub.set_defaults(run=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from yoloslim.profile import ProfileConfig, profile, table_summary
+
+    table = profile(args.weights, _settings_from(ProfileConfig, args), out=args.out)
+    print(table_summary(table))
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from yoloslim.config import option
 from yoloslim.profile.groups import read_groups, slice_model
 from yoloslim.profile.plans import best_multiple, changed, random_plans, sweep_widths, uniform_plan
 from yoloslim.profile.predictor import Features, Predictor, relative_errors
@@ -34,27 +35,32 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_text_atomic
 
 TABLE_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "int8")
 PROBE_FRACTION = 0.4  # the rounding probes' prune: far enough from the full widths that misalignment shows
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    backend: str = "onnxruntime"
-    threads: Optional[int] = None  # ONNX Runtime's threads (default: all cores), recorded
-    precision: str = "fp32"
-    imgsz: Optional[int] = None  # for a .pt (default: its training size); an ONNX has its own
-    widths_per_group: int = 2
-    fit_plans: int = 16
-    check_plans: int = 10
-    rounds: int = 8  # interleaved rounds per measurement of one group; whole-model plans get twice as many
-    per_round: int = 3
-    multiples: Tuple[int, ...] = (1, 4, 8, 16, 32)
-    seed: int = 0
+    """What to profile on, and how many measurements."""
+
+    backend: str = option("onnxruntime", "the runtime the model will run on", choices=BACKENDS)
+    threads: Optional[int] = option(None, "ONNX Runtime threads (default: all cores), recorded")
+    precision: str = option(
+        "fp32", "precision of the ONNX (a .pt is exported in it; INT8 takes its Q/DQ ONNX)", choices=PRECISIONS
+    )
+    imgsz: Optional[int] = option(None, "export size of a .pt (default: its training size; an ONNX has its own)")
+    widths_per_group: int = option(2, "widths timed per group, spread over a fifth to four fifths of it")
+    fit_plans: int = option(16, "random whole-model plans timed for the fit")
+    check_plans: int = option(10, "random whole-model plans timed to check the predictor (at least 10)")
+    rounds: int = option(8, "interleaved rounds per measurement of one group; whole-model plans get twice as many")
+    per_round: int = option(3, "calls per round")
+    seed: int = option(0, "seed of the random plans")
+    multiples: Tuple[int, ...] = (1, 4, 8, 16, 32)  # rounding multiples probed
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise YoloslimError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
-        if self.precision not in ("fp32", "fp16", "int8"):
+        if self.precision not in PRECISIONS:
             raise YoloslimError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
         if self.threads is not None and self.threads < 1:
             raise YoloslimError(f"threads must be at least 1, got {self.threads}")
@@ -155,10 +161,33 @@ def _static_imgsz(model) -> int:
     return int(dims[2].dim_value)
 
 
-def _environment(config: ProfileConfig, threads: int) -> dict:
-    from yoloslim.bench import environment
+def _version(package: str) -> Optional[str]:
+    """A package's installed version, read from its metadata (importing torch only to ask would take seconds)."""
+    from importlib import metadata
 
-    env = environment(threads)
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _environment(config: ProfileConfig, threads: int) -> dict:
+    """What the figures depend on: the machine, the threads, the runtime's and yoloslim's versions."""
+    import platform
+
+    from yoloslim import __version__
+    from yoloslim.bench import cpu_name, cpu_vector_isa
+
+    env = {
+        "cpu": cpu_name(),
+        "cpu_vector_isa": cpu_vector_isa(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "machine": f"{platform.machine()} {platform.system()}",
+        "python": platform.python_version(),
+        "yoloslim": __version__,
+        **{name: _version(name) for name in ("onnxruntime", "onnx", "numpy", "tensorrt")},
+    }
     if config.backend == "tensorrt":
         from yoloslim.runtime.cuda import load_cuda
 

@@ -423,8 +423,17 @@ def slice_model(graph: ChannelGraph, widths: Dict[str, int]):
         if len(node.input) > 2:
             take(node.input[2], 0, out_idx)
     _rewrite_channel_constants(model, graph, index, inits, rewrite)
+    _drop_unused_initializers(model)
     del model.graph.value_info[:]
     return model
+
+
+def _drop_unused_initializers(model) -> None:
+    """Initializers that the rewritten Split and Slice nodes no longer read."""
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _weight_chain(name: str, producers: dict, inits: dict) -> list:
