@@ -151,9 +151,8 @@ def synthetic_timer(features: Features, coefficients: np.ndarray, calls: list, f
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """The handmade model and its features; the machine's facts (seconds of probing) are stubbed."""
-    monkeypatch.setattr("yoloslim.profile._environment", lambda config, threads: {"cpu": "test", "threads": threads})
+def tiny(tmp_path):
+    """The handmade model and its features."""
     path = tiny_onnx(tmp_path / "tiny.onnx")
     return path, Features.of_graph(read_groups(onnx.load(str(path))))
 
