@@ -227,3 +227,23 @@ def test_the_real_timer_profiles_a_tiny_model_without_torch(tmp_path):
 def test_a_precision_the_onnx_does_not_carry_is_refused(tmp_path):
     with pytest.raises(YoloslimError, match="pass --precision fp32"):
         profile(tiny_onnx(tmp_path / "tiny.onnx"), ProfileConfig(precision="fp16"), out=tmp_path / "t.json")
+
+
+def test_the_tensorrt_path_builds_each_copy_with_the_engine_builder(tmp_path, monkeypatch):
+    """Through the TensorRT stand-in at the API boundary (tests/trt_standin.py): each narrowed copy goes through
+    yoloslim's engine builder and runtime, and the table records the stand-in's version and GPU. It proves the calls
+    and the bookkeeping, never an engine or a timing: those need a device (pytest -m jetson)."""
+    from trt_standin import GPU, StandinCuda, make_tensorrt
+
+    from yoloslim.runtime import cuda as cuda_module
+
+    trt = make_tensorrt("10.3.0.30")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(cuda_module, "load_cuda", lambda: StandinCuda(trt))
+    config = ProfileConfig(backend="tensorrt", rounds=1, per_round=1, fit_plans=1, widths_per_group=1)
+    table = profile(tiny_onnx(tmp_path / "tiny.onnx"), config, out=tmp_path / "t.json", log=lambda s: None)
+    assert len(trt.calls) == len(table.data["measurements"]) + 1  # and the unpruned model's engine
+    assert all(call["builder_flags"] == [] for call in trt.calls)  # fp32
+    env = table.data["environment"]
+    assert env["tensorrt"] == "10.3.0.30" and env["compute_capability"] == GPU
+    assert table.describe().startswith("tensorrt fp32")

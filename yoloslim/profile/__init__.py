@@ -188,9 +188,11 @@ def _environment(config: ProfileConfig, threads: int) -> dict:
         "yoloslim": __version__,
         **{name: _version(name) for name in ("onnxruntime", "onnx", "numpy", "tensorrt")},
     }
-    if config.backend == "tensorrt":
+    if config.backend == "tensorrt":  # JetPack's tensorrt may carry no pip metadata: ask the module
         from yoloslim.runtime.cuda import load_cuda
+        from yoloslim.runtime.tensorrt import import_tensorrt
 
+        env["tensorrt"] = import_tensorrt().__version__
         device = load_cuda().device()
         env["device"] = device.get("name")
         env["compute_capability"] = device.get("compute_capability")
