@@ -145,7 +145,10 @@ class PruneConfig:
     def __post_init__(self):
         given = [k for k in _AMOUNTS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise YoloslimError(f"give only one of {', '.join(_AMOUNTS)}, not {' and '.join(given)}")
+            raise YoloslimError(
+                "give only one of ratio, threshold and target_flops (or one latency target, target_latency or "
+                f"target_fps), not {' and '.join(given)}"
+            )
         if not given:
             object.__setattr__(self, "target_flops", DEFAULT_TARGET_FLOPS)
         self._check_latency_target()

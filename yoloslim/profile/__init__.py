@@ -106,7 +106,8 @@ class LatencyTable:
         s = self.data["settings"]
         env = self.data["environment"]
         device = env.get("device") or env.get("cpu")
-        return f"{s['backend']} {s['precision']}, {s['threads']} threads, {s['imgsz']} px on {device}"
+        threads = f", {s['threads']} threads" if s["backend"] == "onnxruntime" else ""
+        return f"{s['backend']} {s['precision']}{threads}, {s['imgsz']} px on {device}"
 
 
 def file_sha256(path: Path) -> str:
