@@ -189,6 +189,7 @@ class _Walk:
         self.conv_outputs: Dict[str, np.ndarray] = {}  # weight -> its output elements
         self.splits: Dict[int, List[str]] = {}
         self.split_inputs: Dict[int, str] = {}
+        self.producers = {out: node for node in model.graph.node for out in node.output}
         for tensor in model.graph.input:
             if tensor.name not in self.inits:
                 self.chan[tensor.name] = self.elements.new(self._channels(tensor.name), fixed=True)
@@ -197,7 +198,7 @@ class _Walk:
         shape = self.shapes.get(name, [])
         return shape[1] if len(shape) == 4 and shape[1] > 0 else 0
 
-    def _hw(self, name: str) -> int:
+    def hw(self, name: str) -> int:
         shape = self.shapes.get(name, [])
         return int(np.prod(shape[2:])) if len(shape) == 4 else 0
 
@@ -221,7 +222,6 @@ class _Walk:
         return name
 
     def run(self):
-        self.producers = {out: node for node in self.model.graph.node for out in node.output}
         for index, node in enumerate(self.model.graph.node):
             handler = getattr(self, f"_{node.op_type.lower()}", None)
             if node.op_type in CHANNELWISE:
@@ -267,7 +267,7 @@ class _Walk:
             self.chan[out] = self.elements.new(shape[0], fixed=x in self.opaque)
         self.conv_outputs[weight] = self.chan[out]
         kernel = int(np.prod(shape[2:]))
-        self.convs.append(Conv(index, weight, x, out, kernel, depthwise, self._hw(out)))
+        self.convs.append(Conv(index, weight, x, out, kernel, depthwise, self.hw(out)))
 
     def _concat(self, index: int, node) -> None:
         axis = _attr(node, "axis")
@@ -342,7 +342,7 @@ def read_groups(model) -> ChannelGraph:
     for g in live:
         _order_in_sections(g, walk, tensors)
     ordered = [g for g in live if not g.fixed] + [g for g in live if g.fixed]
-    hw = {name: walk._hw(name) for name in walk.chan}
+    hw = {name: walk.hw(name) for name in walk.chan}
     return ChannelGraph(model, walk.convs, ordered, tensors, hw, walk.splits)
 
 
