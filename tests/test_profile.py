@@ -247,3 +247,32 @@ def test_the_tensorrt_path_builds_each_copy_with_the_engine_builder(tmp_path, mo
     env = table.data["environment"]
     assert env["tensorrt"] == "10.3.0.30" and env["compute_capability"] == GPU
     assert table.describe().startswith("tensorrt fp32")
+
+
+def test_int8_weights_behind_a_dequantize_are_sliced_with_their_scales(tmp_path):
+    """A Q/DQ model stores conv weights as int8 behind a DequantizeLinear with one scale per output channel: the
+    weight, its scales and its zero points are narrowed together."""
+    model = onnx.load(str(tiny_onnx(tmp_path / "tiny.onnx")))
+    inits = {t.name: t for t in model.graph.initializer}
+    weight = numpy_helper.to_array(inits["c.weight"])
+    scale = np.abs(weight).reshape(8, -1).max(1) / 127
+    quantized = np.round(weight / scale[:, None, None, None]).astype(np.int8)
+    inits["c.weight"].CopyFrom(numpy_helper.from_array(quantized, "c.weight"))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(scale.astype(np.float32), "c.scale"),
+            numpy_helper.from_array(np.zeros(8, np.int8), "c.zero"),
+        ]
+    )
+    conv = next(n for n in model.graph.node if n.name == "c")
+    conv.input[1] = "c.dequantized"
+    model.graph.node.insert(
+        list(model.graph.node).index(conv),
+        helper.make_node("DequantizeLinear", ["c.weight", "c.scale", "c.zero"], ["c.dequantized"], axis=0),
+    )
+    graph = read_groups(model)
+    assert {g.root for g in graph.prunable} == {"a.weight", "c.weight"}
+    sliced = slice_model(graph, {"a.weight": 3, "c.weight": 5})
+    shapes = {t.name: tuple(t.dims) for t in sliced.graph.initializer}
+    assert shapes["c.weight"] == (5, 6, 1, 1) and shapes["c.scale"] == shapes["c.zero"] == (5,)
+    assert run(sliced).shape == (1, 5, 1024)
