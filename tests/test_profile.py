@@ -276,3 +276,9 @@ def test_int8_weights_behind_a_dequantize_are_sliced_with_their_scales(tmp_path)
     shapes = {t.name: tuple(t.dims) for t in sliced.graph.initializer}
     assert shapes["c.weight"] == (5, 6, 1, 1) and shapes["c.scale"] == shapes["c.zero"] == (5,)
     assert run(sliced).shape == (1, 5, 1024)
+
+
+def test_without_the_onnx_package_profile_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as on a device with the base install only
+    with pytest.raises(YoloslimError, match="pip install onnx"):
+        profile(tmp_path / "model.onnx", ProfileConfig(), out=tmp_path / "t.json")

@@ -251,7 +251,10 @@ def profile(
     """
     import tempfile
 
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise YoloslimError("profile reads the model's graph with the onnx package; pip install onnx") from None
 
     from yoloslim.profile.timing import Timer
 
