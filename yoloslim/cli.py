@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloslim", description="Slim Ultralytics YOLOv5 detectors for edge devices.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
+    _add_profile(commands)
     _add_prune(commands)
     _add_finetune(commands)
     _add_eval(commands)
@@ -136,6 +137,30 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_profile(commands) -> None:
+    from yoloslim.profile import ProfileConfig
+
+    sub = commands.add_parser(
+        "profile",
+        help="measure on this device how latency depends on each prunable group's width (torch-free for .onnx)",
+        description="Times narrowed copies of the model on the backend it will run on, each interleaved with the "
+        "unpruned model, and fits a latency predictor checked on random plans it did not see. The table feeds "
+        "yoloslim prune --target-latency / --target-fps. Running the same command again continues an interrupted run.",
+    )
+    sub.add_argument("--weights", required=True, help="model.onnx (static shape) or best.pt (exported with torch)")
+    _add_settings(sub, ProfileConfig, skip=("multiples",))
+    sub.add_argument("--out", help="the table (default: <weights>-latency-BACKEND-PRECISION-Nt.json beside the input)")
+    sub.set_defaults(run=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from yoloslim.profile import ProfileConfig, profile, table_summary
+
+    table = profile(args.weights, _settings_from(ProfileConfig, args), out=args.out)
+    print(table_summary(table))
+    return 0
+
+
 def _add_prune(commands) -> None:
     from yoloslim.config import PruneConfig
 
@@ -144,7 +169,8 @@ def _add_prune(commands) -> None:
         help="remove backbone, neck and head-inner channels for real",
         description="Channel pruning: smaller convolutions, consistent residual adds, concats and Detect head; "
         "writes an ordinary Ultralytics checkpoint and a report beside it. Give at most one amount: --ratio, "
-        "--threshold or --target-flops.",
+        "--threshold, --target-flops, or --target-latency or --target-fps with the --latency-table that yoloslim "
+        "profile measured on the target.",
     )
     sub.add_argument("--weights", help=f"detection checkpoint (default: the shipped {SPARSE_BASELINE})")
     _add_settings(sub, PruneConfig)
@@ -166,6 +192,10 @@ def _run_prune(args: argparse.Namespace) -> int:
     weights = args.weights or str(shipped_file("weights", SPARSE_BASELINE))
     result = prune(weights, _settings_from(PruneConfig, args), out=args.out, dry_run=args.dry_run)
     print(plan_table(result))
+    if result.latency:
+        from yoloslim.prune.latency import latency_lines
+
+        print("\n" + "\n".join(latency_lines(result.latency)))
     if result.out:
         print(f"\nwrote {result.out} and its report {result.report}")
     return 0

@@ -104,10 +104,15 @@ class SparsityConfig:
 DEFAULT_TARGET_FLOPS = 0.5
 
 
+# Rounding when no latency table says better: FP16 tensor cores take channels in multiples of 8.
+DEFAULT_ROUND_TO = 8
+_AMOUNTS = ("ratio", "threshold", "target_flops", "target_latency", "target_fps")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    """How much to prune and how. Give at most one of ratio, threshold and target_flops; with none, target_flops is
-    DEFAULT_TARGET_FLOPS."""
+    """How much to prune and how. Give at most one of ratio, threshold, target_flops, target_latency and target_fps;
+    with none, target_flops is DEFAULT_TARGET_FLOPS. The latency targets need latency_table."""
 
     method: Literal["bn", "l1"] = option(
         "bn",
@@ -119,21 +124,36 @@ class PruneConfig:
     target_flops: Optional[float] = option(
         None, f"fraction of the original GFLOPs to keep ({DEFAULT_TARGET_FLOPS} when no amount is given)"
     )
+    target_latency: Optional[float] = option(
+        None, "fraction of the unpruned model's latency on the profiled target to reach (needs latency_table)"
+    )
+    target_fps: Optional[float] = option(
+        None, "frames per second to reach on the profiled target (needs latency_table)"
+    )
+    latency_table: Optional[str] = option(
+        None, "latency table of the target from yoloslim profile: for the latency targets and the predicted latency"
+    )
     min_keep: float = option(0.1, "per-layer minimum fraction of channels kept")
-    round_to: int = option(
-        8,
-        "kept widths are multiples of this (8: TensorRT FP16; 32: INT8 on Orin; 16: ONNX Runtime "
-        "on AVX-512 CPUs; 1: off)",
+    round_to: Optional[int] = option(
+        None,
+        f"kept widths are multiples of this (default {DEFAULT_ROUND_TO}, or the latency table's best multiple; "
+        "8: TensorRT FP16; 32: INT8 on Orin; 16: ONNX Runtime on AVX-512 CPUs; 1: off)",
     )
     compensate: bool = option(True, "fold removed channels' constant output into their consumers")
     imgsz: int = option(640, "image size of the GFLOPs figures (a multiple of 32)")
 
     def __post_init__(self):
-        given = [k for k in ("ratio", "threshold", "target_flops") if getattr(self, k) is not None]
+        given = [k for k in _AMOUNTS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise YoloslimError(f"give only one of ratio, threshold and target_flops, not {' and '.join(given)}")
+            raise YoloslimError(
+                "give only one of ratio, threshold and target_flops (or one latency target, target_latency or "
+                f"target_fps), not {' and '.join(given)}"
+            )
         if not given:
             object.__setattr__(self, "target_flops", DEFAULT_TARGET_FLOPS)
+        self._check_latency_target()
+        if self.round_to is None and self.latency_table is None:
+            object.__setattr__(self, "round_to", DEFAULT_ROUND_TO)
         if self.method not in ("bn", "l1"):
             raise YoloslimError(f"unknown pruning criterion {self.method!r}; use bn or l1")
         if self.ratio is not None and not 0 <= self.ratio < 1:
@@ -144,11 +164,23 @@ class PruneConfig:
             raise YoloslimError(f"threshold must be >= 0, got {self.threshold}")
         if not 0 <= self.min_keep <= 1:
             raise YoloslimError(f"min_keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise YoloslimError(f"round_to must be >= 1, got {self.round_to}")
         # Ultralytics' GFLOPs count is 0 for other sizes, which would void target_flops
         if self.imgsz < 32 or self.imgsz % 32:
             raise YoloslimError(f"imgsz must be a multiple of 32 (the detector's largest stride), got {self.imgsz}")
+
+    def _check_latency_target(self) -> None:
+        if self.target_latency is not None and not 0 < self.target_latency <= 1:
+            raise YoloslimError(
+                f"target_latency is the fraction of the unpruned latency to reach, in (0, 1]; got {self.target_latency}"
+            )
+        if self.target_fps is not None and not self.target_fps > 0:
+            raise YoloslimError(f"target_fps must be > 0, got {self.target_fps}")
+        if (self.target_latency is not None or self.target_fps is not None) and self.latency_table is None:
+            raise YoloslimError(
+                "target_latency and target_fps need latency_table, the table yoloslim profile measured on the target"
+            )
 
 
 # slim's epoch budget beyond the base: 50, 29 of them sparsity training, gave the measured license-plate result

@@ -50,6 +50,7 @@ class PruneResult:
     scores: list = field(repr=False, default_factory=list)  # per-group channel scores (for the histogram)
     out: Path | None = None  # the checkpoint written, and its report (None for a dry run)
     report: Path | None = None
+    latency: dict | None = None  # predicted (and measured) latency on a profiled target, with a latency table
 
     def metadata(self, source: Path) -> dict:
         """Plain-typed prune metadata stored in the checkpoint (readable with ULTRALYTICS_SAFE_LOAD=1)."""
@@ -63,6 +64,7 @@ class PruneResult:
             "before": self.before,
             "after": self.after,
             "widths": self.widths,
+            **({"latency": self.latency} if self.latency else {}),
         }
 
 
@@ -75,6 +77,7 @@ class Planned:
     scores: list
     threshold: float
     plans: list[GroupPlan]
+    latency: dict | None = None
 
 
 def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = None) -> Planned:
@@ -82,6 +85,8 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
     graph, groups = build_graph(model)
     importance = IMPORTANCES[config.method]
     scores = [importance(graph, g) for g in groups]
+    if config.target_latency is not None or config.target_fps is not None:
+        return _plan_for_latency(model, graph, groups, scores, config)
     if config.ratio is not None:
         threshold, above = cut_score(scores, config.ratio), above_ratio(scores, config.ratio)
     else:
@@ -91,11 +96,32 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
             gflops = gflops if gflops is not None else model_stats(model, config.imgsz)["gflops"]
             threshold = _threshold_for_flops(model, [g.root for g in groups], scores, config, gflops)
         above = above_threshold(scores, threshold)
-    return Planned(graph, groups, scores, threshold, plan_groups(groups, scores, above, config))
+    plans = plan_groups(groups, scores, above, config)
+    return Planned(graph, groups, scores, threshold, plans, _predicted_latency(model, graph, groups, plans, config))
+
+
+def _plan_for_latency(model, graph, groups, scores, config) -> Planned:
+    """The knapsack's plan for a latency target (prune/latency.py); no single threshold cuts it."""
+    from yoloslim.prune.latency import plan_for_latency
+
+    plans, latency = plan_for_latency(model, graph, groups, scores, config)
+    return Planned(graph, groups, scores, -math.inf, plans, latency)
+
+
+def _predicted_latency(model, graph, groups, plans, config) -> dict | None:
+    """With a latency table, what it predicts for a plan made by another amount."""
+    if config.latency_table is None:
+        return None
+    from yoloslim.prune.latency import predicted_latency
+
+    return predicted_latency(model, graph, groups, plans, config)
 
 
 def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
     """Prune a float32 detection model (a copy is pruned; `model` is left alone)."""
+    from yoloslim.prune.latency import resolve_rounding
+
+    config = resolve_rounding(config)
     model = deepcopy(model).float().cpu().eval()
     before_widths = conv_widths(model)
     before = model_stats(model, config.imgsz)
@@ -111,6 +137,7 @@ def prune_model(model: nn.Module, config: PruneConfig) -> PruneResult:
         after=model_stats(model, config.imgsz),
         widths={k: [before_widths[k], after_widths[k]] for k in before_widths},
         scores=[s.tolist() for s in planned.scores],
+        latency=planned.latency,
     )
 
 
@@ -185,7 +212,15 @@ def prune(
         return result
     save_pruned_checkpoint(result, ckpt, weights, out)
     result.out = out
+    if result.latency:
+        from yoloslim.prune.latency import measure_pruned
+
+        result.latency.update(measure_pruned(weights, out, config))
     result.report = write_prune_report(result)
+    if result.latency:
+        from yoloslim.prune.latency import append_latency_report
+
+        append_latency_report(result)
     return result
 
 

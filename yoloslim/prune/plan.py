@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from yoloslim.config import PruneConfig
+from yoloslim.profile.plans import round_channels
 
 
 @dataclass
@@ -20,13 +21,6 @@ class GroupPlan:
     def removed(self) -> list[int]:
         kept = set(self.keep)
         return [i for i in range(self.size) if i not in kept]
-
-
-def round_channels(count: int, size: int, round_to: int) -> int:
-    """Round a kept width up to a multiple of round_to, within [round_to, size]; a layer that narrow stays whole."""
-    if size <= round_to:
-        return size
-    return min(size, max(round_to, math.ceil(count / round_to) * round_to))
 
 
 def above_threshold(scores: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
@@ -65,10 +59,17 @@ def plan_groups(
         size = len(parts[0])
         count = max(int(mask[part].sum()) for part in parts)
         width = round_channels(max(count, math.ceil(config.min_keep * size), 1), size, config.round_to)
-        best = [torch.argsort(s[part], descending=True, stable=True)[:width].tolist() for part in parts]
-        keep = [part[i] for part, order in zip(parts, best) for i in order]
-        plans.append(GroupPlan(root=group.root, size=len(s), keep=keep))
+        plans.append(keep_best(group, s, width))
     return plans
+
+
+def keep_best(group, scores: torch.Tensor, width: int) -> GroupPlan:
+    """The group's `width` best channels of each equal part (of the whole group if it has none)."""
+    parts = group.parts or [list(range(len(scores)))]
+    best = [torch.argsort(scores[part], descending=True, stable=True)[:width].tolist() for part in parts]
+    return GroupPlan(
+        root=group.root, size=len(scores), keep=[part[i] for part, order in zip(parts, best) for i in order]
+    )
 
 
 def removed_fraction(plans: list[GroupPlan]) -> float:
