@@ -41,6 +41,12 @@ def main() -> None:
     parser.add_argument("--yolov5", type=Path, required=True, help="git clone (or source tree) of the original")
     parser.add_argument("--tag", default="v7.0", help="release to run, when --yolov5 is a git clone")
     parser.add_argument("--python", default=sys.executable, help="interpreter with the original's requirements")
+    parser.add_argument(
+        "--extra-path",
+        type=Path,
+        help="folder put on the original's PYTHONPATH: the onnxscript and onnx_ir packages (pip install --target "
+        "DIR --no-deps onnxscript onnx_ir), without which torch >= 2.9 fails the original export.py",
+    )
     parser.add_argument("--weights", type=Path, nargs="*", default=[], help="checkpoints (default: a built yolov5n)")
     parser.add_argument("--target-flops", type=float, default=0.5)
     parser.add_argument("--method", default="bn", choices=("bn", "l1"))
@@ -64,7 +70,7 @@ def main() -> None:
 
 def check_all(args, tmp: Path) -> list[dict]:
     release = extract_release(args.yolov5.resolve(), args.tag, tmp / "release")
-    run = Runner(args.python, offline_config_dir(tmp / "config"), release)
+    run = Runner(args.python, offline_config_dir(tmp / "config"), release, args.extra_path)
     weights = list(args.weights)
     if not weights:
         weights = [tmp / "yolov5n.pt"]
@@ -219,11 +225,13 @@ def time_onnx(models: dict, imgsz: int, rounds: int) -> dict:
 class Runner:
     """Runs this script's worker jobs, and the original's own scripts, inside the extracted release."""
 
-    def __init__(self, python: str, config_dir: Path, release: Path):
+    def __init__(self, python: str, config_dir: Path, release: Path, extra_path: Path | None = None):
         self.python, self.release = python, release
         # torch >= 2.6 would refuse the numpy scalars the original pickles; the font check would download
         self.env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(config_dir)}
         self.env.update(HOME=str(config_dir), PATH="/usr/bin:/bin")
+        if extra_path:
+            self.env["PYTHONPATH"] = str(extra_path.resolve())
 
     def job(self, name: str, *args) -> None:
         done = self.script([__file__, "--yolov5", self.release, "--worker", name, *args])
