@@ -242,6 +242,16 @@ def test_yoloslims_loader_reads_the_pruned_checkpoint_back(name, pruned):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_an_anchor_grid_buffer_is_saved_as_its_levels(pruned):
+    """Before v6.0 the head's anchor_grid was a buffer, which those releases' code reads; since v6.0 it is a list that
+    the code recomputes. The pruned file holds the list, with the buffer's values, which both read."""
+    weights, result = pruned["v5.0-best"]
+    buffer = unpickle_raw(weights)["model"].model[-1].anchor_grid
+    saved = unpickle_raw(result.out)["model"].model[-1].anchor_grid
+    assert isinstance(buffer, torch.Tensor) and isinstance(saved, list) and len(saved) == len(buffer)
+    assert all(torch.equal(level, want) for level, want in zip(saved, buffer))
+
+
 def test_a_repeated_prune_keeps_the_history(pruned, tmp_path):
     once = pruned["v6.0-best"][1].out
     twice = prune(once, PruneConfig(ratio=0.2, imgsz=64), out=tmp_path / "twice.pt").out

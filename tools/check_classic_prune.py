@@ -301,7 +301,7 @@ def job_attempt_load(weights: str, image: str, out: str) -> None:
     import torch
     from models.experimental import attempt_load
 
-    model = attempt_load(weights, device=torch.device("cpu"), fuse=True)
+    model = attempt_load(weights, torch.device("cpu"))  # fused; the device is the second argument in every release
     with torch.no_grad():
         boxes = model(torch.from_numpy(np.load(image)))[0]
     modules = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()})
