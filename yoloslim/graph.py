@@ -1,9 +1,12 @@
-"""What is coupled: torch-pruning's dependency graph over an Ultralytics detection model, and the model's size.
+"""What is coupled: torch-pruning's dependency graph over a detection model, and the model's size.
 
 Below both sparsity training and pruning: model families add their coupling rules here and nowhere else, one
 CouplingRule per module type in RULES. A model holding only module types that have a rule is accepted, whatever its
-yaml calls itself (YOLOv3u, YOLOv5u, YOLOv8, YOLO11 and YOLO26 detection models, P2 to P6); anything else is refused
-with a message naming the task or the modules.
+yaml calls itself (Ultralytics' YOLOv3u, YOLOv5u, YOLOv8, YOLO11 and YOLO26 detection models, P2 to P6, and the
+original YOLOv5 repository's anchor-based models that yoloslim.models implements); anything else is refused with a
+message naming the task or the modules. Ultralytics' module types are keyed by class name; yoloslim's classic ones by
+the path the original repository gives them (models.common.C3, models.yolo.Detect), since several share a class name
+with Ultralytics' (Conv, C3, Detect, DetectionModel) but not its layout.
 
 A ChannelGroup is one set of output channels that must shrink together: a conv and its BatchNorm, plus every conv
 joined to it by a residual add (Bottleneck, C3, C2f's chain of blocks, the residual SPPF), with the consumers' input
@@ -36,6 +39,13 @@ How each module type is traced (its `trace`, a forward with the same result that
   conv's output of the C2PSA or C3k2 around them (both halves, as they keep equal counts). What stays prunable there:
   the feed-forward's hidden channels, the inner Bottleneck's hidden channels, and the block's output.
 
+- The original repository's modules (Conv, Bottleneck with or without its shortcut, C3, BottleneckCSP, SPPF, SPP,
+  Focus, Concat, nn.Upsample) trace as they run: torch-pruning follows their adds and whole-tensor concats as they
+  are. BottleneckCSP's two plain convolutions meet in one BatchNorm after their concat, so each owns its half of that
+  BatchNorm's channels; Focus's strided slices act on the image, whose channels stay. The anchor-based Detect head is
+  traced down to its three output convolutions (the reshape and decoding that follow couple nothing): those keep
+  their anchors x (5 + classes) outputs, and the neck channels feeding them are pruned like any other input.
+
 Bias compensation (prune/apply.py) sees none of this: it works on each consuming conv's input, which a split or a
 slice only selects, so it is as exact through a split as through a concat.
 """
@@ -52,6 +62,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
+from yoloslim.models.yolo import DetectionModel as ClassicDetectionModel
+from yoloslim.models.yolo import original_path
 from yoloslim.utils.errors import YoloslimError
 
 SUPPORTED_TABLE = "the supported models table in README.md"
@@ -124,6 +136,20 @@ def _detect_fixed(head) -> list:
     return [*fixed, head.dfl] if isinstance(head.dfl, nn.Module) else fixed
 
 
+def _anchor_detect_trace(head, tracing: _Tracing, x):
+    return [conv(feature) for conv, feature in zip(head.m, x)]
+
+
+def _anchor_detect_fixed(head) -> list:
+    return list(head.m)
+
+
+def _refresh_layer_parameter_counts(model) -> None:
+    """The original's model summary prints each layer's `np`, counted when it was built."""
+    for layer in model.model:
+        layer.np = sum(p.numel() for p in layer.parameters())
+
+
 def _attention_fixed(attention) -> list:
     return [attention.qkv.conv, attention.pe.conv, attention.proj.conv]
 
@@ -159,6 +185,13 @@ RULES: dict[str, CouplingRule] = {
     "C2PSA": CouplingRule(trace=_c2psa_trace, equal_parts=_split_halves, refresh=_refresh_half_width),
     "Attention": CouplingRule(fixed=_attention_fixed),
     "Detect": CouplingRule(trace=_detect_trace, fixed=_detect_fixed),
+    # The original YOLOv5 repository's anchor-based models (yoloslim.models), keyed by their original paths.
+    **{
+        f"models.common.{name}": CouplingRule()
+        for name in ("Conv", "Bottleneck", "C3", "BottleneckCSP", "SPPF", "SPP", "Focus", "Concat")
+    },
+    "models.yolo.Detect": CouplingRule(trace=_anchor_detect_trace, fixed=_anchor_detect_fixed),
+    "models.yolo.DetectionModel": CouplingRule(refresh=_refresh_layer_parameter_counts),
 }
 
 # Heads of the tasks and families yoloslim does not prune, named in the refusal.
@@ -193,12 +226,12 @@ class ChannelGroup:
 
 def check_supported(model: nn.Module) -> None:
     """Refuse models whose coupling the tests do not cover: better a clear no than a broken checkpoint."""
-    names = {type(m).__name__ for m in model.modules()}
+    names = {rule_key(m) for m in model.modules()}
     heads = sorted(names & set(_OTHER_TASKS))
     if heads:
         found = f"this model's {heads[0]} head ({_OTHER_TASKS[heads[0]]}) is not one that yoloslim prunes"
     else:
-        activations = {type(m).__name__ for m in model.modules() if _is_activation(m)}
+        activations = {rule_key(m) for m in model.modules() if _is_activation(m)}
         unsupported = {n for n in names if n not in RULES} - activations
         unsupported |= {"grouped convolutions" for m in model.modules() if _is_grouped(m)}
         if not unsupported:
@@ -216,9 +249,16 @@ def _is_grouped(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups != module.out_channels
 
 
+def rule_key(module: nn.Module) -> str:
+    """The module's entry in RULES: its class name, or for yoloslim's classic modules their original path."""
+    cls = type(module)
+    return original_path(cls) if cls.__module__.startswith("yoloslim.models.") else cls.__name__
+
+
 def _rules(model: nn.Module):
     """(module, its rule) for every module of the model."""
-    return [(m, RULES[type(m).__name__]) for m in model.modules() if type(m).__name__ in RULES]
+    keyed = [(m, rule_key(m)) for m in model.modules()]
+    return [(m, RULES[key]) for m, key in keyed if key in RULES]
 
 
 def fixed_layers(model: nn.Module) -> list[nn.Module]:
@@ -356,7 +396,18 @@ def model_stats(model: nn.Module, imgsz: int) -> dict:
     if len(_head_branches(model.model[-1])) > 1:
         counted = deepcopy(model)
         counted.model[-1].fuse()
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(get_flops(counted, imgsz)), 4)}
+    gflops = _classic_gflops(model, imgsz) if isinstance(model, ClassicDetectionModel) else get_flops(counted, imgsz)
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(gflops), 4)}
+
+
+def _classic_gflops(model: ClassicDetectionModel, imgsz: int) -> float:
+    """Ultralytics' count (thop, extrapolated from stride-sized images) on an image of the yaml's channels: Ultralytics
+    takes them from the first weight, which a Focus stem (four pixel phases stacked) has four times over."""
+    import thop
+
+    image = torch.empty(1, model.yaml["ch"], imgsz, imgsz)
+    stride = max(int(model.stride.max()), 32)
+    return thop.profile(model, inputs=[image], stride=stride, verbose=False)[0] / 1e9 * 2
 
 
 def conv_widths(model: nn.Module) -> dict[str, int]:

@@ -86,8 +86,12 @@ def _update_earlier_releases(model: DetectionModel) -> None:
     """What the original's own loader updates in checkpoints of earlier releases and torch versions."""
     head = model.model[-1]
     if not isinstance(head.anchor_grid, list):  # before v6.0, a buffer; yoloslim computes it from the anchors
+        # A list of its levels, as the original's loader since v6.0 makes it (its Detect recomputes them), holding
+        # their values rather than its placeholders, so that a pruned model saved from it runs on earlier releases'
+        # code too, which reads them.
+        levels = list(head.anchor_grid.unbind(0))
         del head.anchor_grid
-        head.anchor_grid = [torch.zeros(1)] * head.nl
+        head.anchor_grid = levels
     for m in model.modules():
         if isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):  # pickled by torch < 1.11
             m.recompute_scale_factor = None

@@ -34,7 +34,7 @@ OTHER_TASKS = {
     "models.common.Classify": "classification",
 }
 
-_ORIGINAL_CLASSES = {
+ORIGINAL_CLASSES = {
     **{
         f"models.common.{cls.__name__}": cls
         for cls in (
@@ -102,7 +102,7 @@ def _path_classes() -> dict:
 
 
 ALLOWED = {
-    **_ORIGINAL_CLASSES,
+    **ORIGINAL_CLASSES,
     **{f"{cls.__module__}.{cls.__qualname__}": cls for cls in _TORCH_LAYERS},
     "torch._utils._rebuild_tensor_v2": torch_utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch_utils._rebuild_parameter,

@@ -153,7 +153,7 @@ def build_layers(spec: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
         repeats = max(round(n * spec["depth_multiple"]), 1) if n > 1 else n
         args, c2, repeats = _layer_arguments(module, f, args, repeats, widths, spec["width_multiple"], outputs)
         layer = nn.Sequential(*(module(*args) for _ in range(repeats))) if repeats > 1 else module(*args)
-        layer.i, layer.f, layer.type = i, f, _original_path(module)
+        layer.i, layer.f, layer.type = i, f, original_path(module)
         layer.np = sum(p.numel() for p in layer.parameters())
         save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
         layers.append(layer)
@@ -205,7 +205,7 @@ def _module_class(name):
     return _MODULES[name]
 
 
-def _original_path(module: type) -> str:
+def original_path(module: type) -> str:
     """The class path the original repository records in each layer's `type`, e.g. models.common.C3."""
     package = module.__module__
     if package.startswith("yoloslim."):

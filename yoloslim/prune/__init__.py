@@ -1,7 +1,9 @@
-"""Channel pruning of Ultralytics YOLO detectors: `prune()` is the API under `yoloslim prune`.
+"""Channel pruning of YOLO detectors: `prune()` is the API under `yoloslim prune`.
 
 graph.py says what is coupled, importance.py what matters, plan.py which channels go, apply.py removes them (with
-bias compensation), report.py shows the result. The output is an ordinary Ultralytics checkpoint.
+bias compensation), report.py shows the result. The output is a checkpoint in its input's format: an ordinary
+Ultralytics checkpoint, or for the original YOLOv5 repository's anchor-based models one that repository's own tools
+load (yoloslim.models.save).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from yoloslim.graph import build_graph, conv_widths, model_stats
+from yoloslim.models.save import original_names, save_original_format
+from yoloslim.models.yolo import DetectionModel as ClassicDetectionModel
 from yoloslim.prune.apply import apply_plan
 from yoloslim.prune.importance import IMPORTANCES
 from yoloslim.prune.plan import (
@@ -196,13 +200,14 @@ def default_output(weights: Path) -> Path:
 def prune(
     weights: str | Path, config: PruneConfig | None = None, out: str | Path | None = None, dry_run: bool = False
 ) -> PruneResult:
-    """Prune a checkpoint; unless dry_run, write an ordinary Ultralytics checkpoint and its report beside it."""
+    """Prune a checkpoint; unless dry_run, write it in the input's format (Ultralytics', or the original YOLOv5
+    repository's) and its report beside it."""
     from yoloslim.prune.report import write_prune_report
     from yoloslim.utils.checks import load_detection_checkpoint
 
     config = config or PruneConfig()
     weights = Path(weights)
-    model, ckpt = load_detection_checkpoint(weights)
+    model, ckpt = load_detection_checkpoint(weights, classic=True)
     if not dry_run:
         out = output_path(out, default_output(weights), weights)
         if out.suffix != ".pt":  # Ultralytics loads checkpoints by their suffix
@@ -210,7 +215,11 @@ def prune(
     result = prune_model(model, config)
     if dry_run:
         return result
-    save_pruned_checkpoint(result, ckpt, weights, out)
+    if isinstance(model, ClassicDetectionModel):
+        metadata = yoloslim_metadata(result, ckpt, weights)
+        save_original_format(result.model, ckpt, out, original_names(weights), metadata)
+    else:
+        save_pruned_checkpoint(result, ckpt, weights, out)
     result.out = out
     if result.latency:
         from yoloslim.prune.latency import measure_pruned
@@ -224,6 +233,14 @@ def prune(
     return result
 
 
+def yoloslim_metadata(result: PruneResult, ckpt: dict, source: Path) -> dict:
+    """The checkpoint's yoloslim metadata: this prune under "prune", an earlier one's moved to "earlier_prunes"."""
+    previous = checkpoint_metadata(ckpt)
+    if "prune" in previous:  # pruning a pruned model: keep the history, latest under "prune"
+        previous["earlier_prunes"] = [*previous.get("earlier_prunes", []), previous.pop("prune")]
+    return {**previous, "prune": result.metadata(source)}
+
+
 def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: Path) -> None:
     from ultralytics import __version__
 
@@ -232,9 +249,6 @@ def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: P
         p.requires_grad_(False)
     model.args = dict(getattr(model, "args", {}) or {})
     carried = {k: ckpt.get(k) for k in ("train_args", "license", "docs") if k in ckpt}
-    previous = checkpoint_metadata(ckpt)
-    if "prune" in previous:  # pruning a pruned model: keep the history, latest under "prune"
-        previous["earlier_prunes"] = [*previous.get("earlier_prunes", []), previous.pop("prune")]
     payload = {
         **carried,
         "date": datetime.now().astimezone().isoformat(),
@@ -246,6 +260,6 @@ def save_pruned_checkpoint(result: PruneResult, ckpt: dict, source: Path, out: P
         "updates": None,
         "optimizer": None,
     }
-    set_checkpoint_metadata(model, {**previous, "prune": result.metadata(source)})
+    set_checkpoint_metadata(model, yoloslim_metadata(result, ckpt, source))
     with atomic_path(out) as tmp:
         torch.save(payload, tmp)
