@@ -20,6 +20,10 @@ What it writes (tiny models, 3 classes; docs/classic-yolov5.md describes each fi
   implement), saved as v7.0's segment/, classify/ and train.py save them, stripped.
 - inputs.npz: the test images; <checkpoint>.npz: per image, the eval-mode boxes and the training-mode raw maps,
   and per-tensor sums of the model that v7.0's code builds from the checkpoint's yaml after torch.manual_seed(0).
+- val/ (--only val writes it alone): a few generated images with labels and a data.yaml; v7.0-val.pt, yolov5n.yaml
+  at width 1/16 trained from scratch by v7.0's train.py on other generated images of the same kind; val.json, the
+  metrics that v7.0's val.py reports for that model on those images with its defaults, which
+  tests/test_classic_deploy.py compares `yoloslim eval` against.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ def main() -> None:
     parser.add_argument("--yolov5", type=Path, required=True, help="git clone of github.com/ultralytics/yolov5")
     parser.add_argument("--python", default=sys.executable, help="interpreter with the original's requirements")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "classic")
+    parser.add_argument(
+        "--only", choices=("checkpoints", "val"), help="write only the checkpoint fixtures, or only val/ (default both)"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # a job run inside an extracted release
     args = parser.parse_args()
     if args.worker:
@@ -94,16 +101,21 @@ def main() -> None:
         WORKER_JOBS[args.worker[0]](*args.worker[1:])
         return
     with tempfile.TemporaryDirectory(prefix="classic-fixtures-") as tmp:
-        make_fixtures(args.yolov5.resolve(), args.python, args.out.resolve(), Path(tmp))
+        repo, out, tmp = args.yolov5.resolve(), args.out.resolve(), Path(tmp)
+        run = Runner(args.python, offline_config_dir(tmp / "config"))
+        if args.only != "val":
+            make_fixtures(repo, run, out, tmp)
+        if args.only != "checkpoints":
+            make_val_fixture(extract_release(repo, "v7.0", tmp / "val-v7.0"), run, out / "val", tmp / "val-work")
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            print(f"{path.stat().st_size:>8}  {path}")
 
 
-def make_fixtures(repo: Path, python: str, out: Path, tmp: Path) -> None:
+def make_fixtures(repo: Path, run: Runner, out: Path, tmp: Path) -> None:
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
     releases = {tag: extract_release(repo, tag, tmp / tag) for tag in RELEASES}
-    config_dir = offline_config_dir(tmp / "config")
-    run = Runner(python, config_dir)
     yamls = {name: write_json(tmp / f"{name}.json", spec) for name, spec in LAYOUTS.items()}
 
     rng = np.random.default_rng(0)
@@ -121,8 +133,6 @@ def make_fixtures(repo: Path, python: str, out: Path, tmp: Path) -> None:
         run.job(releases[release], "reference", out / f"{name}.pt", out / "inputs.npz", tmp / f"{name}-outputs.npz")
         run.job(releases["v7.0"], "fresh", out / f"{name}.pt", tmp / f"{name}-fresh.npz")
         merge_npz(out / f"{name}.npz", tmp / f"{name}-outputs.npz", tmp / f"{name}-fresh.npz")
-    for path in sorted(out.iterdir()):
-        print(f"{path.stat().st_size:>8}  {path}")
 
 
 class Runner:
@@ -132,6 +142,8 @@ class Runner:
         self.python = python
         # torch >= 2.6 would refuse the numpy scalars the original pickles; the font check would download
         self.env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(config_dir)}
+        # one thread: on a busy machine torch's threads wait for one another, and training slows several times over
+        self.env["OMP_NUM_THREADS"] = "1"
         self.env.update(HOME=str(config_dir), PATH="/usr/bin:/bin")
 
     def job(self, release: Path, name: str, *args) -> None:
@@ -176,7 +188,7 @@ def train_v70(run: Runner, release: Path, tmp: Path, out: Path) -> None:
     shutil.copy(tmp / "runs" / "v7.0" / "weights" / "best.pt", out)
 
 
-def synthetic_dataset(folder: Path) -> Path:
+def synthetic_dataset(folder: Path, **changes) -> Path:
     """A few images of yoloslim's generated demo dataset, three shape classes, in YOLO format."""
     import dataclasses
 
@@ -190,7 +202,79 @@ def synthetic_dataset(folder: Path) -> Path:
         object_size=(8, 48),
         classes=("circle", "square", "triangle"),
     )
-    return ensure_synthetic_dataset(config, root=folder)
+    return ensure_synthetic_dataset(dataclasses.replace(config, **changes), root=folder)
+
+
+# The val.py agreement fixture: easier images than the demo's (fewer distractors, less noise, larger objects). The
+# model is trained on copies of the val images themselves (train.py's augmentation varies them): the fixture checks
+# that two evaluators agree on one model's detections, which needs a model that detects in these images, and a model
+# small enough to commit learns them on a CPU in minutes; it says nothing of the model's accuracy on other images.
+VAL_DATA = dict(
+    image_size=128,
+    splits={"train": 0, "val": 12},
+    object_size=(16, 72),
+    objects_per_image=(1, 4),
+    distractors_per_image=(0, 2),
+    noise_sigma=(2.0, 5.0),
+)
+VAL_COPIES = 16  # copies of each val image in the training set
+VAL_WIDTH = 0.0625  # yolov5n.yaml at width 1/16: 8 to 64 channels
+VAL_EPOCHS = 200
+# train.py's hyp.scratch-low.yaml without mosaic (which would shrink these small images' objects further), with a
+# shorter warmup, and with shifts up to a quarter of the image, whose grey fill teaches the model the borders that
+# val.py's rectangular batches add (trained without them, a model lost 2.4 mAP50-95 points to them)
+VAL_HYP = {"mosaic": 0.0, "scale": 0.25, "translate": 0.25, "warmup_epochs": 1.0}
+
+
+def make_val_fixture(release: Path, run: Runner, out: Path, tmp: Path) -> None:
+    """val/: the generated val images and labels, a model v7.0's train.py trained on them, and what v7.0's val.py
+    reports for it on them (its command-line defaults: conf 0.001, NMS IoU 0.6, max_det 300, rectangular batches)."""
+    import yaml
+
+    tmp.mkdir(parents=True)
+    data_yaml = synthetic_dataset(tmp / "data", **VAL_DATA)
+    train_yaml = training_copies(data_yaml, tmp / "train.yaml")
+    spec = yaml.safe_load((release / "models" / "yolov5n.yaml").read_text())
+    spec.update(nc=3, width_multiple=VAL_WIDTH)
+    cfg = tmp / "yolov5n-w16.yaml"
+    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
+    hyp = yaml.safe_load((release / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    (tmp / "hyp.yaml").write_text(yaml.safe_dump({**hyp, **VAL_HYP}, sort_keys=False))
+    imgsz = str(VAL_DATA["image_size"])
+    train = ["train.py", "--img", imgsz, "--batch", "16", "--epochs", str(VAL_EPOCHS), "--data", train_yaml]
+    train += ["--hyp", tmp / "hyp.yaml"]
+    train += ["--cfg", cfg, "--weights", "", "--device", "cpu", "--workers", "0", "--noplots", "--noval"]
+    run.script(release, [*train, "--seed", "0", "--project", tmp / "runs", "--name", "train", "--exist-ok"])
+    copy_val_split(data_yaml.parent, out)
+    shutil.copy(tmp / "runs" / "train" / "weights" / "best.pt", out / "v7.0-val.pt")
+    run.job(release, "val", out / "v7.0-val.pt", data_yaml, imgsz, tmp / "runs", out / "val.json")
+
+
+def training_copies(data_yaml: Path, out: Path) -> Path:
+    """A dataset yaml whose train split is VAL_COPIES copies of each val image (train.py counts an image listed
+    twice once), its val split the val images."""
+    import yaml
+
+    root = data_yaml.parent
+    for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):
+        (root / kind / "copies").mkdir(parents=True)
+        for source in sorted((root / kind / "val").glob(f"*{suffix}")):
+            for copy in range(VAL_COPIES):
+                shutil.copy(source, root / kind / "copies" / f"{source.stem}-{copy}{suffix}")
+    spec = yaml.safe_load(data_yaml.read_text())
+    spec.update(train="images/copies", val="images/val")
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def copy_val_split(dataset: Path, out: Path) -> None:
+    """The val images and labels, and a data.yaml whose root is its own folder."""
+    import yaml
+
+    for kind in ("images", "labels"):
+        shutil.copytree(dataset / kind / "val", out / kind)
+    spec = yaml.safe_load((dataset / "data.yaml").read_text())
+    (out / "data.yaml").write_text(yaml.safe_dump({"train": "images", "val": "images", "names": spec["names"]}))
 
 
 def write_json(path: Path, value) -> Path:
@@ -382,6 +466,59 @@ def job_fresh(weights: str, out: str) -> None:
     )
 
 
+def job_val(weights: str, data: str, imgsz: str, project: str, out: str) -> None:
+    """v7.0's val.py as its command line runs it with these options (every other at its default); its metrics."""
+    import val
+
+    argv, sys.argv = sys.argv, ["val.py", "--weights", weights, "--data", data, "--img", imgsz, "--device", "cpu"]
+    sys.argv += ["--batch-size", "8", "--workers", "0", "--project", project, "--name", "val", "--exist-ok"]
+    try:
+        opt = val.parse_opt()
+    finally:
+        sys.argv = argv
+    (precision, recall, map50, map50_95, *_), _, _ = val.run(**vars(opt))
+    options = {k: opt.__dict__[k] for k in ("imgsz", "batch_size", "conf_thres", "iou_thres", "max_det", "task")}
+    metrics = {"map50": map50, "map": map50_95, "precision": precision, "recall": recall}
+    # The same run with the loader of val.py's speed task (every image letterboxed to the square imgsz, no padding
+    # beyond it), which is what yoloslim feeds; the default letterboxes each batch to a rectangle half a stride wider.
+    (_, _, square50, square50_95, *_), _, _ = val.run(**{**vars(opt), "task": "speed", "name": "square"})
+    metrics.update(square_map50=square50, square_map=square50_95)
+    write_json(Path(out), {**{k: float(v) for k, v in metrics.items()}, "val.py": options, "release": "v7.0"})
+    print(f"  val.py: mAP50 {map50:.4f}, mAP50-95 {map50_95:.4f}; square: {square50:.4f}, {square50_95:.4f}")
+    original_nms(weights, Path(data).parent / "images" / "val", int(imgsz), Path(out).with_name("nms.npz"))
+
+
+NMS_VAL_IMAGES = 3  # images whose val.py-setting detections (up to 300 each) are recorded too
+
+
+def original_nms(weights: str, images: Path, imgsz: int, out: Path) -> None:
+    """The detections of the original's own pipeline on each image, in image pixels as rows (x1, y1, x2, y2,
+    confidence, class): `detect_<image>` as its detect.py computes them with its defaults (loader, letterbox, fused
+    model, NMS conf 0.25, IoU 0.45, max_det 1000), before it rounds them; `val_<image>` with val.py's NMS settings
+    (conf 0.001, IoU 0.6, multi-label, max_det 300) for the first NMS_VAL_IMAGES images."""
+    import numpy as np
+    import torch
+    from models.common import DetectMultiBackend
+    from utils.dataloaders import LoadImages
+    from utils.general import non_max_suppression, scale_boxes
+
+    model = DetectMultiBackend(weights, device=torch.device("cpu"))
+    found = {}
+    for i, (path, im, im0, _, _) in enumerate(LoadImages(str(images), img_size=imgsz, stride=model.stride)):
+        x = torch.from_numpy(im).float()[None] / 255
+        with torch.no_grad():
+            pred = model(x)
+        settings = {"detect": dict(conf_thres=0.25, iou_thres=0.45, max_det=1000)}
+        if i < NMS_VAL_IMAGES:
+            settings["val"] = dict(conf_thres=0.001, iou_thres=0.6, multi_label=True, max_det=300)
+        for kind, options in settings.items():
+            det = non_max_suppression(pred, **options)[0]
+            det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], im0.shape)  # not rounded, as detect.py does to draw
+            found[f"{kind}_{Path(path).stem}"] = det.numpy()
+    np.savez_compressed(out, **found)
+    print(f"  detections recorded: {', '.join(f'{k} {len(v)}' for k, v in found.items())}")
+
+
 WORKER_JOBS = {
     "start": job_start,
     "last": job_last,
@@ -389,6 +526,7 @@ WORKER_JOBS = {
     "other_task": job_other_task,
     "reference": job_reference,
     "fresh": job_fresh,
+    "val": job_val,
 }
 
 if __name__ == "__main__":

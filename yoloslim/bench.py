@@ -83,7 +83,7 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
         from yoloslim.graph import model_stats
         from yoloslim.utils.checks import load_detection_checkpoint
 
-        stats.update(model_stats(load_detection_checkpoint(weights)[0].float(), imgsz))
+        stats.update(model_stats(load_detection_checkpoint(weights, classic=True)[0].float(), imgsz))
     elif weights.suffix == ".onnx":
         try:
             import onnx

@@ -333,7 +333,12 @@ def _add_detect(commands) -> None:
     sub.add_argument("--weights", required=True, help="model.engine, model.onnx or model.pt")
     sub.add_argument("--source", required=True, help="image, folder, video file, camera index or stream URL")
     sub.add_argument("--conf", type=float, default=DetectConfig.conf)
-    sub.add_argument("--iou", type=float, default=DetectConfig.iou)
+    sub.add_argument(
+        "--iou",
+        type=float,
+        default=DetectConfig.iou,
+        help="NMS IoU (default 0.7; 0.45 for the original YOLOv5 repository's anchor-based models, as its detect.py)",
+    )
     sub.add_argument("--imgsz", type=int, default=DetectConfig.imgsz, help="input size for models without a fixed one")
     sub.add_argument("--save", action="store_true", help="save annotated images or video")
     sub.add_argument("--show", action="store_true", help="show annotated frames in a window (q quits)")

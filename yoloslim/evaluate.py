@@ -4,6 +4,10 @@ The AP arithmetic is COCO's: per class, detections of all images sorted by score
 first) to the best still-unmatched ground truth of that class with IoU >= t, for t in 0.50:0.05:0.95; precision is
 made monotone and read at 101 recall points; classes without ground truth are left out of the mean. Small validation
 sets make a point of mAP meaningless without an interval, so a 95% bootstrap interval over images comes with it.
+
+Detections come from the runtime's NMS with the model family's validator settings: confidence 0.001, at most 300
+detections, every class above the confidence per anchor (multi-label), NMS IoU 0.7 (Ultralytics) or 0.6 with
+objectness x class score as confidence (the original YOLOv5 repository's val.py, for its anchor-based models).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 
 from yoloslim.data import read_labels, split_images
 from yoloslim.runtime.backends import load_backend
-from yoloslim.runtime.postprocess import Detections, postprocess
+from yoloslim.runtime.postprocess import Detections, default_iou, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
 
@@ -194,11 +198,19 @@ def summarise(records: list, names: dict, bootstrap: int = 1000, seed: int = 0) 
 
 
 def predict_records(
-    backend: Callable, images: Iterable[Path], imgsz: int, conf: float = 0.001, iou: float = 0.7, progress: bool = True
+    backend: Callable,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float = 0.001,
+    iou: float | None = None,
+    progress: bool = True,
 ) -> list:
-    """Run the backend over the images (batch 1) and match each image's detections to its labels."""
+    """Run the backend over the images (batch 1) and match each image's detections to its labels. `iou` None: the
+    NMS IoU of the model family's own validator (0.7 Ultralytics', 0.6 the original YOLOv5 repository's val.py)."""
     import cv2
 
+    if iou is None:
+        iou = default_iou(backend.head, "eval")
     records = []
     images = list(images)
     iterator = images

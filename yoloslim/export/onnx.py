@@ -13,6 +13,10 @@ Output layout: one input `images` (batch, 3, imgsz, imgsz) float32 RGB in [0, 1]
 yoloslim.runtime.preprocess); one output `output0` (batch, 4 + classes, anchors) float32: box centre x, centre y,
 width, height in input pixels, then each class's sigmoid score. Anchors = sum over strides 8, 16, 32 of
 (imgsz / stride)^2. NMS is not in the graph; yoloslim.runtime.postprocess does it.
+
+Checkpoints of the original YOLOv5 repository (anchor-based head) are exported by yoloslim/export/classic.py, with
+that repository's own output layout. Every export's metadata says which head the file has (`head`: anchor,
+anchor-free or end-to-end), which is what the runtime reads its output by.
 """
 
 from __future__ import annotations
@@ -32,16 +36,22 @@ OPSET = 17
 def export_onnx(
     weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False, out: str | Path | None = None
 ) -> Path:
-    """Export an Ultralytics detection checkpoint to ONNX (static batch `batch`, or dynamic); return its path."""
+    """Export a detection checkpoint, Ultralytics' or the original YOLOv5 repository's, to ONNX (static batch
+    `batch`, or dynamic); return its path."""
     from ultralytics import YOLO
 
+    from yoloslim.models import DetectionModel as ClassicDetectionModel
     from yoloslim.utils.checks import load_detection_checkpoint
 
     weights = Path(weights)
-    load_detection_checkpoint(weights)
+    model, _ = load_detection_checkpoint(weights, classic=True)
     if batch < 1:
         raise YoloslimError(f"batch must be >= 1, got {batch}")
     target = output_path(out, weights.with_suffix(".onnx"), weights)
+    if isinstance(model, ClassicDetectionModel):
+        from yoloslim.export.classic import export_classic_onnx
+
+        return export_classic_onnx(model, target, imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET)
     work = target.parent / f".{target.stem}.export"
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -54,6 +64,7 @@ def export_onnx(
         exported = yolo.export(
             format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu"
         )
+        record_head(Path(exported))
         Path(exported).replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -78,6 +89,18 @@ def use_expectation_dfl(model: nn.Module) -> None:
     head = model.model[-1]
     if isinstance(getattr(head, "dfl", None), nn.Module) and hasattr(head.dfl, "c1"):
         head.dfl = ExpectationDFL(head.dfl)
+
+
+def record_head(onnx_path: Path) -> None:
+    """Add the `head` metadata key to an ONNX that Ultralytics exported (from its own `end2end` key), in place."""
+    import onnx
+
+    from yoloslim.runtime.onnx_meta import HEAD_KEY, head_kind
+
+    model = onnx.load(str(onnx_path))
+    props = {p.key: p.value for p in model.metadata_props}
+    set_metadata(model, {**props, HEAD_KEY: head_kind(props)})
+    onnx.save(model, str(onnx_path))
 
 
 def set_metadata(model, props: dict) -> None:

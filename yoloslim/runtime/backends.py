@@ -1,5 +1,8 @@
-"""Inference backends of the device runtime. Each takes a preprocessed NCHW float32 batch and returns the raw
-(batch, 4 + classes, anchors) output; pre- and postprocessing are shared (preprocess.py, postprocess.py)."""
+"""Inference backends of the device runtime. Each takes a preprocessed NCHW float32 batch and returns the model's
+output in the layout postprocess reads: (batch, 4 + classes, anchors), or an end-to-end head's (batch, k, 6) rows.
+An anchor-based head's output (the original YOLOv5 repository's) comes through postprocess.nms_layout. Each records
+its model's `head` (onnx_meta.HEADS), which also picks the NMS defaults; pre- and postprocessing are shared
+(preprocess.py, postprocess.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +13,22 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from yoloslim.runtime.onnx_meta import is_end_to_end
+from yoloslim.runtime.onnx_meta import ANCHOR_FREE_HEAD, ANCHOR_HEAD, END_TO_END_HEAD, head_kind
+from yoloslim.runtime.postprocess import nms_layout
 
 
-class OnnxRuntimeBackend:
+class HeadOutput:
+    """The `head` attribute every backend sets (the default: Ultralytics' anchor-free head), and what follows from
+    it."""
+
+    head = ANCHOR_FREE_HEAD
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.head == END_TO_END_HEAD
+
+
+class OnnxRuntimeBackend(HeadOutput):
     """ONNX Runtime on the CPU (or a provider the caller names), with its thread count pinned and recorded."""
 
     def __init__(self, path: str, threads: Optional[int] = None, providers=("CPUExecutionProvider",)):
@@ -30,7 +45,7 @@ class OnnxRuntimeBackend:
         self.input = self.session.get_inputs()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names: Dict[int, str] = ast.literal_eval(meta["names"]) if "names" in meta else {}
-        self.end_to_end = is_end_to_end(meta)
+        self.head = head_kind(meta)
         shape = self.input.shape
         self.imgsz = (
             int(shape[2]) if isinstance(shape[2], int) else int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
@@ -38,24 +53,30 @@ class OnnxRuntimeBackend:
         self.path = Path(path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input.name: batch})[0]
+        return nms_layout(self.session.run(None, {self.input.name: batch})[0], self.head)
 
 
-class TorchBackend:
-    """An Ultralytics .pt checkpoint run with torch (host side; torch is imported only when one is loaded)."""
+class TorchBackend(HeadOutput):
+    """A .pt checkpoint, Ultralytics' or the original YOLOv5 repository's, run with torch (host side; torch is
+    imported only when one is loaded)."""
 
     def __init__(self, weights, threads: Optional[int] = None):
         import torch
 
+        from yoloslim.models import DetectionModel as ClassicDetectionModel
         from yoloslim.utils.checks import load_detection_checkpoint
 
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        model, _ = load_detection_checkpoint(weights)
+        model, _ = load_detection_checkpoint(weights, classic=True)
         self.model = model.float().eval()
-        self.names = dict(model.names)
-        self.end_to_end = bool(getattr(model.model[-1], "end2end", False))
+        names = model.names
+        self.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+        if isinstance(model, ClassicDetectionModel):
+            self.head = ANCHOR_HEAD
+        elif getattr(model.model[-1], "end2end", False):
+            self.head = END_TO_END_HEAD
         self.imgsz = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -63,7 +84,7 @@ class TorchBackend:
 
         with torch.inference_mode():
             out = self.model(torch.from_numpy(batch))
-        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+        return nms_layout((out[0] if isinstance(out, (tuple, list)) else out).numpy(), self.head)
 
 
 def load_backend(weights, threads: Optional[int] = None):

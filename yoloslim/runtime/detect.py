@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import cv2
 import numpy as np
 
-from yoloslim.runtime.postprocess import Detections, postprocess
+from yoloslim.runtime.postprocess import Detections, default_iou, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
 
@@ -25,7 +25,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"}
 @dataclass
 class DetectConfig:
     conf: float = 0.25
-    iou: float = 0.7
+    iou: Optional[float] = None  # None: the model family's own (postprocess.default_iou: 0.7, 0.45 for anchor heads)
     imgsz: int = 640
     save: bool = False
     show: bool = False
@@ -129,11 +129,12 @@ def detect(backend, source: str, config: DetectConfig) -> Path:
     frames = stream_frames(source, config.reconnect_attempts) if is_stream else image_sources(source)
     imgsz = getattr(backend, "imgsz", None) or config.imgsz
     names = getattr(backend, "names", {}) or {}
+    iou = default_iou(backend.head, "detect") if config.iou is None else config.iou
     writer, fps = None, None
     for name, image in tqdm(frames, desc="detect", unit="frame"):
         t0 = time.perf_counter()
         batch, boxes = preprocess([image], imgsz)
-        det = postprocess(backend(batch), boxes, conf=config.conf, iou=config.iou, end_to_end=backend.end_to_end)[0]
+        det = postprocess(backend(batch), boxes, conf=config.conf, iou=iou, end_to_end=backend.end_to_end)[0]
         elapsed = time.perf_counter() - t0
         fps = 1 / elapsed if fps is None else 0.9 * fps + 0.1 / elapsed
         _write_labels(run / "labels" / f"{Path(name).stem}.txt", det, image.shape[:2])

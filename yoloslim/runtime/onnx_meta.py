@@ -56,7 +56,21 @@ def read_onnx_metadata(path) -> Dict[str, object]:
     return meta
 
 
-def is_end_to_end(meta: Dict[str, object]) -> bool:
-    """Whether a model's head selects its own boxes (Ultralytics' `end2end` key: YOLO26 exported without NMS), so
-    its output is (batch, k, 6) rows of x1, y1, x2, y2, score, class and needs no NMS."""
-    return str(meta.get("end2end", False)) == "True"
+# Which head a model has, hence how its output is read (the ONNX metadata key `head`, which yoloslim's exports write):
+# - anchor: the original YOLOv5 repository's, (batch, anchors, 5 + classes) rows of box, objectness, class scores;
+# - anchor-free: Ultralytics' (YOLOv5u, YOLOv8, YOLO11), (batch, 4 + classes, anchors), class scores without
+#   objectness;
+# - end-to-end: a head that selects its own boxes (YOLO26 exported without NMS), (batch, k, 6) rows of x1, y1, x2,
+#   y2, score, class, needing no NMS.
+HEAD_KEY = "head"
+ANCHOR_HEAD, ANCHOR_FREE_HEAD, END_TO_END_HEAD = "anchor", "anchor-free", "end-to-end"
+HEADS = (ANCHOR_HEAD, ANCHOR_FREE_HEAD, END_TO_END_HEAD)
+
+
+def head_kind(meta: Dict[str, object]) -> str:
+    """The model's head, one of HEADS: the `head` key, else (a file Ultralytics exported) end-to-end where its
+    `end2end` key says so, anchor-free otherwise."""
+    head = str(meta.get(HEAD_KEY, ""))
+    if head in HEADS:
+        return head
+    return END_TO_END_HEAD if str(meta.get("end2end", False)) == "True" else ANCHOR_FREE_HEAD

@@ -8,6 +8,12 @@ most `max_nms` of them by score, class-aware (classes never suppress each other)
 An end-to-end head (YOLO26's one-to-one branch, exported NMS-free) has already selected its boxes: (batch, k, 6) rows
 of x1, y1, x2, y2 in input pixels, score, class, best first. They are only filtered by `conf` and cut at `max_det`, as
 Ultralytics does; IoU and multi_label do not apply (the head's top-k may already list one anchor under two classes).
+
+The original YOLOv5 repository's anchor-based head outputs (batch, anchors, 5 + classes): box, objectness, class
+scores. Its NMS takes objectness x class score as each class's confidence (and drops anchors whose objectness alone
+is under `conf`, which that product implies), then proceeds as above; objectness_scores turns such an output into the
+layout above, so the same NMS serves both. Its defaults differ: NMS IoU 0.45 in its detect.py, 0.6 in its val.py
+(default_iou).
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ from typing import List
 
 import numpy as np
 
+from yoloslim.runtime.onnx_meta import ANCHOR_HEAD
 from yoloslim.runtime.preprocess import Letterbox
+
+# NMS IoU by head and purpose: Ultralytics' predictor and validator use 0.7; the original YOLOv5 repository's
+# detect.py 0.45 and val.py 0.6.
+_DEFAULT_IOU = {"detect": 0.7, "eval": 0.7}
+_DEFAULT_IOU_ANCHOR = {"detect": 0.45, "eval": 0.6}
 
 
 @dataclass
@@ -62,6 +74,24 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         rest = order[1:]
         order = rest[box_iou(boxes[best], boxes[rest]) <= iou]
     return np.array(keep, dtype=np.int64)
+
+
+def default_iou(head: str, purpose: str) -> float:
+    """The NMS IoU that the tools of a model's own family use for `purpose` ("detect" or "eval")."""
+    return (_DEFAULT_IOU_ANCHOR if head == ANCHOR_HEAD else _DEFAULT_IOU)[purpose]
+
+
+def objectness_scores(output: np.ndarray) -> np.ndarray:
+    """An anchor-based head's (batch, anchors, 5 + classes) output as (batch, 4 + classes, anchors): the box, then
+    objectness x class score for each class, the confidences the original YOLOv5 repository's NMS ranks."""
+    scores = output[..., 5:] * output[..., 4:5]
+    return np.concatenate((output[..., :4], scores), axis=-1).transpose(0, 2, 1)
+
+
+def nms_layout(output: np.ndarray, head: str) -> np.ndarray:
+    """A model's raw output in the layout postprocess reads: an anchor-based head's through objectness_scores, any
+    other as it is."""
+    return objectness_scores(output) if head == ANCHOR_HEAD else output
 
 
 def non_max_suppression(

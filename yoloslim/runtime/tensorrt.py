@@ -27,8 +27,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from yoloslim.runtime.backends import HeadOutput
 from yoloslim.runtime.engine_file import read_engine_file, write_engine_file
-from yoloslim.runtime.onnx_meta import is_end_to_end, read_onnx_metadata
+from yoloslim.runtime.onnx_meta import head_kind, read_onnx_metadata
+from yoloslim.runtime.postprocess import nms_layout
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_bytes_atomic
 
@@ -299,7 +301,7 @@ def check_engine_compatible(meta: dict, trt_version: str, device: dict) -> None:
         )
 
 
-class TensorRTBackend:
+class TensorRTBackend(HeadOutput):
     """Runs an engine: one pinned host and one device buffer per I/O tensor, by name; copy in, execute, copy out on a
     stream. close() releases everything in the reverse order of creation."""
 
@@ -312,7 +314,7 @@ class TensorRTBackend:
         check_engine_compatible(meta, trt.__version__, self.cuda.device())
         self.meta = meta
         self.names: Dict[int, str] = {int(k): v for k, v in (meta.get("names") or {}).items()}
-        self.end_to_end = is_end_to_end(meta)
+        self.head = head_kind(meta)
         self.logger = trt.Logger(trt.Logger.WARNING)  # TensorRT keeps a pointer to it: it must outlive the runtime
         self.runtime = trt.Runtime(self.logger)
         if yoloslim_metadata(meta).get("version_compatible"):
@@ -372,7 +374,7 @@ class TensorRTBackend:
         host_out = self.host[out].reshape(-1)[: int(np.prod(shape))].reshape(shape)
         self.cuda.to_host(host_out, self.device[out], self.stream)
         self.cuda.synchronize(self.stream)
-        return host_out.astype(np.float32, copy=True)
+        return nms_layout(host_out.astype(np.float32, copy=True), self.head)
 
     def close(self) -> None:
         """The context before its engine, the engine before its runtime (TensorRT's object lifetimes), then the
