@@ -31,7 +31,8 @@ from yoloslim.models.loss import ClassicLoss, LossGains
 from yoloslim.models.yolo import DetectionModel
 from yoloslim.sparsity import SparsityTrainer
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.training import CHECKPOINT_KEY, SafeDetectionTrainer, trainable_copy
+from yoloslim.utils.metadata import checkpoint_metadata
+from yoloslim.utils.training import SafeDetectionTrainer, trainable_copy
 
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 
@@ -142,7 +143,7 @@ class ClassicTraining:
         if not hasattr(self, "_lineage") and in_original_format(source):  # which Ultralytics' loader cannot read
             from yoloslim.models import load_classic_checkpoint
 
-            self._lineage = load_classic_checkpoint(source)[1].get(CHECKPOINT_KEY) or {}
+            self._lineage = checkpoint_metadata(load_classic_checkpoint(source)[1])
         return super().lineage()
 
     def build_optimizer(self, model, *args, **kwargs):
