@@ -1,6 +1,7 @@
 """The pruning benchmark judges every point against the right model: a finetune against a control of equal epochs."""
 
 import importlib.util
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,82 @@ def test_the_image_size_defaults_to_the_one_the_model_was_trained_at():
 @pytest.mark.parametrize(("text", "fraction"), [("0.5", 0.5), ("none", None), ("None", None)])
 def test_the_stop_can_be_turned_off(text, fraction):
     assert bench_prune._fraction_or_none(text) == fraction
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monkeypatch):
+    """--smoke on a YOLOv8n and a YOLO11n: the stages, the control and the criteria as for YOLOv5, and a rerun that
+    trains nothing again."""
+    import json
+    import sys
+
+    from test_prune import random_model, save_as_ultralytics_would
+
+    weights = save_as_ultralytics_would(random_model(nc=6, cfg=cfg), tmp_path / "best.pt")
+    out = tmp_path / "bench"
+    argv = ["bench_prune.py", "--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(bench_prune, "LATENCY_ROUNDS", 4)
+    bench_prune.main()
+    points = json.loads((out / "results.json").read_text())["points"]
+    tag = "sr0.1-e1-stop0.5-flops0.5"
+    assert set(points) == {"base", "control", "sparse", f"pruned-{tag}", f"pruned-{tag}-nocomp", f"finetuned-{tag}"}
+    assert points[f"pruned-{tag}"]["gflops_reduction"] >= 2
+    assert points[f"finetuned-{tag}"]["params"] == points[f"pruned-{tag}"]["params"] < points["control"]["params"]
+    assert points[f"finetuned-{tag}"]["map_delta"]["against"] == "control"
+    assert (out / "results.md").read_text().count("| speedup >= 0.85 x GFLOPs reduction") == 1
+
+    trained = sorted(out.glob("*/weights/best.pt"))
+    assert len(trained) == 3  # sparse, finetune, control
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    bench_prune.main()
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
+
+
+def _torch_pruning_tool():
+    """tools/bench_torch_pruning.py as a module, registered so that its C2f_v2 pickles and loads."""
+    import sys
+
+    if "bench_torch_pruning" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "tools" / "bench_torch_pruning.py"
+        tool_spec = importlib.util.spec_from_file_location("bench_torch_pruning", path)
+        sys.modules["bench_torch_pruning"] = importlib.util.module_from_spec(tool_spec)
+        tool_spec.loader.exec_module(sys.modules["bench_torch_pruning"])
+    return sys.modules["bench_torch_pruning"]
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_torch_pruning_split_blocks_compute_what_the_originals_compute(cfg):
+    import torch
+    from test_prune import random_model
+
+    tool = _torch_pruning_tool()
+    model = random_model(cfg=cfg)
+    split = deepcopy(model)
+    tool.split_c2f(split)
+    assert not any(isinstance(m, tool.C2f) for m in split.modules())
+    blocks = sum(isinstance(m, tool.C2f) for m in model.modules())
+    assert blocks and sum(isinstance(m, tool.C2f_v2) for m in split.modules()) == blocks
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_pruning_method_reaches_the_target_and_leaves_the_head_whole():
+    import torch
+    from test_prune import random_model
+
+    from yoloslim.graph import model_stats
+
+    tool = _torch_pruning_tool()
+    model = random_model(cfg="yolo11n.yaml")
+    pruned, steps = tool.torch_pruning_prune(model, imgsz=64, target_flops=0.5, round_to=8)
+    assert steps > 1 and model_stats(pruned, 64)["gflops"] <= 0.5 * model_stats(model, 64)["gflops"]
+    head_widths = [m.out_channels for m in model.model[-1].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in pruned.model[-1].modules() if isinstance(m, torch.nn.Conv2d)] == head_widths
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels > 8]
+    assert widths and all(w % 8 == 0 for w in widths)
+    with torch.no_grad():
+        assert pruned(torch.rand(1, 3, 64, 64))[0].shape == model(torch.rand(1, 3, 64, 64))[0].shape

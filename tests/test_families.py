@@ -1,6 +1,7 @@
 """Pruning YOLOv8, YOLO11 and YOLO26: the coupling rules of yoloslim.graph proved on models built from Ultralytics'
 own yaml, and the refusal of what they do not cover."""
 
+import shutil
 from copy import deepcopy
 from pathlib import Path
 
@@ -339,3 +340,121 @@ def test_sparsity_training_penalises_only_batchnorms_a_prune_can_shrink():
     assert {n for n, _ in everything} - names and all(n.startswith(head) for n, _ in everything if n not in names)
     all_batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert any(".attn." in n for n in all_batchnorms)
+
+
+# -- every later stage: INT8 for the CPU, finetuning and distillation, slim --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per family, a model with the tiny dataset's six classes saved as Ultralytics saves one, and its 40 % prune.
+    Ultralytics' own initialisation, not random_model's: its varied BatchNorm offsets are what the INT8 offset check
+    keeps in float, which would leave nothing to quantize."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    work = tmp_path_factory.mktemp("families")
+    checkpoints = {}
+    for cfg in FAMILIES:
+        torch.manual_seed(0)
+        model = DetectionModel(cfg, nc=6, verbose=False).eval()
+        base = save_as_ultralytics_would(model, work / f"{Path(cfg).stem}.pt")
+        checkpoints[cfg] = base, prune(base, PruneConfig(ratio=0.4, imgsz=64), out=work / f"{base.stem}-pruned.pt").out
+    return checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_int8_cpu_flavour_is_fused_by_onnx_runtime_and_keeps_the_head_and_stem_in_float(
+    cfg, family_checkpoints, tiny_data, tmp_path
+):
+    import onnx
+
+    from yoloslim.export.onnx import export_onnx
+
+    fp32 = export_onnx(family_checkpoints[cfg][1], imgsz=64, out=tmp_path / "fp32.onnx")
+    quantized, head = _assert_cpu_flavour_placement(fp32, tiny_data, tmp_path)
+    float_model = onnx.load(str(fp32))
+    depthwise = {n.name for n in float_model.graph.node if n.op_type == "Conv" and _group_count(n) > 1}
+    assert bool(depthwise & quantized) == ("v8" not in cfg)  # YOLO11's and YOLO26's depthwise convs quantize too
+    if "26" in cfg:  # the NMS-free export: the one-to-one branch, its top-k and gathers all stay float
+        from ultralytics import YOLO
+
+        staged = Path(shutil.copy(family_checkpoints[cfg][1], tmp_path / "pruned.pt"))
+        end_to_end = YOLO(str(staged)).export(format="onnx", imgsz=64, opset=17, nms=False)
+        quantized, head = _assert_cpu_flavour_placement(end_to_end, tiny_data, tmp_path)
+        qdq = onnx.load(str(tmp_path / "cpu.onnx"))
+        assert [d.dim_value for d in qdq.graph.output[0].type.tensor_type.shape.dim][-1] == 6
+        one_to_one = {n.name for n in qdq.graph.node if "one2one" in n.name or n.op_type == "TopK"}
+        assert one_to_one and one_to_one <= head and not one_to_one & quantized
+
+
+def _assert_cpu_flavour_placement(fp32: Path, data: Path, work: Path) -> tuple[set[str], set[str]]:
+    """The CPU flavour of `fp32` (work/cpu.onnx): ONNX Runtime fuses every quantized conv into QLinearConv, the stem
+    and the head outside its inner blocks stay float; returns the quantized convs and the head's float nodes."""
+    import onnx
+    from test_int8_cpu import fused_convs, optimized_graph, quantized_convs
+
+    from yoloslim.export.qdq import head_nodes_kept_in_float, quantize_int8
+
+    cpu = quantize_int8(fp32, data, out=work / "cpu.onnx", count=4, target="cpu")
+    float_model, qdq = onnx.load(str(fp32)), onnx.load(str(cpu))
+    quantized = quantized_convs(qdq)
+    assert len(quantized) >= 20 and fused_convs(qdq, optimized_graph(cpu, work)) == quantized
+    head = set(head_nodes_kept_in_float(float_model))
+    stem = {n.name for n in float_model.graph.node if n.op_type == "Conv" and n.input[0] == "images"}
+    assert stem and not quantized & (head | stem)
+    head_outputs = {o for n in qdq.graph.node if n.name in head for o in n.output}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in head_outputs for n in qdq.graph.node)
+    return quantized, head
+
+
+def _group_count(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", [False, True], ids=["finetune", "distill"])
+@pytest.mark.parametrize("cfg", FAMILIES)
+def test_finetuning_and_distillation_keep_pruned_widths_also_after_resume(
+    cfg, teacher, family_checkpoints, train_args, tiny_data
+):
+    from test_finetune import Interrupt, conv_widths, run_args, saved_widths, stop_after_first_save
+    from ultralytics import YOLO
+
+    from yoloslim.finetune import FinetuneTrainer, finetune
+
+    base, pruned = family_checkpoints[cfg]
+    widths = saved_widths(pruned)
+    assert widths != saved_widths(base)
+    distill = {"distill_model": str(base)} if teacher else {}
+    model = YOLO(str(pruned))
+    model.add_callback("on_model_save", stop_after_first_save)
+    with pytest.raises(Interrupt):
+        model.train(data=str(tiny_data), trainer=FinetuneTrainer, **distill, **run_args(train_args, epochs=2))
+    if not teacher:  # a distilled run's last.pt holds the DistillationModel around the student until it ends
+        assert saved_widths(model.trainer.last) == widths
+    finetune(model.trainer.last, resume=True)
+    ckpt = torch.load(Path(train_args["project"]) / "run" / "weights" / "best.pt", weights_only=False)
+    assert conv_widths(ckpt["model"]) == widths and ckpt["epoch"] == -1
+    assert ckpt["yoloslim"]["finetune"]["teacher"] == distill.get("distill_model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_slim_runs_every_stage_on_the_family(cfg, family_checkpoints, cli, tiny_data, tmp_path):
+    import json
+
+    from test_finetune import saved_widths
+
+    base = family_checkpoints[cfg][0]
+    args = ["--weights", base, "--data", tiny_data, "--epochs", 2, "--sparse-share", 0.5, "--imgsz", 64]
+    code, err, _ = cli("slim", *args, "--ratio", 0.3, "--threads", 1, "--project", tmp_path, "--name", "run")
+    assert code == 0, err
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert list(state["stages"]) == ["sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    measured = {v["name"]: v for v in summary["variants"] if v["weights"]}
+    assert {"finetuned ONNX", "finetuned INT8 Q/DQ, CPU placement"} <= set(measured)
+    assert all(v["eval"] is not None and v["bench"] is not None for v in measured.values())
+    stages = state["stages"]
+    assert saved_widths(stages["finetune"]["weights"]) == saved_widths(stages["prune"]["weights"])

@@ -9,12 +9,12 @@ embedded synthetic dataset). Sparsity training, pruning and finetuning follow yo
 --help`, `yoloslim prune --help`, `yoloslim finetune --help`) unless an option here says otherwise; images are the
 size the model was trained at unless `--imgsz` is given.
 
-Every stage writes its output under runs/bench/prune/<weights name>/ and is skipped when that output exists; an
-interrupted training resumes from its last.pt. Run the same command again to continue, on this machine or later. A
-stage's name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a prune that
-stage's name, its amount and its guards, a finetune its prune's name and its epochs), so a run with other settings
-reuses nothing it should not. Prunes of a checkpoint given with `--sparse` carry no stage name: before giving another
-checkpoint, move the first one's prunes away.
+Every stage writes its output under runs/bench/prune/<weights name>/ (or --out) and is skipped when that output
+exists; an interrupted training resumes from its last.pt. Run the same command again to continue, on this machine or
+later. A stage's name carries whatever makes it differ (a control its epochs, a sparsity stage its sr and epochs, a
+prune that stage's name, its amount and its guards, a finetune its prune's name and its epochs), so a run with other
+settings reuses nothing it should not. Prunes of a checkpoint given with `--sparse` carry no stage name: before giving
+another checkpoint, move the first one's prunes away.
 
 For each point: params, GFLOPs (at imgsz), ONNX Runtime CPU latency at batch 1 measured in the same run as the
 unpruned model (alternating, threads pinned and recorded), and mAP50-95 with its 95% bootstrap interval over
@@ -208,6 +208,9 @@ def main() -> None:
     parser.add_argument(
         "--name", default="results", help="write the results to NAME.json and NAME.md in the run folder"
     )
+    parser.add_argument(
+        "--out", type=Path, help="the run folder (default: runs/bench/prune/<weights name>, -smoke with --smoke)"
+    )
     args = parser.parse_args()
     if args.method == "l1" and args.sparse:
         parser.error("--sparse is for --method bn: --method l1 prunes the base model and trains no sparse one")
@@ -232,7 +235,7 @@ def main() -> None:
     recipe = {**COMMON, "imgsz": args.imgsz or _trained_imgsz(base), **FINETUNE_TRAIN, **changed}
     recipe_tag = _recipe_tag(changed)
     data = resolve_data(args.data)
-    out = ROOT / "runs" / "bench" / "prune" / (base.stem + ("-smoke" if args.smoke else ""))
+    out = args.out or ROOT / "runs" / "bench" / "prune" / (base.stem + ("-smoke" if args.smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         data, recipe["imgsz"], recipe["batch"] = _smoke_data(out, base), 64, 4
