@@ -21,6 +21,7 @@ from yoloslim.graph import build_graph, check_supported, model_stats, prunable_b
 from yoloslim.prune import PruneConfig, plan_pruning, prune, prune_model
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.metadata import checkpoint_metadata
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 
@@ -436,7 +437,7 @@ def test_finetuning_and_distillation_keep_pruned_widths_also_after_resume(
     finetune(model.trainer.last, resume=True)
     ckpt = torch.load(Path(train_args["project"]) / "run" / "weights" / "best.pt", weights_only=False)
     assert conv_widths(ckpt["model"]) == widths and ckpt["epoch"] == -1
-    assert ckpt["yoloslim"]["finetune"]["teacher"] == distill.get("distill_model")
+    assert checkpoint_metadata(ckpt)["finetune"]["teacher"] == distill.get("distill_model")
 
 
 @pytest.mark.slow

@@ -115,14 +115,14 @@ def prune_stages(weights: Path, run: Path, table, args, state: dict, save) -> di
 
 def matched_flops_target(weights: Path, run: Path, common: dict, args) -> dict:
     """The target_flops whose prune the table predicts at the latency-aware prune's predicted latency (bisection)."""
-    import torch
 
     from yoloslim.config import PruneConfig
     from yoloslim.prune import prune_model
     from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.training import read_checkpoint_extras
 
     model = load_detection_checkpoint(weights)[0].float()
-    aim = torch.load(run / "latency.pt", weights_only=False)["yoloslim"]["prune"]["latency"]["predicted"]
+    aim = read_checkpoint_extras(run / "latency.pt")["prune"]["latency"]["predicted"]
     lo, hi, best = 0.05, 1.0, None
     for _ in range(8):
         mid = (lo + hi) / 2
@@ -169,11 +169,11 @@ def time_arms(weights: Path, arms: dict, run: Path, args, threads: int) -> dict:
 
 
 def summarise(state: dict, arms: dict, table, args, weights: Path) -> dict:
-    import torch
+    from yoloslim.utils.training import read_checkpoint_extras
 
     rows = {}
     for name, path in arms.items():
-        meta = torch.load(path, weights_only=False)["yoloslim"]["prune"]
+        meta = read_checkpoint_extras(path)["prune"]
         reduction = meta["before"]["gflops"] / meta["after"]["gflops"]
         row = {
             "params": meta["after"]["params"],
@@ -194,7 +194,7 @@ def summarise(state: dict, arms: dict, table, args, weights: Path) -> dict:
         "weights": str(weights),
         "imgsz": args.imgsz,
         "target_latency": args.target_latency,
-        "unpruned_gflops": torch.load(arms["latency"], weights_only=False)["yoloslim"]["prune"]["before"]["gflops"],
+        "unpruned_gflops": read_checkpoint_extras(arms["latency"])["prune"]["before"]["gflops"],
         "table": {
             "describe": table.describe(),
             "round_to": table.round_to,

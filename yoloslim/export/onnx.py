@@ -62,13 +62,27 @@ def export_onnx(
         yolo = YOLO(str(staged))
         use_expectation_dfl(yolo.model)
         exported = yolo.export(
-            format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu"
+            format="onnx",
+            imgsz=imgsz,
+            batch=batch,
+            dynamic=dynamic,
+            opset=OPSET,
+            simplify=True,
+            device="cpu",
+            nms=False if has_one_to_one_branch(yolo.model) else None,
         )
         record_head(Path(exported))
         Path(exported).replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def has_one_to_one_branch(model: nn.Module) -> bool:
+    """Whether the head has an NMS-free one-to-one branch (YOLO26, YOLOv10): the deployed model keeps that branch,
+    which Ultralytics' exporter selects only when told nms=False (its default exports the one-to-many branch for an
+    external NMS)."""
+    return getattr(model.model[-1], "one2one_cv2", None) is not None
 
 
 class ExpectationDFL(nn.Module):
