@@ -104,3 +104,147 @@ def test_a_bad_prune_amount_is_refused_before_any_training():
         SlimConfig(target_flops=0.5, ratio=0.3)
     assert SlimConfig().prune_config(320).target_flops == 0.5
     assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None
+
+
+# -- slim to a latency target ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory, shipped_weights):
+    """A timer whose latency is a known function of the plan, for the shipped baseline at 64 px, and its table."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+
+    from yoloslim.export.onnx import export_onnx
+    from yoloslim.profile import ProfileConfig, profile
+    from yoloslim.profile.groups import read_groups
+    from yoloslim.profile.predictor import Features
+
+    folder = tmp_path_factory.mktemp("latency")
+    features = Features.of_graph(
+        read_groups(onnx.load(str(export_onnx(shipped_weights, imgsz=64, out=folder / "m.onnx"))))
+    )
+    truth = np.concatenate([[0.15], np.linspace(0.02, 0.1, len(features.names))])
+    truth[1:] *= 0.85 / (features(features.sizes)[1:] @ truth[1:])
+
+    def measure(widths, rounds):
+        ratio = float(features(widths) @ truth)
+        return 20 * ratio, 20.0, ratio
+
+    table = folder / "table.json"
+    profile(shipped_weights, ProfileConfig(threads=1, imgsz=64), out=table, measure=measure, log=lambda s: None)
+    return SimpleNamespace(measure=measure, table=table)
+
+
+def latency_config(tmp_path, weights, data, **settings) -> SlimConfig:
+    return SlimConfig(
+        weights=str(weights), data=str(data), imgsz=64, threads=1, project=str(tmp_path), name="run", **settings
+    )
+
+
+def test_a_latency_target_lowers_sparsity_trainings_gflops_stop(latency, shipped_weights, tiny_data, tmp_path):
+    stops = []
+    for target in (0.9, 0.65):
+        config = latency_config(
+            tmp_path / str(target), shipped_weights, tiny_data, target_latency=target, latency_table=str(latency.table)
+        )
+        pipeline = Pipeline(config)
+        profiled = pipeline.finish("profile", pipeline.stage_profile())
+        assert profiled == {"table": str(pipeline.run / "latency.json"), "profiled": False}
+        stops.append(pipeline.sparsity_stop())
+    assert 0 < stops[1] < stops[0] < 1
+
+
+def test_slim_profiles_this_machine_into_the_run_when_no_table_is_given(
+    latency, shipped_weights, tiny_data, tmp_path, monkeypatch
+):
+    from yoloslim import profile as profiling
+    from yoloslim.utils.errors import YoloslimError
+
+    real = profiling.profile
+    calls = []
+
+    def timed_by_the_synthetic_timer(weights, config, out, log):
+        calls.append((weights, config.threads, config.imgsz, out))
+        return real(weights, config, out=out, measure=latency.measure, log=log)
+
+    monkeypatch.setattr(profiling, "profile", timed_by_the_synthetic_timer)
+    pipeline = Pipeline(latency_config(tmp_path, shipped_weights, tiny_data, target_latency=0.6))
+    table = pipeline.run / "latency.json"
+    assert pipeline.stage_profile() == {"table": str(table), "profiled": True}
+    assert calls == [(shipped_weights, 1, 64, table)]
+
+    far = Pipeline(latency_config(tmp_path / "far", shipped_weights, tiny_data, target_fps=1e6))
+    with pytest.raises(YoloslimError, match=r"target_fps 1e\+06 cannot be reached.*table is kept in .*latency\.json"):
+        far.stage_profile()
+    assert (far.run / "latency.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (("--target-flops", "0.5", "--target-latency", "0.5"), ("only one of", "target_flops and target_latency")),
+        (("--target-fps", "1000000"), ("target_fps 1e+06 cannot be reached", "fastest reachable model")),
+        (("--target-latency", "0.5", "--imgsz", "96"), ("profiled at imgsz 64", "this run is at 96")),
+    ],
+)
+def test_bad_latency_input_is_one_line_and_writes_nothing(cli, latency, shipped_weights, tmp_path, argv, words):
+    from test_cli import assert_one_line_error
+
+    common = ("--weights", shipped_weights, "--latency-table", latency.table, "--project", tmp_path / "runs")
+    args = [*argv] if "--imgsz" in argv else [*argv, "--imgsz", "64"]
+    assert_one_line_error(cli("slim", *common, *args), "yoloslim slim: error:", *words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_table_of_another_model_is_refused_before_any_work(cli, shipped_weights, tmp_path):
+    from test_cli import assert_one_line_error
+    from test_prune import random_model, save_as_ultralytics_would
+
+    from yoloslim.profile import ProfileConfig, profile
+
+    other = save_as_ultralytics_would(random_model(cfg="yolov8n.yaml"), tmp_path / "v8.pt")
+    table = tmp_path / "v8.json"
+    profile(other, ProfileConfig(threads=1, imgsz=64), out=table, measure=lambda w, r: (1.0, 1.0, 1.0), log=print)
+    runs = tmp_path / "runs"
+    result = cli(
+        "slim",
+        "--weights",
+        shipped_weights,
+        "--target-latency",
+        "0.5",
+        "--latency-table",
+        table,
+        "--imgsz",
+        "64",
+        "--project",
+        runs,
+    )
+    assert_one_line_error(result, "has no group matching", "profile this model")
+    assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_slim_to_a_latency_target_reports_target_predicted_and_measured(
+    latency, shipped_sparse_weights, tiny_data, tmp_path
+):
+    config = latency_config(
+        tmp_path,
+        shipped_sparse_weights,
+        tiny_data,
+        target_latency=0.6,
+        latency_table=str(latency.table),
+        epochs=1,
+        precision="fp16",
+    )
+    slim(config)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["stages"]["profile"]["table"] == str(tmp_path / "run" / "latency.json")
+    figures = state["stages"]["prune"]["latency"]
+    assert figures["target"] == 0.6 and 0.5 <= figures["predicted"] <= 0.6 and figures["measured"] > 0
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "- target: 0.600 of the unpruned latency" in report
+    assert f"- predicted: {figures['predicted']:.3f}" in report and f"- measured: {figures['measured']:.3f}" in report
+    assert "target: 0.600" in (tmp_path / "run" / "report" / "report.html").read_text()
