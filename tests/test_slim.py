@@ -32,7 +32,8 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     with pytest.raises(Interrupt):
         slim(config)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert set(state["stages"]) == {"sparse", "prune"} and state["stages"]["sparse"]["skipped"] is False
+    assert set(state["stages"]) == {"profile", "sparse", "prune"} and state["stages"]["sparse"]["skipped"] is False
+    assert state["stages"]["profile"] == {"table": None}  # no latency target: nothing profiled
     pruned = tmp_path / "run" / "pruned.pt"
     stamp = pruned.stat().st_mtime_ns
 
@@ -40,7 +41,7 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     report = slim(config)
     assert pruned.stat().st_mtime_ns == stamp  # finished stages are not redone
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert list(state["stages"]) == ["sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
+    assert list(state["stages"]) == ["profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
     # the budget of 3 epochs: sparsity may take half (1), the finetune gets what it left
     assert state["stages"]["sparse"]["epochs"] == 1 and state["stages"]["finetune"]["epochs"] == 2
     html = report.read_text()

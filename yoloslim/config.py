@@ -202,9 +202,13 @@ class SlimConfig:
     )
     ratio: Optional[float] = option(None, "fraction of prunable channels to remove instead of target_flops")
     target_latency: Optional[float] = option(
-        None, "instead of target_flops: fraction of the unpruned model's latency on this machine to reach"
+        None,
+        "instead of target_flops: fraction of the unpruned model's latency to reach on the latency table's device "
+        "(this machine when slim profiles it)",
     )
-    target_fps: Optional[float] = option(None, "instead of target_flops: frames per second to reach on this machine")
+    target_fps: Optional[float] = option(
+        None, "instead of target_flops: frames per second to reach on the latency table's device (or this machine)"
+    )
     latency_table: Optional[str] = option(
         None,
         "latency table of this model from yoloslim profile, reused for the latency targets (default: slim profiles "
@@ -219,7 +223,7 @@ class SlimConfig:
     sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
     imgsz: Optional[int] = option(None, "training and evaluation size (default: the checkpoint's own)")
     precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
-    threads: Optional[int] = option(None, "CPU threads for evaluation and benchmark (default: all cores)")
+    threads: Optional[int] = option(None, "CPU threads for profiling, evaluation and benchmark (default: all cores)")
     project: str = option("runs/slim", "runs go to PROJECT/NAME")
     name: str = option("slim", "run folder; an unfinished run of this name is resumed")
 
