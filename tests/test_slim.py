@@ -249,3 +249,18 @@ def test_slim_to_a_latency_target_reports_target_predicted_and_measured(
     assert "- target: 0.600 of the unpruned latency" in report
     assert f"- predicted: {figures['predicted']:.3f}" in report and f"- measured: {figures['measured']:.3f}" in report
     assert "target: 0.600" in (tmp_path / "run" / "report" / "report.html").read_text()
+
+
+def test_a_table_whose_predictor_missed_its_check_is_used_with_a_warning(latency, shipped_weights, tiny_data, tmp_path):
+    table = json.loads(latency.table.read_text())
+    table["check"]["max_error"] = 0.25
+    missed = tmp_path / "missed.json"
+    missed.write_text(json.dumps(table))
+    said = []
+    for path in (latency.table, missed):
+        config = latency_config(
+            tmp_path / path.stem, shipped_weights, tiny_data, target_latency=0.7, latency_table=str(path)
+        )
+        Pipeline(config, log=said.append).stage_profile()
+    warnings = [line for line in said if "warning" in line]  # the good table (synthetic timings) gets none
+    assert len(warnings) == 1 and "missed its check plans by up to 25 %" in warnings[0]

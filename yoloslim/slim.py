@@ -33,6 +33,8 @@ from yoloslim.utils.metadata import checkpoint_metadata
 STAGES = ("profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
 # stop_at_flops lies below 1: a latency target whose prune removes nothing stops once anything is free
 MAX_STOP_FLOPS = 0.99
+# the largest error over a table's unseen check plans that its predictions are trusted at (what profile aims for)
+MAX_PREDICTOR_ERROR = 0.10
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
@@ -119,15 +121,28 @@ class Pipeline:
         table = self.run / SLIM_LATENCY_TABLE
         if self.config.latency_table:
             write_text_atomic(table, Path(self.config.latency_table).read_text())
+            self._warn_if_unreliable(table)
             return {"table": str(table), "profiled": False}
         if not self.config.latency_target:
             return {"table": None}
         profile(self.input, ProfileConfig(threads=self.config.threads, imgsz=self.imgsz), out=table, log=self.log)
+        self._warn_if_unreliable(table)
         try:
             self.latency_prune(str(table))
         except YoloslimError as e:  # the measured table says the target is out of reach: keep it for the next run
             raise YoloslimError(f"{e}; this machine's table is kept in {table} for a run under another name") from None
         return {"table": str(table), "profiled": True}
+
+    def _warn_if_unreliable(self, table: Path) -> None:
+        from yoloslim.profile import LatencyTable
+
+        error = LatencyTable.load(table).data["check"]["max_error"]
+        if error > MAX_PREDICTOR_ERROR:
+            self.log(
+                f"slim: warning: the latency table's predictor missed its check plans by up to {100 * error:.0f} % "
+                f"(trusted up to {100 * MAX_PREDICTOR_ERROR:.0f} %): the prune meets the predicted latency, the "
+                "measured one may differ; profile on a quieter machine or at a larger imgsz for a better table"
+            )
 
     def sparsity_stop(self) -> float:
         """stop_at_flops for sparsity training. Its stop check counts GFLOPs; for a latency target it is the fraction
