@@ -32,7 +32,8 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     with pytest.raises(Interrupt):
         slim(config)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert set(state["stages"]) == {"sparse", "prune"} and state["stages"]["sparse"]["skipped"] is False
+    assert set(state["stages"]) == {"profile", "sparse", "prune"} and state["stages"]["sparse"]["skipped"] is False
+    assert state["stages"]["profile"] == {"table": None}  # no latency target: nothing profiled
     pruned = tmp_path / "run" / "pruned.pt"
     stamp = pruned.stat().st_mtime_ns
 
@@ -40,7 +41,7 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     report = slim(config)
     assert pruned.stat().st_mtime_ns == stamp  # finished stages are not redone
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert list(state["stages"]) == ["sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
+    assert list(state["stages"]) == ["profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report"]
     # the budget of 3 epochs: sparsity may take half (1), the finetune gets what it left
     assert state["stages"]["sparse"]["epochs"] == 1 and state["stages"]["finetune"]["epochs"] == 2
     html = report.read_text()
@@ -104,3 +105,162 @@ def test_a_bad_prune_amount_is_refused_before_any_training():
         SlimConfig(target_flops=0.5, ratio=0.3)
     assert SlimConfig().prune_config(320).target_flops == 0.5
     assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None
+
+
+# -- slim to a latency target ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory, shipped_weights):
+    """A timer whose latency is a known function of the plan, for the shipped baseline at 64 px, and its table."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+
+    from yoloslim.export.onnx import export_onnx
+    from yoloslim.profile import ProfileConfig, profile
+    from yoloslim.profile.groups import read_groups
+    from yoloslim.profile.predictor import Features
+
+    folder = tmp_path_factory.mktemp("latency")
+    features = Features.of_graph(
+        read_groups(onnx.load(str(export_onnx(shipped_weights, imgsz=64, out=folder / "m.onnx"))))
+    )
+    truth = np.concatenate([[0.15], np.linspace(0.02, 0.1, len(features.names))])
+    truth[1:] *= 0.85 / (features(features.sizes)[1:] @ truth[1:])
+
+    def measure(widths, rounds):
+        ratio = float(features(widths) @ truth)
+        return 20 * ratio, 20.0, ratio
+
+    table = folder / "table.json"
+    profile(shipped_weights, ProfileConfig(threads=1, imgsz=64), out=table, measure=measure, log=lambda s: None)
+    return SimpleNamespace(measure=measure, table=table)
+
+
+def latency_config(tmp_path, weights, data, **settings) -> SlimConfig:
+    return SlimConfig(
+        weights=str(weights), data=str(data), imgsz=64, threads=1, project=str(tmp_path), name="run", **settings
+    )
+
+
+def test_a_latency_target_lowers_sparsity_trainings_gflops_stop(latency, shipped_weights, tiny_data, tmp_path):
+    stops = []
+    for target in (0.9, 0.65):
+        config = latency_config(
+            tmp_path / str(target), shipped_weights, tiny_data, target_latency=target, latency_table=str(latency.table)
+        )
+        pipeline = Pipeline(config)
+        profiled = pipeline.finish("profile", pipeline.stage_profile())
+        assert profiled == {"table": str(pipeline.run / "latency.json"), "profiled": False}
+        stops.append(pipeline.sparsity_stop())
+    assert 0 < stops[1] < stops[0] < 1
+
+
+def test_slim_profiles_this_machine_into_the_run_when_no_table_is_given(
+    latency, shipped_weights, tiny_data, tmp_path, monkeypatch
+):
+    from yoloslim import profile as profiling
+    from yoloslim.utils.errors import YoloslimError
+
+    real = profiling.profile
+    calls = []
+
+    def timed_by_the_synthetic_timer(weights, config, out, log):
+        calls.append((weights, config.threads, config.imgsz, out))
+        return real(weights, config, out=out, measure=latency.measure, log=log)
+
+    monkeypatch.setattr(profiling, "profile", timed_by_the_synthetic_timer)
+    pipeline = Pipeline(latency_config(tmp_path, shipped_weights, tiny_data, target_latency=0.6))
+    table = pipeline.run / "latency.json"
+    assert pipeline.stage_profile() == {"table": str(table), "profiled": True}
+    assert calls == [(shipped_weights, 1, 64, table)]
+
+    far = Pipeline(latency_config(tmp_path / "far", shipped_weights, tiny_data, target_fps=1e6))
+    with pytest.raises(YoloslimError, match=r"target_fps 1e\+06 cannot be reached.*table is kept in .*latency\.json"):
+        far.stage_profile()
+    assert (far.run / "latency.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (("--target-flops", "0.5", "--target-latency", "0.5"), ("only one of", "target_flops and target_latency")),
+        (("--target-fps", "1000000"), ("target_fps 1e+06 cannot be reached", "fastest reachable model")),
+        (("--target-latency", "0.5", "--imgsz", "96"), ("profiled at imgsz 64", "this run is at 96")),
+    ],
+)
+def test_bad_latency_input_is_one_line_and_writes_nothing(cli, latency, shipped_weights, tmp_path, argv, words):
+    from test_cli import assert_one_line_error
+
+    common = ("--weights", shipped_weights, "--latency-table", latency.table, "--project", tmp_path / "runs")
+    args = [*argv] if "--imgsz" in argv else [*argv, "--imgsz", "64"]
+    assert_one_line_error(cli("slim", *common, *args), "yoloslim slim: error:", *words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_table_of_another_model_is_refused_before_any_work(cli, shipped_weights, tmp_path):
+    from test_cli import assert_one_line_error
+    from test_prune import random_model, save_as_ultralytics_would
+
+    from yoloslim.profile import ProfileConfig, profile
+
+    other = save_as_ultralytics_would(random_model(cfg="yolov8n.yaml"), tmp_path / "v8.pt")
+    table = tmp_path / "v8.json"
+    profile(other, ProfileConfig(threads=1, imgsz=64), out=table, measure=lambda w, r: (1.0, 1.0, 1.0), log=print)
+    runs = tmp_path / "runs"
+    result = cli(
+        "slim",
+        "--weights",
+        shipped_weights,
+        "--target-latency",
+        "0.5",
+        "--latency-table",
+        table,
+        "--imgsz",
+        "64",
+        "--project",
+        runs,
+    )
+    assert_one_line_error(result, "has no group matching", "profile this model")
+    assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_slim_to_a_latency_target_reports_target_predicted_and_measured(
+    latency, shipped_sparse_weights, tiny_data, tmp_path
+):
+    config = latency_config(
+        tmp_path,
+        shipped_sparse_weights,
+        tiny_data,
+        target_latency=0.6,
+        latency_table=str(latency.table),
+        epochs=1,
+        precision="fp16",
+    )
+    slim(config)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["stages"]["profile"]["table"] == str(tmp_path / "run" / "latency.json")
+    figures = state["stages"]["prune"]["latency"]
+    assert figures["target"] == 0.6 and 0.5 <= figures["predicted"] <= 0.6 and figures["measured"] > 0
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "- target: 0.600 of the unpruned latency" in report
+    assert f"- predicted: {figures['predicted']:.3f}" in report and f"- measured: {figures['measured']:.3f}" in report
+    assert "target: 0.600" in (tmp_path / "run" / "report" / "report.html").read_text()
+
+
+def test_a_table_whose_predictor_missed_its_check_is_used_with_a_warning(latency, shipped_weights, tiny_data, tmp_path):
+    table = json.loads(latency.table.read_text())
+    table["check"]["max_error"] = 0.25
+    missed = tmp_path / "missed.json"
+    missed.write_text(json.dumps(table))
+    said = []
+    for path in (latency.table, missed):
+        config = latency_config(
+            tmp_path / path.stem, shipped_weights, tiny_data, target_latency=0.7, latency_table=str(path)
+        )
+        Pipeline(config, log=said.append).stage_profile()
+    warnings = [line for line in said if "warning" in line]  # the good table (synthetic timings) gets none
+    assert len(warnings) == 1 and "missed its check plans by up to 25 %" in warnings[0]

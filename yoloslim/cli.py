@@ -469,7 +469,8 @@ def _add_slim(commands) -> None:
         help="the whole pipeline: sparsity, prune, finetune, export, eval, bench, report",
         description="Runs every stage into runs/slim/NAME, keeping each stage's output; the same command again resumes "
         "after the last finished stage. With no arguments: the shipped sparsity-trained demo model on the embedded "
-        "dataset, a short finetune at imgsz 320.",
+        "dataset, a short finetune at imgsz 320. With --target-latency or --target-fps it first profiles this "
+        "machine (or takes --latency-table) and prunes to that latency instead of to a fraction of the GFLOPs.",
     )
     _add_settings(sub, SlimConfig)
     sub.set_defaults(run=_run_slim)

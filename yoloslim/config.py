@@ -187,6 +187,8 @@ class PruneConfig:
 # (docs/benchmarks.md); the demo ships its sparsity training, so its budget is a short finetune.
 DEFAULT_EPOCHS = 50
 DEMO_EPOCHS = 5
+# the latency table slim profiles (or copies its latency_table to), in the run folder
+SLIM_LATENCY_TABLE = "latency.json"
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,19 @@ class SlimConfig:
         None, f"fraction of the GFLOPs to keep ({DEFAULT_TARGET_FLOPS} unless ratio is given)"
     )
     ratio: Optional[float] = option(None, "fraction of prunable channels to remove instead of target_flops")
+    target_latency: Optional[float] = option(
+        None,
+        "instead of target_flops: fraction of the unpruned model's latency to reach on the latency table's device "
+        "(this machine when slim profiles it)",
+    )
+    target_fps: Optional[float] = option(
+        None, "instead of target_flops: frames per second to reach on the latency table's device (or this machine)"
+    )
+    latency_table: Optional[str] = option(
+        None,
+        "latency table of this model from yoloslim profile, reused for the latency targets (default: slim profiles "
+        f"the model with ONNX Runtime FP32 at the run's threads into the run's {SLIM_LATENCY_TABLE})",
+    )
     epochs: Optional[int] = option(
         None,
         "epoch budget beyond the base: sparsity training stops once the prune is ready (using at most sparse_share of "
@@ -208,7 +223,7 @@ class SlimConfig:
     sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
     imgsz: Optional[int] = option(None, "training and evaluation size (default: the checkpoint's own)")
     precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
-    threads: Optional[int] = option(None, "CPU threads for evaluation and benchmark (default: all cores)")
+    threads: Optional[int] = option(None, "CPU threads for profiling, evaluation and benchmark (default: all cores)")
     project: str = option("runs/slim", "runs go to PROJECT/NAME")
     name: str = option("slim", "run folder; an unfinished run of this name is resumed")
 
@@ -219,7 +234,18 @@ class SlimConfig:
             raise YoloslimError(f"epochs is the budget beyond the base, at least 1; got {self.epochs}")
         if not 0 < self.sparse_share < 1:
             raise YoloslimError(f"sparse_share must lie in (0, 1), got {self.sparse_share}")
-        self.prune_config(32)  # refuses a bad amount now, not after sparsity training
+        self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE)  # a bad amount is refused before any work
 
-    def prune_config(self, imgsz: int) -> PruneConfig:
-        return PruneConfig(ratio=self.ratio, target_flops=self.target_flops, imgsz=imgsz)
+    @property
+    def latency_target(self) -> bool:
+        return self.target_latency is not None or self.target_fps is not None
+
+    def prune_config(self, imgsz: int, latency_table: Optional[str] = None) -> PruneConfig:
+        return PruneConfig(
+            ratio=self.ratio,
+            target_flops=self.target_flops,
+            target_latency=self.target_latency,
+            target_fps=self.target_fps,
+            latency_table=latency_table,
+            imgsz=imgsz,
+        )

@@ -1,8 +1,11 @@
 """`yoloslim slim`: the whole pipeline in one command, each stage's output kept, resumable stage by stage.
 
-sparsity training -> pruning -> finetuning -> export -> evaluation -> benchmark -> report, in runs/slim/<name>/.
-state.json records each finished stage; running the same command again skips them and resumes an interrupted
-training from its last.pt. An input whose gamma distribution is already sparse skips sparsity training.
+profile -> sparsity training -> pruning -> finetuning -> export -> evaluation -> benchmark -> report, in
+runs/slim/<name>/. state.json records each finished stage; running the same command again skips them and resumes an
+interrupted profile or training where it stopped. An input whose gamma distribution is already sparse skips sparsity
+training. The profile stage runs only for a latency target (target_latency, target_fps): it measures this model on
+this machine (yoloslim.profile), or copies the latency_table given, into the run's latency.json, which the prune
+stage then prunes to.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from yoloslim.config import (
     DEFAULT_EPOCHS,
     DEFAULT_TARGET_FLOPS,
     DEMO_EPOCHS,
+    SLIM_LATENCY_TABLE,
     SPARSITY_RECIPE,
     SlimConfig,
     SparsityConfig,
@@ -26,7 +30,11 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.metadata import checkpoint_metadata
 
-STAGES = ("sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
+STAGES = ("profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
+# stop_at_flops lies below 1: a latency target whose prune removes nothing stops once anything is free
+MAX_STOP_FLOPS = 0.99
+# the largest error over a table's unseen check plans that its predictions are trusted at (what profile aims for)
+MAX_PREDICTOR_ERROR = 0.10
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
@@ -51,8 +59,10 @@ class Pipeline:
         self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        _, ckpt = load_detection_checkpoint(self.input)  # a bad checkpoint is refused before any work
+        model, ckpt = load_detection_checkpoint(self.input)  # a bad checkpoint is refused before any work
         self.imgsz = config.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640
+        if config.latency_table:  # a table of another model, size or an unreachable target: refused before any work
+            self.latency_prune(config.latency_table, model)
         self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
         self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project in runs/detect
         self.state_file = self.run / "state.json"
@@ -87,6 +97,62 @@ class Pipeline:
     def _train_args(self, name: str, epochs: int) -> dict:
         return dict(project=str(self.run), name=name, exist_ok=True, epochs=epochs, imgsz=self.imgsz, workers=0)
 
+    def latency_prune(self, table: str, model=None):
+        """The prune of the input to the run's amount with `table`: refuses a table of another model or image size,
+        and a target the table says cannot be reached."""
+        from yoloslim.profile import LatencyTable
+        from yoloslim.prune import prune_model
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        profiled = LatencyTable.load(table).data["settings"]["imgsz"]
+        if profiled != self.imgsz:
+            raise YoloslimError(
+                f"latency table {table} was profiled at imgsz {profiled}, this run is at {self.imgsz}; profile at "
+                "the run's size or set imgsz to the table's"
+            )
+        model = model if model is not None else load_detection_checkpoint(self.input)[0]
+        return prune_model(model, self.config.prune_config(self.imgsz, table))
+
+    def stage_profile(self) -> dict:
+        """The latency table for a latency target: the given one copied into the run, or this model profiled on this
+        machine (ONNX Runtime FP32 at the run's threads); an interrupted profile continues where it stopped."""
+        from yoloslim.profile import ProfileConfig, profile
+
+        table = self.run / SLIM_LATENCY_TABLE
+        if self.config.latency_table:
+            write_text_atomic(table, Path(self.config.latency_table).read_text())
+            self._warn_if_unreliable(table)
+            return {"table": str(table), "profiled": False}
+        if not self.config.latency_target:
+            return {"table": None}
+        profile(self.input, ProfileConfig(threads=self.config.threads, imgsz=self.imgsz), out=table, log=self.log)
+        self._warn_if_unreliable(table)
+        try:
+            self.latency_prune(str(table))
+        except YoloslimError as e:  # the measured table says the target is out of reach: keep it for the next run
+            raise YoloslimError(f"{e}; this machine's table is kept in {table} for a run under another name") from None
+        return {"table": str(table), "profiled": True}
+
+    def _warn_if_unreliable(self, table: Path) -> None:
+        from yoloslim.profile import LatencyTable
+
+        error = LatencyTable.load(table).data["check"]["max_error"]
+        if error > MAX_PREDICTOR_ERROR:
+            self.log(
+                f"slim: warning: the latency table's predictor missed its check plans by up to {100 * error:.0f} % "
+                f"(trusted up to {100 * MAX_PREDICTOR_ERROR:.0f} %): the prune meets the predicted latency, the "
+                "measured one may differ; profile on a quieter machine or at a larger imgsz for a better table"
+            )
+
+    def sparsity_stop(self) -> float:
+        """stop_at_flops for sparsity training. Its stop check counts GFLOPs; for a latency target it is the fraction
+        of GFLOPs that the latency target's prune keeps when planned on the input model."""
+        if not self.config.latency_target:
+            stop = self.config.target_flops if self.config.ratio is None else None
+            return stop or DEFAULT_TARGET_FLOPS
+        result = self.latency_prune(self.done("profile")["table"])
+        return min(result.after["gflops"] / result.before["gflops"], MAX_STOP_FLOPS)
+
     def stage_sparse(self) -> dict:
         """Sparsity training with the recipe's defaults, ending once the prune to the target is free; it may use up
         to sparse_share of the budget, the finetune gets the rest."""
@@ -102,8 +168,7 @@ class Pipeline:
         start = resume_point(run / "weights" / "last.pt", self.input)
         if start:
             epochs = min(SPARSITY_RECIPE.epochs, max(1, int(self.budget * self.config.sparse_share)))
-            stop = self.config.target_flops if self.config.ratio is None else None
-            config = SparsityConfig(stop_at_flops=stop or DEFAULT_TARGET_FLOPS)
+            config = SparsityConfig(stop_at_flops=self.sparsity_stop())
             train_sparse(
                 str(start[0]), config, data=str(self.data), resume=start[1], **self._train_args("sparse", epochs)
             )
@@ -114,8 +179,15 @@ class Pipeline:
 
         out = self.run / "pruned.pt"
         out.unlink(missing_ok=True)  # a pruning interrupted before its rename left nothing; redo it whole
-        result = prune(self.done("sparse")["weights"], self.config.prune_config(self.imgsz), out=out)
-        return {"weights": str(out), "widths": result.widths, "before": result.before, "after": result.after}
+        config = self.config.prune_config(self.imgsz, self.done("profile")["table"])
+        result = prune(self.done("sparse")["weights"], config, out=out)
+        return {
+            "weights": str(out),
+            "widths": result.widths,
+            "before": result.before,
+            "after": result.after,
+            "latency": result.latency,
+        }
 
     def stage_finetune(self) -> dict:
         from yoloslim.finetune import finetune
@@ -240,7 +312,7 @@ class Pipeline:
             "imgsz": self.imgsz,
             "environment": stages["bench"]["environment"],
             "variants": variants,
-            "prune": {"widths": stages["prune"]["widths"]},
+            "prune": {"widths": stages["prune"]["widths"], "latency": stages["prune"].get("latency")},
             "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
         }
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))

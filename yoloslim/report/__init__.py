@@ -5,7 +5,10 @@ Input: run folders written by `yoloslim slim`, each with a summary.json:
 
     {"name": ..., "data": ..., "imgsz": ..., "environment": {"threads": ..., ...},
      "variants": [{"name", "stage", "backend", "precision", "weights", "eval": {...} | null, "bench": {...} | null}],
-     "prune": {"widths": {layer: [before, after]}} | null, "gamma_history": {...} | null}
+     "prune": {"widths": {layer: [before, after]}, "latency": {...} | null} | null, "gamma_history": {...} | null}
+
+A run pruned with a latency table (yoloslim.prune.latency) states its latency target, what the table predicted for the
+pruned model and what was measured of it, under the table.
 
 What each variant is compared with, so that a ratio measures one thing:
 
@@ -250,6 +253,8 @@ def render_markdown(tables, images) -> str:
         lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |" for r in table]
         lines += ["", context(summary), ""]
+        latency = prune_latency(summary)
+        lines += [*latency, ""] if latency else []
     lines += [f"![{title}]({path.name})" for title, path in images]
     return "\n".join(lines) + "\n"
 
@@ -262,6 +267,17 @@ def render_csv(tables) -> str:
         for r in table:
             writer.writerow([summary["name"], *("" if r[c] is None else r[c] for c in COLUMNS)])
     return buffer.getvalue()
+
+
+def prune_latency(summary: dict) -> list:
+    """The pruned model's latency target, predicted and measured latency, one line each; none without a table."""
+    latency = (summary.get("prune") or {}).get("latency")
+    if not latency:
+        return []
+    from yoloslim.prune.latency import latency_lines
+
+    lines = latency_lines(latency)
+    return [f"Pruned model, {lines[0]}", *lines[1:]]
 
 
 def context(summary: dict) -> str:

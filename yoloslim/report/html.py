@@ -47,7 +47,7 @@ def _image(title: str, path: Path) -> str:
 
 
 def _run(summary: dict, table: list) -> str:
-    from yoloslim.report import COLUMNS, context, headline, headline_basis
+    from yoloslim.report import COLUMNS, context, headline, headline_basis, prune_latency
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(_cell(r[c], c) for c in COLUMNS) + "</tr>" for r in table)
@@ -60,6 +60,7 @@ def _run(summary: dict, table: list) -> str:
             f"<div class=scroll><table class=variants><thead><tr>{head}</tr></thead>",
             f"<tbody>{body}</tbody></table></div>",
             f"<p class=note>{html.escape(context(summary))}</p>",
+            "".join(f"<p class=note>{html.escape(line)}</p>" for line in prune_latency(summary)),
         ]
     )
 
