@@ -51,6 +51,7 @@ def export_onnx(
         )  # Ultralytics writes its export beside the weights; keep that away from the input
         yolo = YOLO(str(staged))
         use_expectation_dfl(yolo.model)
+        strip_fake_quant(yolo.model)
         exported = yolo.export(
             format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET, simplify=True, device="cpu"
         )
@@ -78,6 +79,13 @@ def use_expectation_dfl(model: nn.Module) -> None:
     head = model.model[-1]
     if isinstance(getattr(head, "dfl", None), nn.Module) and hasattr(head.dfl, "c1"):
         head.dfl = ExpectationDFL(head.dfl)
+
+
+def strip_fake_quant(model: nn.Module) -> None:
+    """A quantization-aware checkpoint exports its float model; the Q/DQ graph is written around that afterwards."""
+    from yoloslim.export.fakequant import strip_qat
+
+    strip_qat(model)
 
 
 def set_metadata(model, props: dict) -> None:
