@@ -21,10 +21,11 @@ IMGSZ = 160
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory, shipped_weights):
-    """The shipped baseline pruned by 40%: a pruned model that detects in the generated dataset's images."""
+def pruned(tmp_path_factory, shipped_sparse_weights):
+    """The shipped sparse model pruned to half its GFLOPs: a pruned model that still detects in the generated
+    dataset's images (its sparsity training made the prune nearly lossless), with offset-carrying convs."""
     out = tmp_path_factory.mktemp("qat") / "pruned.pt"
-    prune(shipped_weights, PruneConfig(ratio=0.4, imgsz=IMGSZ), out=out)
+    prune(shipped_sparse_weights, PruneConfig(target_flops=0.5, imgsz=IMGSZ), out=out)
     return out
 
 
@@ -79,21 +80,27 @@ def val_batch(synthetic_data):
     from yoloslim.evaluate import split_images
     from yoloslim.runtime.preprocess import preprocess
 
-    return preprocess([cv2.imread(str(p)) for p in split_images(synthetic_data, "val")[0][:8]], IMGSZ)[0]
+    return preprocess([cv2.imread(str(p)) for p in split_images(synthetic_data, "val")[0]], IMGSZ)[0]
+
+
+# Share of confident anchors whose box lies within 1 px and whose scores lie within 0.02 of the ONNX model's, at least.
+# Not all of them: where PyTorch's and ONNX Runtime's convolutions sum in a different order, a value on a rounding
+# boundary lands one level apart, and such flips spread through the later layers. The CPU flavour has more of them: it
+# quantizes every SiLU and runs fused integer kernels. Measured on these 24 images: TensorRT flavour 100% and 98%, CPU
+# flavour 98% and 63%; the float model (the control) 93% and 41%, 90% and 28%.
+AGREEMENT = {"tensorrt": (1.0, 0.95), "cpu": (0.95, 0.5)}
 
 
 @pytest.mark.slow
-def test_fake_quantized_model_and_its_qdq_onnx_agree(exported, val_batch, pruned):
-    """On real images: confident boxes within 1 px and scores within 0.02 at the median anchor and for most of them.
-    Not all: where PyTorch's and ONNX Runtime's convolutions sum in a different order, a value on a rounding boundary
-    lands one level apart, and such flips spread through the later layers (most in the CPU flavour, which quantizes
-    every SiLU). The float model, the same weights without fake quantization, is the control that must do worse."""
+def test_fake_quantized_model_and_its_qdq_onnx_agree(exported, val_batch):
+    """On real images: confident boxes within 1 px and scores within 0.02 (for the shares of AGREEMENT), and twice
+    closer than the float model with the same weights."""
     target, weights, int8 = exported
     reference = detections(int8, val_batch)
     boxes, scores = disagreement(reference, detections(load(weights), val_batch))
-    assert boxes.size >= 20
-    assert boxes.max() <= 1.0 and np.median(scores) <= 0.02
-    assert np.mean(scores <= 0.02) >= (0.85 if target == "tensorrt" else 0.6)
+    assert boxes.size >= 100
+    within_box, within_score = AGREEMENT[target]
+    assert np.mean(boxes <= 1.0) >= within_box and np.mean(scores <= 0.02) >= within_score
     float_model = load(weights)
     strip_qat(float_model)
     _, float_scores = disagreement(reference, detections(float_model, val_batch))
@@ -104,14 +111,14 @@ def test_fake_quantized_model_and_its_qdq_onnx_agree(exported, val_batch, pruned
 def test_export_writes_the_trained_scales_where_training_quantized(exported):
     target, weights, int8 = exported
     graph = onnx.load(str(int8))
-    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    init = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     written = {
         n.input[0]: (float(init[n.input[1]]), int(init[n.input[2]]))
         for n in graph.graph.node
         if n.op_type == "QuantizeLinear" and n.input[0] not in init
     }
     scales = trained_scales(load(weights))
-    assert scales and all(written[t] == pytest.approx(s, rel=0, abs=0) for t, s in scales.items())
+    assert scales and all(written[t] == s for t, s in scales.items())
     producer = {o: n.op_type for n in graph.graph.node for o in n.output}
     assert {producer[t] for t in set(written) - set(scales)} <= {"MaxPool", "Resize"}  # on their input's grid
     meta = {p.key: p.value for p in graph.metadata_props}
@@ -131,7 +138,7 @@ def test_export_takes_changed_scales_without_calibration(pruned, synthetic_data,
     quantizer.scale *= 1.25
     torch.save({**ckpt, "model": model}, tmp_path / "changed.pt")
     graph = onnx.load(str(export(tmp_path / "changed.pt", ExportConfig(precision="int8", imgsz=IMGSZ))))
-    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    init = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     scale = next(
         init[n.input[1]] for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == quantizer.tensor
     )
@@ -152,7 +159,7 @@ def test_head_outputs_and_offset_carrying_convs_train_in_float(shipped_sparse_we
         assert type(branch[-1]) is torch.nn.Conv2d and "qat_act" not in branch[-2]._modules
     offset = blocks["model.4.cv2"]
     assert not isinstance(offset, QuantConv) or (offset.weight_levels == 0 and "qat_input" not in offset._modules)
-    assert blocks["model.2.cv1"].weight_levels == 127 and "qat_input" in blocks["model.2.cv1"]._modules
+    assert blocks["model.2.cv1"].weight_levels == 127 and "qat_act" in blocks["model.1"]._modules  # its input
     strip_qat(model)
     assert not is_qat(model) and not any(m._forward_hooks for m in model.modules())
 
@@ -227,6 +234,9 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     best = last.with_name("best.pt")
     quantized = load_detection_checkpoint(best)
     assert widths(best) == widths(pruned) and is_qat(quantized[0])
-    assert quantized[1]["yoloslim"]["qat"]["target"] == "cpu" and quantized[1]["yoloslim"]["prune"]["settings"]["ratio"]
+    assert (
+        quantized[1]["yoloslim"]["qat"]["target"] == "cpu"
+        and quantized[1]["yoloslim"]["prune"]["settings"]["target_flops"] == 0.5
+    )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"

@@ -52,12 +52,21 @@ class FakeQuant(nn.Module):
     def __init__(self, tensor: str, scale: float, zero_point: int, qmin: int, qmax: int):
         super().__init__()
         self.tensor, self.qmin, self.qmax = tensor, qmin, qmax
-        self.register_buffer("scale", torch.tensor([scale], dtype=torch.float32))
+        # The scale is held as the bits of a float32: Ultralytics saves checkpoints in half precision, which would
+        # round it (and flush a scale under 6e-8 to zero), while an integer buffer passes through exactly.
+        self.register_buffer("scale_bits", torch.tensor([scale], dtype=torch.float32).view(torch.int32))
         self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int32))
 
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scale_bits.view(torch.float32)
+
+    @scale.setter
+    def scale(self, value: torch.Tensor) -> None:
+        self.scale_bits.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(1).view(torch.int32))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 throughout: checkpoints store buffers in half, and half scales would differ from the exported ones
-        return _fake_quantize(x, self.scale.float(), self.zero_point.float(), self.qmin, self.qmax)
+        return _fake_quantize(x, self.scale, self.zero_point.float(), self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         return f"{self.tensor}, scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
@@ -305,6 +314,8 @@ def strip_qat(model: nn.Module) -> None:
         if isinstance(module, QuantConv):
             module.__dict__.pop("weight_levels", None)
             module.__class__ = module.__dict__.pop("qat_base")
+            if "forward" in module.__dict__:  # fused: Ultralytics bound forward_fuse to the instance
+                module.forward = module.forward_fuse
 
 
 def trained_scales(model: nn.Module) -> dict[str, tuple[float, int]]:
