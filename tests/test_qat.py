@@ -164,8 +164,13 @@ def test_head_outputs_and_offset_carrying_convs_train_in_float(shipped_sparse_we
     assert not is_qat(model) and not any(m._forward_hooks for m in model.modules())
 
 
-def test_mismatched_target_is_refused_in_one_line_and_writes_nothing(pruned, synthetic_data, tmp_path, cli):
-    weights = qat_checkpoint(pruned, synthetic_data, "cpu", tmp_path / "qat.pt")
+def test_mismatched_target_is_refused_in_one_line_and_writes_nothing(shipped_weights, tmp_path, cli):
+    """The refusal reads only the checkpoint's record of its flavour, before any export work."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    _, ckpt = load_detection_checkpoint(shipped_weights)
+    weights = tmp_path / "qat.pt"
+    torch.save({**ckpt, "yoloslim": {"qat": {"target": "cpu", "imgsz": 64, "placement": {}}}}, weights)
     with pytest.raises(YoloslimError, match="for the cpu INT8 flavour, not tensorrt"):
         export(weights, ExportConfig(precision="int8", imgsz=64, target="tensorrt"))
     assert_one_line_error(
@@ -192,13 +197,13 @@ def test_qat_config_refuses_bad_settings():
         QatConfig(qat=True, calibration_images=0)
 
 
-def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(pruned, synthetic_data):
+def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(shipped_weights, tiny_data):
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    model = load_detection_checkpoint(pruned)[0].float()
-    prepare_qat(model, "cpu", synthetic_data, 64, count=2)
+    model = load_detection_checkpoint(shipped_weights)[0].float()
+    model.model[1].qat_output = FakeQuant("/model.1/Conv_output_0", 0.1, 0, -128, 127)
     with pytest.raises(YoloslimError, match="already quantization-aware"):
-        prepare_qat(model, "cpu", synthetic_data, 64, count=2)
+        prepare_qat(model, "cpu", tiny_data, 64, count=2)
 
 
 class Interrupt(Exception):

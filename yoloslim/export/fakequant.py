@@ -194,16 +194,11 @@ def place_fake_quant(model: nn.Module, graph, weight_levels: int) -> None:
     for node in graph.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    quantized = {}  # tensor -> (its QuantizeLinear, the nodes that read its dequantized value)
-    for node in graph.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in init:
-            dequantized = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-            quantized[node.input[0]] = (node, [c for d in dequantized for c in readers.get(d.output[0], [])])
     for node in graph.graph.node:
         weight = producer.get(node.input[1]) if node.op_type == "Conv" else None
         if weight is not None and weight.op_type == "DequantizeLinear":
             _as_quant_conv(_conv_block(modules, node), node.name).weight_levels = weight_levels
-    for tensor, (quantize, consumers) in quantized.items():
+    for tensor, (quantize, consumers) in _activation_pairs(graph, init, readers).items():
         scale, zero = init[quantize.input[1]], init[quantize.input[2]]
         source = producer.get(tensor)
         if _repeats_input_grid(source, producer, init, scale, zero):
@@ -212,6 +207,17 @@ def place_fake_quant(model: nn.Module, graph, weight_levels: int) -> None:
         quantizer = FakeQuant(tensor, float(scale), int(zero), *_SATURATION[zero.dtype])
         if raw or not _place_at_source(modules, source, quantizer, consumers):
             _place_at_readers(modules, consumers, quantizer)
+
+
+def _activation_pairs(graph, init: dict, readers: dict) -> dict:
+    """Each quantized activation of the graph: tensor -> (its QuantizeLinear, the nodes that read its dequantized
+    value)."""
+    pairs = {}
+    for node in graph.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in init:
+            dequantized = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+            pairs[node.input[0]] = (node, [c for d in dequantized for c in readers.get(d.output[0], [])])
+    return pairs
 
 
 def _repeats_input_grid(source, producer: dict, init: dict, scale, zero) -> bool:
