@@ -202,7 +202,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(commands) -> None:
-    from yoloslim.config import FINETUNE_RECIPE
+    from yoloslim.config import FINETUNE_RECIPE, QatConfig
 
     sub = commands.add_parser(
         "finetune",
@@ -213,14 +213,19 @@ def _add_finetune(commands) -> None:
     sub.add_argument("--weights", required=True, help="pruned checkpoint")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     sub.add_argument("--teacher", help="unpruned checkpoint to distill from (Ultralytics distill_model)")
+    _add_settings(sub, QatConfig)
     _add_ultralytics_train_args(sub, FINETUNE_RECIPE)
     sub.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
+    from yoloslim.config import QatConfig
     from yoloslim.finetune import finetune
 
-    finetune(args.weights, data=args.data, teacher=args.teacher, resume=args.resume, **_ultralytics_train_args(args))
+    qat = _settings_from(QatConfig, args)
+    finetune(
+        args.weights, data=args.data, teacher=args.teacher, resume=args.resume, qat=qat, **_ultralytics_train_args(args)
+    )
     return 0
 
 

@@ -45,6 +45,31 @@ SPARSITY_RECIPE = TrainRecipe(epochs=30, batch=8, optimizer="SGD", lr0=0.01, nbs
 FINETUNE_RECIPE = TrainRecipe(epochs=20, batch=16, optimizer="auto", close_mosaic=5)
 
 
+INT8_TARGETS = ("tensorrt", "cpu")  # the INT8 flavours: Q/DQ placed for TensorRT, or for ONNX Runtime's CPU kernels
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware finetuning: INT8 fake quantization where the INT8 export for `target` puts Q/DQ."""
+
+    qat: bool = option(
+        False,
+        "finetune with INT8 fake quantization placed where export --precision int8 --target TARGET puts Q/DQ; that "
+        "export then takes the trained ranges, without calibration data",
+    )
+    target: Literal["tensorrt", "cpu"] = option(
+        "tensorrt", "the INT8 flavour qat trains for: tensorrt (engines) or cpu (ONNX Runtime)", choices=INT8_TARGETS
+    )
+    # The export's own default: qat starts from exactly the ranges that post-training quantization would use.
+    calibration_images: int = option(500, "training images that calibrate qat's ranges before the first step")
+
+    def __post_init__(self):
+        if self.target not in INT8_TARGETS:
+            raise YoloslimError(f"unknown INT8 target {self.target!r}; use tensorrt or cpu")
+        if self.calibration_images < 1:
+            raise YoloslimError(f"calibration_images must be at least 1, got {self.calibration_images}")
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
     """How hard and where to push BatchNorm gammas towards zero, and when to stop."""

@@ -1,4 +1,5 @@
-"""Finetuning a pruned model without losing its pruned widths, optionally distilled from the unpruned model.
+"""Finetuning a pruned model without losing its pruned widths, optionally distilled from the unpruned model, optionally
+quantization-aware.
 
 The trap: Ultralytics' trainer rebuilds every model from its yaml (which still describes the original widths) and
 then loads only the tensors whose shapes match, so `YOLO("pruned.pt").train()` silently trains an unpruned,
@@ -6,15 +7,22 @@ mostly re-initialised network. FinetuneTrainer trains the pruned module itself, 
 
 Distillation uses Ultralytics' own `distill_model` (its DistillationModel projects the student's features to the
 teacher's widths, so a pruned student works as is).
+
+Quantization-aware finetuning (QatTrainer) trains with INT8 fake quantization placed where the INT8 export of its
+target puts Q/DQ (yoloslim.export.fakequant); the checkpoint keeps the fake quantization in its model, so a resumed run
+(FinetuneTrainer, which trains the checkpoint's module as it is) continues it, and `yoloslim export --precision int8`
+writes its trained ranges without calibration.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from torch import nn
+from ultralytics.utils import DEFAULT_CFG
 
-from yoloslim.config import FINETUNE_RECIPE
+from yoloslim.config import FINETUNE_RECIPE, QatConfig
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
@@ -33,26 +41,60 @@ class FinetuneTrainer(SafeDetectionTrainer):
         return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
 
 
+class QatTrainer(FinetuneTrainer):
+    """FinetuneTrainer whose model trains with INT8 fake quantization placed for `qat.target`, its ranges calibrated
+    on the training images before the first step and held; the checkpoint records the flavour and placement."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.qat, self.qat_record = qat or QatConfig(qat=True), None
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        from yoloslim.export.fakequant import prepare_qat
+
+        model = super().get_model(cfg, weights, verbose)
+        self.qat_record = prepare_qat(
+            model, self.qat.target, self.args.data, self.args.imgsz, self.qat.calibration_images
+        )
+        return model
+
+    def checkpoint_extras(self) -> dict:
+        return {
+            **super().checkpoint_extras(),
+            "qat": {**self.qat_record, "calibration_images": self.qat.calibration_images},
+        }
+
+
 def finetune(
     weights: str | Path,
     data: str | Path | None = None,
     teacher: str | Path | None = None,
     resume: bool = False,
+    qat: QatConfig | None = None,
     **train_args,
 ):
     """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics.
-    `train_args` (Ultralytics train arguments) override FINETUNE_RECIPE's; imgsz defaults to the checkpoint's own."""
+    `train_args` (Ultralytics train arguments) override FINETUNE_RECIPE's; imgsz defaults to the checkpoint's own.
+    `qat` with qat=True finetunes quantization-aware (QatConfig)."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
     from yoloslim.utils.checks import load_detection_checkpoint
 
+    aware = qat is not None and qat.qat
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
-        return resume_run(weights, FinetuneTrainer, dataset, refused={"teacher": teacher}, **train_args)
-    load_detection_checkpoint(weights)
+        refused = {"teacher": teacher, "qat": "qat" if aware else None}
+        return resume_run(weights, FinetuneTrainer, dataset, refused=refused, **train_args)
+    model, _ = load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)
+    trainer = FinetuneTrainer
+    if aware:
+        from yoloslim.export.fakequant import qat_calibration_images
+
+        qat_calibration_images(model, dataset, qat.calibration_images)  # before Ultralytics sets up a run
+        trainer = partial(QatTrainer, qat=qat)
     train_args = {**FINETUNE_RECIPE.train_args(), **train_args}
-    return YOLO(str(weights)).train(data=dataset, trainer=FinetuneTrainer, **train_args)
+    return YOLO(str(weights)).train(data=dataset, trainer=trainer, **train_args)

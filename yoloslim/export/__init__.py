@@ -82,13 +82,14 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         raise YoloslimError(f"ONNX export takes an Ultralytics .pt checkpoint, not {weights.name}")
     if config.precision == "fp32":
         return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
-    if config.precision == "int8":  # the calibration set is checked before any work
+    target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
+    trained = _trained_quantization(weights, config)
+    if config.precision == "int8" and trained is None:  # the calibration set is checked before any work
         from yoloslim.data import resolve_data
         from yoloslim.export.qdq import calibration_images
 
         data = resolve_data(data)
         calibration_images(data, config.calibration_images)
-    target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.") as work:
         fp32 = export_onnx(
@@ -98,6 +99,20 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
             from yoloslim.export.fp16 import convert_fp16
 
             return convert_fp16(fp32, out=target)
+        if trained is not None:
+            from yoloslim.export.fakequant import quantize_trained
+
+            return quantize_trained(fp32, trained, out=target)
         from yoloslim.export.qdq import quantize_int8
 
         return quantize_int8(fp32, data, out=target, count=config.calibration_images, target=config.target)
+
+
+def _trained_quantization(weights: Path, config: ExportConfig):
+    """A quantization-aware checkpoint's own INT8 quantization (no calibration), or None: a plain checkpoint, or not
+    an INT8 export."""
+    if config.precision != "int8":
+        return None
+    from yoloslim.export.fakequant import trained_quantization
+
+    return trained_quantization(weights, config.target)

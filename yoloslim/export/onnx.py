@@ -61,6 +61,7 @@ def export_onnx(
         )  # Ultralytics writes its export beside the weights; keep that away from the input
         yolo = YOLO(str(staged))
         use_expectation_dfl(yolo.model)
+        strip_fake_quant(yolo.model)
         exported = yolo.export(
             format="onnx",
             imgsz=imgsz,
@@ -115,6 +116,13 @@ def record_head(onnx_path: Path) -> None:
     props = {p.key: p.value for p in model.metadata_props}
     set_metadata(model, {**props, HEAD_KEY: head_kind(props)})
     onnx.save(model, str(onnx_path))
+
+
+def strip_fake_quant(model: nn.Module) -> None:
+    """A quantization-aware checkpoint exports its float model; the Q/DQ graph is written around that afterwards."""
+    from yoloslim.export.fakequant import strip_qat
+
+    strip_qat(model)
 
 
 def set_metadata(model, props: dict) -> None:

@@ -266,7 +266,6 @@ def quantize_int8(
     """Write a Q/DQ INT8 ONNX of a static-shape FP32 ONNX, calibrated on the dataset's training images, placed for
     `target`: "tensorrt" (TensorRT's rules) or "cpu" (ONNX Runtime's CPU kernels)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if target not in TARGETS:
         raise YoloslimError(f"unknown INT8 target {target!r}; use tensorrt or cpu")
@@ -283,22 +282,30 @@ def quantize_int8(
     head = head_nodes_kept_in_float(model)
     placement = cpu_placement(model, reader, head) if target == "cpu" else tensorrt_placement(model, reader, head)
     with atomic_path(written) as tmp:
-        quantize_static(
-            str(onnx_path),
-            str(tmp),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            **placement,
-        )
+        quantize_placed(onnx_path, tmp, reader, placement)
         quantized = onnx.load(str(tmp))
         if target == "cpu":
             correct_biases(quantized, model, reader)
         _copy_metadata(model, quantized, target)
         onnx.save(quantized, str(tmp))
     return written
+
+
+def quantize_placed(source: Path, dest: Path, reader, placement: dict) -> None:
+    """ONNX Runtime's quantize_static with what both flavours share (Q/DQ, per-channel int8 weights, min-max ranges
+    from `reader`) and a flavour's `placement` (tensorrt_placement, cpu_placement)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(source),
+        str(dest),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        **placement,
+    )
 
 
 def tensorrt_placement(model, reader: LetterboxCalibrationReader, head: list[str]) -> dict:
