@@ -16,6 +16,7 @@ from yoloslim.export.fakequant import FakeQuant, QuantConv, is_qat, prepare_qat,
 from yoloslim.export.qdq import check_tensorrt_qdq
 from yoloslim.prune import PruneConfig, prune
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 
 IMGSZ = 160
 
@@ -35,7 +36,8 @@ def qat_checkpoint(pruned, data, target, path):
 
     model, ckpt = load_detection_checkpoint(pruned)
     record = prepare_qat(model, target, data, IMGSZ, count=8)
-    torch.save({**ckpt, "model": model.half(), "ema": None, "yoloslim": {**ckpt["yoloslim"], "qat": record}}, path)
+    set_checkpoint_metadata(model, {**checkpoint_metadata(ckpt), "qat": record})
+    torch.save({**ckpt, "model": model.half(), "ema": None}, path)
     return path
 
 
@@ -239,9 +241,7 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     best = last.with_name("best.pt")
     quantized = load_detection_checkpoint(best)
     assert widths(best) == widths(pruned) and is_qat(quantized[0])
-    assert (
-        quantized[1]["yoloslim"]["qat"]["target"] == "cpu"
-        and quantized[1]["yoloslim"]["prune"]["settings"]["target_flops"] == 0.5
-    )
+    meta = checkpoint_metadata(quantized[1])
+    assert meta["qat"]["target"] == "cpu" and meta["prune"]["settings"]["target_flops"] == 0.5
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"

@@ -176,12 +176,13 @@ def _build(cfg: str, out: Path) -> Path:
 def _bench_model(weights: Path, args) -> dict:
     """Prune, export and time one model's variants, or read what an earlier run measured."""
     from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.metadata import checkpoint_metadata
 
     model, ckpt = load_detection_checkpoint(weights)
     imgsz = args.imgsz or (ckpt.get("train_args") or {}).get("imgsz")
     if not isinstance(imgsz, int):
         raise YoloslimError(f"{weights} does not record the image size it was trained at; pass --imgsz")
-    method = args.method or ("bn" if "sparsity" in (ckpt.get("yoloslim") or {}) else "l1")
+    method = args.method or ("bn" if "sparsity" in checkpoint_metadata(ckpt) else "l1")
     folder = args.out / f"{weights.stem}-{imgsz}-flops{args.target_flops}-{method}-r{args.round_to}"
     folder.mkdir(parents=True, exist_ok=True)
     timing = folder / f"timing-{'-'.join(args.methods)}-t{'-'.join(map(str, args.threads))}-n{args.rounds}.json"

@@ -39,7 +39,7 @@ from ultralytics.nn.modules.conv import Conv
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, output_path
 
-QAT_KEY = "qat"  # under the checkpoint's "yoloslim" metadata: the flavour, imgsz and the export's placement
+QAT_KEY = "qat"  # in the checkpoint's yoloslim metadata: the flavour, imgsz and the export's placement
 WEIGHT_LEVELS = {"tensorrt": 127, "cpu": 64}  # symmetric int8 weights; the CPU flavour's reduce_range keeps 7 bits
 # What an ONNX QuantizeLinear saturates to, by zero point type
 _SATURATION = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
@@ -343,10 +343,10 @@ def trained_quantization(weights: str | Path, target: str) -> TrainedQuantizatio
     finetuned without qat. Refuses a file that is not a detection checkpoint, and a target other than the trained
     one."""
     from yoloslim.utils.checks import load_detection_checkpoint
-    from yoloslim.utils.training import CHECKPOINT_KEY
+    from yoloslim.utils.metadata import checkpoint_metadata
 
     model, ckpt = load_detection_checkpoint(weights)
-    record = (ckpt.get(CHECKPOINT_KEY) or {}).get(QAT_KEY)
+    record = checkpoint_metadata(ckpt).get(QAT_KEY)
     if not record:
         return None
     if target != record["target"]:
