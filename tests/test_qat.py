@@ -170,9 +170,10 @@ def test_mismatched_target_is_refused_in_one_line_and_writes_nothing(shipped_wei
     """The refusal reads only the checkpoint's record of its flavour, before any export work."""
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    _, ckpt = load_detection_checkpoint(shipped_weights)
+    model, ckpt = load_detection_checkpoint(shipped_weights)
     weights = tmp_path / "qat.pt"
-    torch.save({**ckpt, "yoloslim": {"qat": {"target": "cpu", "imgsz": 64, "placement": {}}}}, weights)
+    set_checkpoint_metadata(model, {"qat": {"target": "cpu", "imgsz": 64, "placement": {}}})
+    torch.save({**ckpt, "model": model}, weights)
     with pytest.raises(YoloslimError, match="for the cpu INT8 flavour, not tensorrt"):
         export(weights, ExportConfig(precision="int8", imgsz=64, target="tensorrt"))
     assert_one_line_error(
