@@ -168,7 +168,8 @@ def _add_prune(commands) -> None:
         "prune",
         help="remove backbone, neck and head-inner channels for real",
         description="Channel pruning: smaller convolutions, consistent residual adds, concats and Detect head; "
-        "writes an ordinary Ultralytics checkpoint and a report beside it. Give at most one amount: --ratio, "
+        "writes a checkpoint in the input's format (Ultralytics', or the original YOLOv5 repository's) and a report "
+        "beside it. Give at most one amount: --ratio, "
         "--threshold, --target-flops, or --target-latency or --target-fps with the --latency-table that yoloslim "
         "profile measured on the target.",
     )
