@@ -20,9 +20,11 @@ from yoloslim.models.train import (
     anchor_free_layout,
     as_training_model,
     plain_classic,
+    plain_values,
     read_classic_checkpoint,
 )
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import trainable_copy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "classic"
@@ -211,3 +213,110 @@ def test_finetuning_keeps_widths_also_after_resume(classic_args, tmp_path):
     with open(resumed.csv) as f:  # validated every epoch, with the classic loss on the val images
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(float(row["val/box_loss"]) > 0 and float(row["val/obj_loss"]) > 0 for row in rows)
+
+
+# -- the commands: `yoloslim train` and `yoloslim finetune` on the original repository's checkpoints ----------------
+
+
+def pickled_globals(path: Path) -> set[str]:
+    """Every global the checkpoint's pickle names, read with pickletools (nothing is unpickled)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+def assert_original_format(path: Path, source: Path) -> tuple[nn.Module, dict]:
+    """`path` pickles its model under the original repository's paths, as `source` did, with `source`'s keys, FP16,
+    its training state cleared; returns what yoloslim's classic loader reads."""
+    found = pickled_globals(path)
+    assert not {g for g in found if g.startswith(("yoloslim.", "ultralytics."))}, found
+    assert {g for g in found if g.startswith("models.yolo.")} == {
+        g for g in pickled_globals(source) if g.startswith("models.yolo.")
+    }
+    assert "torch.HalfStorage" in found  # the weights in FP16, as train.py saves them
+    model, ckpt = load_classic_checkpoint(path)
+    _, given = load_classic_checkpoint(source)
+    assert set(ckpt) == set(given) and ckpt["epoch"] == -1 and ckpt["optimizer"] is None and ckpt["ema"] is None
+    assert ckpt["model"] is model
+    for key in set(given) - {"model", "epoch", "optimizer", "best_fitness", "ema", "updates"}:  # opt, git, date, ...
+        assert plain_values(ckpt[key]) == plain_values(given[key]), key  # paths in opt kept as strings
+    return model, ckpt
+
+
+@pytest.mark.slow
+def test_train_command_writes_the_originals_format_with_the_sparsity_record(cli, classic_data, tmp_path):
+    """One epoch of `yoloslim train` on the original's checkpoint, at its training size (64): best.pt and last.pt in
+    the original's format, with the sparsity settings and gamma history on the model."""
+    import yaml
+
+    code, err, _ = cli(
+        "train", "--weights", CHECKPOINT, "--data", classic_data, "--epochs", 1, "--batch", 4, "--sr", 0.5,
+        "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0",
+    )  # fmt: skip
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "args.yaml").read_text())["imgsz"] == 64
+    for name in ("best.pt", "last.pt"):
+        model, ckpt = assert_original_format(run / "weights" / name, CHECKPOINT)
+        metadata = checkpoint_metadata(ckpt)
+        assert metadata["sparsity"]["sr"] == 0.5 and len(metadata["gamma_history"]["epochs"]) == 1
+        assert "original_format" not in metadata  # the record a resume needs stays in the trainer's files
+        assert conv_widths(model) == conv_widths(load_classic_checkpoint(CHECKPOINT)[0])
+
+
+@pytest.fixture(scope="module")
+def pruned_v6(tmp_path_factory) -> Path:
+    """v6.0-best.pt (models.yolo.Model) pruned by yoloslim, in the original's format."""
+    from yoloslim.prune import PruneConfig, prune
+
+    out = tmp_path_factory.mktemp("pruned") / "pruned.pt"
+    return prune(FIXTURES / "v6.0-best.pt", PruneConfig(ratio=0.5, round_to=1, imgsz=64), out=out).out
+
+
+@pytest.mark.slow
+def test_finetune_command_keeps_widths_and_the_originals_format_also_after_resume(
+    cli, classic_args, pruned_v6, tmp_path
+):
+    """A run of a pruned original-format checkpoint, interrupted after its first save, resumed by `yoloslim finetune
+    --resume`: the pruned widths throughout, and the final files in the input's format (models.yolo.Model)."""
+    widths = conv_widths(load_classic_checkpoint(pruned_v6)[0])
+    assert widths != conv_widths(DetectionModel(load_classic_checkpoint(pruned_v6)[0].yaml))
+    trainer = ClassicFinetuneTrainer(overrides=dict(classic_args, model=str(pruned_v6), epochs=2))
+    trainer.add_callback("on_model_save", stop_after_first_save)
+    with pytest.raises(Interrupt):
+        trainer.train()
+    assert conv_widths(read_classic_checkpoint(trainer.last)[0]) == widths
+
+    code, err, _ = cli("finetune", "--weights", trainer.last, "--resume")
+    assert code == 0, err
+    for path in (trainer.last, trainer.best):
+        model, ckpt = assert_original_format(path, pruned_v6)
+        assert conv_widths(model) == widths
+        assert checkpoint_metadata(ckpt)["prune"] == checkpoint_metadata(load_classic_checkpoint(pruned_v6)[1])["prune"]
+    code, err, _ = cli("finetune", "--weights", trainer.last, "--resume")  # the original-format last.pt: finished
+    assert code == 2 and "finished run" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_finetune_command_runs_a_pruned_original_checkpoint(cli, classic_data, pruned_v6, tmp_path):
+    code, err, _ = cli(
+        "finetune", "--weights", pruned_v6, "--data", classic_data, "--epochs", 1, "--batch", 4,
+        "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0",
+    )  # fmt: skip
+    assert code == 0, err
+    model, _ = assert_original_format(tmp_path / "run" / "weights" / "best.pt", pruned_v6)
+    assert conv_widths(model) == conv_widths(load_classic_checkpoint(pruned_v6)[0])
+
+
+def test_finetune_command_refuses_distillation_and_qat_in_one_line(cli, classic_data):
+    for extra in (("--teacher", CHECKPOINT), ("--qat",)):
+        code, err, _ = cli("finetune", "--weights", CHECKPOINT, "--data", classic_data, *extra)
+        assert code == 2 and "anchor-based" in err and len(err.splitlines()) == 1, err
+
+
+def test_resuming_an_unfinished_run_of_the_originals_train_py_is_refused(cli):
+    code, err, _ = cli("train", "--weights", FIXTURES / "v6.2-last.pt", "--resume")
+    assert code == 2 and "original YOLOv5 repository's train.py" in err and len(err.splitlines()) == 1, err

@@ -75,14 +75,28 @@ def finetune(
 ):
     """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics.
     `train_args` (Ultralytics train arguments) override FINETUNE_RECIPE's; imgsz defaults to the checkpoint's own.
-    `qat` with qat=True finetunes quantization-aware (QatConfig)."""
+    `qat` with qat=True finetunes quantization-aware (QatConfig). A checkpoint of the original YOLOv5 repository
+    finetunes with the classic trainer (yoloslim.models.train), without a teacher, and the run's final files are in its
+    format."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
+    from yoloslim.models.train import ClassicFinetuneTrainer, is_classic_checkpoint, train_classic
     from yoloslim.utils.checks import load_detection_checkpoint
 
     aware = qat is not None and qat.qat
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
+    if is_classic_checkpoint(weights):
+        if aware:
+            raise YoloslimError(
+                "quantization-aware finetuning places its Q/DQ for Ultralytics' heads, not the original YOLOv5 "
+                "repository's anchor-based one; finetune without qat, then export --precision int8"
+            )
+        teaching = {"distill_model": str(teacher)} if teacher is not None and not resume else {}
+        refused = {"teacher": teacher}
+        return train_classic(
+            ClassicFinetuneTrainer, weights, dataset, resume, FINETUNE_RECIPE, refused, **teaching, **train_args
+        )
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
         refused = {"teacher": teacher, "qat": "qat" if aware else None}
         return resume_run(weights, FinetuneTrainer, dataset, refused=refused, **train_args)

@@ -239,13 +239,18 @@ def train_sparse(
 ):
     """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under
     `yoloslim train`: `train_args` (Ultralytics train arguments) override SPARSITY_RECIPE's; imgsz defaults to the
-    checkpoint's own, as in Ultralytics."""
+    checkpoint's own, as in Ultralytics. A checkpoint of the original YOLOv5 repository trains with the classic
+    trainer (yoloslim.models.train), and the run's final files are in its format."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
+    from yoloslim.models.train import ClassicSparsityTrainer, is_classic_checkpoint, train_classic
     from yoloslim.utils.checks import load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
+    if is_classic_checkpoint(weights):
+        trainer = ClassicSparsityTrainer.with_config(config)
+        return train_classic(trainer, weights, dataset, resume, SPARSITY_RECIPE, **train_args)
     trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
         return resume_run(weights, trainer, dataset, **train_args)

@@ -17,17 +17,23 @@ model read from the original's files.
 
 from __future__ import annotations
 
+from argparse import Namespace
 from contextlib import contextmanager
 from copy import copy
-from pathlib import Path
+from datetime import datetime
+from pathlib import Path, PurePath
 
+import numpy as np
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils.patches import torch_load
 
 from yoloslim.finetune import FinetuneTrainer
 from yoloslim.models.loss import ClassicLoss, LossGains
+from yoloslim.models.save import _TRAINING_STATE as TRAINING_STATE
+from yoloslim.models.save import original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel
 from yoloslim.sparsity import SparsityTrainer
 from yoloslim.utils.errors import YoloslimError
@@ -35,6 +41,10 @@ from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import SafeDetectionTrainer, trainable_copy
 
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+# the keys of a checkpoint v7.0's train.py writes, which the final files of a run from a yaml take
+V7_CHECKPOINT_KEYS = ("epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "git", "date")
+ORIGINAL_FORMAT = "original_format"  # yoloslim's metadata key for the input's format, which the final files take
+TRAINER_ATTRIBUTES = ("args", "criterion", "pt_path", "task")  # set by Ultralytics on the model, not the original's
 
 
 class ClassicTrainingModel(DetectionModel):
@@ -126,6 +136,8 @@ class ClassicTraining:
             self.model = self.get_model(cfg=source)
             return None
         weights, ckpt = read_classic_checkpoint(source)
+        if in_original_format(source) and not self.resume:
+            self._original_format = original_format_record(Path(source), ckpt)
         self.model = self.get_model(cfg=weights.yaml, weights=weights)
         return ckpt
 
@@ -145,6 +157,24 @@ class ClassicTraining:
 
             self._lineage = checkpoint_metadata(load_classic_checkpoint(source)[1])
         return super().lineage()
+
+    def checkpoint_extras(self) -> dict:
+        """yoloslim's metadata, with the input's original format, which the run's final files take (on resume, from
+        last.pt's metadata)."""
+        record = getattr(self, "_original_format", None) or self.lineage().get(ORIGINAL_FORMAT)
+        return {**super().checkpoint_extras(), **({ORIGINAL_FORMAT: record} if record else {})}
+
+    def finish_checkpoints(self) -> None:
+        """Rewrite last.pt and best.pt once each, in the original repository's format (the input's class paths and
+        keys, FP16, training state cleared), so that its own tools load them; until then they are in the trainer's
+        format, which a resumed run reads."""
+        for path in (self.last, self.best):
+            if path.exists():
+                ckpt = torch_load(path, map_location="cpu")
+                metadata = checkpoint_metadata(ckpt)
+                model = original_model(ckpt.get("ema") or ckpt["model"])
+                record = metadata.pop(ORIGINAL_FORMAT, None) or {}
+                save_original_format(model, record_checkpoint(record), path, record_names(record), metadata)
 
     def build_optimizer(self, model, *args, **kwargs):
         with plain_classic(model):  # SparsityTrainer's penalty finds its BatchNorms through yoloslim.graph
@@ -187,11 +217,100 @@ def read_classic_checkpoint(path: str | Path) -> tuple[DetectionModel, dict]:
     return model, ckpt
 
 
+def train_classic(
+    trainer, weights: str | Path, data: str | None, resume: bool, recipe, refused: dict | None = None, **train_args
+):
+    """The classic branch of yoloslim.sparsity.train_sparse and yoloslim.finetune.finetune (Ultralytics' YOLO() cannot
+    read these checkpoints): run `trainer` (a ClassicTraining trainer or factory) from `weights` with `recipe`'s
+    arguments under `train_args`, imgsz defaulting to the checkpoint's own, or resume the run of `weights` (its
+    last.pt); `data` was checked by resolve_data. Returns the final validation's metrics."""
+    from yoloslim.utils.training import check_resumable
+
+    if resume:
+        check_resumable(weights, **(refused or {}))
+        if in_original_format(weights):
+            raise YoloslimError(
+                f"{weights} is an unfinished run of the original YOLOv5 repository's train.py, which yoloslim does not "
+                "resume; resume it with that train.py, or train from it without resuming"
+            )
+        overrides = {**train_args, "model": str(weights), "resume": str(weights), **({"data": data} if data else {})}
+    else:
+        _, ckpt = read_classic_checkpoint(weights)
+        imgsz = checkpoint_imgsz(ckpt)
+        defaults = {**recipe.train_args(), **({"imgsz": imgsz} if imgsz else {})}
+        overrides = {**defaults, **train_args, "model": str(weights), "data": data}
+    run = trainer(overrides=overrides)
+    run.train()
+    return getattr(run.validator, "metrics", None)
+
+
+def checkpoint_imgsz(ckpt: dict) -> int | None:
+    """The image size a checkpoint was trained at: the original's train.py options (imgsz, or img_size before v6.0),
+    or the Ultralytics train arguments of one a classic run wrote."""
+    options = plain_values(ckpt.get("opt") or ckpt.get("train_args") or {})
+    size = options.get("imgsz", options.get("img_size"))
+    return size[0] if isinstance(size, list) else size
+
+
+def is_classic_checkpoint(path: str | Path) -> bool:
+    """Whether a .pt file holds an anchor-based model: in the original repository's format, or a classic run's."""
+    from yoloslim.utils.checks import pickled_modules
+
+    return in_original_format(path) or (
+        str(path).endswith(".pt") and DetectionModel.__module__ in pickled_modules(Path(path))
+    )
+
+
 def in_original_format(path: str | Path) -> bool:
     """Whether a .pt file pickles the original repository's classes (its `models` package)."""
     from yoloslim.utils.checks import pickled_modules
 
     return str(path).endswith(".pt") and any(m.split(".")[0] == "models" for m in pickled_modules(Path(path)))
+
+
+def original_format_record(source: Path, ckpt: dict) -> dict:
+    """What a run's final files take from its input in the original format, as plain values for yoloslim's metadata:
+    the path each class was pickled under, and the checkpoint's entries (those of the model and its training state
+    as None: the final files hold the trained model and clear the state)."""
+    names = {cls.__name__: path for cls, path in original_names(source).items()}
+    cleared = ("model", *TRAINING_STATE)
+    kept = {key: None if key in cleared else plain_values(value) for key, value in ckpt.items()}
+    return {"classes": names, "checkpoint": kept}
+
+
+def record_names(record: dict) -> dict[type, str]:
+    """original_names() of a run's input, from its original_format_record (v7.0's paths for a run without one)."""
+    names = original_names()
+    paths = record.get("classes", {})
+    return {cls: paths.get(cls.__name__, path) for cls, path in names.items()}
+
+
+def record_checkpoint(record: dict) -> dict:
+    """The entries of a run's final files: its input's, from its original_format_record, or for a run without one
+    those of v7.0's train.py, dated now as it dates them."""
+    return record.get("checkpoint") or {**dict.fromkeys(V7_CHECKPOINT_KEYS), "date": datetime.now().isoformat()}
+
+
+def plain_values(value):
+    """`value` with paths as strings, namespaces and numpy values as Python's own: what yoloslim's metadata holds."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {key: plain_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(item) for item in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def original_model(model: nn.Module) -> DetectionModel:
+    """The plain classic model of a checkpoint the trainer wrote, without what the trainer set on it (its arguments,
+    its loss), whose classes the original's code does not have."""
+    model.__class__ = DetectionModel
+    for name in TRAINER_ATTRIBUTES:
+        model.__dict__.pop(name, None)
+    return model
 
 
 class ClassicTrainer(ClassicTraining, SafeDetectionTrainer):

@@ -39,8 +39,16 @@ def read_checkpoint_extras(path) -> dict:
 
 
 def run_finished(last: str | Path) -> bool:
-    """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends."""
-    ckpt = torch_load(last, map_location="cpu")
+    """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends (a classic
+    run rewrites it in the original YOLOv5 repository's format then, which Ultralytics' loader cannot read)."""
+    from yoloslim.models.train import in_original_format
+
+    if in_original_format(last):
+        from yoloslim.models import load_classic_checkpoint
+
+        ckpt = load_classic_checkpoint(last)[1]
+    else:
+        ckpt = torch_load(last, map_location="cpu")
     return ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None
 
 
@@ -159,9 +167,7 @@ class SafeDetectionTrainer(DetectionTrainer):
         best.pt in place, where a kill leaves a torn file."""
         with torch_distributed_zero_first(LOCAL_RANK):  # strip only on the first GPU; the others wait
             if RANK in {-1, 0}:
-                ckpt = strip_optimizer_atomic(self.last) if self.last.exists() else {}
-                if self.best.exists():
-                    strip_optimizer_atomic(self.best, updates={"train_results": ckpt.get("train_results")})
+                self.finish_checkpoints()
         if self.best.exists():
             LOGGER.info(f"\nValidating {self.best}...")
             self.validator.args.plots = self.args.plots
@@ -171,6 +177,12 @@ class SafeDetectionTrainer(DetectionTrainer):
             self.epoch += 1  # logged as the step after the last epoch, as Ultralytics does
             self.run_callbacks("on_fit_epoch_end")
             self.epoch -= 1
+
+    def finish_checkpoints(self) -> None:
+        """Write last.pt and best.pt in their final form, once each, as the run ends: here stripped of the optimizer."""
+        ckpt = strip_optimizer_atomic(self.last) if self.last.exists() else {}
+        if self.best.exists():
+            strip_optimizer_atomic(self.best, updates={"train_results": ckpt.get("train_results")})
 
 
 def strip_optimizer_atomic(f, s: str = "", updates=None) -> dict:
