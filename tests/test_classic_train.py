@@ -1,6 +1,7 @@
 """Training the original YOLOv5 repository's anchor-based models through Ultralytics' trainer
-(yoloslim/models/train.py): the loss from an Ultralytics batch, the validator's layout, a few steps, sparsity, and
-finetuning that keeps widths."""
+(yoloslim/models/train.py): the loss from an Ultralytics batch, the validator's layout, a few steps, sparsity,
+finetuning that keeps widths, and `yoloslim train` and `yoloslim finetune`, whose final files are in the original's
+format."""
 
 import csv
 import dataclasses

@@ -44,7 +44,7 @@ LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 # the keys of a checkpoint v7.0's train.py writes, which the final files of a run from a yaml take
 V7_CHECKPOINT_KEYS = ("epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "git", "date")
 ORIGINAL_FORMAT = "original_format"  # yoloslim's metadata key for the input's format, which the final files take
-TRAINER_ATTRIBUTES = ("args", "criterion", "pt_path", "task")  # set by Ultralytics on the model, not the original's
+TRAINER_ATTRIBUTES = ("args", "criterion")  # set on the model while training, of classes the original's code lacks
 
 
 class ClassicTrainingModel(DetectionModel):
@@ -304,10 +304,9 @@ def plain_values(value):
     return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
-def original_model(model: nn.Module) -> DetectionModel:
-    """The plain classic model of a checkpoint the trainer wrote, without what the trainer set on it (its arguments,
-    its loss), whose classes the original's code does not have."""
-    model.__class__ = DetectionModel
+def original_model(model: DetectionModel) -> DetectionModel:
+    """The classic model of a checkpoint the trainer wrote, without what the trainer set on it (its arguments, its
+    loss), whose classes the original's code does not have."""
     for name in TRAINER_ATTRIBUTES:
         model.__dict__.pop(name, None)
     return model
