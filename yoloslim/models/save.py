@@ -25,7 +25,7 @@ from yoloslim.utils.files import atomic_path
 from yoloslim.utils.metadata import set_checkpoint_metadata
 
 # What the original's strip_optimizer() sets in a finished checkpoint: a pruned model has no training state left.
-_TRAINING_STATE = ("optimizer", "best_fitness", "ema", "updates")
+TRAINING_STATE = ("optimizer", "best_fitness", "ema", "updates")
 
 
 class OriginalNamesPickler(pickle._Pickler):
@@ -80,7 +80,7 @@ def save_original_format(model: DetectionModel, ckpt: dict, out: Path, names: di
     model = deepcopy(model).half()
     for p in model.parameters():
         p.requires_grad_(False)
-    payload = {key: None if key in _TRAINING_STATE else value for key, value in ckpt.items()}
+    payload = {key: None if key in TRAINING_STATE else value for key, value in ckpt.items()}
     set_checkpoint_metadata(model, metadata)
     payload["model"] = model
     if "epoch" in payload:

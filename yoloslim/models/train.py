@@ -32,8 +32,7 @@ from ultralytics.utils.patches import torch_load
 
 from yoloslim.finetune import FinetuneTrainer
 from yoloslim.models.loss import ClassicLoss, LossGains
-from yoloslim.models.save import _TRAINING_STATE as TRAINING_STATE
-from yoloslim.models.save import original_names, save_original_format
+from yoloslim.models.save import TRAINING_STATE, original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel
 from yoloslim.sparsity import SparsityTrainer
 from yoloslim.utils.errors import YoloslimError
