@@ -17,7 +17,8 @@ view channels as heads, the attention layers are ignored as well: with them, tor
 did not finish in four minutes.
 
 yoloslim's prune is `yoloslim prune --target-flops F --method M --round-to R`, M being bn for a sparsity-trained
-checkpoint and l1 otherwise unless --method says.
+checkpoint and l1 otherwise unless --method says. --yoloslim-variants adds yoloslim prunes with other settings, each
+a space-free list of PruneConfig fields (e.g. `min_keep=0.4` or `min_keep=0.25,round_to=16`), timed in the same rounds.
 
 Each variant is exported to ONNX as yoloslim exports (opset 17, simplified) and timed with ONNX Runtime at batch 1 at
 each --threads count, pinned; one model's variants are timed interleaved, round by round (--rounds rounds of 5 calls
@@ -143,6 +144,14 @@ def main() -> None:
         "--method", choices=("bn", "l1"), help="yoloslim's criterion (default: bn if sparsity-trained, else l1)"
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the prunes to time")
+    parser.add_argument(
+        "--yoloslim-variants",
+        nargs="+",
+        type=parse_variant,
+        default=[],
+        metavar="FIELD=VALUE[,...]",
+        help="more yoloslim prunes, each with these PruneConfig fields changed (e.g. min_keep=0.4 round_to=16)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime thread counts")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds of 5 calls per variant")
     args = parser.parse_args()
@@ -155,6 +164,34 @@ def main() -> None:
     write_text_atomic(args.out / "results.json", json.dumps(results, indent=2, default=str))
     write_text_atomic(args.out / "results.md", markdown(results))
     print(markdown(results))
+
+
+# Fields a variant may change: how the plan spreads the cut, not how much it cuts (the target stays --target-flops).
+VARIANT_FIELDS = {"min_keep": float, "round_to": int}
+
+
+def parse_variant(text: str) -> dict:
+    """`min_keep=0.4,round_to=16` as {"min_keep": 0.4, "round_to": 16}."""
+    settings = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_FIELDS or not value:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give FIELD=VALUE with FIELD one of {', '.join(VARIANT_FIELDS)}"
+            )
+        try:
+            settings[key] = VARIANT_FIELDS[key](value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{item!r}: {e}") from e
+    return settings
+
+
+def variant_name(settings: dict) -> str:
+    return "yoloslim" + "".join(f" {key}={value}" for key, value in settings.items())
+
+
+def file_stem(name: str) -> str:
+    return name.replace(" ", "_")
 
 
 def _build(cfg: str, out: Path) -> Path:
@@ -185,13 +222,24 @@ def _bench_model(weights: Path, args) -> dict:
     method = args.method or ("bn" if "sparsity" in checkpoint_metadata(ckpt) else "l1")
     folder = args.out / f"{weights.stem}-{imgsz}-flops{args.target_flops}-{method}-r{args.round_to}"
     folder.mkdir(parents=True, exist_ok=True)
-    timing = folder / f"timing-{'-'.join(args.methods)}-t{'-'.join(map(str, args.threads))}-n{args.rounds}.json"
+    extra = "".join(f"-{file_stem(variant_name(v))}" for v in args.yoloslim_variants)
+    timing = folder / f"timing-{'-'.join(args.methods)}{extra}-t{'-'.join(map(str, args.threads))}-n{args.rounds}.json"
     if timing.exists():
         return json.loads(timing.read_text())
     variants = {"unpruned": _variant(folder, "unpruned", model, weights, imgsz, lambda: None)}
     if "yoloslim" in args.methods:
         variants["yoloslim"] = _variant(
             folder, "yoloslim", model, weights, imgsz, lambda: _yoloslim_prune(weights, folder, imgsz, method, args)
+        )
+    for settings in args.yoloslim_variants:
+        name = variant_name(settings)
+        variants[name] = _variant(
+            folder,
+            name,
+            model,
+            weights,
+            imgsz,
+            lambda s=settings: _yoloslim_prune(weights, folder, imgsz, method, args, s),
         )
     if "torch-pruning" in args.methods:
         variants["torch-pruning"] = _variant(
@@ -215,22 +263,26 @@ def _variant(folder: Path, name: str, base_model: nn.Module, base: Path, imgsz: 
     from yoloslim.export.onnx import export_onnx
     from yoloslim.graph import model_stats
 
-    stats_file = folder / f"{name}.json"
+    stats_file = folder / f"{file_stem(name)}.json"
     if stats_file.exists():
         return json.loads(stats_file.read_text())
     weights, notes = make() or (base, {})
-    onnx = export_onnx(weights, imgsz=imgsz, out=folder / f"{name}.onnx")
+    onnx = export_onnx(weights, imgsz=imgsz, out=folder / f"{file_stem(name)}.onnx")
     model = base_model if weights == base else torch.load(weights, weights_only=False)["model"].float()
     stats = {**model_stats(model, imgsz), "weights": str(weights), "onnx": str(onnx), **notes}
     write_text_atomic(stats_file, json.dumps(stats, indent=2))
     return stats
 
 
-def _yoloslim_prune(weights: Path, folder: Path, imgsz: int, method: str, args) -> tuple[Path, dict]:
+def _yoloslim_prune(
+    weights: Path, folder: Path, imgsz: int, method: str, args, settings: dict | None = None
+) -> tuple[Path, dict]:
     from yoloslim.prune import PruneConfig, prune
 
-    config = PruneConfig(target_flops=args.target_flops, method=method, round_to=args.round_to, imgsz=imgsz)
-    target = folder / "yoloslim.pt"
+    settings = settings or {}
+    fields = {"target_flops": args.target_flops, "method": method, "round_to": args.round_to, "imgsz": imgsz}
+    config = PruneConfig(**(fields | settings))
+    target = folder / f"{file_stem(variant_name(settings))}.pt"
     if target.exists():
         target.unlink()  # a prune interrupted before its stats were written; prune never overwrites
     result = prune(weights, config, out=target)
@@ -285,7 +337,7 @@ def _environment(threads: list[int]) -> dict:
 
 
 def _settings(args) -> dict:
-    keys = ("imgsz", "target_flops", "round_to", "method", "methods", "threads", "rounds")
+    keys = ("imgsz", "target_flops", "round_to", "method", "methods", "yoloslim_variants", "threads", "rounds")
     return {key: getattr(args, key) for key in keys} | {"torch_pruning_step_ratio": TP_STEP_RATIO}
 
 
@@ -315,7 +367,7 @@ def markdown(results: dict) -> str:
     ]
     for result in results["models"]:
         for name, row in result["variants"].items():
-            label = f"yoloslim ({result['yoloslim_method']})" if name == "yoloslim" else name
+            label = name.replace("yoloslim", f"yoloslim ({result['yoloslim_method']})", 1)
             if name == "torch-pruning":
                 label += f" ({row['steps']} steps)"
             cells = " | ".join(
