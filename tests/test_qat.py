@@ -209,6 +209,50 @@ def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(shipped_weights, 
         prepare_qat(model, "cpu", tiny_data, 64, count=2)
 
 
+def batchnorm_statistics(model) -> list[torch.Tensor]:
+    return [
+        s.detach().clone()
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for s in (m.running_mean, m.running_var)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_qat_holds_batchnorm_statistics_unless_told_not_to(freeze_bn, pruned, train_args, tiny_data):
+    """The ranges are calibrated with BatchNorm's running statistics: QAT keeps them (frozen BatchNorm, the default)
+    while gamma and beta still learn; with freeze_bn=False the same steps move them (the control)."""
+    from functools import partial
+
+    from ultralytics import YOLO
+
+    from yoloslim.finetune import QatTrainer
+
+    seen = {}
+
+    def start(trainer):
+        seen["statistics"] = batchnorm_statistics(trainer.model)
+        seen["gammas"] = [
+            m.weight.detach().clone() for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+        ]
+
+    def end(trainer):  # after the epoch's steps, before validation
+        seen["moved"] = not all(
+            torch.equal(a, b) for a, b in zip(seen["statistics"], batchnorm_statistics(trainer.model), strict=True)
+        )
+        gammas = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        seen["learnt"] = not all(torch.equal(a, b) for a, b in zip(seen["gammas"], gammas, strict=True))
+
+    model = YOLO(str(pruned))
+    model.add_callback("on_train_start", start)
+    model.add_callback("on_train_epoch_end", end)
+    args = {k: v for k, v in train_args.items() if k not in {"model", "data"}} | {"epochs": 1}
+    qat = QatConfig(qat=True, target="cpu", calibration_images=4, freeze_bn=freeze_bn)
+    model.train(data=str(tiny_data), trainer=partial(QatTrainer, qat=qat), **args)
+    assert seen["learnt"] and seen["moved"] is not freeze_bn
+
+
 class Interrupt(Exception):
     pass
 

@@ -62,6 +62,11 @@ class QatConfig:
     )
     # The export's own default: qat starts from exactly the ranges that post-training quantization would use.
     calibration_images: int = option(500, "training images that calibrate qat's ranges before the first step")
+    # The ranges are calibrated with BatchNorm's running statistics, which export folds into the convolutions; batch
+    # statistics in training would move every quantized convolution output off the grid it is held to.
+    freeze_bn: bool = option(
+        True, "keep BatchNorm's running statistics fixed during qat (gamma and beta still learn), as export folds them"
+    )
 
     def __post_init__(self):
         if self.target not in INT8_TARGETS:

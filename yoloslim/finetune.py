@@ -58,6 +58,15 @@ class QatTrainer(FinetuneTrainer):
         )
         return model
 
+    def _model_train(self):
+        """Ultralytics puts the model in train mode every epoch; BatchNorm layers go back to eval mode when
+        `qat.freeze_bn`, so they normalize with the running statistics the ranges were calibrated with."""
+        super()._model_train()
+        if self.qat.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+
     def checkpoint_extras(self) -> dict:
         return {
             **super().checkpoint_extras(),
