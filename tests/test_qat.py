@@ -287,6 +287,8 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     quantized = load_detection_checkpoint(best)
     assert widths(best) == widths(pruned) and is_qat(quantized[0])
     meta = checkpoint_metadata(quantized[1])
-    assert meta["qat"]["target"] == "cpu" and meta["prune"]["settings"]["target_flops"] == 0.5
+    assert (
+        meta["qat"]["target"] == "cpu" and meta["qat"]["freeze_bn"] and meta["prune"]["settings"]["target_flops"] == 0.5
+    )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"

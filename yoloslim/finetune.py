@@ -70,7 +70,11 @@ class QatTrainer(FinetuneTrainer):
     def checkpoint_extras(self) -> dict:
         return {
             **super().checkpoint_extras(),
-            "qat": {**self.qat_record, "calibration_images": self.qat.calibration_images},
+            "qat": {
+                **self.qat_record,
+                "calibration_images": self.qat.calibration_images,
+                "freeze_bn": self.qat.freeze_bn,
+            },
         }
 
 
