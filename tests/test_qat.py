@@ -198,6 +198,8 @@ def test_qat_config_refuses_bad_settings():
         QatConfig(qat=True, target="arm")
     with pytest.raises(YoloslimError, match="at least 1"):
         QatConfig(qat=True, calibration_images=0)
+    with pytest.raises(YoloslimError, match="lr_scale must be in"):
+        QatConfig(qat=True, lr_scale=0)
 
 
 def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(shipped_weights, tiny_data):
@@ -222,7 +224,8 @@ def batchnorm_statistics(model) -> list[torch.Tensor]:
 @pytest.mark.parametrize("freeze_bn", [True, False])
 def test_qat_holds_batchnorm_statistics_unless_told_not_to(freeze_bn, pruned, train_args, tiny_data):
     """The ranges are calibrated with BatchNorm's running statistics: QAT keeps them (frozen BatchNorm, the default)
-    while gamma and beta still learn; with freeze_bn=False the same steps move them (the control)."""
+    while gamma and beta still learn; with freeze_bn=False the same steps move them (the control). It trains at
+    lr_scale times the finetune's rate, without warm-up."""
     from functools import partial
 
     from ultralytics import YOLO
@@ -232,6 +235,8 @@ def test_qat_holds_batchnorm_statistics_unless_told_not_to(freeze_bn, pruned, tr
     seen = {}
 
     def start(trainer):
+        seen["rates"] = [group["initial_lr"] for group in trainer.optimizer.param_groups]
+        seen["warmup"] = trainer.args.warmup_epochs
         seen["statistics"] = batchnorm_statistics(trainer.model)
         seen["gammas"] = [
             m.weight.detach().clone() for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
@@ -247,10 +252,13 @@ def test_qat_holds_batchnorm_statistics_unless_told_not_to(freeze_bn, pruned, tr
     model = YOLO(str(pruned))
     model.add_callback("on_train_start", start)
     model.add_callback("on_train_epoch_end", end)
-    args = {k: v for k, v in train_args.items() if k not in {"model", "data"}} | {"epochs": 1}
-    qat = QatConfig(qat=True, target="cpu", calibration_images=4, freeze_bn=freeze_bn)
+    args = {k: v for k, v in train_args.items() if k not in {"model", "data", "warmup_epochs"}}
+    args |= {"epochs": 2, "optimizer": "SGD", "lr0": 0.01}
+    qat = QatConfig(qat=True, target="cpu", calibration_images=4, freeze_bn=freeze_bn, lr_scale=0.5)
     model.train(data=str(tiny_data), trainer=partial(QatTrainer, qat=qat), **args)
     assert seen["learnt"] and seen["moved"] is not freeze_bn
+    assert seen["rates"] == pytest.approx([0.005] * len(seen["rates"])) and seen["warmup"] == 0
+    assert model.trainer.args.lr0 == pytest.approx(0.005)  # what a resumed run rebuilds its optimizer with
 
 
 class Interrupt(Exception):

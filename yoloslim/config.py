@@ -67,12 +67,19 @@ class QatConfig:
     freeze_bn: bool = option(
         True, "keep BatchNorm's running statistics fixed during qat (gamma and beta still learn), as export folds them"
     )
+    # A tenth of the finetune's rate, the usual QAT choice; with frozen BatchNorm the finetune's own rate made the
+    # losses diverge.
+    lr_scale: float = option(
+        0.1, "qat's learning rate as a fraction of the finetune's (lr0, or the one optimizer=auto picks)"
+    )
 
     def __post_init__(self):
         if self.target not in INT8_TARGETS:
             raise YoloslimError(f"unknown INT8 target {self.target!r}; use tensorrt or cpu")
         if self.calibration_images < 1:
             raise YoloslimError(f"calibration_images must be at least 1, got {self.calibration_images}")
+        if not 0 < self.lr_scale <= 1:
+            raise YoloslimError(f"lr_scale must be in (0, 1], got {self.lr_scale}")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,17 @@ class QatTrainer(FinetuneTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
         super().__init__(cfg, overrides, _callbacks)
         self.qat, self.qat_record = qat or QatConfig(qat=True), None
+        if "warmup_epochs" not in (overrides or {}):  # QAT refines a trained model: no ramp from a zero rate
+            self.args.warmup_epochs = 0.0
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """The finetune's optimizer (optimizer=auto picks it and its rate) at `qat.lr_scale` times its rate; the run's
+        lr0 records the scaled rate, so a resumed run keeps it."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        for group in optimizer.param_groups:
+            group["lr"] *= self.qat.lr_scale
+        self.args.lr0 *= self.qat.lr_scale
+        return optimizer
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         from yoloslim.export.fakequant import prepare_qat
