@@ -222,10 +222,10 @@ def batchnorm_statistics(model) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze_bn", [True, False])
-def test_qat_holds_batchnorm_statistics_unless_told_not_to(freeze_bn, pruned, train_args, tiny_data):
-    """The ranges are calibrated with BatchNorm's running statistics: QAT keeps them (frozen BatchNorm, the default)
-    while gamma and beta still learn; with freeze_bn=False the same steps move them (the control). It trains at
-    lr_scale times the finetune's rate, without warm-up."""
+def test_qat_freeze_bn_holds_batchnorm_statistics(freeze_bn, pruned, train_args, tiny_data):
+    """The ranges are calibrated with BatchNorm's running statistics: freeze_bn keeps them while gamma and beta still
+    learn; without it (the default) the same steps move them, the control. QAT trains at lr_scale times the
+    finetune's rate, without warm-up."""
     from functools import partial
 
     from ultralytics import YOLO
@@ -296,7 +296,9 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     assert widths(best) == widths(pruned) and is_qat(quantized[0])
     meta = checkpoint_metadata(quantized[1])
     assert (
-        meta["qat"]["target"] == "cpu" and meta["qat"]["freeze_bn"] and meta["prune"]["settings"]["target_flops"] == 0.5
+        meta["qat"]["target"] == "cpu"
+        and meta["qat"]["freeze_bn"] == qat.freeze_bn
+        and meta["prune"]["settings"]["target_flops"] == 0.5
     )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"

@@ -62,13 +62,13 @@ class QatConfig:
     )
     # The export's own default: qat starts from exactly the ranges that post-training quantization would use.
     calibration_images: int = option(500, "training images that calibrate qat's ranges before the first step")
-    # The ranges are calibrated with BatchNorm's running statistics, which export folds into the convolutions; batch
-    # statistics in training would move every quantized convolution output off the grid it is held to.
+    # The ranges are calibrated with BatchNorm's running statistics, which export folds into the convolutions. Freezing
+    # them is the usual QAT advice, but measured on the sparse model's prune (docs/deployment.md) it gained nothing at
+    # lr_scale 0.1 and made the losses diverge at the finetune's own rate, so BatchNorm trains as in finetuning.
     freeze_bn: bool = option(
-        True, "keep BatchNorm's running statistics fixed during qat (gamma and beta still learn), as export folds them"
+        False, "keep BatchNorm's running statistics fixed during qat (gamma and beta still learn), as export folds them"
     )
-    # A tenth of the finetune's rate, the usual QAT choice; with frozen BatchNorm the finetune's own rate made the
-    # losses diverge.
+    # The finetune's own rate cost the prune's QAT 6 points below its starting PTQ; a tenth of it gained (docs/).
     lr_scale: float = option(
         0.1, "qat's learning rate as a fraction of the finetune's (lr0, or the one optimizer=auto picks)"
     )
