@@ -43,7 +43,8 @@ class FinetuneTrainer(SafeDetectionTrainer):
 
 class QatTrainer(FinetuneTrainer):
     """FinetuneTrainer whose model trains with INT8 fake quantization placed for `qat.target`, its ranges calibrated
-    on the training images before the first step and held; the checkpoint records the flavour and placement."""
+    on the training images before the first step and held, at `qat.lr_scale` times the finetune's learning rate; the
+    checkpoint records the flavour and placement."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
         super().__init__(cfg, overrides, _callbacks)
