@@ -198,6 +198,8 @@ def test_qat_config_refuses_bad_settings():
         QatConfig(qat=True, target="arm")
     with pytest.raises(YoloslimError, match="at least 1"):
         QatConfig(qat=True, calibration_images=0)
+    with pytest.raises(YoloslimError, match="lr_scale must be in"):
+        QatConfig(qat=True, lr_scale=0)
 
 
 def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(shipped_weights, tiny_data):
@@ -207,6 +209,56 @@ def test_a_qat_checkpoint_is_not_made_quantization_aware_twice(shipped_weights, 
     model.model[1].qat_output = FakeQuant("/model.1/Conv_output_0", 0.1, 0, -128, 127)
     with pytest.raises(YoloslimError, match="already quantization-aware"):
         prepare_qat(model, "cpu", tiny_data, 64, count=2)
+
+
+def batchnorm_statistics(model) -> list[torch.Tensor]:
+    return [
+        s.detach().clone()
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for s in (m.running_mean, m.running_var)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_qat_freeze_bn_holds_batchnorm_statistics(freeze_bn, pruned, train_args, tiny_data):
+    """The ranges are calibrated with BatchNorm's running statistics: freeze_bn keeps them while gamma and beta still
+    learn; without it (the default) the same steps move them, the control. QAT trains at lr_scale times the
+    finetune's rate, without warm-up."""
+    from functools import partial
+
+    from ultralytics import YOLO
+
+    from yoloslim.finetune import QatTrainer
+
+    seen = {}
+
+    def start(trainer):
+        seen["rates"] = [group["initial_lr"] for group in trainer.optimizer.param_groups]
+        seen["warmup"] = trainer.args.warmup_epochs
+        seen["statistics"] = batchnorm_statistics(trainer.model)
+        seen["gammas"] = [
+            m.weight.detach().clone() for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+        ]
+
+    def end(trainer):  # after the epoch's steps, before validation
+        seen["moved"] = not all(
+            torch.equal(a, b) for a, b in zip(seen["statistics"], batchnorm_statistics(trainer.model), strict=True)
+        )
+        gammas = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        seen["learnt"] = not all(torch.equal(a, b) for a, b in zip(seen["gammas"], gammas, strict=True))
+
+    model = YOLO(str(pruned))
+    model.add_callback("on_train_start", start)
+    model.add_callback("on_train_epoch_end", end)
+    args = {k: v for k, v in train_args.items() if k not in {"model", "data", "warmup_epochs"}}
+    args |= {"epochs": 2, "optimizer": "SGD", "lr0": 0.01}
+    qat = QatConfig(qat=True, target="cpu", calibration_images=4, freeze_bn=freeze_bn, lr_scale=0.5)
+    model.train(data=str(tiny_data), trainer=partial(QatTrainer, qat=qat), **args)
+    assert seen["learnt"] and seen["moved"] is not freeze_bn
+    assert seen["rates"] == pytest.approx([0.005] * len(seen["rates"])) and seen["warmup"] == 0
+    assert model.trainer.args.lr0 == pytest.approx(0.005)  # what a resumed run rebuilds its optimizer with
 
 
 class Interrupt(Exception):
@@ -243,6 +295,10 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     quantized = load_detection_checkpoint(best)
     assert widths(best) == widths(pruned) and is_qat(quantized[0])
     meta = checkpoint_metadata(quantized[1])
-    assert meta["qat"]["target"] == "cpu" and meta["prune"]["settings"]["target_flops"] == 0.5
+    assert (
+        meta["qat"]["target"] == "cpu"
+        and meta["qat"]["freeze_bn"] == qat.freeze_bn
+        and meta["prune"]["settings"]["target_flops"] == 0.5
+    )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"

@@ -62,12 +62,24 @@ class QatConfig:
     )
     # The export's own default: qat starts from exactly the ranges that post-training quantization would use.
     calibration_images: int = option(500, "training images that calibrate qat's ranges before the first step")
+    # The ranges are calibrated with BatchNorm's running statistics, which export folds into the convolutions. Freezing
+    # them is the usual QAT advice, but measured on the sparse model's prune (docs/deployment.md) it gained nothing at
+    # lr_scale 0.1 and made the losses diverge at the finetune's own rate, so BatchNorm trains as in finetuning.
+    freeze_bn: bool = option(
+        False, "keep BatchNorm's running statistics fixed during qat (gamma and beta still learn), as export folds them"
+    )
+    # The finetune's own rate cost the prune's QAT 6 points below its starting PTQ; a tenth of it gained (docs/).
+    lr_scale: float = option(
+        0.1, "qat's learning rate as a fraction of the finetune's (lr0, or the one optimizer=auto picks)"
+    )
 
     def __post_init__(self):
         if self.target not in INT8_TARGETS:
             raise YoloslimError(f"unknown INT8 target {self.target!r}; use tensorrt or cpu")
         if self.calibration_images < 1:
             raise YoloslimError(f"calibration_images must be at least 1, got {self.calibration_images}")
+        if not 0 < self.lr_scale <= 1:
+            raise YoloslimError(f"lr_scale must be in (0, 1], got {self.lr_scale}")
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,23 @@ class FinetuneTrainer(SafeDetectionTrainer):
 
 class QatTrainer(FinetuneTrainer):
     """FinetuneTrainer whose model trains with INT8 fake quantization placed for `qat.target`, its ranges calibrated
-    on the training images before the first step and held; the checkpoint records the flavour and placement."""
+    on the training images before the first step and held, at `qat.lr_scale` times the finetune's learning rate; the
+    checkpoint records the flavour and placement."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
         super().__init__(cfg, overrides, _callbacks)
         self.qat, self.qat_record = qat or QatConfig(qat=True), None
+        if "warmup_epochs" not in (overrides or {}):  # QAT refines a trained model: no ramp from a zero rate
+            self.args.warmup_epochs = 0.0
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """The finetune's optimizer (optimizer=auto picks it and its rate) at `qat.lr_scale` times its rate; the run's
+        lr0 records the scaled rate, so a resumed run keeps it."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        for group in optimizer.param_groups:
+            group["lr"] *= self.qat.lr_scale
+        self.args.lr0 *= self.qat.lr_scale
+        return optimizer
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         from yoloslim.export.fakequant import prepare_qat
@@ -58,10 +70,23 @@ class QatTrainer(FinetuneTrainer):
         )
         return model
 
+    def _model_train(self):
+        """Ultralytics puts the model in train mode every epoch; BatchNorm layers go back to eval mode when
+        `qat.freeze_bn`, so they normalize with the running statistics the ranges were calibrated with."""
+        super()._model_train()
+        if self.qat.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+
     def checkpoint_extras(self) -> dict:
         return {
             **super().checkpoint_extras(),
-            "qat": {**self.qat_record, "calibration_images": self.qat.calibration_images},
+            "qat": {
+                **self.qat_record,
+                "calibration_images": self.qat.calibration_images,
+                "freeze_bn": self.qat.freeze_bn,
+            },
         }
 
 
