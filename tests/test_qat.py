@@ -302,3 +302,20 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_a_resumed_run_keeps_batchnorm_as_its_checkpoint_recorded(freeze_bn, shipped_weights, tiny_data, tmp_path):
+    """A resumed QAT run trains through FinetuneTrainer, which reads freeze_bn from the checkpoint's qat record."""
+    from yoloslim.finetune import FinetuneTrainer
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    model, ckpt = load_detection_checkpoint(shipped_weights)
+    set_checkpoint_metadata(model, {"qat": {"target": "cpu", "freeze_bn": freeze_bn}})
+    weights = tmp_path / "last.pt"
+    torch.save({**ckpt, "model": model}, weights)
+    trainer = FinetuneTrainer(overrides={"model": str(weights), "data": str(tiny_data), "project": str(tmp_path)})
+    trainer.model, trainer.freeze_layer_names = model.float(), []  # what _setup_train sets before training
+    trainer._model_train()
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and all(m.training is not freeze_bn for m in batchnorms)

@@ -40,6 +40,19 @@ class FinetuneTrainer(SafeDetectionTrainer):
     def checkpoint_extras(self) -> dict:
         return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
 
+    def batchnorm_frozen(self) -> bool:
+        """Whether BatchNorm statistics stay frozen: what a resumed quantization-aware run recorded."""
+        return bool((self.lineage().get("qat") or {}).get("freeze_bn"))
+
+    def _model_train(self):
+        """Ultralytics puts the model in train mode every epoch; BatchNorm layers go back to eval mode when frozen,
+        so they normalize with the running statistics the quantization ranges were calibrated with."""
+        super()._model_train()
+        if self.batchnorm_frozen():
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+
 
 class QatTrainer(FinetuneTrainer):
     """FinetuneTrainer whose model trains with INT8 fake quantization placed for `qat.target`, its ranges calibrated
@@ -70,14 +83,8 @@ class QatTrainer(FinetuneTrainer):
         )
         return model
 
-    def _model_train(self):
-        """Ultralytics puts the model in train mode every epoch; BatchNorm layers go back to eval mode when
-        `qat.freeze_bn`, so they normalize with the running statistics the ranges were calibrated with."""
-        super()._model_train()
-        if self.qat.freeze_bn:
-            for module in self.model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
+    def batchnorm_frozen(self) -> bool:
+        return self.qat.freeze_bn
 
     def checkpoint_extras(self) -> dict:
         return {
