@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_classic import FIXTURES, unpickle_raw
-from test_prune import _compensated_layers
+from test_prune import _compensated_layers, assert_threshold_and_target_flops, with_varied_batchnorms
 from torch import nn
 
 from yoloslim.graph import model_stats, prunable_batchnorms
 from yoloslim.models import DetectionModel, load_classic_checkpoint, unpickle
 from yoloslim.prune import PruneConfig, file_sha256, plan_pruning, prune, prune_model
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels, zeroed_gammas
-from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import checkpoint_metadata
 
 # yolov5n.yaml (v6.0 and later: Conv stem, C3, SPPF), and the earlier layout (Focus, BottleneckCSP, SPP), each as the
@@ -44,14 +43,7 @@ def classic_model(layout: str = "v7.0", seed: int = 0) -> DetectionModel:
     spec = deepcopy(load_classic_checkpoint(FIXTURES / f"{LAYOUTS[layout]}.pt")[0].yaml)
     spec["width_multiple"] = 0.125
     torch.manual_seed(seed)
-    model = DetectionModel(spec)
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.weight.uniform_(0.0, 1.0)
-            bn.bias.normal_(0, 0.3)
-            bn.running_mean.normal_(0, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return with_varied_batchnorms(DetectionModel(spec))
 
 
 def head_convs(model: DetectionModel) -> list[nn.Conv2d]:
@@ -127,13 +119,7 @@ def test_guards_min_keep_and_rounding(round_to):
 
 @pytest.mark.slow
 def test_threshold_and_target_flops():
-    model = classic_model()
-    by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
-    assert by_threshold.threshold == 0.5 and 0.3 < by_threshold.removed_fraction < 0.7
-    target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
-    assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
-    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable"):
-        prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+    assert_threshold_and_target_flops(classic_model(), least_removed=0.3)
 
 
 def test_gflops_of_a_focus_stem_are_counted():

@@ -12,6 +12,7 @@ from test_prune import (
     _compensated_layers,
     assert_onnx_export_matches,
     assert_plain_ultralytics_loads,
+    assert_threshold_and_target_flops,
     random_model,
     save_as_ultralytics_would,
 )
@@ -158,13 +159,7 @@ def test_s_size_models_prune_consistently(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", FAMILIES)
 def test_threshold_and_target_flops(cfg):
-    model = random_model(cfg=cfg)
-    by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
-    assert by_threshold.threshold == 0.5 and 0.2 < by_threshold.removed_fraction < 0.7
-    target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
-    assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
-    with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable"):
-        prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+    assert_threshold_and_target_flops(random_model(cfg=cfg), least_removed=0.2)
 
 
 def test_attention_keeps_its_inner_widths_and_what_is_around_it_is_pruned():

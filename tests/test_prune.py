@@ -23,7 +23,11 @@ def random_model(nc: int = 3, cfg: str = "yolov5n.yaml", seed: int = 0) -> nn.Mo
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(seed)
-    model = DetectionModel(cfg, nc=nc, verbose=False)
+    return with_varied_batchnorms(DetectionModel(cfg, nc=nc, verbose=False))
+
+
+def with_varied_batchnorms(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with random BatchNorm parameters and statistics (from torch's current seed)."""
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.weight.uniform_(0.0, 1.0)
@@ -140,15 +144,22 @@ def test_guards_min_keep_and_rounding(round_to):
     assert round_channels(9, 64, 8) == 16 and round_channels(0, 64, 8) == 8 and round_channels(3, 4, 8) == 4
 
 
-@pytest.mark.slow
-def test_threshold_and_target_flops():
-    model = random_model()
+def assert_threshold_and_target_flops(model: nn.Module, least_removed: float):
+    """A threshold removes the channels under it, a GFLOPs target is met, an unreachable one is refused naming the
+    nearest reachable value; returns that refusal."""
     by_threshold = prune_model(model, PruneConfig(threshold=0.5, round_to=1, min_keep=0.0, imgsz=64))
-    assert by_threshold.threshold == 0.5 and 0.3 < by_threshold.removed_fraction < 0.7
+    assert by_threshold.threshold == 0.5 and least_removed < by_threshold.removed_fraction < 0.7
     target = prune_model(model, PruneConfig(target_flops=0.5, imgsz=64))
     assert target.after["gflops"] <= 0.5 * target.before["gflops"] + 1e-6
     with pytest.raises(YoloslimError, match="cannot be reached.*smallest reachable") as refused:
         prune_model(model, PruneConfig(target_flops=0.01, min_keep=0.5, imgsz=64))
+    return refused
+
+
+@pytest.mark.slow
+def test_threshold_and_target_flops():
+    model = random_model()
+    refused = assert_threshold_and_target_flops(model, least_removed=0.3)
     nearest = float(re.search(r"keeps ([0-9.]+) of the GFLOPs", str(refused.value)).group(1))
     assert prune_model(model, PruneConfig(target_flops=nearest, min_keep=0.5, imgsz=64)).after["gflops"] > 0
     with pytest.raises(

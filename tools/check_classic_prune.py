@@ -32,6 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_classic_fixtures import extract_release, offline_config_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
@@ -250,25 +253,6 @@ class Runner:
             line.strip() for line in lines if line.split()[0] in ("all", "image", "ONNX:")
         ]  # val, detect, export
         return {"exit": done.returncode, "last_line": lines[-1] if lines else "", "results": results[-2:]}
-
-
-def extract_release(repo: Path, tag: str, folder: Path) -> Path:
-    if not (repo / ".git").exists():
-        return Path(shutil.copytree(repo, folder))
-    folder.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(repo), "archive", tag], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
-
-
-def offline_config_dir(folder: Path) -> Path:
-    import matplotlib
-
-    folder.mkdir(parents=True)
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        shutil.copy(font, folder / name)
-    return folder
 
 
 # -- jobs run by the original's interpreter, inside its release ------------------------------------------------------

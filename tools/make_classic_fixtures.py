@@ -155,6 +155,9 @@ class Runner:
 
 
 def extract_release(repo: Path, tag: str, folder: Path) -> Path:
+    """The release `tag` of the git clone `repo`, extracted into `folder`; a plain source tree is copied as it is."""
+    if not (repo / ".git").exists():
+        return Path(shutil.copytree(repo, folder))
     folder.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(repo), "archive", tag], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
