@@ -10,7 +10,8 @@ CHECKPOINT_KEY = "yoloslim"
 def checkpoint_metadata(ckpt: dict) -> dict:
     """The yoloslim metadata of a loaded checkpoint (empty for a plain Ultralytics one)."""
     model = ckpt.get("model") or ckpt.get("ema")  # a finished run keeps "model", an unfinished one "ema"
-    return dict(getattr(_detector(model), CHECKPOINT_KEY, None) or {})
+    found = getattr(_detector(model), CHECKPOINT_KEY, None)
+    return dict(found if found is not None else ckpt.get(CHECKPOINT_KEY) or {})  # earlier versions: a top-level key
 
 
 def set_checkpoint_metadata(model, metadata: dict) -> None:
