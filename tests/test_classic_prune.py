@@ -28,13 +28,7 @@ LAYOUTS = {"v7.0": "v7.0-best", "v5.0": "v5.0-best"}
 SIZES = [(64, 64), (96, 128), (160, 96)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two cores that other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classic_model(layout: str = "v7.0", seed: int = 0) -> DetectionModel:

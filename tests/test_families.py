@@ -27,13 +27,7 @@ from yoloslim.utils.metadata import checkpoint_metadata
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two cores that other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def head_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
