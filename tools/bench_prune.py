@@ -33,7 +33,7 @@ a short, strong sparsity run can leave the sparse model weaker than it), to meas
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--recipe lr0=0.001` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
-control alike, and names their stages by them. The synthetic runs in docs/benchmarks.md finetune with the shipped
+control alike, and names their stages by them. The six-class synthetic runs in docs/benchmarks.md finetune with that
 baseline's last training cycle, `--recipe optimizer=SGD lr0=0.005 batch=8 nbs=8`, so that their control continues the
 baseline's own curve.
 `--lane control` trains only the control and `--lane pruned` the sparsity stage and every finetune, and neither
