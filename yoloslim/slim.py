@@ -6,6 +6,10 @@ interrupted profile or training where it stopped. An input whose gamma distribut
 training. The profile stage runs only for a latency target (target_latency, target_fps): it measures this model on
 this machine (yoloslim.profile), or copies the latency_table given, into the run's latency.json, which the prune
 stage then prunes to.
+
+A checkpoint of the original YOLOv5 repository (anchor-based head) runs every stage: its training stages use the
+classic trainer, and the run's checkpoints stay in its format. The latency targets are refused for it before any work
+(its ONNX lacks the convolution names a latency table matches); slim never distills.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class Pipeline:
 
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
+        from yoloslim.models import DetectionModel as ClassicDetectionModel
+        from yoloslim.models.train import checkpoint_imgsz
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
         from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -59,8 +65,10 @@ class Pipeline:
         self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        model, ckpt = load_detection_checkpoint(self.input)  # a bad checkpoint is refused before any work
-        self.imgsz = config.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640
+        model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
+        self.imgsz = config.imgsz or checkpoint_imgsz(ckpt) or 640
+        if isinstance(model, ClassicDetectionModel):
+            self._check_classic()
         if config.latency_table:  # a table of another model, size or an unreachable target: refused before any work
             self.latency_prune(config.latency_table, model)
         self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
@@ -76,6 +84,15 @@ class Pipeline:
                 "resume it, or give another name for a new run"
             )
         self.run.mkdir(parents=True, exist_ok=True)
+
+    def _check_classic(self) -> None:
+        """Refuses what an anchor-based model of the original YOLOv5 repository does not take."""
+        head = f"{self.input.name} has the original YOLOv5 repository's anchor-based head"
+        if self.config.latency_target or self.config.latency_table:
+            raise YoloslimError(
+                f"{head}, whose ONNX export does not keep the convolution names that a latency table matches; prune "
+                "to target_flops or ratio instead"
+            )
 
     def done(self, stage: str) -> Optional[dict]:
         return self.state["stages"].get(stage)
@@ -110,7 +127,7 @@ class Pipeline:
                 f"latency table {table} was profiled at imgsz {profiled}, this run is at {self.imgsz}; profile at "
                 "the run's size or set imgsz to the table's"
             )
-        model = model if model is not None else load_detection_checkpoint(self.input)[0]
+        model = model if model is not None else load_detection_checkpoint(self.input, classic=True)[0]
         return prune_model(model, self.config.prune_config(self.imgsz, table))
 
     def stage_profile(self) -> dict:
@@ -160,7 +177,7 @@ class Pipeline:
         from yoloslim.utils.checks import load_detection_checkpoint
         from yoloslim.utils.training import resume_point
 
-        model, ckpt = load_detection_checkpoint(self.input)
+        model, ckpt = load_detection_checkpoint(self.input, classic=True)
         if looks_sparsity_trained(ckpt, model):
             self.log("slim: the input is already sparsity-trained; skipping sparsity training")
             return {"weights": str(self.input), "skipped": True, "epochs": 0}
@@ -294,7 +311,6 @@ class Pipeline:
 
     def stage_report(self) -> dict:
         from yoloslim.report import SUMMARY, write_report
-        from yoloslim.utils.training import read_checkpoint_extras
 
         stages = self.state["stages"]
         variants = []
@@ -313,11 +329,18 @@ class Pipeline:
             "environment": stages["bench"]["environment"],
             "variants": variants,
             "prune": {"widths": stages["prune"]["widths"], "latency": stages["prune"].get("latency")},
-            "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
+            "gamma_history": weights_metadata(stages["sparse"]["weights"]).get("gamma_history"),
         }
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
+
+
+def weights_metadata(weights: str) -> dict:
+    """yoloslim's metadata of a checkpoint, Ultralytics' or in the original YOLOv5 repository's format."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    return checkpoint_metadata(load_detection_checkpoint(weights, classic=True)[1])
 
 
 def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:
