@@ -31,6 +31,7 @@ def test_a_classic_checkpoint_is_taken_at_its_own_training_size(classic_weights,
 @pytest.mark.parametrize(
     "argv,words",
     [
+        (("--qat",), ("anchor-based head", "does not place Q/DQ", "drop qat")),
         (("--target-latency", "0.5"), ("anchor-based head", "latency table", "target_flops or ratio")),
     ],
 )
