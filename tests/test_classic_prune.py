@@ -320,12 +320,3 @@ def test_the_command_prunes_a_classic_checkpoint(cli, tmp_path):
     stats = checkpoint_metadata(unpickle_raw(out))["prune"]
     assert stats["settings"]["method"] == "l1" and stats["after"]["gflops"] < stats["before"]["gflops"]
     assert load_classic_checkpoint(out)[0].model[-1].m[0].out_channels == 3 * (5 + 3)
-
-
-def test_slim_refuses_a_classic_checkpoint_naming_the_stages_that_take_it(cli, tmp_path, tiny_data):
-    weights = tmp_path / "best.pt"
-    weights.write_bytes((FIXTURES / "v7.0-best.pt").read_bytes())
-    code, err, _ = cli("slim", "--weights", weights, "--data", tiny_data, "--project", tmp_path / "runs")
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "original YOLOv5 repository" in err and "train, prune, finetune, export, eval, bench" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]

@@ -7,7 +7,7 @@ them from here. Torch-free, so the device's command line imports it; kept to Pyt
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional
 
 from yoloslim.utils.errors import YoloslimError
@@ -220,6 +220,8 @@ class PruneConfig:
             )
 
 
+_QAT_FIELDS = {f.name: f for f in fields(QatConfig)}
+
 # slim's epoch budget beyond the base: 50, 29 of them sparsity training, gave the measured license-plate result
 # (docs/benchmarks.md); the demo ships its sparsity training, so its budget is a short finetune.
 DEFAULT_EPOCHS = 50
@@ -260,6 +262,17 @@ class SlimConfig:
     sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
     imgsz: Optional[int] = option(None, "training and evaluation size (default: the checkpoint's own)")
     precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
+    qat: bool = option(
+        False,
+        "end the finetune with qat_epochs of its epochs quantization-aware (finetune --qat) for qat_target, whose "
+        "INT8 export takes the trained ranges; both placements' post-training INT8 of the float finetune stay beside "
+        "it for comparison",
+    )
+    qat_target: Literal["tensorrt", "cpu"] = option(
+        _QAT_FIELDS["target"].default, _QAT_FIELDS["target"].metadata["help"], choices=INT8_TARGETS
+    )
+    # One QAT epoch after the float ones is the measured regime (docs/deployment.md)
+    qat_epochs: int = option(1, "of the finetune's epochs, how many are quantization-aware (the last ones), with qat")
     threads: Optional[int] = option(None, "CPU threads for profiling, evaluation and benchmark (default: all cores)")
     project: str = option("runs/slim", "runs go to PROJECT/NAME")
     name: str = option("slim", "run folder; an unfinished run of this name is resumed")
@@ -272,6 +285,23 @@ class SlimConfig:
         if not 0 < self.sparse_share < 1:
             raise YoloslimError(f"sparse_share must lie in (0, 1), got {self.sparse_share}")
         self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE)  # a bad amount is refused before any work
+        self._check_qat()
+
+    def _check_qat(self) -> None:
+        if self.qat_target not in INT8_TARGETS:
+            raise YoloslimError(f"unknown INT8 target {self.qat_target!r} for qat_target; use tensorrt or cpu")
+        if self.qat_epochs < 1:
+            raise YoloslimError(f"qat_epochs must be at least 1, got {self.qat_epochs}")
+        if self.qat and self.precision != "int8":
+            raise YoloslimError("qat prepares the INT8 export; set precision int8, or drop qat")
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [f"{k} {getattr(self, k)}" for k in ("qat_target", "qat_epochs") if getattr(self, k) != defaults[k]]
+        if given and not self.qat:
+            raise YoloslimError(f"{' and '.join(given)} set the quantization-aware finetune; add qat, or drop them")
+
+    def qat_config(self) -> QatConfig:
+        """The quantization-aware finetune's settings: qat_target, the rest QatConfig's defaults."""
+        return QatConfig(qat=True, target=self.qat_target)
 
     @property
     def latency_target(self) -> bool:

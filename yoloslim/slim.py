@@ -6,6 +6,15 @@ interrupted profile or training where it stopped. An input whose gamma distribut
 training. The profile stage runs only for a latency target (target_latency, target_fps): it measures this model on
 this machine (yoloslim.profile), or copies the latency_table given, into the run's latency.json, which the prune
 stage then prunes to.
+
+A checkpoint of the original YOLOv5 repository (anchor-based head) runs every stage: its training stages use the
+classic trainer, and the run's checkpoints stay in its format. qat and the latency targets are refused for it before
+any work (its head has no QAT placement; its ONNX lacks the convolution names a latency table matches); slim never
+distills.
+
+With qat, the finetune's last qat_epochs are quantization-aware for qat_target (yoloslim.finetune.QatTrainer), started
+from the float finetune's best.pt; the export adds that checkpoint's INT8 Q/DQ, written with its trained ranges, beside
+both placements' post-training INT8 of the float finetune, so the report shows what QAT gained over PTQ.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.metadata import checkpoint_metadata
 
+PLACEMENTS = {"tensorrt": "TensorRT", "cpu": "CPU"}  # the INT8 flavours as the variants' names say them
 STAGES = ("profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
 # stop_at_flops lies below 1: a latency target whose prune removes nothing stops once anything is free
 MAX_STOP_FLOPS = 0.99
@@ -51,6 +61,8 @@ class Pipeline:
 
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
+        from yoloslim.models import DetectionModel as ClassicDetectionModel
+        from yoloslim.models.train import checkpoint_imgsz
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
         from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -59,11 +71,15 @@ class Pipeline:
         self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
-        model, ckpt = load_detection_checkpoint(self.input)  # a bad checkpoint is refused before any work
-        self.imgsz = config.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640
+        model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
+        self.imgsz = config.imgsz or checkpoint_imgsz(ckpt) or 640
+        if isinstance(model, ClassicDetectionModel):
+            self._check_classic()
         if config.latency_table:  # a table of another model, size or an unreachable target: refused before any work
             self.latency_prune(config.latency_table, model)
         self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
+        if config.qat:
+            self._check_qat(model, ckpt)
         self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project in runs/detect
         self.state_file = self.run / "state.json"
         fresh = {"config": asdict(config), "stages": {}}
@@ -76,6 +92,34 @@ class Pipeline:
                 "resume it, or give another name for a new run"
             )
         self.run.mkdir(parents=True, exist_ok=True)
+
+    def _check_classic(self) -> None:
+        """Refuses what an anchor-based model of the original YOLOv5 repository does not take."""
+        head = f"{self.input.name} has the original YOLOv5 repository's anchor-based head"
+        if self.config.qat:
+            raise YoloslimError(
+                f"{head}, for which quantization-aware finetuning does not place Q/DQ; drop qat (the INT8 export "
+                "then quantizes after finetuning)"
+            )
+        if self.config.latency_target or self.config.latency_table:
+            raise YoloslimError(
+                f"{head}, whose ONNX export does not keep the convolution names that a latency table matches; prune "
+                "to target_flops or ratio instead"
+            )
+
+    def _check_qat(self, model, ckpt: dict) -> None:
+        """Refuses a budget that may leave the finetune no float epoch before its quantization-aware ones."""
+        sparse = 0 if looks_sparsity_trained(ckpt, model) else self.sparse_epochs()
+        if self.budget - sparse <= self.config.qat_epochs:
+            raise YoloslimError(
+                f"qat needs a float finetune epoch before its {self.config.qat_epochs} quantization-aware one(s): a "
+                f"budget of {self.budget} epochs leaves {self.budget - sparse} after up to {sparse} of sparsity "
+                "training; raise epochs or lower qat_epochs"
+            )
+
+    def sparse_epochs(self) -> int:
+        """The most epochs sparsity training may take: sparse_share of the budget, at most the recipe's."""
+        return min(SPARSITY_RECIPE.epochs, max(1, int(self.budget * self.config.sparse_share)))
 
     def done(self, stage: str) -> Optional[dict]:
         return self.state["stages"].get(stage)
@@ -110,7 +154,7 @@ class Pipeline:
                 f"latency table {table} was profiled at imgsz {profiled}, this run is at {self.imgsz}; profile at "
                 "the run's size or set imgsz to the table's"
             )
-        model = model if model is not None else load_detection_checkpoint(self.input)[0]
+        model = model if model is not None else load_detection_checkpoint(self.input, classic=True)[0]
         return prune_model(model, self.config.prune_config(self.imgsz, table))
 
     def stage_profile(self) -> dict:
@@ -160,14 +204,14 @@ class Pipeline:
         from yoloslim.utils.checks import load_detection_checkpoint
         from yoloslim.utils.training import resume_point
 
-        model, ckpt = load_detection_checkpoint(self.input)
+        model, ckpt = load_detection_checkpoint(self.input, classic=True)
         if looks_sparsity_trained(ckpt, model):
             self.log("slim: the input is already sparsity-trained; skipping sparsity training")
             return {"weights": str(self.input), "skipped": True, "epochs": 0}
         run = self.run / "sparse"
         start = resume_point(run / "weights" / "last.pt", self.input)
         if start:
-            epochs = min(SPARSITY_RECIPE.epochs, max(1, int(self.budget * self.config.sparse_share)))
+            epochs = self.sparse_epochs()
             config = SparsityConfig(stop_at_flops=self.sparsity_stop())
             train_sparse(
                 str(start[0]), config, data=str(self.data), resume=start[1], **self._train_args("sparse", epochs)
@@ -190,17 +234,30 @@ class Pipeline:
         }
 
     def stage_finetune(self) -> dict:
+        """The rest of the budget: float finetuning, its last qat_epochs quantization-aware with qat."""
+        epochs = max(1, self.budget - self.done("sparse")["epochs"])
+        if not self.config.qat:
+            return {"weights": self._finetune("finetune", self.done("prune")["weights"], epochs), "epochs": epochs}
+        qat_epochs = self.config.qat_epochs  # the budget left a float epoch before them (_check_qat)
+        finetuned = self._finetune("finetune", self.done("prune")["weights"], epochs - qat_epochs)
+        trained = self._finetune("qat", finetuned, qat_epochs, self.config.qat_config())
+        qat = {"weights": trained, "epochs": qat_epochs, "target": self.config.qat_target}
+        return {"weights": finetuned, "epochs": epochs - qat_epochs, "qat": qat}
+
+    def _finetune(self, name: str, weights: str, epochs: int, qat=None) -> str:
+        """One finetuning run of the stage into the run's `name` folder, resumed where it stopped; its best.pt."""
         from yoloslim.finetune import finetune
         from yoloslim.utils.training import resume_point
 
-        last = self.run / "finetune" / "weights" / "last.pt"
-        start = resume_point(last, self.done("prune")["weights"])
-        epochs = max(1, self.budget - self.done("sparse")["epochs"])
-        if start:
-            finetune(start[0], data=self.data, resume=start[1], **self._train_args("finetune", epochs))
-        return {"weights": str(last.with_name("best.pt")), "epochs": epochs}
+        last = self.run / name / "weights" / "last.pt"
+        start = resume_point(last, weights)
+        if start:  # a resumed run keeps its own quantization-aware settings
+            fresh = None if start[1] else qat
+            finetune(start[0], data=self.data, resume=start[1], qat=fresh, **self._train_args(name, epochs))
+        return str(last.with_name("best.pt"))
 
     def stage_export(self) -> dict:
+        from yoloslim.export import ExportConfig, export
         from yoloslim.export.fp16 import convert_fp16
         from yoloslim.export.onnx import export_onnx
         from yoloslim.export.qdq import quantize_int8
@@ -216,6 +273,10 @@ class Pipeline:
                 onnx[name] = str(
                     quantize_int8(onnx["finetuned"], self.data, out=folder / f"{name}.onnx", target=target)
                 )
+        qat = self.done("finetune").get("qat")
+        if qat:  # the trained ranges: no calibration
+            config = ExportConfig(precision="int8", imgsz=self.imgsz, target=qat["target"])
+            onnx["qat-int8"] = str(export(qat["weights"], config, out=folder / f"qat-int8-{qat['target']}.onnx"))
         return {"onnx": onnx}
 
     def variants(self) -> list[dict]:
@@ -251,6 +312,10 @@ class Pipeline:
                     onnx["finetuned-int8-cpu"],
                 ),
             ]
+        qat = stages["finetune"].get("qat")
+        if qat:
+            name = f"QAT INT8 Q/DQ, {PLACEMENTS[qat['target']]} placement"
+            found.append(_variant(name, "qat", "ONNX Runtime", "int8", onnx["qat-int8"]))
         has_trt = importlib.util.find_spec("tensorrt") is not None
         note = (
             "not measured: build the engine with yoloslim export --format engine, then yoloslim eval and bench"
@@ -294,7 +359,6 @@ class Pipeline:
 
     def stage_report(self) -> dict:
         from yoloslim.report import SUMMARY, write_report
-        from yoloslim.utils.training import read_checkpoint_extras
 
         stages = self.state["stages"]
         variants = []
@@ -313,11 +377,18 @@ class Pipeline:
             "environment": stages["bench"]["environment"],
             "variants": variants,
             "prune": {"widths": stages["prune"]["widths"], "latency": stages["prune"].get("latency")},
-            "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
+            "gamma_history": weights_metadata(stages["sparse"]["weights"]).get("gamma_history"),
         }
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
+
+
+def weights_metadata(weights: str) -> dict:
+    """yoloslim's metadata of a checkpoint, Ultralytics' or in the original YOLOv5 repository's format."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    return checkpoint_metadata(load_detection_checkpoint(weights, classic=True)[1])
 
 
 def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:

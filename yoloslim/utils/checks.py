@@ -49,8 +49,8 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
             return classic_model, ckpt
         raise YoloslimError(
             f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which this command does not "
-            "take yet; run its stages one by one (train, prune, finetune, export, eval, bench take it), or retrain it "
-            "with the ultralytics package (model yolov5n.yaml) and pass that best.pt"
+            "take yet; train, prune, finetune, export, eval, bench and slim take it, or retrain it with the "
+            "ultralytics package (model yolov5n.yaml) and pass that best.pt"
         )
     try:
         model, ckpt = load_checkpoint(path)
