@@ -243,6 +243,17 @@ def test_detect_command_writes_the_originals_detections(cli, val_onnx, tmp_path)
     }
 
 
+@pytest.mark.slow
+def test_int8_export_command_takes_a_classic_checkpoint(cli, tiny_data, tmp_path):
+    weights = shutil.copy(FIXTURES / "v7.0-best.pt", tmp_path)
+    out = tmp_path / "int8.onnx"
+    argv = ["export", "--weights", weights, "--imgsz", "64", "--precision", "int8", "--data", tiny_data, "--out", out]
+    code, err, _ = cli(*argv)
+    assert code == 0, err
+    meta = read_onnx_metadata(out)
+    assert (meta["precision"], head_kind(meta)) == ("int8", ANCHOR_HEAD)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------------
 
 

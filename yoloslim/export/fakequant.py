@@ -345,7 +345,7 @@ def trained_quantization(weights: str | Path, target: str) -> TrainedQuantizatio
     from yoloslim.utils.checks import load_detection_checkpoint
     from yoloslim.utils.metadata import checkpoint_metadata
 
-    model, ckpt = load_detection_checkpoint(weights)
+    model, ckpt = load_detection_checkpoint(weights, classic=True)  # a classic checkpoint has no qat record
     record = checkpoint_metadata(ckpt).get(QAT_KEY)
     if not record:
         return None
