@@ -1,3 +1,5 @@
+import csv
+import io
 import json
 import re
 import shutil
@@ -5,20 +7,22 @@ import subprocess
 
 import pytest
 
-from yoloslim.report import COLUMNS, NO_BASE, headline, headline_figures, rows, write_report
-from yoloslim.report.plots import marker_boxes, number_points, pareto_front, plot_pareto
+from yoloslim.report import NO_BASE, csv_columns, headline, headline_figures, rows, write_report
+from yoloslim.report.plots import fps_label, marker_boxes, number_points, pareto_front, plot_pareto
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def variant(name, stage, backend, precision="fp32", m=None, p50=None, gflops=None):
+    """p50: model-alone latency (ms) at 1 thread and at 2, as slim times them."""
     ev = None if m is None else {"map": m, "map50": m + 0.2, "ci95": {"map": [m - 0.03, m + 0.03]}}
     be = (
         None
         if p50 is None
         else {
-            "fps_end_to_end": 1e3 / (p50 + 4.0),
-            "model": {"p50_ms": p50},
+            "fps_end_to_end": 1e3 / (p50[0] + 4.0),
+            "model": {"p50_ms": p50[0]},
+            "model_at": {"2": {"p50_ms": p50[1]}},
             "params": 1_000_000,
             "gflops": gflops,
             "size_mb": 4.0,
@@ -37,7 +41,7 @@ def variant(name, stage, backend, precision="fp32", m=None, p50=None, gflops=Non
 
 def slim_summary() -> dict:
     """The variants `yoloslim slim` lists, with figures shaped like a real run's: ONNX files have no GFLOPs, the
-    TensorRT rows were not measured, FP16 on a CPU is slower than FP32."""
+    TensorRT rows were not measured, FP16 on a CPU is slower than FP32, a second thread gains the pruned model less."""
     history = {
         "edges": [0.0] + [10 ** (i / 8 - 6) for i in range(57)],
         "epochs": [
@@ -49,16 +53,16 @@ def slim_summary() -> dict:
         "name": "slim: sparse.pt on synthetic",
         "data": "synthetic.yaml",
         "imgsz": 320,
-        "environment": {"cpu": "test cpu", "cores": 2, "threads": 1, "TensorRT": None},
+        "environment": {"cpu": "test cpu", "cores": 2, "threads": 1, "more_threads": [2], "TensorRT": None},
         "variants": [
-            variant("base", "base", "PyTorch", m=0.747, p50=65.0, gflops=2.10),
-            variant("sparse", "sparse", "PyTorch", m=0.610, p50=64.0, gflops=2.10),
-            variant("pruned", "pruned", "PyTorch", m=0.550, p50=40.0, gflops=1.02),
-            variant("finetuned", "finetuned", "PyTorch", m=0.735, p50=41.0, gflops=1.02),
-            variant("base ONNX", "base", "ONNX Runtime", m=0.746, p50=10.0),
-            variant("finetuned ONNX", "finetuned", "ONNX Runtime", m=0.734, p50=5.3),
-            variant("finetuned FP16 ONNX", "finetuned", "ONNX Runtime", "fp16", m=0.733, p50=9.1),
-            variant("finetuned INT8 Q/DQ", "finetuned", "ONNX Runtime", "int8", m=0.721, p50=4.2),
+            variant("base", "base", "PyTorch", m=0.747, p50=(65.0, 44.0), gflops=2.10),
+            variant("sparse", "sparse", "PyTorch", m=0.610, p50=(64.0, 43.5), gflops=2.10),
+            variant("pruned", "pruned", "PyTorch", m=0.550, p50=(40.0, 30.0), gflops=1.02),
+            variant("finetuned", "finetuned", "PyTorch", m=0.735, p50=(41.0, 30.5), gflops=1.02),
+            variant("base ONNX", "base", "ONNX Runtime", m=0.746, p50=(10.0, 6.8)),
+            variant("finetuned ONNX", "finetuned", "ONNX Runtime", m=0.734, p50=(5.3, 4.1)),
+            variant("finetuned FP16 ONNX", "finetuned", "ONNX Runtime", "fp16", m=0.733, p50=(9.1, 6.5)),
+            variant("finetuned INT8 Q/DQ", "finetuned", "ONNX Runtime", "int8", m=0.721, p50=(4.2, 3.3)),
             variant("finetuned TensorRT FP16", "finetuned", "TensorRT FP16", "fp16"),
             variant("finetuned TensorRT INT8", "finetuned", "TensorRT INT8", "int8"),
         ],
@@ -67,45 +71,65 @@ def slim_summary() -> dict:
     }
 
 
+def old_summary() -> dict:
+    """slim_summary as a run made before slim timed 1 thread wrote it: every figure at its one thread count, 2."""
+    summary = slim_summary()
+    summary["environment"]["threads"] = summary["environment"].pop("more_threads")[0]
+    for v in summary["variants"]:
+        if v["bench"]:
+            v["bench"]["model"] = v["bench"].pop("model_at")["2"]
+    return summary
+
+
+def write_run(folder, summary: dict):
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
 @pytest.fixture
 def run_dir(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "summary.json").write_text(json.dumps(slim_summary()))
-    return run
+    return write_run(tmp_path / "run", slim_summary())
 
 
 def by_name(summary: dict) -> dict:
     return {v["name"]: v for v in summary["variants"]}
 
 
-def p50(v: dict) -> float:
-    return v["bench"]["model"]["p50_ms"]
+def p50(v: dict, threads: int = 1) -> float:
+    return v["bench"]["model"]["p50_ms"] if threads == 1 else v["bench"]["model_at"][str(threads)]["p50_ms"]
+
+
+def speedups(summary: dict, name: str, against: str) -> dict:
+    """{1: speedup at 1 thread, 2: at 2 threads} of variant `name` over `against`, from the summary's latencies."""
+    v = by_name(summary)
+    return {n: p50(v[against], n) / p50(v[name], n) for n in (1, 2)}
 
 
 def test_speedups_are_against_the_base_on_the_same_backend():
     summary = slim_summary()
     v = by_name(summary)
     table = {r["variant"]: r for r in rows(summary)}
-    assert table["base ONNX"]["speedup vs base"] == pytest.approx(1.0)
+    assert table["base ONNX"]["speedup vs base"] == pytest.approx({1: 1.0, 2: 1.0})
     assert table["base ONNX"]["ΔmAP50-95 vs base"] == pytest.approx(0.0)
     onnx = table["finetuned ONNX"]
     assert onnx["compared with"] == "base ONNX"
-    assert onnx["speedup vs base"] == pytest.approx(p50(v["base ONNX"]) / p50(v["finetuned ONNX"]))
+    assert onnx["speedup vs base"] == pytest.approx(speedups(summary, "finetuned ONNX", "base ONNX"))
+    assert onnx["latency p50 ms"] == {1: p50(v["finetuned ONNX"]), 2: p50(v["finetuned ONNX"], 2)}
+    assert onnx["FPS end to end"] == {1: v["finetuned ONNX"]["bench"]["fps_end_to_end"]}
     assert onnx["ΔmAP50-95 vs base"] == pytest.approx(
         v["finetuned ONNX"]["eval"]["map"] - v["base ONNX"]["eval"]["map"]
     )
     torch = table["finetuned"]
     assert torch["compared with"] == "base"
-    assert torch["speedup vs base"] == pytest.approx(p50(v["base"]) / p50(v["finetuned"]))
+    assert torch["speedup vs base"] == pytest.approx(speedups(summary, "finetuned", "base"))
 
 
 def test_reduced_precision_is_against_the_fp32_base_and_says_so():
     summary = slim_summary()
-    v = by_name(summary)
     int8 = next(r for r in rows(summary) if r["variant"] == "finetuned INT8 Q/DQ")
     assert int8["compared with"] == "base ONNX (FP32)"
-    assert int8["speedup vs base"] == pytest.approx(p50(v["base ONNX"]) / p50(v["finetuned INT8 Q/DQ"]))
+    assert int8["speedup vs base"] == pytest.approx(speedups(summary, "finetuned INT8 Q/DQ", "base ONNX"))
 
 
 def test_a_backend_without_a_base_has_no_speedup():
@@ -119,27 +143,74 @@ def test_headline_figures_come_from_the_summary():
     v = by_name(summary)
     figures = headline_figures(summary)
     assert (figures["model"], figures["against"], figures["backend"]) == ("finetuned ONNX", "base ONNX", "ONNX Runtime")
-    assert figures["threads"] == summary["environment"]["threads"]
+    assert figures["threads"] == [1, 2]
     # ONNX files carry no GFLOPs: the same stage's PyTorch figure stands in
     assert figures["gflops_ratio"] == pytest.approx(v["base"]["bench"]["gflops"] / v["finetuned"]["bench"]["gflops"])
-    assert figures["speedup"] == pytest.approx(p50(v["base ONNX"]) / p50(v["finetuned ONNX"]))
+    speedup = speedups(summary, "finetuned ONNX", "base ONNX")
+    assert figures["speedup"] == pytest.approx(speedup)
     change = v["finetuned ONNX"]["eval"]["map"] - v["base ONNX"]["eval"]["map"]
     assert figures["map_change"] == pytest.approx((change,))
     line = headline(summary)
     assert line == (
-        f"{figures['gflops_ratio']:.1f}x fewer GFLOPs, {figures['speedup']:.1f}x faster on ONNX Runtime at 1 thread, "
-        f"{change * 100:+.1f} mAP50-95 points"
+        f"{figures['gflops_ratio']:.1f}x fewer GFLOPs, {speedup[1]:.1f}x faster on ONNX Runtime at 1 thread "
+        f"({speedup[2]:.1f}x at 2), {change * 100:+.1f} mAP50-95 points"
     )
 
 
-def test_headline_takes_the_paired_interval_and_the_thread_count():
+def test_headline_takes_the_paired_interval_and_the_thread_counts():
     summary = slim_summary()
-    summary["environment"]["threads"] = 4
+    speedup = speedups(summary, "finetuned ONNX", "base ONNX")
+    summary["environment"]["more_threads"] = [4]  # a run given threads=4
+    for v in summary["variants"]:
+        if v["bench"]:
+            v["bench"]["model_at"] = {"4": v["bench"]["model_at"].pop("2")}
     tuned = by_name(summary)["finetuned ONNX"]
     tuned["eval"]["paired"] = {"against": "base ONNX", "map": [-0.012, -0.02, -0.004]}
-    assert headline(summary).endswith("at 4 threads, -1.2 mAP50-95 points (paired 95% CI -2.0 to -0.4)")
+    assert headline(summary).endswith(
+        f"at 1 thread ({speedup[2]:.1f}x at 4), -1.2 mAP50-95 points (paired 95% CI -2.0 to -0.4)"
+    )
     tuned["eval"]["paired"]["against"] = "base"  # an interval against another model is not this change's
     assert "paired" not in headline(summary)
+    # four threads that gain the base more than the pruned model: slower there, and said so
+    tuned["bench"]["model_at"]["4"]["p50_ms"] = 1.1 * p50(by_name(summary)["base ONNX"], 4)
+    assert f"{speedup[1]:.1f}x faster on ONNX Runtime at 1 thread (1.1x slower at 4)," in headline(summary)
+
+
+def test_a_run_timed_at_one_thread_only_says_so_once():
+    summary = slim_summary()
+    del summary["environment"]["more_threads"]
+    for v in summary["variants"]:
+        if v["bench"]:
+            del v["bench"]["model_at"]
+    speedup = speedups(slim_summary(), "finetuned ONNX", "base ONNX")[1]
+    assert f"{speedup:.1f}x faster on ONNX Runtime at 1 thread, " in headline(summary)
+    onnx = next(r for r in rows(summary) if r["variant"] == "finetuned ONNX")
+    assert onnx["speedup vs base"] == pytest.approx({1: speedup})
+
+
+def test_a_summary_written_before_slim_timed_one_thread_still_renders(tmp_path):
+    old, new = old_summary(), slim_summary()
+    speedup = speedups(new, "finetuned ONNX", "base ONNX")[2]  # the old run's one figure: at 2 threads
+    assert headline_figures(old)["threads"] == [2]
+    assert f"{speedup:.1f}x faster on ONNX Runtime at 2 threads, " in headline(old) and "at 1 thread" not in headline(
+        old
+    )
+    onnx = next(r for r in rows(old) if r["variant"] == "finetuned ONNX")
+    assert onnx["speedup vs base"] == pytest.approx({2: speedup})
+    # `yoloslim report` compares runs: an old one beside a new one, in one report
+    runs = [write_run(tmp_path / "old", old), write_run(tmp_path / "new", new)]
+    paths = write_report(runs, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "| speedup vs base, 2 threads |" in md and "| speedup vs base, 1 / 2 threads |" in md
+    assert "(2 cores, 2 threads pinned)" in md and "1 / 2 threads pinned, each count timed in a pass of its own" in md
+    table = [dict(zip(csv_columns(), line)) for line in csv.reader(io.StringIO(paths["csv"].read_text()))][1:]
+    old_row, new_row = (
+        next(r for r in table if r["variant"] == "finetuned ONNX" and r["run"] == s["name"]) for s in (old, new)
+    )
+    assert old_row["N threads"] == "2" and old_row["speedup vs base, 1 thread"] == ""
+    assert float(old_row["speedup vs base, N threads"]) == pytest.approx(speedup)
+    assert old_row["FPS end to end, 1 thread"] == "" and float(old_row["FPS end to end, N threads"]) > 0
+    assert fps_label([old, new]) == "FPS end to end" and fps_label([old]) == "FPS end to end, 2 threads"
 
 
 def test_headline_falls_back_to_pytorch_and_says_when_nothing_was_timed():
@@ -177,14 +248,25 @@ def test_close_points_get_numbers_that_cover_no_number_and_no_marker(tmp_path):
 
 
 def test_markdown_leads_with_the_headline_and_csv_keeps_the_table(run_dir, tmp_path):
+    summary = slim_summary()
     paths = write_report([run_dir], tmp_path / "out")
     md = paths["md"].read_text()
     lines = [line for line in md.splitlines() if line and not line.startswith("#")]
-    assert lines[0] == f"**{headline(slim_summary())}**"
+    assert lines[0] == f"**{headline(summary)}**"
     assert md.index("| variant |") < md.index("Data synthetic.yaml")
     assert "not measured" in md and "| finetuned ONNX |" in md and "pareto.png" in md
-    csv_lines = paths["csv"].read_text().splitlines()
-    assert len(csv_lines) == 1 + len(slim_summary()["variants"]) and csv_lines[0].split(",")[1:] == list(COLUMNS)
+    # both thread counts side by side; FPS at 1 thread
+    speedup = speedups(summary, "finetuned ONNX", "base ONNX")
+    assert "| speedup vs base, 1 / 2 threads |" in md and f"| {speedup[1]:.2f}x / {speedup[2]:.2f}x |" in md
+    assert "| latency p50 ms, 1 / 2 threads |" in md and "| FPS end to end, 1 thread |" in md
+    assert fps_label([summary]) == "FPS end to end, 1 thread"
+    table = list(csv.reader(io.StringIO(paths["csv"].read_text())))
+    assert len(table) == 1 + len(summary["variants"]) and table[0] == csv_columns()
+    row = dict(zip(table[0], next(r for r in table if r[csv_columns().index("variant")] == "finetuned ONNX")))
+    assert row["N threads"] == "2"
+    assert float(row["speedup vs base, 1 thread"]) == pytest.approx(speedup[1])
+    assert float(row["speedup vs base, N threads"]) == pytest.approx(speedup[2])
+    assert float(row["latency p50 ms, N threads"]) == pytest.approx(p50(by_name(summary)["finetuned ONNX"], 2))
 
 
 # Chromium keeps a headless window at least 500 px wide, so the report is rendered in a 390 px frame (a phone).

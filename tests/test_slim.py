@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,7 @@ def test_slim_resumes_after_an_interrupted_stage(shipped_weights, tiny_data, tmp
     assert "not measured" in html and "finetuned INT8 Q/DQ" in html and "data:image/png;base64" in html
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gamma_history"]["epochs"] and summary["prune"]["widths"]
+    assert summary["environment"]["threads"] == 1 and "more_threads" not in summary["environment"]  # threads=1: once
     measured = [v for v in summary["variants"] if v["weights"]]
     assert all(v["eval"] is not None and v["bench"] is not None for v in measured)
     by_name = {v["name"]: v for v in measured}
@@ -105,6 +107,70 @@ def test_a_bad_prune_amount_is_refused_before_any_training():
         SlimConfig(target_flops=0.5, ratio=0.3)
     assert SlimConfig().prune_config(320).target_flops == 0.5
     assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None
+
+
+# -- the bench stage ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend_loads(monkeypatch):
+    """Each model the bench loads, as (file name, threads), in order; bench times 2 rounds of 1 call (the real timing,
+    shorter)."""
+    import yoloslim.bench
+    import yoloslim.runtime.backends
+
+    loads, real_bench, real_load = [], yoloslim.bench.bench, yoloslim.runtime.backends.load_backend
+
+    def load(weights, threads=None):
+        loads.append((Path(weights).name, threads))
+        return real_load(weights, threads=threads)
+
+    monkeypatch.setattr(yoloslim.runtime.backends, "load_backend", load)
+    monkeypatch.setattr(yoloslim.bench, "bench", lambda *a, **k: real_bench(*a, **{**k, "rounds": 2, "per_round": 1}))
+    return loads
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory, shipped_weights, shipped_sparse_weights) -> dict:
+    """The shipped base and sparse models in ONNX at 64 px. ONNX Runtime's threads do not spin, so a second thread
+    stays cheap on a machine whose cores other processes keep busy (torch's threads wait there for seconds a call)."""
+    from yoloslim.export.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx")
+    weights = {"base": shipped_weights, "sparse": shipped_sparse_weights}
+    return {name: export_onnx(w, imgsz=64, out=folder / f"{name}.onnx") for name, w in weights.items()}
+
+
+@pytest.mark.parametrize("threads, cores, counts", [(None, 4, [1, 4]), (3, 2, [1, 3]), (1, 4, [1]), (None, 1, [1])])
+def test_bench_times_one_thread_then_all_cores_or_the_threads_given(threads, cores, counts, monkeypatch):
+    from yoloslim.bench import bench_thread_counts
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert bench_thread_counts(threads) == counts
+
+
+@pytest.mark.parametrize("threads, counts", [(2, [1, 2]), (1, [1])])
+def test_the_bench_stage_times_at_one_thread_then_at_the_runs_threads(
+    threads, counts, backend_loads, onnx_models, shipped_weights, tiny_data, tmp_path, monkeypatch
+):
+    from yoloslim.slim import _variant
+
+    config = SlimConfig(
+        weights=str(shipped_weights), data=str(tiny_data), imgsz=64, threads=threads, project=str(tmp_path), name="r"
+    )
+    pipeline = Pipeline(config)
+    models = onnx_models
+    variants = [_variant(name, name, "ONNX Runtime", "fp32", str(weights)) for name, weights in models.items()]
+    monkeypatch.setattr(Pipeline, "variants", lambda self: variants)
+    result = pipeline.stage_bench()
+    # one pass per thread count, 1 thread first, each loading every model at its count
+    assert backend_loads == [(weights.name, n) for n in counts for weights in models.values()]
+    assert [result["environment"]["threads"], *result["environment"].get("more_threads", [])] == counts
+    for name in models:
+        timed = result["results"][name]
+        assert timed["model"]["p50_ms"] > 0 and timed["end_to_end"]["runs"] == 2 and timed["fps_end_to_end"] > 0
+        assert sorted(timed.get("model_at", {})) == [str(n) for n in counts[1:]]  # the model alone at N threads
+        assert all(m["p50_ms"] > 0 and m["runs"] == 2 for m in timed.get("model_at", {}).values())
 
 
 # -- slim to a latency target ------------------------------------------------------------------------------------------

@@ -158,6 +158,16 @@ def environment(threads: int) -> dict:
     }
 
 
+def bench_thread_counts(threads: Optional[int]) -> list:
+    """The thread counts a comparison times: 1, the figure CPUs and pruning tools are compared by (a second thread's
+    gain depends on the CPU and shrinks as pruning shrinks each operator), then `threads` (default: all cores) where
+    that is more."""
+    import os
+
+    count = threads or os.cpu_count() or 1
+    return [1] if count == 1 else [1, count]
+
+
 def bench(
     weights: list,
     imgsz: int = 640,
@@ -167,36 +177,23 @@ def bench(
     data: Optional[Path] = None,
     rounds: int = 20,
     per_round: int = 5,
+    more_threads: tuple = (),
 ) -> dict:
-    """Model-only and end-to-end latency of each model, all interleaved in one run; sizes and environment. The
-    end-to-end timing decodes `image`, else the first validation image of `data` (default: the embedded dataset)."""
+    """Model-only and end-to-end latency of each model at `threads`, all interleaved in one run; then, for each count
+    in `more_threads`, the model alone in a run of its own (each result's "model_at", keyed by thread count; the
+    environment lists them as "more_threads"); sizes and environment. The end-to-end timing decodes `image`, else the
+    first validation image of `data` (default: the embedded dataset)."""
     import os
 
     import cv2
-
-    from yoloslim.runtime.backends import load_backend
-    from yoloslim.runtime.postprocess import postprocess
-    from yoloslim.runtime.preprocess import preprocess
 
     threads = threads or os.cpu_count() or 1
     image = Path(image) if image else _sample_image(data)
     if cv2.imread(str(image)) is None:
         raise YoloslimError(f"cannot read the image {image}; give --source an image file OpenCV can open")
-    variants, info = {}, {}
-    for path in map(Path, weights):
-        backend = load_backend(path, threads=threads)
-        size = getattr(backend, "imgsz", None) or imgsz
-        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-
-        def end_to_end(backend=backend, size=size):
-            frame = cv2.imread(str(image))
-            tensor, boxes = preprocess([frame] * batch, size)
-            return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
-
-        variants[f"{path}|model"] = lambda backend=backend, x=x: backend(x)
-        variants[f"{path}|end_to_end"] = end_to_end
-        info[str(path)] = {"imgsz": size, "backend": type(backend).__name__, **_file_stats(path, size)}
-    timed = compare_latency(variants, rounds=rounds, per_round=per_round)
+    paths = list(map(Path, weights))
+    timed, info = _time_models(paths, imgsz, batch, threads, rounds, per_round, image)
+    more = {n: _time_models(paths, imgsz, batch, n, rounds, per_round)[0] for n in more_threads}
     results = []
     for name, meta in info.items():
         model, e2e = timed[f"{name}|model"], timed[f"{name}|end_to_end"]
@@ -204,13 +201,48 @@ def bench(
             {
                 "weights": name,
                 **meta,
+                **_file_stats(Path(name), meta["imgsz"]),
                 "batch": batch,
                 "model": model.as_dict(),
                 "end_to_end": e2e.as_dict(),
                 "fps_end_to_end": batch * e2e.fps,
+                **({"model_at": {str(n): t[f"{name}|model"].as_dict() for n, t in more.items()}} if more else {}),
             }
         )
-    return {"results": results, "image": str(image), "environment": environment(threads)}
+    env = {**environment(threads), **({"more_threads": list(more_threads)} if more_threads else {})}
+    return {"results": results, "image": str(image), "environment": env}
+
+
+def _time_models(
+    paths: list, imgsz: int, batch: int, threads: int, rounds: int, per_round: int, image: Optional[Path] = None
+) -> tuple:
+    """Every model loaded at `threads` and timed interleaved, alone and, given `image`, end to end: (timings keyed
+    "<path>|model" and "<path>|end_to_end", each model's input size and backend)."""
+    from functools import partial
+
+    from yoloslim.runtime.backends import load_backend
+
+    variants, info = {}, {}
+    for path in paths:
+        backend = load_backend(path, threads=threads)
+        size = getattr(backend, "imgsz", None) or imgsz
+        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+        variants[f"{path}|model"] = partial(backend, x)
+        if image is not None:
+            variants[f"{path}|end_to_end"] = partial(_end_to_end, backend, image, batch, size)
+        info[str(path)] = {"imgsz": size, "backend": type(backend).__name__}
+    return compare_latency(variants, rounds=rounds, per_round=per_round), info
+
+
+def _end_to_end(backend, image: Path, batch: int, size: int):
+    """One frame as an application sees it: decoded from its file, letterboxed, inferred, its detections kept."""
+    import cv2
+
+    from yoloslim.runtime.postprocess import postprocess
+    from yoloslim.runtime.preprocess import preprocess
+
+    tensor, boxes = preprocess([cv2.imread(str(image))] * batch, size)
+    return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
 
 
 def _sample_image(data: Optional[Path]) -> Path:

@@ -346,11 +346,14 @@ class Pipeline:
         return {"results": results}
 
     def stage_bench(self) -> dict:
-        from yoloslim.bench import bench
+        """Every measured variant timed at 1 thread, alone and end to end, then alone at the run's threads in a pass of
+        its own (see bench_thread_counts)."""
+        from yoloslim.bench import bench, bench_thread_counts
 
         measured = [v for v in self.variants() if v["weights"]]
         weights = [v["weights"] for v in measured]
-        report = bench(weights, imgsz=self.imgsz, threads=self.config.threads, data=self.data)
+        first, *more = bench_thread_counts(self.config.threads)
+        report = bench(weights, imgsz=self.imgsz, threads=first, more_threads=tuple(more), data=self.data)
         by_weights = {r["weights"]: r for r in report["results"]}
         return {
             "results": {v["name"]: by_weights[str(Path(v["weights"]))] for v in measured},

@@ -3,9 +3,14 @@ Markdown, self-contained HTML and CSV.
 
 Input: run folders written by `yoloslim slim`, each with a summary.json:
 
-    {"name": ..., "data": ..., "imgsz": ..., "environment": {"threads": ..., ...},
+    {"name": ..., "data": ..., "imgsz": ..., "environment": {"threads": 1, "more_threads": [N], ...},
      "variants": [{"name", "stage", "backend", "precision", "weights", "eval": {...} | null, "bench": {...} | null}],
      "prune": {"widths": {layer: [before, after]}, "latency": {...} | null} | null, "gamma_history": {...} | null}
+
+Speed is timed at 1 thread, the figure CPUs and pruning tools are compared by, and at all cores (N) in a pass of its
+own: a variant's bench holds the 1-thread figures ("model", "end_to_end", "fps_end_to_end") and the model alone at N
+threads under "model_at". The table shows latency and speedup at both counts, FPS at 1 thread. A run made before slim
+timed 1 thread has one count, environment["threads"], and renders with it.
 
 A run pruned with a latency table (yoloslim.prune.latency) states its latency target, what the table predicted for the
 pruned model and what was measured of it, under the table.
@@ -21,9 +26,10 @@ What each variant is compared with, so that a ratio measures one thing:
   "compared with" cell says "no base on this backend".
 - The headline, the line read first, takes the finetuned FP32 model against the base FP32 model on a runtime backend
   (ONNX Runtime before PyTorch, where both were timed): GFLOPs ratio (an architecture's GFLOPs do not depend on its
-  backend, so a variant that has none takes its stage's PyTorch figure), latency ratio with the run's thread count,
-  and the mAP50-95 change with its paired 95% interval where the summary has one (the variant's eval["paired"]:
-  {"against": reference name, "map": [change, low, high]}), else the plain difference.
+  backend, so a variant that has none takes its stage's PyTorch figure), latency ratio at 1 thread followed by the
+  one at N threads ("1.9x faster on ONNX Runtime at 1 thread (1.8x at 2)"), and the mAP50-95 change with its paired
+  95% interval where the summary has one (the variant's eval["paired"]: {"against": reference name, "map": [change,
+  low, high]}), else the plain difference.
 
 A figure that was not measured on the machine that made the run (TensorRT on a host without a GPU) reads
 "not measured".
@@ -46,7 +52,7 @@ COLUMNS = (  # what a reader compares first comes first: a phone shows the first
     "variant",
     "mAP50-95",
     "ΔmAP50-95 vs base",
-    "speedup vs base",
+    "speedup vs base",  # a PER_THREADS column
     "compared with",
     "backend",
     "precision",
@@ -59,6 +65,9 @@ COLUMNS = (  # what a reader compares first comes first: a phone shows the first
     "size MB",
     "stage",
 )
+# one figure per thread count the run was timed at (FPS at the first only, 1 thread): headed "..., 1 / 2 threads"
+PER_THREADS = ("speedup vs base", "latency p50 ms", "FPS end to end")
+NOT_MEASURED = "not measured"
 
 
 def load_runs(runs: list) -> list[dict]:
@@ -91,8 +100,22 @@ def _map(v: dict) -> Optional[float]:
     return (v.get("eval") or {}).get("map")
 
 
+def thread_counts(summary: dict) -> list:
+    """The thread counts the run's speed was timed at, the one of bench["model"] first."""
+    env = summary.get("environment") or {}
+    return [env.get("threads"), *env.get("more_threads", [])]
+
+
 def _p50(v: dict) -> Optional[float]:
+    """Model-alone p50 latency at the run's first thread count."""
     return (((v.get("bench") or {}).get("model")) or {}).get("p50_ms")
+
+
+def _p50s(v: dict, counts: list) -> dict:
+    """Model-alone p50 latency at each thread count: bench["model"] at the first, bench["model_at"] at the others."""
+    bench = v.get("bench") or {}
+    models = {counts[0]: bench.get("model"), **{int(n): m for n, m in (bench.get("model_at") or {}).items()}}
+    return {n: (models.get(n) or {}).get("p50_ms") for n in counts}
 
 
 def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
@@ -104,13 +127,15 @@ def _difference(value: Optional[float], ref_value: Optional[float]) -> Optional[
 
 
 def rows(summary: dict) -> list[dict]:
-    """One table row per variant, its deltas against its reference (see the module docstring)."""
-    variants = summary["variants"]
+    """One table row per variant, its deltas against its reference (see the module docstring); the PER_THREADS
+    columns hold {thread count: figure}."""
+    variants, counts = summary["variants"], thread_counts(summary)
     out = []
     for v in variants:
         ev, be = v.get("eval") or {}, v.get("bench") or {}
         ref = reference(variants, v)
         ci = ev.get("ci95", {}).get("map")
+        p50s, ref_p50s = _p50s(v, counts), _p50s(ref or {}, counts)
         out.append(
             {
                 "variant": v["name"],
@@ -122,9 +147,9 @@ def rows(summary: dict) -> list[dict]:
                 "mAP50": ev.get("map50"),
                 "compared with": reference_label(v, ref),
                 "ΔmAP50-95 vs base": None if ref is None else _difference(_map(v), _map(ref)),
-                "speedup vs base": None if ref is None else _ratio(_p50(ref), _p50(v)),
-                "latency p50 ms": _p50(v),
-                "FPS end to end": be.get("fps_end_to_end"),
+                "speedup vs base": None if ref is None else {n: _ratio(ref_p50s[n], p50s[n]) for n in counts},
+                "latency p50 ms": p50s,
+                "FPS end to end": {counts[0]: be.get("fps_end_to_end")},
                 "params": be.get("params"),
                 "GFLOPs": be.get("gflops"),
                 "size MB": be.get("size_mb"),
@@ -167,36 +192,53 @@ def headline_figures(summary: dict) -> Optional[dict]:
     if pair is None:
         return None
     model, ref = pair
+    counts = thread_counts(summary)
+    p50s, ref_p50s = _p50s(model, counts), _p50s(ref, counts)
     return {
         "model": model["name"],
         "against": ref["name"],
         "backend": model.get("backend", ""),
-        "threads": (summary.get("environment") or {}).get("threads"),
+        "threads": counts,
         "gflops_ratio": _ratio(stage_gflops(variants, ref), stage_gflops(variants, model)),
-        "speedup": _ratio(_p50(ref), _p50(model)),
+        "speedup": {n: _ratio(ref_p50s[n], p50s[n]) for n in counts},
         "map_change": map_change(model, ref),
     }
 
 
-def _count(n, noun: str) -> str:
-    return f"{'?' if n is None else n} {noun}{'' if n == 1 else 's'}"
+def _threads(counts: list) -> str:
+    """'1 thread', '2 threads', '1 / 2 threads'."""
+    return f"{' / '.join('?' if n is None else str(n) for n in counts)} thread{'' if counts == [1] else 's'}"
 
 
 def _times(ratio: float, fewer: str, more: str) -> str:
     return f"{ratio:.1f}x {fewer}" if ratio >= 1 else f"{1 / ratio:.1f}x {more}"
 
 
+def _speed(ratio: float, like: Optional[float] = None) -> str:
+    """'1.9x faster' or '1.2x slower'; only '1.8x' where it goes the way the ratio `like` went."""
+    if like is not None and (ratio >= 1) == (like >= 1):
+        return f"{max(ratio, 1 / ratio):.1f}x"
+    return _times(ratio, "faster", "slower")
+
+
+def speed_phrase(speedups: dict, backend: str) -> str:
+    """'1.9x faster on ONNX Runtime at 1 thread (1.8x at 2)': the first thread count's ratio, then the others'."""
+    (first, ratio), *others = speedups.items()
+    at = f" at {_threads([first])}" if first else ""
+    more = [f"{_speed(r, like=ratio)} at {n}" for n, r in others if r]
+    return f"{_speed(ratio)} on {backend}{at}" + (f" ({', '.join(more)})" if more else "")
+
+
 def headline(summary: dict) -> str:
-    """What the run achieved, in one line: '2.0x fewer GFLOPs, 1.9x faster on ONNX Runtime at 1 thread, -1.2
-    mAP50-95 points (paired 95% CI -2.0 to -0.4)'."""
+    """What the run achieved, in one line: '2.0x fewer GFLOPs, 1.9x faster on ONNX Runtime at 1 thread (1.8x at 2),
+    -1.2 mAP50-95 points (paired 95% CI -2.0 to -0.4)'."""
     figures = headline_figures(summary)
     if figures is None:
         return "No finetuned model was timed against a base on the same backend; the table shows what was measured."
     parts = []
     if figures["gflops_ratio"]:
         parts.append(_times(figures["gflops_ratio"], "fewer GFLOPs", "more GFLOPs"))
-    at = f" at {_count(figures['threads'], 'thread')}" if figures["threads"] else ""
-    parts.append(_times(figures["speedup"], "faster", "slower") + f" on {figures['backend']}{at}")
+    parts.append(speed_phrase(figures["speedup"], figures["backend"]))
     change = figures["map_change"]
     if change:
         interval = f" (paired 95% CI {change[1] * 100:+.1f} to {change[2] * 100:+.1f})" if len(change) == 3 else ""
@@ -215,9 +257,18 @@ def headline_basis(summary: dict) -> str:
     )
 
 
+def header(column: str, counts: list) -> str:
+    """A column's heading in a run's table: a PER_THREADS column names its thread counts."""
+    if column not in PER_THREADS:
+        return column
+    return f"{column}, {_threads(counts[:1] if column == 'FPS end to end' else counts)}"
+
+
 def fmt(value, column: str) -> str:
-    if value is None:
-        return "not measured"
+    if value is None or isinstance(value, dict) and all(v is None for v in value.values()):
+        return NOT_MEASURED
+    if isinstance(value, dict):  # one figure per thread count
+        return " / ".join(fmt(v, column) for v in value.values())
     if isinstance(value, str):
         return value
     if column == "params":
@@ -226,6 +277,8 @@ def fmt(value, column: str) -> str:
         return f"{value * 100:+.1f} pt"
     if column == "speedup vs base":
         return f"{value:.2f}x"
+    if column == "latency p50 ms":
+        return f"{value:.2f}"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
@@ -250,7 +303,8 @@ def render_markdown(tables, images) -> str:
     for summary, table in tables:
         basis = headline_basis(summary)
         lines += [f"## {summary['name']}", "", f"**{headline(summary)}**", ""] + ([basis, ""] if basis else [])
-        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        headers = [header(c, thread_counts(summary)) for c in COLUMNS]
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |" for r in table]
         lines += ["", context(summary), ""]
         latency = prune_latency(summary)
@@ -259,13 +313,28 @@ def render_markdown(tables, images) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_columns() -> list:
+    """The CSV's header: one row per variant, a PER_THREADS column split into its 1-thread and N-thread figures."""
+    split = [[f"{c}, 1 thread", f"{c}, N threads"] if c in PER_THREADS else [c] for c in COLUMNS]
+    return ["run", "N threads", *(name for names in split for name in names)]
+
+
+def _csv_cells(row: dict, column: str) -> list:
+    if column not in PER_THREADS:
+        return [row[column]]
+    figures = row[column] or {}
+    return [figures.get(1), next((v for n, v in figures.items() if n != 1), None)]
+
+
 def render_csv(tables) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["run", *COLUMNS])
+    writer.writerow(csv_columns())
     for summary, table in tables:
+        n = next((n for n in thread_counts(summary) if n != 1), None)
         for r in table:
-            writer.writerow([summary["name"], *("" if r[c] is None else r[c] for c in COLUMNS)])
+            cells = [n, *(cell for c in COLUMNS for cell in _csv_cells(r, c))]
+            writer.writerow([summary["name"], *("" if cell is None else cell for cell in cells)])
     return buffer.getvalue()
 
 
@@ -281,12 +350,14 @@ def prune_latency(summary: dict) -> list:
 
 
 def context(summary: dict) -> str:
-    env = summary.get("environment") or {}
+    env, counts = summary.get("environment") or {}, thread_counts(summary)
+    passes = ", each count timed in a pass of its own" if len(counts) > 1 else ""
     return (
         f"Data {summary.get('data', '?')}, imgsz {summary.get('imgsz', '?')}; measured on {env.get('cpu', '?')} "
-        f"({env.get('cores', '?')} cores, {_count(env.get('threads'), 'thread')} pinned), "
+        f"({env.get('cores', '?')} cores, {_threads(counts)} pinned{passes}), "
         f"TensorRT {env.get('TensorRT') or 'not installed'}. "
         "Speedup: model-alone p50 latency of the base on the same backend and precision over the variant's "
         "(a reduced-precision variant against its backend's FP32 base, named in 'compared with'). "
+        f"FPS: end to end (decode, letterbox, inference, NMS) at {_threads(counts[:1])}. "
         "mAP intervals: 95% bootstrap over validation images."
     )

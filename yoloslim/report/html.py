@@ -17,7 +17,7 @@ p.headline{font-size:1.25em;font-weight:600;margin:.4em 0 .2em;overflow-wrap:any
 table{border-collapse:collapse;font-size:.85em;white-space:nowrap}
 th,td{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child{text-align:left;position:sticky;left:0;background:#fff}
-th{background:#f6f6f6}
+th{background:#f6f6f6;white-space:normal;vertical-align:bottom}
 td.na{color:#999;font-style:italic}
 img{max-width:100%;height:auto;display:block;margin:12px 0}
 p.note{font-size:.85em;color:#555;overflow-wrap:anywhere}
@@ -25,10 +25,10 @@ p.note{font-size:.85em;color:#555;overflow-wrap:anywhere}
 
 
 def _cell(value, column: str) -> str:
-    from yoloslim.report import fmt
+    from yoloslim.report import NOT_MEASURED, fmt
 
     text = fmt(value, column)
-    css = ' class="na"' if value is None else ""
+    css = ' class="na"' if text == NOT_MEASURED else ""
     return f"<td{css}>{html.escape(text)}</td>"
 
 
@@ -47,9 +47,9 @@ def _image(title: str, path: Path) -> str:
 
 
 def _run(summary: dict, table: list) -> str:
-    from yoloslim.report import COLUMNS, context, headline, headline_basis, prune_latency
+    from yoloslim.report import COLUMNS, context, header, headline, headline_basis, prune_latency, thread_counts
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{html.escape(header(c, thread_counts(summary)))}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(_cell(r[c], c) for c in COLUMNS) + "</tr>" for r in table)
     basis = headline_basis(summary)
     return "".join(

@@ -32,7 +32,8 @@ def run_label(summary: dict) -> str:
 
 
 def accuracy_speed_points(summaries: list) -> list:
-    """(FPS end to end, mAP50-95, label, 95% interval or None) of every variant measured for both."""
+    """(FPS end to end, mAP50-95, label, 95% interval or None) of every variant measured for both; the FPS is the
+    run's first thread count's, 1 thread."""
     points = []
     for s in summaries:
         for v in s["variants"]:
@@ -41,6 +42,14 @@ def accuracy_speed_points(summaries: list) -> list:
                 label = v["name"] if len(summaries) == 1 else f"{run_label(s)}: {v['name']}"
                 points.append((be["fps_end_to_end"], ev["map"], label, ev.get("ci95", {}).get("map")))
     return points
+
+
+def fps_label(summaries: list) -> str:
+    """The x axis: FPS end to end, at the thread count of the runs' FPS (1 thread) where they share one."""
+    from yoloslim.report import header, thread_counts
+
+    firsts = {thread_counts(s)[0] for s in summaries}
+    return header("FPS end to end", list(firsts)) if len(firsts) == 1 else "FPS end to end"
 
 
 def marker_boxes(ax, points: list, half_width_pt: float = 4.0) -> list:
@@ -94,7 +103,7 @@ def plot_pareto(summaries: list, path: Path) -> bool:
         ax.errorbar(fps, value, yerr=err, fmt="o", ms=5, capsize=3, color=color, label=f"{i}  {label}")
     front = pareto_front([p[:3] for p in points])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
-    ax.set(xlabel="FPS, end to end", ylabel="mAP50-95 (95% CI)", title="Accuracy against speed")
+    ax.set(xlabel=fps_label(summaries), ylabel="mAP50-95 (95% CI)", title="Accuracy against speed")
     ax.margins(0.15)
     fig.legend(loc="outside lower center", ncol=columns, fontsize=9, frameon=False, handletextpad=0.3)
     fig.canvas.draw()
