@@ -273,7 +273,10 @@ class SlimConfig:
     )
     # One QAT epoch after the float ones is the measured regime (docs/deployment.md)
     qat_epochs: int = option(1, "of the finetune's epochs, how many are quantization-aware (the last ones), with qat")
-    threads: Optional[int] = option(None, "CPU threads for profiling, evaluation and benchmark (default: all cores)")
+    threads: Optional[int] = option(
+        None,
+        "CPU threads for profiling, evaluation and benchmark (default: all cores; the benchmark also times 1 thread)",
+    )
     project: str = option("runs/slim", "runs go to PROJECT/NAME")
     name: str = option("slim", "run folder; an unfinished run of this name is resumed")
 
