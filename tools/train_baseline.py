@@ -1,6 +1,8 @@
 """Train the shipped baselines on the embedded synthetic dataset (resumable: rerun the same command).
 
-    python tools/train_baseline.py base      # YOLOv5n from scratch -> weights/yolov5n-synthetic.pt
+    python tools/train_baseline.py shapes6   # YOLOv5n from scratch, six classes
+                                             # -> weights/benchmarks/yolov5n-synthetic6.pt
+    python tools/train_baseline.py base      # that, transferred to the demo set -> weights/yolov5n-synthetic.pt
     python tools/train_baseline.py sparse    # sparsity training of that -> weights/yolov5n-synthetic-sparse.pt
     python tools/train_baseline.py license-plate-yolov8n --data <license-plate>/data.yaml
                                              # -> weights/benchmarks/license_plate_yolov8n.pt (also -yolo11n, -yolo26n)
@@ -26,43 +28,50 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from yoloslim.data.synthetic import ensure_synthetic_dataset  # noqa: E402
+from yoloslim.config import SPARSITY_RECIPE  # noqa: E402
+from yoloslim.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: E402
+from yoloslim.utils.assets import shipped_file  # noqa: E402
 from yoloslim.utils.files import atomic_path, write_text_atomic  # noqa: E402
 
+SGD_STAGE = dict(imgsz=320, batch=8, nbs=8, optimizer="SGD", close_mosaic=5, seed=0, workers=0)
+
 RECIPES = {
-    "base": {
+    # The demo baseline's pretraining: YOLOv5n from scratch on the six-class synthetic set, as a user's model starts
+    # from weights pretrained on a larger task. Each 50-epoch cycle ended with validation mAP still rising (the first
+    # by ~0.7 point per epoch, the second by 0.9 point over its last 10): a third at half the learning rate. That one
+    # flattened (+0.2 point over its last 10), but at batch 16 and nbs 64 a cycle is only ~470 optimizer steps: a
+    # fourth cycle of SGD at batch 8 without accumulation (eight times the steps) took it from 0.580 to 0.697, a fifth
+    # at lr0 0.005 to 0.723, and a sixth of 70 epochs to 0.751. docs/demo.md tells the whole story.
+    "shapes6": {
         "model": "yolov5n.yaml",
-        "out": "yolov5n-synthetic.pt",
+        "dataset": "synthetic-6class.yaml",
+        "out": "benchmarks/yolov5n-synthetic6.pt",
         "train": dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.002, close_mosaic=10, seed=0, workers=0),
-        # Each 50-epoch cycle ended with validation mAP still rising (the first by ~0.7 point per epoch, the second by
-        # 0.9 point over its last 10): a third at half the learning rate. That one flattened (+0.2 point over its last
-        # 10), but at batch 16 and nbs 64 a cycle is only ~470 optimizer steps: a fourth cycle of SGD at batch 8
-        # without accumulation (eight times the steps) took it from 0.580 to 0.697, and a fifth at lr0 0.005 to
-        # 0.723. Not flat: tools/bench_prune.py's control, 70 more epochs of this recipe, reached 0.751 (0.753 on
-        # another machine), so that is the sixth stage; 30 more epochs after it moved it by -0.4 point (paired -1.2 to
-        # +0.4). docs/demo.md tells the whole story.
         "then": [
             dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.001, close_mosaic=10, seed=0, workers=0),
             dict(imgsz=320, epochs=50, batch=16, optimizer="AdamW", lr0=0.0005, close_mosaic=10, seed=0, workers=0),
-            dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0),
-            dict(imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0),
-            dict(imgsz=320, epochs=70, batch=8, nbs=8, optimizer="SGD", lr0=0.005, close_mosaic=5, seed=0, workers=0),
+            dict(SGD_STAGE, epochs=50, lr0=0.01),
+            dict(SGD_STAGE, epochs=50, lr0=0.005),
+            dict(SGD_STAGE, epochs=70, lr0=0.005),
         ],
     },
+    # The demo's user model: the pretrained six-class model transferred to the three-class demo set (every layer but
+    # the class outputs carries over), the few-class small-dataset case a nano model has capacity to spare for.
+    "base": {
+        "model": str(ROOT / "weights" / "benchmarks" / "yolov5n-synthetic6.pt"),
+        "out": "yolov5n-synthetic.pt",
+        "train": dict(SGD_STAGE, epochs=20, lr0=0.005, warmup_bias_lr=0.0),
+    },
+    # Sparsity training of the demo baseline with the recommended recipe, the defaults of `yoloslim train`: it stops
+    # by itself once its zeroed channels give a prune to half the GFLOPs. One change: batch 4. A gamma moves by about
+    # lr x steps x (loss gradient + sr) per epoch, so the penalty's reach grows with the steps an epoch takes; the
+    # recipe was measured at 122 steps per epoch (972 images, batch 8), and the demo's 600 images at batch 4 give 150,
+    # where batch 8 would give 75 and leave the larger gammas out of reach within 30 epochs.
     "sparse": {
         "model": str(ROOT / "weights" / "yolov5n-synthetic.pt"),
         "out": "yolov5n-synthetic-sparse.pt",
-        # SGD: Adam-family optimizers normalise each gamma's gradient, so gammas shrink together instead of splitting.
-        # Batch 8 without accumulation gives enough penalty steps to reach zero at an sr small enough that the loss
-        # gradient decides which channels survive (the recipe that split the license-plate model in 30 epochs of 122
-        # steps, docs/sparsity.md). The six-class synthetic model keeps more live channels: sr 0.1 for 50 epochs left
-        # 71 % of its gammas below 1e-2, too few for a free prune to half the GFLOPs; sr 0.2 left 80 %, still short of
-        # the 83 % that a 2x prune at --round-to 16 removes (rounding up keeps more channels per layer): sr 0.3.
-        "train": dict(
-            imgsz=320, epochs=50, batch=8, nbs=8, optimizer="SGD", lr0=0.01, close_mosaic=5, seed=0, workers=0
-        ),
-        # trained before the stop criterion existed: all 50 epochs (stop_at_flops 0 turns it off)
-        "sparsity": dict(sr=0.3, schedule="constant", include_head=True, stop_at_flops=0),
+        "train": dict(SPARSITY_RECIPE.train_args(), batch=4, nbs=4, imgsz=320, seed=0, workers=0),
+        "sparsity": {},
     },
 }
 
@@ -100,7 +109,7 @@ def main() -> None:
     stages = [recipe["train"], *recipe.get("then", [])]
     if args.epochs:
         stages[-1] = dict(stages[-1], epochs=args.epochs)
-    data = Path(args.data).resolve() if args.data else ensure_synthetic_dataset()
+    data = Path(args.data).resolve() if args.data else _synthetic_data(recipe.get("dataset"))
     weights = args.last_stage_from or recipe["model"]
     first = len(stages) - 1 if args.last_stage_from else 0
     for index, stage in enumerate(stages[first:], start=first):
@@ -114,18 +123,25 @@ def main() -> None:
                 data,
                 train_args,
                 resume=last if last.exists() else None,
-                from_scratch=index == 0 and not args.last_stage_from,
+                from_scratch=index == 0 and weights.endswith(".yaml"),
             )
         weights = str(last.with_name("best.pt"))
     out = ROOT / "weights" / recipe["out"]
     with atomic_path(out) as tmp:
         shutil.copyfile(weights, tmp)
-    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k not in ("out", "needs_data")}}
+    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k not in ("out", "needs_data", "dataset")}}
     if args.data:
         card["recipe"]["data"] = "License Plate Recognition v6 (Roboflow Universe, CC BY 4.0): data.yaml"
     card["val"] = _measure(out, data)
     write_text_atomic(out.with_suffix(".recipe.yaml"), yaml.safe_dump(card, sort_keys=False))
     print(f"wrote {out}\n{yaml.safe_dump(card, sort_keys=False)}")
+
+
+def _synthetic_data(config_name: str | None) -> Path:
+    """The demo set, or the named generator config under data/ (the six-class pretraining set)."""
+    if config_name is None:
+        return ensure_synthetic_dataset()
+    return ensure_synthetic_dataset(SyntheticConfig.from_yaml(shipped_file("data", config_name)))
 
 
 def _relative(value):
