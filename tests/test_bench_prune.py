@@ -233,7 +233,10 @@ def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monk
 
     from test_prune import random_model, save_as_ultralytics_would
 
-    weights = save_as_ultralytics_would(random_model(nc=6, cfg=cfg), tmp_path / "best.pt")
+    from yoloslim.data.synthetic import default_config
+
+    classes = len(default_config().classes)  # the smoke run's dataset
+    weights = save_as_ultralytics_would(random_model(nc=classes, cfg=cfg), tmp_path / "best.pt")
     out = tmp_path / "bench"
     argv = ["bench_prune.py", "--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)

@@ -129,11 +129,21 @@ def test_missing_shipped_weights_is_a_one_line_error(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_eval_compares_every_model_with_the_first_on_the_same_images(
-    cli, shipped_weights, shipped_sparse_weights, synthetic_data
+    cli, shipped_weights, shipped_sparse_weights, synthetic_val_data
 ):
     weights = (shipped_weights, shipped_sparse_weights, shipped_weights)
     code, err, out = cli(
-        "eval", "--weights", *weights, "--data", synthetic_data, "--imgsz", "320", "--bootstrap", "50", "--threads", "1"
+        "eval",
+        "--weights",
+        *weights,
+        "--data",
+        synthetic_val_data,
+        "--imgsz",
+        "320",
+        "--bootstrap",
+        "50",
+        "--threads",
+        "1",
     )
     assert code == 0, err
     header, _, *rows = out.strip().splitlines()

@@ -292,10 +292,10 @@ def test_convs_reading_small_swings_on_large_offsets_stay_float():
 
 @pytest.mark.slow
 def test_sparse_models_offset_inputs_stay_float_in_the_qdq_graph(shipped_sparse_weights, synthetic_data, tmp_path):
-    """The shipped sparse model's model.4 convs read small swings on large offsets (docs/deployment.md): no Q/DQ."""
+    """The shipped sparse model's model.6 convs read small swings on large offsets: no Q/DQ on them."""
     fp32 = export_onnx(shipped_sparse_weights, imgsz=160, out=tmp_path / "sparse.onnx")
     quantized = onnx.load(str(quantize_int8(fp32, synthetic_data, count=8)))
     dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     conv_inputs = {n.name: n.input[0] for n in quantized.graph.node if n.op_type == "Conv"}
-    assert conv_inputs["/model.4/cv2/conv/Conv"] not in dequantized
+    assert conv_inputs["/model.6/cv1/conv/Conv"] not in dequantized
     assert conv_inputs["/model.2/cv1/conv/Conv"] in dequantized

