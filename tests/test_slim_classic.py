@@ -104,9 +104,9 @@ def test_slim_runs_every_stage_on_a_classic_checkpoint(classic_weights, classic_
 def test_the_classic_runs_report_reads_the_sparsity_record_from_the_originals_format(tmp_path):
     """The gamma history travels on the model of a file in the original's format, which Ultralytics cannot load."""
     from yoloslim.models.save import original_names, save_original_format
-    from yoloslim.slim import weights_metadata
+    from yoloslim.utils.training import read_checkpoint_extras
 
     model, ckpt = load_classic_checkpoint(CHECKPOINT)
     out = tmp_path / "sparse.pt"
     save_original_format(model, ckpt, out, original_names(CHECKPOINT), {"gamma_history": {"epochs": [1]}})
-    assert weights_metadata(str(out)) == {"gamma_history": {"epochs": [1]}}
+    assert read_checkpoint_extras(out) == {"gamma_history": {"epochs": [1]}}

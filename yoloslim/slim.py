@@ -362,6 +362,7 @@ class Pipeline:
 
     def stage_report(self) -> dict:
         from yoloslim.report import SUMMARY, write_report
+        from yoloslim.utils.training import read_checkpoint_extras
 
         stages = self.state["stages"]
         variants = []
@@ -380,18 +381,11 @@ class Pipeline:
             "environment": stages["bench"]["environment"],
             "variants": variants,
             "prune": {"widths": stages["prune"]["widths"], "latency": stages["prune"].get("latency")},
-            "gamma_history": weights_metadata(stages["sparse"]["weights"]).get("gamma_history"),
+            "gamma_history": read_checkpoint_extras(stages["sparse"]["weights"]).get("gamma_history"),
         }
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
-
-
-def weights_metadata(weights: str) -> dict:
-    """yoloslim's metadata of a checkpoint, Ultralytics' or in the original YOLOv5 repository's format."""
-    from yoloslim.utils.checks import load_detection_checkpoint
-
-    return checkpoint_metadata(load_detection_checkpoint(weights, classic=True)[1])
 
 
 def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:

@@ -33,22 +33,26 @@ from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 ADAM_FAMILY = frozenset({"adam", "adamax", "adamw", "nadam", "radam"})
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file's dict, Ultralytics' or in the original YOLOv5 repository's format (which a classic run
+    writes at its end, and which Ultralytics' loader cannot read)."""
+    from yoloslim.models.train import in_original_format
+
+    if in_original_format(path):
+        from yoloslim.models import load_classic_checkpoint
+
+        return load_classic_checkpoint(path)[1]
+    return torch_load(path, map_location="cpu")
+
+
 def read_checkpoint_extras(path) -> dict:
     """The yoloslim metadata of a checkpoint file (empty for a plain Ultralytics one)."""
-    return checkpoint_metadata(torch_load(path, map_location="cpu"))
+    return checkpoint_metadata(read_checkpoint(path))
 
 
 def run_finished(last: str | Path) -> bool:
-    """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends (a classic
-    run rewrites it in the original YOLOv5 repository's format then, which Ultralytics' loader cannot read)."""
-    from yoloslim.models.train import in_original_format
-
-    if in_original_format(last):
-        from yoloslim.models import load_classic_checkpoint
-
-        ckpt = load_classic_checkpoint(last)[1]
-    else:
-        ckpt = torch_load(last, map_location="cpu")
+    """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends."""
+    ckpt = read_checkpoint(last)
     return ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None
 
 
