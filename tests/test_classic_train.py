@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from yoloslim.finetune import ClassicFinetuneTrainer
 from yoloslim.models import DetectionModel, load_classic_checkpoint
 from yoloslim.models.train import (
-    ClassicFinetuneTrainer,
-    ClassicSparsityTrainer,
     ClassicTrainer,
     ClassicTrainingModel,
     anchor_free_layout,
@@ -24,6 +23,7 @@ from yoloslim.models.train import (
     plain_values,
     read_classic_checkpoint,
 )
+from yoloslim.sparsity import ClassicSparsityTrainer
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import trainable_copy

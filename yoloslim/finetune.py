@@ -23,6 +23,7 @@ from torch import nn
 from ultralytics.utils import DEFAULT_CFG
 
 from yoloslim.config import FINETUNE_RECIPE, QatConfig
+from yoloslim.models.train import ClassicTraining
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
@@ -97,6 +98,19 @@ class QatTrainer(FinetuneTrainer):
         }
 
 
+class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
+    """Finetuning of a (pruned) classic model, its widths kept (yoloslim.finetune). Distillation is not available:
+    Ultralytics' DistillationModel matches the features of its own heads."""
+
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
+        if (overrides or {}).get("distill_model"):
+            raise YoloslimError(
+                "distillation takes Ultralytics' anchor-free heads, not the original YOLOv5 repository's anchor-based "
+                "one; finetune without a teacher"
+            )
+        super().__init__(cfg, overrides, _callbacks)
+
+
 def finetune(
     weights: str | Path,
     data: str | Path | None = None,
@@ -113,7 +127,7 @@ def finetune(
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
-    from yoloslim.models.train import ClassicFinetuneTrainer, is_classic_checkpoint, train_classic
+    from yoloslim.models.train import is_classic_checkpoint, train_classic
     from yoloslim.utils.checks import load_detection_checkpoint
 
     aware = qat is not None and qat.qat

@@ -48,6 +48,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloslim import graph
 from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
+from yoloslim.models.train import ClassicTraining, plain_classic
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
@@ -278,6 +279,14 @@ class SparsityTrainer(SafeDetectionTrainer):
         return extras
 
 
+class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
+    """Sparsity training of a classic model (yoloslim.sparsity)."""
+
+    def _stop_check(self) -> dict:
+        with plain_classic(self.ema.ema):  # measured by a prune, which traces the model
+            return super()._stop_check()
+
+
 def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:
     """Append this epoch's |gamma| histogram to the run's history (replacing entries a resume re-runs)."""
     history = json.loads(path.read_text()) if path.exists() else {"edges": _LOG_EDGES.tolist(), "epochs": []}
@@ -311,7 +320,7 @@ def train_sparse(
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
-    from yoloslim.models.train import ClassicSparsityTrainer, is_classic_checkpoint, train_classic
+    from yoloslim.models.train import is_classic_checkpoint, train_classic
     from yoloslim.utils.checks import load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
@@ -332,6 +341,7 @@ __all__ = [
     "SparsityConfig",
     "SPARSITY_RECIPE",
     "SparsityTrainer",
+    "ClassicSparsityTrainer",
     "SparsityCallback",
     "train_sparse",
     "prunable_batchnorms",

@@ -10,6 +10,9 @@ What the trainer expects of its model, and how a classic model meets it:
 - it is built by get_model from the checkpoint's module (its widths kept: a pruned model trains as it is) or, for a
   new model, from a classic model yaml.
 
+The sparsity and finetuning stages build their classic trainers from ClassicTraining and their own trainer
+(yoloslim.sparsity.ClassicSparsityTrainer, yoloslim.finetune.ClassicFinetuneTrainer); this module imports neither.
+
 ClassicTrainingModel exists only while training: what is saved, and what yoloslim.graph traces (the sparsity
 penalty's BatchNorms), is the plain classic DetectionModel (plain_classic), so checkpoints hold the same classes as a
 model read from the original's files.
@@ -30,11 +33,9 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.patches import torch_load
 
-from yoloslim.finetune import FinetuneTrainer
 from yoloslim.models.loss import ClassicLoss, LossGains
 from yoloslim.models.save import TRAINING_STATE, original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel
-from yoloslim.sparsity import SparsityTrainer
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import SafeDetectionTrainer, trainable_copy
@@ -313,24 +314,3 @@ def original_model(model: DetectionModel) -> DetectionModel:
 
 class ClassicTrainer(ClassicTraining, SafeDetectionTrainer):
     """Plain training of a classic model."""
-
-
-class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
-    """Sparsity training of a classic model (yoloslim.sparsity)."""
-
-    def _stop_check(self) -> dict:
-        with plain_classic(self.ema.ema):  # measured by a prune, which traces the model
-            return super()._stop_check()
-
-
-class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
-    """Finetuning of a (pruned) classic model, its widths kept (yoloslim.finetune). Distillation is not available:
-    Ultralytics' DistillationModel matches the features of its own heads."""
-
-    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
-        if (overrides or {}).get("distill_model"):
-            raise YoloslimError(
-                "distillation takes Ultralytics' anchor-free heads, not the original YOLOv5 repository's anchor-based "
-                "one; finetune without a teacher"
-            )
-        super().__init__(cfg, overrides, _callbacks)
