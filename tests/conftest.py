@@ -121,33 +121,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_latency_table(tmp_path_factory):
-    """A random YOLOv5n checkpoint, and a latency table of its ONNX whose timings are a known function of the plan."""
-    from types import SimpleNamespace
-
-    import numpy as np
-    import onnx
-    from test_prune import random_model, save_as_ultralytics_would
-
-    from yoloslim.export.onnx import export_onnx
-    from yoloslim.profile import ProfileConfig, profile
-    from yoloslim.profile.groups import read_groups
-    from yoloslim.profile.predictor import Features
-
-    folder = tmp_path_factory.mktemp("tiny")
-    model = random_model(cfg="yolov5n.yaml", nc=6)
-    pt = save_as_ultralytics_would(model, folder / "best.pt")
-    onnx_path = export_onnx(pt, imgsz=64, out=folder / "best.onnx")
-    features = Features.of_graph(read_groups(onnx.load(str(onnx_path))))
-    truth = np.concatenate([[0.15], np.linspace(0.02, 0.1, len(features.names))])
-    truth[1:] *= 0.85 / (features(features.sizes)[1:] @ truth[1:])
-
-    def measure(widths, rounds):
-        ratio = float(features(widths) @ truth)
-        return 20 * ratio, 20.0, ratio
-
-    table = profile(onnx_path, ProfileConfig(threads=1), out=folder / "table.json", measure=measure, log=lambda s: None)
-    return SimpleNamespace(model=model, pt=pt, table=table, path=folder / "table.json")

@@ -286,16 +286,3 @@ def test_calibration_leaves_out_the_val_images(tmp_path):
     data = write_dataset(tmp_path, yaml_text=yaml.safe_dump({**SPEC, "val": "val.txt"}))
     (tmp_path / "val.txt").write_text("./images/val/v0.jpg\n./images/train/t1.jpg\n")
     assert [p.name for p in calibration_images(data)] == ["t0.jpg"]
-
-
-@pytest.mark.parametrize(
-    "options,words",
-    [
-        (["--weighting", "latency"], ["weighting latency needs latency_table", "yoloslim profile"]),
-        (["--weighting", "latency", "--latency-table", "missing.json"], ["missing.json does not exist"]),
-        (["--latency-table", "table.json"], ["only read with weighting latency"]),
-    ],
-)
-def test_latency_weighting_without_a_usable_table_is_refused(options, words, tmp_path, models, refused_without_writing):
-    argv = [*data_commands(models / "best.pt")["train"], *options]
-    refused_without_writing("train", argv, words, (tmp_path, models))

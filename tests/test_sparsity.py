@@ -16,7 +16,6 @@ from yoloslim.sparsity import (
     SparsityConfig,
     SparsityTrainer,
     gamma_magnitudes,
-    latency_prices,
     prunable_batchnorms,
     zeroed_flops_fraction,
 )
@@ -48,10 +47,6 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
         dict(stop_at_flops=1.0),
         dict(stop_at_flops=0.5, round_to=0),
         dict(stop_at_flops=0.5, min_keep=1.5),
-        dict(weighting="flops"),
-        dict(weighting="latency"),
-        dict(latency_table="table.json"),
-        dict(weighting="latency", latency_table="table.json", price_cap=0.5),
     ],
 )
 def test_bad_settings_are_refused(bad):
@@ -187,68 +182,6 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
         changed += int((got != ref).sum())
     assert changed > 0
-
-
-def _latency_config(table, cap: float) -> SparsityConfig:
-    return SparsityConfig(weighting="latency", latency_table=str(table.path), price_cap=cap)
-
-
-def _channel_mean(prices: dict, model) -> float:
-    modules = dict(model.named_modules())
-    channels = np.array([modules[n].num_features for n in prices], dtype=float)
-    return float(np.array(list(prices.values())) @ channels / channels.sum())
-
-
-def test_latency_prices_are_the_tables_savings_per_channel_capped(tiny_latency_table):
-    """Unclipped, each BatchNorm's price is its group's predicted saving for one channel; the clip to [1/cap, cap]
-    keeps the order, and the channel mean stays 1."""
-    model, table = tiny_latency_table.model, tiny_latency_table.table
-    names = [n for n, _ in prunable_batchnorms(model, include_head=True)]
-    free = latency_prices(model, names, _latency_config(tiny_latency_table, cap=1e9))
-    clipped = latency_prices(model, names, _latency_config(tiny_latency_table, cap=1.5))
-
-    predict, full = table.predictor, dict(table.predictor.features.sizes)
-
-    def saving(root):  # the stem and the first C3's inner conv: groups of one conv, one section each
-        return predict(full) - predict({**full, root: full[root] - 1})
-
-    assert free["model.0.bn"] / free["model.2.m.0.cv1.bn"] == pytest.approx(
-        saving("model.0.conv.weight") / saving("model.2.m.0.cv1.conv.weight"), rel=1e-6
-    )
-    assert _channel_mean(free, model) == pytest.approx(1.0) and _channel_mean(clipped, model) == pytest.approx(1.0)
-    assert max(free.values()) > 1.5 and min(free.values()) < 1 / 1.5
-    spread = max(clipped.values()) / min(clipped.values())
-    assert spread == pytest.approx(1.5**2) and spread < max(free.values()) / min(free.values())
-    order = sorted(names, key=free.get)
-    assert [clipped[n] for n in order] == sorted(clipped[n] for n in order)
-    inside = [n for n in names if 1 / 1.5 < free[n] < 1.5]  # free is already on the mean-1 scale the clip applies to
-    assert inside and len({round(clipped[n] / free[n], 9) for n in inside}) == 1  # only the renormalisation
-
-
-def test_one_step_penalty_is_priced_by_latency(train_args, tiny_latency_table):
-    """With weighting latency: gamma_sr == soft_threshold(gamma_plain, lr * sr * price)."""
-    sr = 0.5
-    config = SparsityConfig(sr=sr, weighting="latency", latency_table=str(tiny_latency_table.path), price_cap=3.0)
-    trainer = SparsityTrainer(overrides=dict(train_args, optimizer="SGD", lr0=0.02), sparsity=config)
-    trainer._setup_train()
-    batch_data = trainer.preprocess_batch(next(iter(trainer.train_loader)))
-    loss, _ = trainer.model(batch_data)
-    loss.sum().backward()
-    named = prunable_batchnorms(trainer.model, include_head=True)
-    snapshot = _snapshot(trainer)
-    trainer.sr = 0.0
-    trainer.optimizer_step()
-    reference = [bn.weight.detach().clone() for _, bn in named]
-    _restore(trainer, snapshot)
-    trainer.sr = sr
-    trainer.optimizer_step()
-
-    prices = latency_prices(trainer.model, [n for n, _ in named], config)
-    assert len(set(prices.values())) > 2
-    for (name, bn), ref in zip(named, reference):
-        amount = _group_lr(trainer, bn.weight) * sr * prices[name]
-        expected = ref.sign() * (ref.abs() - amount).clamp(min=0)
-        torch.testing.assert_close(bn.weight.detach(), expected, rtol=0, atol=1e-7)
 
 
 def test_step_skipped_by_amp_adds_no_penalty(train_args):

@@ -14,8 +14,6 @@ from yoloslim.utils.errors import YoloslimError
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES = ("constant", "linear", "cosine")
-Weighting = Literal["uniform", "latency"]
-WEIGHTINGS = ("uniform", "latency")
 
 
 def option(default, help: str, **cli):
@@ -106,15 +104,6 @@ class SparsityConfig:
     zero_gamma: float = option(1e-2, "|gamma| below which a channel counts as zeroed, for stop_at_flops")
     round_to: int = option(8, "the rounding the later prune will use, for stop_at_flops")
     min_keep: float = option(0.1, "the later prune's per-layer minimum fraction, for stop_at_flops")
-    # "latency": each gamma pays sr times its channel's price, the latency its removal saves on the profiled target
-    # (yoloslim profile), over the mean price, clipped to [1/price_cap, price_cap] (yoloslim/sparsity.py).
-    weighting: Weighting = option(
-        "uniform",
-        "uniform: every gamma pays sr; latency: sr times its channel's capped latency price",
-        choices=WEIGHTINGS,
-    )
-    latency_table: Optional[str] = option(None, "latency table of this model on the target (yoloslim profile)")
-    price_cap: float = option(2.0, "latency prices are clipped to [1/cap, cap] times their mean, then renormalised")
 
     def __post_init__(self):
         if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
@@ -135,18 +124,6 @@ class SparsityConfig:
                 f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
                 f"{self.round_to} and {self.min_keep}"
             )
-        self._check_weighting()
-
-    def _check_weighting(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise YoloslimError(f"unknown weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
-        if (self.weighting == "latency") != (self.latency_table is not None):
-            raise YoloslimError(
-                "weighting latency needs latency_table (make one with yoloslim profile), and a latency_table is "
-                "only read with weighting latency"
-            )
-        if not self.price_cap >= 1:
-            raise YoloslimError(f"price_cap is a multiple of the mean price, at least 1; got {self.price_cap}")
 
     def sr_at(self, epoch: int, epochs: int) -> float:
         """Penalty strength during `epoch` (0-based) of a run of `epochs` epochs."""

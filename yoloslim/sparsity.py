@@ -12,16 +12,6 @@ scale, the loss being multiplied by the batch size, gradient accumulation and gr
 sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
 on the epoch, so a resumed run continues it exactly.
 
-Weighting. With `weighting="uniform"` (Network Slimming) every gamma pays the same sr, which removes the channels
-whose loss gradient is weakest: in a YOLO the wide low-resolution ones, cheap in latency. With `weighting="latency"`
-each gamma pays sr times its channel's price: the latency that removing one channel of its group saves on the profiled
-target (the latency table's predictor, at full width), over the mean price of the penalised channels, clipped to
-[1 / price_cap, price_cap] and renormalised to a mean of 1, so the average push is unchanged. The cap is the point:
-an uncapped price (FLOPs ran from 0.1 to 12.8 times the mean on a YOLOv5n) kills the few dear high-resolution
-channels that everything downstream depends on before the cheap ones move (docs/sparsity.md); the floor keeps every
-channel under some push where the predictor, a non-negative fit per resolution level, gives a level no cost of its
-own.
-
 
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them on its
@@ -34,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from copy import deepcopy
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -49,7 +38,6 @@ from ultralytics.utils.torch_utils import unwrap_model
 from yoloslim import graph
 from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
 from yoloslim.models.train import ClassicTraining, plain_classic
-from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
@@ -90,34 +78,6 @@ def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) 
         ),
     )
     return result.after["gflops"] / result.before["gflops"]
-
-
-def latency_prices(model: nn.Module, names: list[str], config: SparsityConfig) -> dict[str, float]:
-    """Each named BatchNorm's price (see the module doc): the latency that removing one channel of its group saves,
-    predicted by config.latency_table at full width, over the mean over all the named BatchNorms' channels, clipped to
-    [1 / config.price_cap, config.price_cap] and renormalised to a mean of 1."""
-    from yoloslim.profile import LatencyTable
-    from yoloslim.prune.latency import match_groups
-
-    table = LatencyTable.load(config.latency_table)
-    copy = deepcopy(unwrap_model(model)).float().cpu().eval()
-    dependencies, groups = graph.build_graph(copy)
-    roots = match_groups(copy, dependencies, groups, table)
-    predict, full = table.predictor, dict(table.predictor.features.sizes)
-    sections = {g["root"]: g["sections"] for g in table.groups}
-    saved = {root: (predict(full) - predict({**full, root: full[root] - 1})) / sections[root] for root in roots}
-    module_names = {m: n for n, m in copy.named_modules()}
-    cost = {
-        module_names[bn]: saved[root]
-        for group, root in zip(groups, roots)
-        for bn, _, _ in graph.group_batchnorms(dependencies, group)
-    }
-    modules = dict(copy.named_modules())
-    channels = np.array([modules[n].num_features for n in names], dtype=float)
-    price = np.array([cost[n] for n in names])
-    price = np.clip(price * channels.sum() / (price @ channels), 1 / config.price_cap, config.price_cap)
-    price *= channels.sum() / (price @ channels)
-    return dict(zip(names, price.tolist()))
 
 
 def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
@@ -199,11 +159,8 @@ class SparsityTrainer(SafeDetectionTrainer):
         optimizer = super().build_optimizer(model, *args, **kwargs)
         named = prunable_batchnorms(model, self.sparsity.include_head)
         self._penalised_names = [name for name, _ in named]
-        prices = self._prices(model, named)
-        price = {id(bn.weight): prices[name] for name, bn in named}
-        self._gamma_groups = [
-            [(p, price[id(p)]) for p in g["params"] if id(p) in price] for g in optimizer.param_groups
-        ]
+        penalised = {id(bn.weight) for _, bn in named}
+        self._gamma_groups = [[p for p in g["params"] if id(p) in penalised] for g in optimizer.param_groups]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
         # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
@@ -214,24 +171,13 @@ class SparsityTrainer(SafeDetectionTrainer):
             )
         return optimizer
 
-    def _prices(self, model, named) -> dict[str, float]:
-        if self.sparsity.weighting == "uniform":
-            return {name: 1.0 for name, _ in named}
-        prices = latency_prices(model, [name for name, _ in named], self.sparsity)
-        values = np.array(list(prices.values()))
-        LOGGER.info(
-            f"Sparsity: latency prices from {self.sparsity.latency_table}: {values.min():.2f} to {values.max():.2f} "
-            f"(clipped to 1/{self.sparsity.price_cap:g} to {self.sparsity.price_cap:g} times the mean, renormalised)"
-        )
-        return prices
-
     @torch.no_grad()
     def _apply_sparsity(self, optimizer, args, kwargs) -> None:
         for group, gammas in zip(optimizer.param_groups, self._gamma_groups):
             amount = group["lr"] * self.sr
             if amount > 0:
-                for weight, price in gammas:
-                    soft_threshold_(weight, amount * price)
+                for weight in gammas:
+                    soft_threshold_(weight, amount)
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
@@ -297,19 +243,6 @@ def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray
     return history
 
 
-def _check_latency_weighting(weights: str, config: SparsityConfig) -> None:
-    """Before any work: the table exists and is finished, and the model is one a table can be matched to."""
-    from yoloslim.models.train import is_classic_checkpoint
-    from yoloslim.profile import LatencyTable
-
-    if is_classic_checkpoint(weights):
-        raise YoloslimError(
-            "weighting latency needs a latency table matched to the model's layers, which the original YOLOv5 "
-            "repository's ONNX export renames; use weighting uniform"
-        )
-    LatencyTable.load(config.latency_table)
-
-
 def train_sparse(
     weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args
 ):
@@ -324,8 +257,6 @@ def train_sparse(
     from yoloslim.utils.checks import load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
-    if config is not None and config.weighting == "latency":
-        _check_latency_weighting(weights, config)
     if is_classic_checkpoint(weights):
         trainer = ClassicSparsityTrainer.with_config(config)
         return train_classic(trainer, weights, dataset, resume, SPARSITY_RECIPE, **train_args)
