@@ -28,8 +28,10 @@ Two flavours of the same model (`target`), recorded in the ONNX metadata as `int
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -296,16 +298,35 @@ def quantize_placed(source: Path, dest: Path, reader, placement: dict) -> None:
     from `reader`) and a flavour's `placement` (tensorrt_placement, cpu_placement)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(
-        str(source),
-        str(dest),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        **placement,
-    )
+    with _without_preprocessing_advice():
+        quantize_static(
+            str(source),
+            str(dest),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            **placement,
+        )
+
+
+class _PreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextmanager
+def _without_preprocessing_advice():
+    """quantize_static advises ONNX Runtime's quantization pre-processing twice per call, on the root logger. It does
+    not apply here: the placements name nodes of the exported graph, which that pre-processing's graph optimisation
+    would fuse and rename."""
+    advice = _PreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def tensorrt_placement(model, reader: LetterboxCalibrationReader, head: list[str]) -> dict:
