@@ -119,6 +119,7 @@ def matched_flops_target(weights: Path, run: Path, common: dict, args) -> dict:
     from yoloslim.config import PruneConfig
     from yoloslim.prune import prune_model
     from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.errors import YoloslimError
     from yoloslim.utils.training import read_checkpoint_extras
 
     model = load_detection_checkpoint(weights)[0].float()
@@ -126,7 +127,12 @@ def matched_flops_target(weights: Path, run: Path, common: dict, args) -> dict:
     lo, hi, best = 0.05, 1.0, None
     for _ in range(8):
         mid = (lo + hi) / 2
-        predicted = prune_model(model, PruneConfig(target_flops=mid, **common)).latency["predicted"]
+        try:
+            predicted = prune_model(model, PruneConfig(target_flops=mid, **common)).latency["predicted"]
+        except YoloslimError:  # below what the guards and rounding can reach: aim higher
+            lo = mid
+            print(f"flops-matched: target_flops {mid:.4f} is out of reach")
+            continue
         if predicted <= aim:
             lo, best = mid, {"target_flops": round(mid, 4), "predicted": predicted, "aim": aim}
         else:
