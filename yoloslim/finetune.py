@@ -99,8 +99,8 @@ class QatTrainer(FinetuneTrainer):
 
 
 class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
-    """Finetuning of a (pruned) classic model, its widths kept (yoloslim.finetune). Distillation is not available:
-    Ultralytics' DistillationModel matches the features of its own heads."""
+    """FinetuneTrainer for a (pruned) model of the original YOLOv5 repository, its widths kept. Distillation is not
+    available: Ultralytics' DistillationModel matches the features of its own heads."""
 
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
         if (overrides or {}).get("distill_model"):

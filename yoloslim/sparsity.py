@@ -226,7 +226,7 @@ class SparsityTrainer(SafeDetectionTrainer):
 
 
 class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
-    """Sparsity training of a classic model (yoloslim.sparsity)."""
+    """SparsityTrainer for a model of the original YOLOv5 repository."""
 
     def _stop_check(self) -> dict:
         with plain_classic(self.ema.ema):  # measured by a prune, which traces the model
