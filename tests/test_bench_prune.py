@@ -223,11 +223,26 @@ def test_the_stop_can_be_turned_off(text, fraction):
     assert bench_prune._fraction_or_none(text) == fraction
 
 
+def _classic_checkpoint(classes: int, out: Path) -> Path:
+    """A new anchor-based YOLOv5n (yoloslim's layout at width 1/8, so round_to 8 leaves channels to cut), written in
+    the original repository's format with the keys of the fixture its train.py wrote (trained at 64 px)."""
+    import torch
+    from test_classic_train import CHECKPOINT
+
+    from yoloslim.models import DetectionModel, load_classic_checkpoint, yolov5_layout
+    from yoloslim.models.save import original_names, save_original_format
+
+    torch.manual_seed(0)
+    model = DetectionModel(dict(yolov5_layout("n", nc=classes), width_multiple=0.125))
+    save_original_format(model, load_classic_checkpoint(CHECKPOINT)[1], out, original_names(CHECKPOINT), {})
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "classic"])
 def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monkeypatch):
-    """--smoke on a YOLOv8n and a YOLO11n: the stages, the control and the criteria as for YOLOv5, and a rerun that
-    trains nothing again."""
+    """--smoke on a YOLOv8n, a YOLO11n and the original repository's anchor-based YOLOv5n: the stages, the control
+    and the criteria as for YOLOv5u, and a rerun that trains nothing again."""
     import json
     import sys
 
@@ -236,7 +251,10 @@ def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monk
     from yoloslim.data.synthetic import default_config
 
     classes = len(default_config().classes)  # the smoke run's dataset
-    weights = save_as_ultralytics_would(random_model(nc=classes, cfg=cfg), tmp_path / "best.pt")
+    if cfg == "classic":
+        weights = _classic_checkpoint(classes, tmp_path / "best.pt")
+    else:
+        weights = save_as_ultralytics_would(random_model(nc=classes, cfg=cfg), tmp_path / "best.pt")
     out = tmp_path / "bench"
     argv = ["bench_prune.py", "--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)

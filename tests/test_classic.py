@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from yoloslim.models import Detect, DetectionModel, load_classic_checkpoint, unpickle
+from yoloslim.models import Detect, DetectionModel, load_classic_checkpoint, unpickle, yolov5_layout
 from yoloslim.utils.errors import YoloslimError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "classic"
@@ -147,6 +147,18 @@ def test_a_model_built_from_the_yaml_runs_the_checkpoint_weights_as_the_original
     built = DetectionModel(loaded.yaml)
     built.load_state_dict(loaded.state_dict())
     assert_matches_reference(built, name, images)
+
+
+def test_the_built_in_layout_is_the_one_the_original_yolov5n_yaml_describes():
+    """v7.0-best.pt was trained by the original's train.py from its yolov5n.yaml at width 1/32 with 3 classes."""
+    recorded, _ = load_classic_checkpoint(FIXTURES / "v7.0-best.pt")
+    expected = {k: v for k, v in recorded.yaml.items() if k != "ch"}
+    layout = yolov5_layout("n", nc=3)
+    assert layout["width_multiple"] == 0.25
+    assert dict(layout, width_multiple=expected["width_multiple"]) == expected
+    with pytest.raises(YoloslimError) as error:
+        yolov5_layout("q")
+    assert_one_line(error, "'q'")
 
 
 def test_a_yaml_module_outside_the_classic_set_is_refused():

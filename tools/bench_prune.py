@@ -339,10 +339,11 @@ def _fraction_or_none(text: str) -> float | None:
 
 def _trained_imgsz(weights: Path) -> int:
     """The image size the model was trained at, from its checkpoint's training arguments."""
+    from yoloslim.models.train import checkpoint_imgsz
     from yoloslim.utils.checks import load_detection_checkpoint
     from yoloslim.utils.errors import YoloslimError
 
-    imgsz = (load_detection_checkpoint(weights)[1].get("train_args") or {}).get("imgsz")
+    imgsz = checkpoint_imgsz(load_detection_checkpoint(weights, classic=True)[1])
     if not isinstance(imgsz, int):
         raise YoloslimError(f"{weights} does not record the image size it was trained at; pass --imgsz")
     return imgsz
@@ -354,7 +355,7 @@ def _smoke_data(out: Path, weights: Path) -> Path:
     from yoloslim.utils.checks import load_detection_checkpoint
 
     config = default_config()
-    nc = len(load_detection_checkpoint(weights)[0].names)
+    nc = len(load_detection_checkpoint(weights, classic=True)[0].names)
     config = dataclasses.replace(
         config, image_size=96, object_size=(8, 48), splits={"train": 8, "val": 4}, classes=config.classes[:nc]
     )
@@ -467,7 +468,7 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
     images, names = split_images(data, "val")
     rows, onnx, records = {}, {}, {}
     for name, weights in points.items():
-        model, _ = load_detection_checkpoint(weights)
+        model, _ = load_detection_checkpoint(weights, classic=True)
         stats = model_stats(model.float(), imgsz)
         records[name] = predict_records(load_backend(weights), images, imgsz)
         metrics = summarise(records[name], names)

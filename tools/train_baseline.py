@@ -6,6 +6,8 @@
     python tools/train_baseline.py sparse    # sparsity training of that -> weights/yolov5n-synthetic-sparse.pt
     python tools/train_baseline.py license-plate-yolov8n --data <license-plate>/data.yaml
                                              # -> weights/benchmarks/license_plate_yolov8n.pt (also -yolo11n, -yolo26n)
+    python tools/train_baseline.py license-plate-yolov5n-classic --data <license-plate>/data.yaml
+                                             # the original repository's anchor-based YOLOv5n, yoloslim-trained
 
 A recipe is one or more training stages, each starting from the previous stage's best.pt. Re-running the same command
 resumes the unfinished stage under runs/baseline/ where it stopped; `--last-stage-from weights/yolov5n-synthetic.pt`
@@ -93,6 +95,16 @@ for _family in ("yolov8n", "yolo11n", "yolo26n"):
         "train": LICENSE_PLATE_TRAIN,
         "needs_data": True,
     }
+# The original repository's anchor-based YOLOv5n, built by yoloslim from the layout of its yolov5n.yaml and trained with
+# yoloslim's classic training (Ultralytics' trainer, the original's loss) on the same recipe; the final files are in the
+# original's format.
+RECIPES["license-plate-yolov5n-classic"] = {
+    "model": "yoloslim.models.yolov5_layout('n')",
+    "classic_scale": "n",
+    "out": "benchmarks/license_plate_yolov5n_classic.pt",
+    "train": LICENSE_PLATE_TRAIN,
+    "needs_data": True,
+}
 
 
 def main() -> None:
@@ -133,7 +145,8 @@ def main() -> None:
     out = ROOT / "weights" / recipe["out"]
     with atomic_path(out) as tmp:
         shutil.copyfile(weights, tmp)
-    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k not in ("out", "needs_data", "dataset")}}
+    internal = ("out", "needs_data", "dataset", "classic_scale")
+    card = {"recipe": {k: _relative(v) for k, v in recipe.items() if k not in internal}}
     if args.data:
         card["recipe"]["data"] = "License Plate Recognition v6 (Roboflow Universe, CC BY 4.0): data.yaml"
     card["val"] = _measure(out, data)
@@ -190,6 +203,8 @@ def _measure(weights: Path, data: Path) -> dict:
 def _train(recipe: dict, weights: str, data: Path, train_args: dict, resume: Path | None, from_scratch: bool):
     from ultralytics import YOLO
 
+    if "classic_scale" in recipe:
+        return _train_classic(recipe["classic_scale"], data, train_args, resume)
     if "sparsity" in recipe:
         from yoloslim.sparsity import SparsityConfig, train_sparse
 
@@ -203,6 +218,18 @@ def _train(recipe: dict, weights: str, data: Path, train_args: dict, resume: Pat
     if resume:
         return YOLO(str(resume)).train(resume=True)
     return YOLO(weights).train(data=str(data), pretrained=not from_scratch, **train_args)
+
+
+def _train_classic(scale: str, data: Path, train_args: dict, resume: Path | None):
+    """A new classic model from yoloslim's YOLOv5 layout (with the dataset's classes), or the resumed run."""
+    from yoloslim.models import yolov5_layout
+    from yoloslim.models.train import ClassicTrainer
+
+    if resume:
+        return ClassicTrainer(overrides=dict(model=str(resume), resume=str(resume))).train()
+    cfg = ROOT / "runs" / "baseline" / f"yolov5{scale}-classic.yaml"
+    write_text_atomic(cfg, yaml.safe_dump(yolov5_layout(scale), sort_keys=False))
+    return ClassicTrainer(overrides=dict(train_args, model=str(cfg), data=str(data))).train()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,6 @@ unpickle.py the allow-list that maps a checkpoint's pickled classes onto them, c
 """
 
 from yoloslim.models.checkpoint import load_classic_checkpoint
-from yoloslim.models.yolo import Detect, DetectionModel
+from yoloslim.models.yolo import Detect, DetectionModel, yolov5_layout
 
-__all__ = ["Detect", "DetectionModel", "load_classic_checkpoint"]
+__all__ = ["Detect", "DetectionModel", "load_classic_checkpoint", "yolov5_layout"]

@@ -135,6 +135,51 @@ class DetectionModel(nn.Module):
 
 Model = DetectionModel  # the name the releases up to v6.2 pickle
 
+# Depth and width multiples of the v6.0 to v7.0 releases' P5 sizes, applied to the layout below.
+YOLOV5_SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
+
+
+def yolov5_layout(scale: str = "n", nc: int = 80) -> dict:
+    """The model yaml of the original's P5 detector from release v6.0 on (Conv stem, C3, SPPF; anchors for 640 px
+    COCO), at one of YOLOV5_SCALES: what yolov5n.yaml and its siblings describe, so a new classic model needs no file.
+
+        DetectionModel(yolov5_layout("n", nc=1))
+    """
+    if scale not in YOLOV5_SCALES:
+        raise YoloslimError(f"unknown YOLOv5 scale {scale!r}; use one of {', '.join(YOLOV5_SCALES)}")
+    depth, width = YOLOV5_SCALES[scale]
+    backbone = [
+        [-1, 1, "Conv", [64, 6, 2, 2]],  # 0: stride 2
+        [-1, 1, "Conv", [128, 3, 2]],  # 1: stride 4
+        [-1, 3, "C3", [128]],
+        [-1, 1, "Conv", [256, 3, 2]],  # 3: stride 8
+        [-1, 6, "C3", [256]],
+        [-1, 1, "Conv", [512, 3, 2]],  # 5: stride 16
+        [-1, 9, "C3", [512]],
+        [-1, 1, "Conv", [1024, 3, 2]],  # 7: stride 32
+        [-1, 3, "C3", [1024]],
+        [-1, 1, "SPPF", [1024, 5]],
+    ]
+    head = [
+        [-1, 1, "Conv", [512, 1, 1]],
+        [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],
+        [[-1, 6], 1, "Concat", [1]],
+        [-1, 3, "C3", [512, False]],
+        [-1, 1, "Conv", [256, 1, 1]],
+        [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],
+        [[-1, 4], 1, "Concat", [1]],
+        [-1, 3, "C3", [256, False]],  # 17: P3 output
+        [-1, 1, "Conv", [256, 3, 2]],
+        [[-1, 14], 1, "Concat", [1]],
+        [-1, 3, "C3", [512, False]],  # 20: P4 output
+        [-1, 1, "Conv", [512, 3, 2]],
+        [[-1, 10], 1, "Concat", [1]],
+        [-1, 3, "C3", [1024, False]],  # 23: P5 output
+        [[17, 20, 23], 1, "Detect", ["nc", "anchors"]],
+    ]
+    anchors = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+    return dict(nc=nc, depth_multiple=depth, width_multiple=width, anchors=anchors, backbone=backbone, head=head)
+
 
 def build_layers(spec: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
     """The layers of a model yaml and the indices of the layers whose outputs later layers read."""
