@@ -73,6 +73,7 @@ def test_prune_names_carry_every_setting_that_changes_the_prune():
     assert bench_prune._prune_tag(config(ratio=0.82, round_to=16)) == TAG
     assert bench_prune._prune_tag(config(ratio=0.5)) == "0.5"
     assert bench_prune._prune_tag(config(target_flops=0.5, min_keep=0.5, round_to=16)) == "flops0.5-mk0.5-r16"
+    assert bench_prune._prune_tag(config(target_latency=0.5, latency_table="t.json", round_to=16)) == "lat0.5-r16"
 
 
 def test_distilled_points_of_any_teacher_and_weight_are_judged_but_not_those_of_another_prune():
@@ -257,19 +258,38 @@ def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monk
         weights = save_as_ultralytics_would(random_model(nc=classes, cfg=cfg), tmp_path / "best.pt")
     out = tmp_path / "bench"
     argv = ["bench_prune.py", "--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
+    tags = ["sr0.1-e1-stop0.5-flops0.5"]
+    if cfg == "yolov8n.yaml":  # and a prune to a latency, with a table whose timings are a known function of the plan
+        from test_prune_latency import synthetic_table
+
+        table = synthetic_table(weights, imgsz=64, out=tmp_path / "table.json")
+        argv += ["--target-flops", "0.5", "--target-latency", "0.6", "--latency-table", str(tmp_path / "table.json")]
+        tags.append("sr0.1-e1-stop0.5-lat0.6")
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(bench_prune, "LATENCY_ROUNDS", 4)
     bench_prune.main()
     points = json.loads((out / "results.json").read_text())["points"]
-    tag = "sr0.1-e1-stop0.5-flops0.5"
-    assert set(points) == {"base", "control", "sparse", f"pruned-{tag}", f"pruned-{tag}-nocomp", f"finetuned-{tag}"}
-    assert points[f"pruned-{tag}"]["gflops_reduction"] >= 2
-    assert points[f"finetuned-{tag}"]["params"] == points[f"pruned-{tag}"]["params"] < points["control"]["params"]
-    assert points[f"finetuned-{tag}"]["map_delta"]["against"] == "control"
-    assert (out / "results.md").read_text().count("| speedup >= 0.85 x GFLOPs reduction") == 1
+    assert set(points) == {"base", "control", "sparse"} | {
+        f"{kind}-{tag}" for tag in tags for kind in ("pruned", "finetuned")
+    } | {f"pruned-{tag}-nocomp" for tag in tags}
+    for tag in tags:
+        assert points[f"finetuned-{tag}"]["params"] == points[f"pruned-{tag}"]["params"] < points["control"]["params"]
+        assert points[f"finetuned-{tag}"]["map_delta"]["against"] == "control"
+    assert points[f"pruned-{tags[0]}"]["gflops_reduction"] >= 2
+    # a speed criterion per prune that removes half the GFLOPs; the latency prune, held back by the table's fixed
+    # part, removes more
+    assert (out / "results.md").read_text().count("| speedup >= 0.85 x GFLOPs reduction") == len(tags)
+    if cfg == "yolov8n.yaml":
+        import torch
+
+        from yoloslim.utils.metadata import checkpoint_metadata
+
+        ckpt = torch.load(out / f"pruned-{tags[1]}.pt", map_location="cpu", weights_only=False)
+        latency = checkpoint_metadata(ckpt)["prune"]["latency"]
+        assert latency["predicted"] <= 0.6 and latency["table"] == table.describe(), latency
 
     trained = sorted(out.glob("*/weights/best.pt"))
-    assert len(trained) == 3  # sparse, finetune, control
+    assert len(trained) == 1 + len(tags) + 1  # sparse, the finetunes, control
     stamps = [p.stat().st_mtime_ns for p in trained]
     bench_prune.main()
     assert [p.stat().st_mtime_ns for p in trained] == stamps

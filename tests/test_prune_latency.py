@@ -1,5 +1,6 @@
 """Pruning to a latency: the knapsack over groups, the mapping to a latency table, unreachable targets."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,18 +96,26 @@ def test_rounding_defaults_to_eight_without_a_table():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random YOLOv5n checkpoint, and a latency table of its ONNX whose timings are a known function of the plan."""
-    import onnx
     from test_prune import random_model, save_as_ultralytics_would
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = random_model(cfg="yolov5n.yaml", nc=6)
+    pt = save_as_ultralytics_would(model, folder / "best.pt")
+    table = synthetic_table(pt, imgsz=64, out=folder / "table.json")
+    return SimpleNamespace(model=model, pt=pt, table=table, path=folder / "table.json")
+
+
+def synthetic_table(weights: Path, imgsz: int, out: Path):
+    """A latency table of the checkpoint's ONNX whose timings are a known function of the plan: a fixed 0.15 of the
+    unpruned latency plus a term per feature of the predictor, no timing at all."""
+    import onnx
 
     from yoloslim.export.onnx import export_onnx
     from yoloslim.profile import ProfileConfig, profile
     from yoloslim.profile.groups import read_groups
     from yoloslim.profile.predictor import Features
 
-    folder = tmp_path_factory.mktemp("tiny")
-    model = random_model(cfg="yolov5n.yaml", nc=6)
-    pt = save_as_ultralytics_would(model, folder / "best.pt")
-    onnx_path = export_onnx(pt, imgsz=64, out=folder / "best.onnx")
+    onnx_path = export_onnx(weights, imgsz=imgsz, out=out.with_suffix(".onnx"))
     features = Features.of_graph(read_groups(onnx.load(str(onnx_path))))
     truth = np.concatenate([[0.15], np.linspace(0.02, 0.1, len(features.names))])
     truth[1:] *= 0.85 / (features(features.sizes)[1:] @ truth[1:])
@@ -115,8 +124,7 @@ def tiny(tmp_path_factory):
         ratio = float(features(widths) @ truth)
         return 20 * ratio, 20.0, ratio
 
-    table = profile(onnx_path, ProfileConfig(threads=1), out=folder / "table.json", measure=measure, log=lambda s: None)
-    return SimpleNamespace(model=model, pt=pt, table=table, path=folder / "table.json")
+    return profile(onnx_path, ProfileConfig(threads=1), out=out, measure=measure, log=lambda s: None)
 
 
 def _table_widths(result, table) -> dict:

@@ -25,9 +25,10 @@ The control is the unpruned model trained for the same extra epochs (sparsity + 
 A trained stage's point is its best.pt, which Ultralytics picks on the same validation images: that favours the
 control, the best of many near-equal epochs on a flat curve, more than a finetune that is still rising, so it makes the
 finetuning criterion stricter, not looser. The speed criterion's interval resamples the interleaved timing rounds.
-Prunes are given as `--ratios` and/or `--target-flops` fractions, with `--min-keep` and `--round-to` as in `yoloslim
-prune`. `--method l1` skips sparsity training: it prunes the base by filter L1 norm and finetunes for the control's
-whole budget, the alternative a user weighs against Network Slimming at the same epochs.
+Prunes are given as `--ratios` and/or `--target-flops` fractions, and/or `--target-latency` fractions of the unpruned
+model's latency with the `--latency-table` that `yoloslim profile` made of it, with `--min-keep` and `--round-to` as in
+`yoloslim prune`. `--method l1` skips sparsity training: it prunes the base by filter L1 norm and finetunes for the
+control's whole budget, the alternative a user weighs against Network Slimming at the same epochs.
 `--distill 0.5` adds a second finetune of that ratio distilled from the unpruned base model (the model the user brings;
 a short, strong sparsity run can leave the sparse model weaker than it), to measure what distillation buys at the same
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
@@ -102,6 +103,20 @@ def main() -> None:
         default=[],
         metavar="FRACTION",
         help="also prune to these fractions of the original GFLOPs (points pruned-flops<FRACTION>)",
+    )
+    parser.add_argument(
+        "--target-latency",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="FRACTION",
+        help="also prune to these fractions of the unpruned model's latency on the target of --latency-table "
+        "(points pruned-lat<FRACTION>)",
+    )
+    parser.add_argument(
+        "--latency-table",
+        help="yoloslim profile's latency table of the base model, for --target-latency (made on the CPU that times "
+        "the points)",
     )
     parser.add_argument(
         "--min-keep",
@@ -222,7 +237,9 @@ def main() -> None:
         parser.error(
             "--distill-teacher control needs the trained control: train the control lane first, then run without --lane"
         )
-    if not args.ratios and not args.target_flops:
+    if args.target_latency and not args.latency_table:
+        parser.error("--target-latency needs --latency-table: make one with yoloslim profile --weights <base>")
+    if not args.ratios and not args.target_flops and not args.target_latency:
         args.target_flops = [DEFAULT_TARGET_FLOPS]
     args.ratios = args.ratios or []
 
@@ -273,7 +290,11 @@ def main() -> None:
     tune_epochs = args.finetune_epochs_used = args.finetune_epochs + args.sparse_epochs - args.sparse_epochs_used
     if control:
         points["control"] = control
-    amounts = [{"ratio": ratio} for ratio in args.ratios] + [{"target_flops": flops} for flops in args.target_flops]
+    amounts = (
+        [{"ratio": ratio} for ratio in args.ratios]
+        + [{"target_flops": flops} for flops in args.target_flops]
+        + [{"target_latency": latency, "latency_table": args.latency_table} for latency in args.target_latency]
+    )
     for amount in amounts:
         config = PruneConfig(**amount, method=args.method, min_keep=args.min_keep, round_to=args.round_to, imgsz=imgsz)
         tag = "-".join(filter(None, (sparse_tag, _prune_tag(config))))
@@ -435,7 +456,10 @@ def _prune_tag(config: PruneConfig) -> str:
     """A prune's name: its amount, then its per-layer minimum and rounding unless default, so a rerun with other
     settings reuses nothing."""
     tag = "l1-" if config.method == "l1" else ""
-    tag += f"{config.ratio}" if config.ratio is not None else f"flops{config.target_flops}"
+    if config.ratio is not None:
+        tag += f"{config.ratio}"
+    else:
+        tag += f"flops{config.target_flops}" if config.target_latency is None else f"lat{config.target_latency}"
     return tag + _guards_tag(config.min_keep, config.round_to)
 
 
