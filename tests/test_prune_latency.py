@@ -212,3 +212,30 @@ def test_a_table_of_another_architecture_is_refused(tiny):
     other = random_model(cfg="yolov8n.yaml")
     with pytest.raises(YoloslimError, match="no group matching"):
         prune_model(other, PruneConfig(target_latency=0.5, latency_table=str(tiny.path), imgsz=64))
+
+
+@pytest.mark.slow
+def test_a_narrower_model_of_the_tables_architecture_is_predicted_as_it_is(tiny):
+    """What a prune predicted for its plan is what the table predicts for the pruned model itself; the same layout
+    built narrower (a smaller width multiple) is predicted faster; a wider one is refused."""
+    from test_prune import random_model
+
+    from yoloslim.prune import prune_model
+    from yoloslim.prune.latency import model_latency
+
+    assert model_latency(tiny.model, tiny.table)["predicted"] == pytest.approx(tiny.table.predictor({}), abs=1e-4)
+    result = prune_model(tiny.model, PruneConfig(target_flops=0.5, latency_table=str(tiny.path), round_to=8, imgsz=64))
+    assert model_latency(result.model, tiny.table)["predicted"] == result.latency["predicted"]
+    narrow = model_latency(random_model(cfg=_yolov5n_at_width(0.125), nc=6), tiny.table)
+    assert narrow["predicted"] < result.latency["predicted"] < 1
+    with pytest.raises(YoloslimError, match="no group matching"):
+        model_latency(random_model(cfg=_yolov5n_at_width(0.5), nc=6), tiny.table)
+
+
+def _yolov5n_at_width(width: float) -> dict:
+    """Ultralytics' yolov5n.yaml with another width multiple (its n scale's depth and channel cap)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    spec = yaml_model_load("yolov5n.yaml")
+    depth, _, max_channels = spec["scales"]["n"]
+    return {**spec, "scales": {"n": [depth, width, max_channels]}}

@@ -479,7 +479,11 @@ def _prune(out: Path, weights: Path, config: PruneConfig, tag: str, compensate: 
     return target
 
 
-def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]) -> dict:
+def _measure(
+    out: Path, points: dict, data: Path, imgsz: int, threads: list[int], references: dict | None = None
+) -> dict:
+    """Every point's params, GFLOPs, mAP50-95 and latency against "base", and its paired mAP change against the point
+    `references` names for it (default: the one it is judged by, _references)."""
     import numpy as np
 
     from yoloslim.bench import compare_latency, speedup_interval
@@ -512,7 +516,7 @@ def _measure(out: Path, points: dict, data: Path, imgsz: int, threads: list[int]
             "speedup": {},
             "speedup_ci95": {},
         }
-    for name, reference in _references(points).items():
+    for name, reference in (references or _references(points)).items():
         delta, low, high = paired_bootstrap_delta(records[reference], records[name], num_classes=max(len(names), 1))[
             "map"
         ]

@@ -100,14 +100,26 @@ def split_c2f(module: nn.Module) -> None:
 def torch_pruning_prune(model: nn.Module, imgsz: int, target_flops: float, round_to: int) -> tuple[nn.Module, int]:
     """Torch-Pruning's YOLOv8 method on a copy of `model`, stepped until the GFLOPs are at most `target_flops` of the
     original; return the pruned model and the steps taken."""
+    from yoloslim.graph import model_stats
+
+    base = model_stats(deepcopy(model).float(), imgsz)["gflops"]
+    return torch_pruning_steps(
+        model,
+        imgsz,
+        round_to,
+        done=lambda m: model_stats(m, imgsz)["gflops"] <= target_flops * base,
+        goal=f"{target_flops} of the GFLOPs",
+    )
+
+
+def torch_pruning_steps(model: nn.Module, imgsz: int, round_to: int, done, goal: str) -> tuple[nn.Module, int]:
+    """Torch-Pruning's YOLOv8 method on a copy of `model`, stepped until `done(model)`; return the pruned model and the
+    steps taken. `goal` names what `done` checks, for the error when no step reaches it."""
     import torch_pruning as tp
     from ultralytics.nn.modules import Detect
     from ultralytics.nn.modules.block import Attention
 
-    from yoloslim.graph import model_stats
-
     model = deepcopy(model).float()
-    base = model_stats(model, imgsz)["gflops"]
     split_c2f(model)
     ignored = [m for m in model.modules() if isinstance(m, (Detect, Attention))]
     example = torch.rand(1, 3, imgsz, imgsz)
@@ -126,9 +138,9 @@ def torch_pruning_prune(model: nn.Module, imgsz: int, target_flops: float, round
         )
         pruner.step()
         model.eval()
-        if model_stats(model, imgsz)["gflops"] <= target_flops * base:
+        if done(model):
             return model, step
-    raise YoloslimError(f"Torch-Pruning's method did not reach {target_flops} of the GFLOPs in {TP_MAX_STEPS} steps")
+    raise YoloslimError(f"Torch-Pruning's method did not reach {goal} in {TP_MAX_STEPS} steps")
 
 
 def main() -> None:

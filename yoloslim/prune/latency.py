@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from yoloslim.config import PruneConfig
-from yoloslim.graph import group_out_convs
+from yoloslim.graph import build_graph, group_out_convs
 from yoloslim.profile import LatencyTable
 from yoloslim.profile.plans import allowed_widths
 from yoloslim.prune.plan import GroupPlan, keep_best
@@ -45,8 +45,10 @@ def resolve_rounding(config: PruneConfig) -> PruneConfig:
     return config
 
 
-def match_groups(model, graph, groups, table: LatencyTable) -> List[str]:
-    """The table group root of each torch group, matched by the names of the convolutions producing its channels."""
+def match_groups(model, graph, groups, table: LatencyTable, narrower: bool = False) -> List[str]:
+    """The table group root of each torch group, matched by the names of the convolutions producing its channels.
+
+    narrower: the model may be narrower than the table's (already pruned, or built at a smaller width multiple)."""
     names = {m: n for n, m in model.named_modules()}
     by_conv = {conv: g for g in table.groups for conv in g["convs"]}
     matched = []
@@ -54,7 +56,7 @@ def match_groups(model, graph, groups, table: LatencyTable) -> List[str]:
         convs = {f"{names[conv]}.weight" for conv, _, _ in group_out_convs(graph, group)}
         found = {by_conv[c]["root"] for c in convs if c in by_conv}
         entry = next((g for g in table.groups if g["root"] in found), None)
-        if len(found) != 1 or entry["size"] * entry["sections"] != group.size or set(entry["convs"]) != convs:
+        if len(found) != 1 or set(entry["convs"]) != convs or not _fits(group.size, entry, narrower):
             raise YoloslimError(
                 f"the latency table has no group matching {group.root} ({group.size} channels); profile this model "
                 "(the same architecture at the same widths) with yoloslim profile"
@@ -63,6 +65,12 @@ def match_groups(model, graph, groups, table: LatencyTable) -> List[str]:
     if len(set(matched)) != len(table.groups):
         raise YoloslimError("the latency table holds groups this model does not have; profile this model itself")
     return matched
+
+
+def _fits(size: int, entry: dict, narrower: bool) -> bool:
+    """Whether a torch group of `size` channels can be the table group `entry` (equal parts when it is split)."""
+    full = entry["size"] * entry["sections"]
+    return size == full or (narrower and 0 < size < full and size % entry["sections"] == 0)
 
 
 def target_fraction(config: PruneConfig, table: LatencyTable) -> float:
@@ -207,9 +215,22 @@ def predicted_latency(model, graph, groups, plans: List[GroupPlan], config: Prun
     return _prediction(groups, plans, match_groups(model, graph, groups, table), table)
 
 
+def model_latency(model, table: LatencyTable) -> dict:
+    """What the table predicts for `model` as it is: the table's architecture at its own widths or narrower (a prune
+    made by another tool, or the same layout built at a smaller width multiple)."""
+    graph, groups = build_graph(model)
+    roots = match_groups(model, graph, groups, table, narrower=True)
+    sections = {g["root"]: g["sections"] for g in table.groups}
+    return _predicted_widths({root: group.size // sections[root] for group, root in zip(groups, roots)}, table)
+
+
 def _prediction(groups, plans: List[GroupPlan], roots: List[str], table: LatencyTable) -> dict:
     """What the table predicts for a plan: fraction of the unpruned latency, milliseconds and FPS."""
     widths = {root: len(plan.keep) // max(len(group.parts), 1) for group, plan, root in zip(groups, plans, roots)}
+    return _predicted_widths(widths, table)
+
+
+def _predicted_widths(widths: Dict[str, int], table: LatencyTable) -> dict:
     fraction = table.predictor(widths)
     ms = fraction * table.reference_ms
     return {

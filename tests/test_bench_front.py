@@ -1,0 +1,78 @@
+"""The accuracy-latency front: every arm reaches the same predicted latency, and the whole tool runs and resumes."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool():
+    if "bench_front" not in sys.modules:
+        sys.path.insert(0, str(TOOLS))
+        spec = importlib.util.spec_from_file_location("bench_front", TOOLS / "bench_front.py")
+        sys.modules["bench_front"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_front"])
+    return sys.modules["bench_front"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"scale": "n", "scales": {"n": [0.33, 0.25, 1024], "s": [0.33, 0.5, 1024]}, "nc": 1},
+        {"width_multiple": 0.25, "depth_multiple": 0.33, "nc": 1},
+    ],
+)
+def test_the_scratch_width_is_the_widest_predicted_within_the_target(layout):
+    tool = _tool()
+
+    def width(spec):
+        return spec["scales"]["n"][1] if "scales" in spec else spec["width_multiple"]
+
+    def predict(spec):  # a latency that grows with the width, 1.0 at the layout's own
+        return 0.2 + 0.8 * (width(spec) / 0.25) ** 2
+
+    chosen = tool.width_multiple_for(layout, predict, target=0.5)
+    assert predict(tool.with_width(layout, chosen)) <= 0.5 < predict(tool.with_width(layout, chosen + 1 / 256))
+    if "scales" in layout:  # Ultralytics' scaled yaml: only the model's own scale, its depth and channel cap kept
+        assert tool.with_width(layout, chosen)["scales"] == {"n": [0.33, chosen, 1024]}
+    with pytest.raises(ValueError, match="no width multiple"):
+        tool.width_multiple_for(layout, predict, target=0.1)
+
+
+@pytest.mark.slow
+def test_the_whole_front_runs_and_resumes(tmp_path):
+    """--smoke on a random YOLOv5nu with a latency table whose timings are a known function of the plan: every arm
+    at the target, each judged against the latency-aware prune, and a rerun that trains nothing again."""
+    import json
+
+    from test_prune import random_model, save_as_ultralytics_would
+    from test_prune_latency import synthetic_table
+
+    from yoloslim.data.synthetic import default_config
+    from yoloslim.prune.latency import model_latency
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    tool = _tool()
+    weights = save_as_ultralytics_would(random_model(nc=len(default_config().classes)), tmp_path / "best.pt")
+    table = synthetic_table(weights, imgsz=64, out=tmp_path / "table.json")
+    out = tmp_path / "front"
+    argv = ["--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
+    tool.main([*argv, "--latency-table", str(tmp_path / "table.json"), "--targets", "0.6"])
+    points = json.loads((out / "front.json").read_text())["points"]
+    assert set(points) == {"base", "control", "latency-0.6", "flops-0.6", "tp-0.6", "scratch-0.6"}
+    for arm in ("latency", "flops", "tp", "scratch"):
+        assert points[f"{arm}-0.6"]["predicted"] <= 0.6, (arm, points[f"{arm}-0.6"]["predicted"])
+        against = "control" if arm == "latency" else "latency-0.6"
+        assert points[f"{arm}-0.6"]["map_delta"]["against"] == against
+    assert points["scratch-0.6"]["params"] < points["base"]["params"]
+    assert model_latency(load_detection_checkpoint(out / "tp-0.6.pt")[0].float(), table)["predicted"] <= 0.6
+    assert "| tp-0.6 |" in (out / "front.md").read_text()
+
+    trained = sorted(out.glob("*/weights/best.pt"))
+    assert len(trained) == 6  # sparse, control, three finetunes, scratch
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    tool.main([*argv, "--latency-table", str(tmp_path / "table.json"), "--targets", "0.6"])
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
