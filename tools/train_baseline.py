@@ -168,18 +168,17 @@ def _relative(value):
 
 def _finished(last: Path) -> bool:
     """Ultralytics strips last.pt (epoch -1) when a run ends; an unfinished run's last.pt keeps its epoch."""
-    import torch
+    from yoloslim.utils.training import run_finished
 
-    return last.exists() and torch.load(last, map_location="cpu", weights_only=False).get("epoch") == -1
+    return last.exists() and run_finished(last)
 
 
 def _measure(weights: Path, data: Path) -> dict:
     """Ultralytics' own final validation of best.pt, and yoloslim's evaluator with 95% bootstrap intervals."""
-    import torch
-
     from yoloslim.evaluate import evaluate
+    from yoloslim.utils.training import read_checkpoint
 
-    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(weights)  # also the original repository's format, which a classic run ends in
     ultralytics = {
         k: round(float(v), 4) for k, v in (ckpt.get("train_metrics") or {}).items() if k.startswith("metrics/")
     }
