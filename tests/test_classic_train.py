@@ -19,6 +19,7 @@ from yoloslim.models.train import (
     ClassicTrainingModel,
     anchor_free_layout,
     as_training_model,
+    checkpoint_imgsz,
     plain_classic,
     plain_values,
     read_classic_checkpoint,
@@ -129,7 +130,8 @@ def test_a_new_model_is_built_from_a_classic_yaml_with_the_datasets_classes(clas
     cfg.write_text(yaml.safe_dump(spec))
     trainer = ClassicTrainer(overrides=dict(classic_args, model=str(cfg), epochs=1, val=False))
     trainer.train()
-    model, _ = read_classic_checkpoint(trainer.best)
+    model, ckpt = read_classic_checkpoint(trainer.best)
+    assert checkpoint_imgsz(ckpt) == trainer.args.imgsz  # the size the commands then default to
     assert model.model[-1].nc == 3 and model.model[-1].no * 3 == model.model[-1].m[0].out_channels
     assert conv_widths(model)[:-3] == conv_widths(DetectionModel(spec))[:-3]  # the yaml's layout, 3 classes
 

@@ -174,7 +174,16 @@ class ClassicTraining:
                 metadata = checkpoint_metadata(ckpt)
                 model = original_model(ckpt.get("ema") or ckpt["model"])
                 record = metadata.pop(ORIGINAL_FORMAT, None) or {}
-                save_original_format(model, record_checkpoint(record), path, record_names(record), metadata)
+                entries = record_checkpoint(record, self.original_options())
+                save_original_format(model, entries, path, record_names(record), metadata)
+
+    def original_options(self) -> dict:
+        """This run's settings under the names of the original train.py's options, for the `opt` of a run without an
+        input in the original's format (a new model from a yaml), which the original's tools and yoloslim read (its
+        imgsz is the size the commands default to)."""
+        a = self.args
+        options = dict(cfg=a.model, data=a.data, epochs=a.epochs, batch_size=a.batch, imgsz=a.imgsz)
+        return plain_values(dict(options, optimizer=a.optimizer, cos_lr=a.cos_lr, seed=a.seed, workers=a.workers))
 
     def build_optimizer(self, model, *args, **kwargs):
         with plain_classic(model):  # SparsityTrainer's penalty finds its BatchNorms through yoloslim.graph
@@ -285,10 +294,11 @@ def record_names(record: dict) -> dict[type, str]:
     return {cls: paths.get(cls.__name__, path) for cls, path in names.items()}
 
 
-def record_checkpoint(record: dict) -> dict:
+def record_checkpoint(record: dict, options: dict) -> dict:
     """The entries of a run's final files: its input's, from its original_format_record, or for a run without one
-    those of v7.0's train.py, dated now as it dates them."""
-    return record.get("checkpoint") or {**dict.fromkeys(V7_CHECKPOINT_KEYS), "date": datetime.now().isoformat()}
+    those of v7.0's train.py, with `options` as its opt, dated now as it dates them."""
+    new_run = {**dict.fromkeys(V7_CHECKPOINT_KEYS), "opt": options, "date": datetime.now().isoformat()}
+    return record.get("checkpoint") or new_run
 
 
 def plain_values(value):
