@@ -224,6 +224,34 @@ def test_the_stop_can_be_turned_off(text, fraction):
     assert bench_prune._fraction_or_none(text) == fraction
 
 
+@pytest.mark.parametrize(
+    ("distill", "teachers", "says"),
+    [
+        (None, ["base"], "not distilled"),
+        ([], ["base"], "distilled-*: teacher = base"),
+        ([0.5], ["base", "control"], "distilled-*-control: teacher = control"),
+    ],
+)
+def test_the_budget_line_names_a_teacher_only_when_a_point_was_distilled(distill, teachers, says):
+    settings = {
+        "method": "bn",
+        "sparse": None,
+        "sr": 0.1,
+        "sr_schedule": "constant",
+        "sparse_epochs": 30,
+        "stop_at_flops": None,
+        "round_to": 16,
+        "skip_finetune": False,
+        "distill": distill,
+        "distill_teacher": teachers,
+        "finetune_epochs_used": 20,
+        "recipe": {"optimizer": "auto", "batch": 16},
+    }
+    line = bench_prune._budgets(settings)
+    assert says in line
+    assert ("teacher" in line) == (distill is not None)
+
+
 def _classic_checkpoint(classes: int, out: Path) -> Path:
     """A new anchor-based YOLOv5n (yoloslim's layout at width 1/8, so round_to 8 leaves channels to cut), written in
     the original repository's format with the keys of the fixture its train.py wrote (trained at 64 px)."""

@@ -638,13 +638,15 @@ def _budgets(settings: dict) -> str:
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {min_keep} of each layer kept"
     if settings["skip_finetune"]:
         return sparse + "; no finetuning."
-    teachers = "; ".join(
-        "distilled: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}"
-        for t in settings["distill_teacher"]
-    )
-    teachers += (
-        "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
-    )
+    teachers = "not distilled"
+    if settings.get("distill") is not None:
+        teachers = "; ".join(
+            "distilled-*: teacher = base" if t == "base" else f"distilled-*-{t}: teacher = {t}"
+            for t in settings["distill_teacher"]
+        )
+        teachers += (
+            "" if settings.get("distill_weight") is None else f", distillation weight dis {settings['distill_weight']}"
+        )
     recipe = settings["recipe"]
     lr0 = f" lr0 {recipe['lr0']}" if "lr0" in recipe else " (Ultralytics' choice of learning rate)"
     how = f"{recipe['optimizer']}{lr0}, batch {recipe['batch']}" + (f", nbs {recipe['nbs']}" if "nbs" in recipe else "")
