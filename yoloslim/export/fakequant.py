@@ -9,7 +9,11 @@ fake-quantizes the weights of each convolution whose weights the graph quantizes
 TensorRT, 64 for the CPU flavour's 7 bits). Every reader of a quantized tensor reads the dequantized value in both
 flavours' graphs, so each quantizer sits where the tensor is made:
 - the convolution output, its SiLU's sigmoid and the SiLU's product inside Ultralytics' Conv (QuantConv);
+- the pieces of a Conv block's output that a Split hands on (C2f's and C3k2's chunks, C2PSA's halves), each on its own
+  grid, at the end of that block (SplitQuant), so the Bottleneck, the residual Add and the Concat that read a piece all
+  read it quantized;
 - a module's output (a Bottleneck's residual Add, a Concat layer), through a forward hook;
+- the sum between the attention and the feed-forward of a PSABlock, read by both inside it (QuantPSABlock);
 - the input of the Conv blocks that read it, where the tensor is made inside a larger module's forward (C3's Concat)
   or is the image.
 MaxPool and Resize outputs that share their input's scale and zero point (ONNX Runtime places them so) add nothing to
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.nn.modules.block import PSABlock
 from ultralytics.nn.modules.conv import Conv
 
 from yoloslim.utils.errors import YoloslimError
@@ -124,12 +129,40 @@ class QuantConv(Conv):
     def _activate(self, y):
         y = _quantize(self, "qat_output", y)
         y = y * _quantize(self, "qat_sigmoid", torch.sigmoid(y)) if "qat_sigmoid" in self._modules else self.act(y)
-        return _quantize(self, "qat_act", y)
+        return _quantize(self, "qat_split", _quantize(self, "qat_act", y))
+
+
+class SplitQuant(nn.Module):
+    """The Q/DQ pairs on the outputs of a channel Split that reads a Conv block's output: each piece (channel ranges of
+    `sizes`) through its own fake quantizer, or float where the graph leaves that piece unquantized. Applied to the
+    whole tensor before the module that splits it, it gives every reader of a piece the quantized piece."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.pieces = nn.ModuleDict()  # str(piece index) -> FakeQuant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = x.split(self.sizes, 1)
+        return torch.cat([_quantize(self.pieces, str(i), piece) for i, piece in enumerate(pieces)], 1)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class QuantPSABlock(PSABlock):
+    """Ultralytics' PSABlock with fake quantization of the sum between its attention and its feed-forward, which both
+    the feed-forward's first convolution and the second residual Add read (None: float there)."""
+
+    def forward(self, x):
+        x = x + self.attn(x) if self.add else self.attn(x)
+        x = _quantize(self, "qat_mid", x)
+        return x + self.ffn(x) if self.add else self.ffn(x)
 
 
 def is_qat(model: nn.Module) -> bool:
     """Whether `model` carries yoloslim's fake quantization."""
-    return any(isinstance(m, (FakeQuant, QuantConv)) for m in model.modules())
+    return any(isinstance(m, (FakeQuant, QuantConv, QuantPSABlock)) for m in model.modules())
 
 
 def prepare_qat(model: nn.Module, target: str, data, imgsz: int, count: int) -> dict:
@@ -205,7 +238,11 @@ def place_fake_quant(model: nn.Module, graph, weight_levels: int) -> None:
             continue
         raw = [r for r in readers.get(tensor, []) if r is not quantize]
         quantizer = FakeQuant(tensor, float(scale), int(zero), *_SATURATION[zero.dtype])
-        if raw or not _place_at_source(modules, source, quantizer, consumers):
+        if raw:
+            _place_at_readers(modules, consumers, quantizer)
+        elif getattr(source, "op_type", None) == "Split":
+            _place_at_split(modules, source, tensor, quantizer, producer, init, readers)
+        elif not _place_at_source(modules, source, quantizer, consumers):
             _place_at_readers(modules, consumers, quantizer)
 
 
@@ -247,11 +284,36 @@ def _place_at_source(modules: dict, source, quantizer: FakeQuant, readers: list)
         setattr(_as_quant_conv(block, source.name), slot, quantizer)
         return True
     module = modules[path]
-    if isinstance(module, Conv) or not any(not r.name.startswith(scope + "/") for r in readers):
+    read_outside = any(not r.name.startswith(scope + "/") for r in readers)
+    if isinstance(module, PSABlock) and source.op_type == "Add" and not read_outside:
+        _as_quant_twin(module, PSABlock, QuantPSABlock, source.name).qat_mid = quantizer
+        return True
+    if isinstance(module, Conv) or not read_outside:
         return False  # made inside a module's forward and read there: not that module's output
     module.qat_output = quantizer
     module.register_forward_hook(_quantize_output_hook)
     return True
+
+
+def _place_at_split(modules: dict, split, tensor: str, quantizer: FakeQuant, producer: dict, init: dict, readers: dict):
+    """Attach `quantizer` to its piece of the SplitQuant at the end of the Conv block whose output `split` cuts along
+    the channels; refused when the split reads anything else or that output has other readers."""
+    whole = split.input[0]
+    source = producer.get(whole)
+    if source is not None and source.op_type == "DequantizeLinear":  # the whole output is quantized as well
+        whole = producer[source.input[0]].input[0]
+        source = producer.get(whole)
+    path = _module_path(modules, source.name.rsplit("/", 1)[0]) if source is not None else None
+    block = modules.get(path.rsplit(".", 1)[0]) if path and path.endswith((".conv", ".act")) else None
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+    if block is None or axis != 1 or len(readers.get(whole, [])) != 1:
+        _as_quant_conv(None, split.name)  # refuses in one line
+    block = _as_quant_conv(block, split.name)
+    if "qat_split" not in block._modules:
+        pieces = len(split.output)
+        sizes = init[split.input[1]].tolist() if len(split.input) > 1 and split.input[1] else None
+        block.qat_split = SplitQuant(sizes or [block.conv.out_channels // pieces] * pieces)
+    block.qat_split.pieces[str(list(split.output).index(tensor))] = quantizer
 
 
 def _place_at_readers(modules: dict, readers: list, quantizer: FakeQuant) -> None:
@@ -271,14 +333,21 @@ def _conv_block(modules: dict, conv_node):
 def _as_quant_conv(block: nn.Module | None, node: str) -> QuantConv:
     """The Conv block computing ONNX node `node`, as a QuantConv (its class swapped in place; Conv subclasses that only
     change __init__, such as DWConv, compute the same); refused when there is no such block."""
-    if block is None or (type(block).forward is not Conv.forward and not isinstance(block, QuantConv)):
+    return _as_quant_twin(block, Conv, QuantConv, node)
+
+
+def _as_quant_twin(block: nn.Module | None, base: type, twin: type, node: str) -> nn.Module:
+    """`block` with its class swapped in place for `twin`, the fake-quantizing copy of `base`'s forward (subclasses of
+    `base` that only change __init__ compute the same); refused in one line when `block` does not compute `base`'s
+    forward."""
+    if block is None or (type(block).forward is not base.forward and not isinstance(block, twin)):
         raise YoloslimError(
             f"quantization-aware training places INT8 in Ultralytics Conv blocks, and {node} is not in one; finetune "
             "without qat and export with calibration"
         )
-    if not isinstance(block, QuantConv):
+    if not isinstance(block, twin):
         block.qat_base = type(block)
-        block.__class__ = QuantConv
+        block.__class__ = twin
     return block
 
 
@@ -305,7 +374,7 @@ def _placement_record(placement: dict) -> dict:
     return {**placement, "activation_type": placement["activation_type"].name}
 
 
-_SLOTS = ("qat_input", "qat_output", "qat_sigmoid", "qat_act")
+_SLOTS = ("qat_input", "qat_output", "qat_sigmoid", "qat_act", "qat_split", "qat_mid")
 
 
 def strip_qat(model: nn.Module) -> None:
@@ -317,7 +386,7 @@ def strip_qat(model: nn.Module) -> None:
         for key, hook in list(module._forward_hooks.items()):
             if hook is _quantize_output_hook:
                 del module._forward_hooks[key]
-        if isinstance(module, QuantConv):
+        if isinstance(module, (QuantConv, QuantPSABlock)):
             module.__dict__.pop("weight_levels", None)
             module.__class__ = module.__dict__.pop("qat_base")
             if "forward" in module.__dict__:  # fused: Ultralytics bound forward_fuse to the instance

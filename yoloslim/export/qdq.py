@@ -357,7 +357,7 @@ def cpu_placement(model, reader: LetterboxCalibrationReader, head: list[str]) ->
 
     images = {i.name for i in model.graph.input}
     stem = {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in images}
-    skip = set(head) | stem
+    skip = set(head) | stem | attention_cores(model)
     kept = set(tensors_with_offsets(model, reader, skip))
     touching = {n.name for n in model.graph.node if kept & {*n.input, *n.output}}
     return dict(
@@ -367,6 +367,16 @@ def cpu_placement(model, reader: LetterboxCalibrationReader, head: list[str]) ->
         nodes_to_exclude=sorted(skip | touching),
         extra_options={"WeightSymmetric": True},
     )
+
+
+def attention_cores(model) -> set[str]:
+    """The nodes of each attention block (the scope of a Softmax) other than its convolutions: the query scaling, the
+    scores, the softmax, the weighted sum. The CPU flavour keeps them in float: the block runs once, on the smallest
+    map, so int8 there buys little time, and quantization-aware training could only emulate Q/DQ on tensors that
+    Ultralytics' Attention makes and reads inside its own forward by rewriting that forward. Its convolutions (qkv, the
+    positional depthwise convolution, the projection) are quantized as any other."""
+    scopes = tuple(n.name.rsplit("/", 1)[0] + "/" for n in model.graph.node if n.op_type == "Softmax")
+    return {n.name for n in model.graph.node if n.op_type != "Conv" and scopes and n.name.startswith(scopes)}
 
 
 def _copy_metadata(source, quantized, target: str) -> None:
