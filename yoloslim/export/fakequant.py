@@ -299,21 +299,32 @@ def _place_at_split(modules: dict, split, tensor: str, quantizer: FakeQuant, pro
     """Attach `quantizer` to its piece of the SplitQuant at the end of the Conv block whose output `split` cuts along
     the channels; refused when the split reads anything else or that output has other readers."""
     whole = split.input[0]
+    only_reader = len(readers.get(whole, [])) == 1
     source = producer.get(whole)
     if source is not None and source.op_type == "DequantizeLinear":  # the whole output is quantized as well
         whole = producer[source.input[0]].input[0]
         source = producer.get(whole)
+        only_reader = only_reader and len(readers.get(whole, [])) == 1
     path = _module_path(modules, source.name.rsplit("/", 1)[0]) if source is not None else None
     block = modules.get(path.rsplit(".", 1)[0]) if path and path.endswith((".conv", ".act")) else None
     axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
-    if block is None or axis != 1 or len(readers.get(whole, [])) != 1:
-        _as_quant_conv(None, split.name)  # refuses in one line
+    if block is None or axis != 1 or not only_reader:
+        _refuse(split.name)
     block = _as_quant_conv(block, split.name)
     if "qat_split" not in block._modules:
-        pieces = len(split.output)
-        sizes = init[split.input[1]].tolist() if len(split.input) > 1 and split.input[1] else None
-        block.qat_split = SplitQuant(sizes or [block.conv.out_channels // pieces] * pieces)
+        block.qat_split = SplitQuant(_split_sizes(split, init, block.conv.out_channels))
     block.qat_split.pieces[str(list(split.output).index(tensor))] = quantizer
+
+
+def _split_sizes(split, init: dict, channels: int) -> list[int]:
+    """The channels of each output of an ONNX Split of `channels` channels: its `split` input or attribute, or equal
+    pieces."""
+    if len(split.input) > 1 and split.input[1]:
+        if split.input[1] not in init:
+            _refuse(split.name)  # sizes computed at run time
+        return [int(size) for size in init[split.input[1]]]
+    attribute = next((list(a.ints) for a in split.attribute if a.name == "split"), None)
+    return attribute or [channels // len(split.output)] * len(split.output)
 
 
 def _place_at_readers(modules: dict, readers: list, quantizer: FakeQuant) -> None:
@@ -341,14 +352,19 @@ def _as_quant_twin(block: nn.Module | None, base: type, twin: type, node: str) -
     `base` that only change __init__ compute the same); refused in one line when `block` does not compute `base`'s
     forward."""
     if block is None or (type(block).forward is not base.forward and not isinstance(block, twin)):
-        raise YoloslimError(
-            f"quantization-aware training places INT8 in Ultralytics Conv blocks, and {node} is not in one; finetune "
-            "without qat and export with calibration"
-        )
+        _refuse(node)
     if not isinstance(block, twin):
         block.qat_base = type(block)
         block.__class__ = twin
     return block
+
+
+def _refuse(node: str):
+    """The one-line refusal of a Q/DQ pair that no place in the PyTorch model computes as the graph does."""
+    raise YoloslimError(
+        f"quantization-aware training places INT8 in Ultralytics Conv blocks, and {node} is not in one; finetune "
+        "without qat and export with calibration"
+    )
 
 
 def _module_path(modules: dict, scope: str) -> str | None:
