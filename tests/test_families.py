@@ -366,6 +366,7 @@ def test_int8_cpu_flavour_is_fused_by_onnx_runtime_and_keeps_the_head_and_stem_i
     float_model = onnx.load(str(fp32))
     depthwise = {n.name for n in float_model.graph.node if n.op_type == "Conv" and _group_count(n) > 1}
     assert bool(depthwise & quantized) == ("v8" not in cfg)  # YOLO11's and YOLO26's depthwise convs quantize too
+    _assert_attention_core_stays_float(onnx.load(str(tmp_path / "cpu.onnx")), quantized, attention="v8" not in cfg)
     if "26" in cfg:  # the NMS-free export: the one-to-one branch, its top-k and gathers all stay float
         from ultralytics import YOLO
 
@@ -376,6 +377,22 @@ def test_int8_cpu_flavour_is_fused_by_onnx_runtime_and_keeps_the_head_and_stem_i
         assert [d.dim_value for d in qdq.graph.output[0].type.tensor_type.shape.dim][-1] == 6
         one_to_one = {n.name for n in qdq.graph.node if "one2one" in n.name or n.op_type == "TopK"}
         assert one_to_one and one_to_one <= head and not one_to_one & quantized
+
+
+def _assert_attention_core_stays_float(qdq, quantized: set[str], attention: bool) -> None:
+    """No node of an attention block but its convolutions runs quantized (all its inputs dequantized, all its outputs
+    quantized: what ONNX Runtime fuses into a QLinear kernel); its convolutions are quantized."""
+    from yoloslim.export.qdq import attention_cores
+
+    core = attention_cores(qdq)
+    assert bool(core) == attention
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    quantized_reads = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    for node in (n for n in qdq.graph.node if n.name in core):
+        inputs = [i for i in node.input if i in producer]
+        dequantized = inputs and all(producer[i].op_type == "DequantizeLinear" for i in inputs)
+        assert not (dequantized and set(node.output) <= quantized_reads), node.name
+    assert bool({n for n in quantized if "/attn/" in n}) == attention
 
 
 def _assert_cpu_flavour_placement(fp32: Path, data: Path, work: Path) -> tuple[set[str], set[str]]:

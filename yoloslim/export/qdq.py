@@ -370,12 +370,15 @@ def cpu_placement(model, reader: LetterboxCalibrationReader, head: list[str]) ->
 
 
 def attention_cores(model) -> set[str]:
-    """The nodes of each attention block (the scope of a Softmax) other than its convolutions: the query scaling, the
-    scores, the softmax, the weighted sum. The CPU flavour keeps them in float: the block runs once, on the smallest
-    map, so int8 there buys little time, and quantization-aware training could only emulate Q/DQ on tensors that
-    Ultralytics' Attention makes and reads inside its own forward by rewriting that forward. Its convolutions (qkv, the
-    positional depthwise convolution, the projection) are quantized as any other."""
-    scopes = tuple(n.name.rsplit("/", 1)[0] + "/" for n in model.graph.node if n.op_type == "Softmax")
+    """The nodes of each attention block (a scope with a MatMul and a Softmax; DFL's softmax has no MatMul) other than
+    its convolutions: the query scaling, the scores, the softmax, the weighted sum. The CPU flavour keeps them in
+    float: the block runs once, on the smallest map, so int8 there buys little time, and quantization-aware training
+    could only emulate Q/DQ on tensors that Ultralytics' Attention makes and reads inside its own forward by rewriting
+    that forward. Its convolutions (qkv, the positional depthwise convolution, the projection) are quantized as any
+    other."""
+    scope = {n.name: n.name.rsplit("/", 1)[0] + "/" for n in model.graph.node}
+    with_matmul = {scope[n.name] for n in model.graph.node if n.op_type == "MatMul"}
+    scopes = tuple(scope[n.name] for n in model.graph.node if n.op_type == "Softmax" and scope[n.name] in with_matmul)
     return {n.name for n in model.graph.node if n.op_type != "Conv" and scopes and n.name.startswith(scopes)}
 
 
