@@ -324,3 +324,33 @@ def test_a_resumed_run_keeps_batchnorm_as_its_checkpoint_recorded(freeze_bn, shi
     trainer._model_train()
     batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batchnorms and all(m.training is not freeze_bn for m in batchnorms)
+
+
+@pytest.mark.slow
+def test_the_int8_benchmark_puts_qat_beside_ptq_against_fp32(pruned, synthetic_data, tmp_path, monkeypatch):
+    """tools/bench_int8.py --qat: each QAT checkpoint exported with its trained ranges and evaluated paired against the
+    FP32 model; its latency is its flavour's PTQ graph's, so it is not timed again."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_int8", Path(__file__).resolve().parents[1] / "tools" / "bench_int8.py"
+    )
+    bench_int8 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_int8)
+    qat = qat_checkpoint(pruned, synthetic_data, "cpu", tmp_path / "qat-cpu.pt")
+    out = tmp_path / "int8"
+    argv = ["bench_int8.py", "--weights", str(pruned), "--data", str(synthetic_data), "--imgsz", str(IMGSZ)]
+    argv += ["--calibration-images", "4", "--threads", "1", "--rounds", "2", "--per-round", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--qat", str(qat)])
+    bench_int8.main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["qat"] == {"cpu": str(qat)}
+    assert set(result["accuracy"]["change_against_fp32"]) == {"tensorrt", "cpu", "qat-cpu"}
+    assert not any(key.startswith("qat-") for key in result["latency"]["models"])
+    assert "INT8, CPU flavour (QAT)" in out.with_suffix(".md").read_text()
+    monkeypatch.setattr(sys, "argv", [*argv, "--qat", str(pruned)])
+    with pytest.raises(YoloslimError, match="not finetuned quantization-aware"):
+        bench_int8.main()

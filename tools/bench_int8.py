@@ -3,6 +3,12 @@
     python tools/bench_int8.py                          # the shipped baseline on the embedded synthetic dataset
     python tools/bench_int8.py --weights pruned.pt --out docs/results/int8-pruned
     python tools/bench_int8.py --weights <license-plate>/license_plate_yolov5nu.pt --data <license-plate>/data.yaml
+    python tools/bench_int8.py --weights fp32/weights/best.pt --qat qat-tensorrt/weights/best.pt qat-cpu/weights/best.pt
+
+`--qat`: quantization-aware checkpoints finetuned from the same model, each exported with its trained ranges (no
+calibration) and evaluated beside PTQ against the FP32 model; give as FP32 model the one finetuned as many epochs in
+float (N FP32 epochs against N - k FP32 + k QAT). Their Q/DQ graph is their flavour's PTQ graph with other scales and
+weights, so their latency is that flavour's and is not timed again.
 
 1. mAP50-95 of the FP32 ONNX and of the INT8 ONNX in each flavour (`--target tensorrt` and `--target cpu`, calibrated
    on the same training images) on the validation split, all run by ONNX Runtime with the runtime's own letterbox and
@@ -14,7 +20,8 @@
 3. What ONNX Runtime's graph optimizer makes of each file: quantized kernels (QLinearConv...) and float convolutions.
 4. Per frame with the FP32 model: letterbox + NMS time as a fraction of inference time, timed interleaved over the
    validation images.
-Writes OUT.json and OUT.md (default runs/bench/int8), the ONNX files under runs/bench/.
+Writes OUT.json and OUT.md (default runs/bench/int8), the ONNX files in OUT-models beside them (in runs/bench/ for
+an OUT in docs/).
 """
 
 from __future__ import annotations
@@ -47,29 +54,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60, help="timing rounds (default 60)")
     parser.add_argument("--per-round", type=int, default=5, help="calls per model and thread count in each round")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "int8"), help="OUT.json and OUT.md")
+    parser.add_argument("--qat", nargs="+", default=[], help="quantization-aware checkpoints of the same model")
     args = parser.parse_args()
 
     from yoloslim.data import resolve_data
+    from yoloslim.export import ExportConfig, export
     from yoloslim.export.onnx import export_onnx
     from yoloslim.export.qdq import quantize_int8
     from yoloslim.utils.assets import BASELINE, shipped_file
+    from yoloslim.utils.errors import YoloslimError
     from yoloslim.utils.files import write_text_atomic
 
     weights = Path(args.weights or shipped_file("weights", BASELINE))
     data = resolve_data(args.data)
     out = Path(args.out)
-    work = ROOT / "runs" / "bench" / f"{out.name}-models"  # ONNX files stay out of wherever the results go
+    # The ONNX files go beside the results, except out of docs/ (where committed results go): to runs/bench/
+    beside = ROOT / "runs" / "bench" if out.resolve().is_relative_to(ROOT / "docs") else out.parent
+    work = beside / f"{out.name}-models"
     work.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": export_onnx(weights, imgsz=args.imgsz, out=work / "fp32.onnx")}
     for target in MODELS[1:]:
         paths[target] = quantize_int8(
             paths["fp32"], data, out=work / f"int8-{target}.onnx", count=args.calibration_images, target=target
         )
+    qat_runs = {}
+    for qat in args.qat:
+        target = qat_target(qat)
+        if target in qat_runs:
+            raise YoloslimError(f"{qat_runs[target]} and {qat} are both {target} QAT checkpoints; give one of each")
+        qat_runs[target] = qat
+        config = ExportConfig(precision="int8", imgsz=args.imgsz, target=target)
+        paths[f"qat-{target}"] = export(qat, config, out=work / f"qat-int8-{target}.onnx")
     load_before = os.getloadavg()
     result = {
         "weights": str(weights),
         "imgsz": args.imgsz,
         "calibration_images": args.calibration_images,
+        "qat": qat_runs,
         "accuracy": accuracy(paths, data),
         "latency": latency(paths, data, args.threads, args.rounds, args.per_round),
         "graphs": {name: graph_summary(path, work) for name, path in paths.items()},
@@ -85,6 +106,18 @@ def main() -> None:
     md = markdown(result)
     write_text_atomic(out.with_suffix(".md"), md)
     print(md)
+
+
+def qat_target(weights: str) -> str:
+    """The INT8 flavour a quantization-aware checkpoint was finetuned for; refuses any other checkpoint."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.errors import YoloslimError
+    from yoloslim.utils.metadata import checkpoint_metadata
+
+    record = checkpoint_metadata(load_detection_checkpoint(weights)[1]).get("qat")
+    if not record:
+        raise YoloslimError(f"{weights} was not finetuned quantization-aware; give --qat a finetune --qat checkpoint")
+    return record["target"]
 
 
 def accuracy(paths: dict, data) -> dict:
@@ -189,7 +222,13 @@ def per_frame_costs(fp32: Path, data, threads: int) -> dict:
 def markdown(result: dict) -> str:
     acc, lat, env = result["accuracy"], result["latency"], result["environment"]
     threads = sorted({int(k.split("@")[1]) for k in lat["models"]})
-    label = {"fp32": "FP32", "tensorrt": "INT8, TensorRT flavour", "cpu": "INT8, CPU flavour"}
+    label = {
+        "fp32": "FP32",
+        "tensorrt": "INT8, TensorRT flavour (PTQ)",
+        "cpu": "INT8, CPU flavour (PTQ)",
+        "qat-tensorrt": "INT8, TensorRT flavour (QAT)",
+        "qat-cpu": "INT8, CPU flavour (QAT)",
+    }
     lines = [
         "# INT8 flavours against FP32, ONNX Runtime CPU",
         "",
@@ -205,7 +244,7 @@ def markdown(result: dict) -> str:
         + "|",
         "| --- | ---: | --- " + "| ---: | --- " * len(threads) + "|",
     ]
-    for name in MODELS:
+    for name in acc["map50-95"]:
         change = acc["change_against_fp32"].get(name, {}).get("map")
         cells = [label[name], f"{acc['map50-95'][name]:.4f}"]
         cells.append(
@@ -214,6 +253,9 @@ def markdown(result: dict) -> str:
             else ""
         )
         for t in threads:
+            if name.startswith("qat-"):  # the same graph as its flavour's PTQ
+                cells += [f"as {label[name[4:]]}", ""]
+                continue
             m = lat["models"][f"{name}@{t}"]
             cells.append(f"{m['p50_ms']:.2f} ({m['p10_ms']:.2f}-{m['p90_ms']:.2f})")
             ci = m.get("fraction_ci95")
@@ -227,8 +269,7 @@ def markdown(result: dict) -> str:
         "| model | convolutions with int8 weights | ONNX Runtime's optimized graph |",
         "| --- | ---: | --- |",
     ]
-    for name in MODELS:
-        g = result["graphs"][name]
+    for name, g in result["graphs"].items():
         ops = ", ".join(f"{v} {k}" for k, v in g["optimized"].items() if v)
         lines.append(f"| {label[name]} | {g['convs_with_int8_weights']} of {g['convs']} | {ops} |")
     frame = result["per_frame"]
