@@ -76,6 +76,21 @@ def test_sparsity_trained_input_skips_that_stage(shipped_weights, tiny_data, tmp
     assert pipeline.stage_sparse() == {"weights": str(sparse), "skipped": True, "epochs": 0}
 
 
+def test_method_l1_prunes_the_input_without_sparsity_training(shipped_weights, tiny_data, tmp_path):
+    from yoloslim.config import PruneConfig
+    from yoloslim.prune import prune
+
+    settings = dict(weights=str(shipped_weights), data=str(tiny_data), imgsz=64, project=str(tmp_path))
+    assert Pipeline(SlimConfig(**settings, name="default")).method == "bn"  # an Ultralytics model trains sparsity
+    pipeline = Pipeline(SlimConfig(**settings, method="l1", name="l1"))
+    assert pipeline.stage_sparse() == {"weights": str(shipped_weights), "skipped": True, "epochs": 0}
+    pipeline.finish("profile", {"table": None})
+    pipeline.finish("sparse", pipeline.stage_sparse())
+    widths = {m: prune(shipped_weights, PruneConfig(method=m, imgsz=64), dry_run=True).widths for m in ("bn", "l1")}
+    assert widths["bn"] != widths["l1"]
+    assert pipeline.stage_prune()["widths"] == widths["l1"]
+
+
 def test_the_shipped_sparse_model_counts_as_sparsity_trained_and_the_baseline_does_not(
     shipped_weights, shipped_sparse_weights
 ):
@@ -105,6 +120,8 @@ def test_a_bad_prune_amount_is_refused_before_any_training():
         SlimConfig(target_flops=0)
     with pytest.raises(YoloslimError, match="only one of ratio"):
         SlimConfig(target_flops=0.5, ratio=0.3)
+    with pytest.raises(YoloslimError, match="unknown pruning criterion 'gamma'; use bn or l1"):
+        SlimConfig(method="gamma")
     assert SlimConfig().prune_config(320).target_flops == 0.5
     assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None
 
