@@ -79,3 +79,22 @@ def test_an_unreadable_source_image_is_named(shipped_weights, tmp_path):
 
     with pytest.raises(YoloslimError, match="cannot read the image .*missing.jpg; give --source"):
         bench([shipped_weights], imgsz=64, threads=1, image=tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize(
+    "flags,vector,dot",
+    [
+        ({"sse4_2", "avx", "avx2"}, "avx2", None),  # int8 kernels add pairs of products in int16
+        ({"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "avx512f", "avx512_vnni"),
+        ({"avx2", "avx_vnni"}, "avx2", "avx_vnni"),
+        ({"avx512f", "avx512_vnni", "amx_int8"}, "avx512f", "amx_int8"),
+        ({"fp", "asimd", "asimddp"}, None, "asimddp"),  # an Arm CPU's "Features"
+    ],
+)
+def test_the_environment_names_the_cpus_int8_dot_product(flags, vector, dot, monkeypatch):
+    import yoloslim.bench
+
+    monkeypatch.setattr(yoloslim.bench, "_cpu_flags", lambda: flags)
+    assert yoloslim.bench.cpu_vector_isa() == vector
+    assert yoloslim.bench.cpu_int8_dot_product() == dot
+    assert yoloslim.bench.environment(1)["cpu_int8_dot_product"] == dot

@@ -235,7 +235,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`",
         "",
         f"{Path(result['weights']).name} at {result['imgsz']} px, {result['calibration_images']} calibration images "
-        f"at most; {env['cpu']} ({env['cores']} cores, {env['cpu_vector_isa']}), onnxruntime {env.get('onnxruntime')}; "
+        f"at most; {env['cpu']} ({env['cores']} cores, {env['cpu_vector_isa']}, int8 dot product: "
+        f"{env.get('cpu_int8_dot_product') or 'none'}), onnxruntime {env.get('onnxruntime')}; "
         f"load average {result['load_average_before_after'][0]:.2f} before the timing, "
         f"{result['load_average_before_after'][1]:.2f} after.",
         "",
