@@ -1,6 +1,8 @@
 """Quantization-aware finetuning (`yoloslim finetune --qat`) and the INT8 export of its checkpoints: the fake
 quantization sits where the exported Q/DQ graph has it, with the same scales, and both find the same detections."""
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import onnx
@@ -307,6 +309,26 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     )
     onnx_path = export(best, ExportConfig(precision="int8", imgsz=64, target="cpu"), out=tmp_path / "best-int8.onnx")
     assert {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["int8_target"] == "cpu"
+
+
+@pytest.mark.slow
+def test_qat_distills_from_a_teacher(pruned, shipped_sparse_weights, train_args, tiny_data):
+    """finetune(qat=..., teacher=...): the distillation loss trains beside the detection losses, and the saved model is
+    the fake-quantized student at its pruned widths, with its teacher on record."""
+    from yoloslim.finetune import finetune
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    args = {k: v for k, v in train_args.items() if k not in {"model", "data"}}
+    qat = QatConfig(qat=True, target="tensorrt", calibration_images=4)
+    finetune(pruned, data=tiny_data, qat=qat, teacher=shipped_sparse_weights, **{**args, "epochs": 1, "name": "kd"})
+    run = Path(args["project"]) / "kd"
+    assert "train/dis_loss" in (run / "results.csv").read_text().splitlines()[0]
+    model, ckpt = load_detection_checkpoint(run / "weights" / "best.pt")
+    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert is_qat(model) and convs == [
+        m.out_channels for m in load_detection_checkpoint(pruned)[0].modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    assert checkpoint_metadata(ckpt)["finetune"]["teacher"] == str(shipped_sparse_weights)
 
 
 @pytest.mark.parametrize("freeze_bn", [True, False])
