@@ -299,9 +299,8 @@ class SlimConfig:
             raise YoloslimError(f"epochs is the budget beyond the base, at least 1; got {self.epochs}")
         if not 0 < self.sparse_share < 1:
             raise YoloslimError(f"sparse_share must lie in (0, 1), got {self.sparse_share}")
-        if self.method not in (None, "bn", "l1"):
-            raise YoloslimError(f"unknown pruning criterion {self.method!r}; use bn or l1")
-        self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE)  # a bad amount is refused before any work
+        # a bad amount or criterion is refused before any work
+        self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE, self.method or "bn")
         self._check_qat()
 
     def _check_qat(self) -> None:
