@@ -52,6 +52,13 @@ def exported(request, pruned, synthetic_data, tmp_path_factory):
     return request.param, weights, export(weights, config, out=work / "qat-int8.onnx")
 
 
+def conv_widths(weights) -> list[int]:
+    """The output widths of a checkpoint's convolutions, in order."""
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    return [m.out_channels for m in load_detection_checkpoint(weights)[0].modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def load(weights):
     from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -283,9 +290,6 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
     from yoloslim.finetune import QatTrainer, finetune
     from yoloslim.utils.checks import load_detection_checkpoint
 
-    def widths(path):
-        return [m.out_channels for m in load_detection_checkpoint(path)[0].modules() if isinstance(m, torch.nn.Conv2d)]
-
     def stop(trainer):
         raise Interrupt
 
@@ -296,11 +300,11 @@ def test_qat_finetuning_keeps_widths_and_quantization_after_resume(pruned, train
         qat = QatConfig(qat=True, target="cpu", calibration_images=4)
         model.train(data=str(tiny_data), trainer=partial(QatTrainer, qat=qat), **args)
     last = model.trainer.last
-    assert widths(last) == widths(pruned)
+    assert conv_widths(last) == conv_widths(pruned)
     finetune(last, resume=True)
     best = last.with_name("best.pt")
     quantized = load_detection_checkpoint(best)
-    assert widths(best) == widths(pruned) and is_qat(quantized[0])
+    assert conv_widths(best) == conv_widths(pruned) and is_qat(quantized[0])
     meta = checkpoint_metadata(quantized[1])
     assert (
         meta["qat"]["target"] == "cpu"
@@ -324,10 +328,7 @@ def test_qat_distills_from_a_teacher(pruned, shipped_sparse_weights, train_args,
     run = Path(args["project"]) / "kd"
     assert "train/dis_loss" in (run / "results.csv").read_text().splitlines()[0]
     model, ckpt = load_detection_checkpoint(run / "weights" / "best.pt")
-    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert is_qat(model) and convs == [
-        m.out_channels for m in load_detection_checkpoint(pruned)[0].modules() if isinstance(m, torch.nn.Conv2d)
-    ]
+    assert is_qat(model) and conv_widths(run / "weights" / "best.pt") == conv_widths(pruned)
     assert checkpoint_metadata(ckpt)["finetune"]["teacher"] == str(shipped_sparse_weights)
 
 

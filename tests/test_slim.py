@@ -83,9 +83,9 @@ def test_method_l1_prunes_the_input_without_sparsity_training(shipped_weights, t
     settings = dict(weights=str(shipped_weights), data=str(tiny_data), imgsz=64, project=str(tmp_path))
     assert Pipeline(SlimConfig(**settings, name="default")).method == "bn"  # an Ultralytics model trains sparsity
     pipeline = Pipeline(SlimConfig(**settings, method="l1", name="l1"))
-    assert pipeline.stage_sparse() == {"weights": str(shipped_weights), "skipped": True, "epochs": 0}
     pipeline.finish("profile", {"table": None})
     pipeline.finish("sparse", pipeline.stage_sparse())
+    assert pipeline.done("sparse") == {"weights": str(shipped_weights), "skipped": True, "epochs": 0}
     widths = {m: prune(shipped_weights, PruneConfig(method=m, imgsz=64), dry_run=True).widths for m in ("bn", "l1")}
     assert widths["bn"] != widths["l1"]
     assert pipeline.stage_prune()["widths"] == widths["l1"]
