@@ -47,8 +47,8 @@ OFFSET_PROBE_IMAGES = 32
 # of the license-plate model's.
 OFFSET_LIMIT = 5.0
 # The channel whose swing the largest value is judged against: the median one. The 75th or 90th percentile quantizes
-# more of a real prune on a CPU, but cost the six-class sparse model's prune 10 points in the TensorRT flavour and 2.3
-# in the CPU flavour (docs/deployment.md).
+# more of a real prune on a CPU, but the six-class sparse model's prune then lost 10.4-11.0 points in the TensorRT
+# flavour and 2.3-2.5 in the CPU flavour, against 2.0 and 1.0 with the median (docs/deployment.md).
 OFFSET_SWING_PERCENTILE = 50
 TARGETS = ("tensorrt", "cpu")
 INT8_TARGET_KEY = "int8_target"  # ONNX metadata: which flavour a Q/DQ file is (the engine builder refuses "cpu")
