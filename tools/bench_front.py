@@ -24,8 +24,8 @@ against the control, the unpruned model trained `--extra-epochs` more. Every poi
 its 95% interval and its paired change against latency-T, and ONNX Runtime latency at batch 1 interleaved with the
 unpruned model at each `--threads`, pinned (the fraction of the unpruned latency, the speedup's interval over rounds,
 speedup / GFLOPs reduction). Every stage is skipped when its output exists and a training resumes from its last.pt:
-rerun the same command. `--lane scratch` trains only the from-scratch models and `--lane pruned` only the finetunes,
-neither measures: run both at once on two cores, then the command without `--lane` measures on a quiet machine.
+rerun the same command. `--lane ARM [ARM ...]` trains only those arms (of latency, flops, tp, scratch) and measures
+nothing: split the arms between two lanes on two cores, then the command without `--lane` measures on a quiet machine.
 Results: front.json and front.md in the run folder (default runs/bench/front/<weights name>).
 """
 
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base-epochs", type=int, help="the epochs the base trained (default: its results.csv rows)")
     parser.add_argument("--round-to", type=int, default=8, help="Torch-Pruning's rounding (the example's 8)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime thread counts")
-    parser.add_argument("--lane", choices=("pruned", "scratch"), help="train only these, measure nothing")
+    parser.add_argument("--lane", nargs="+", choices=ARMS, help="train only these arms, measure nothing")
     parser.add_argument("--smoke", action="store_true", help="tiny data, imgsz 64, one epoch per stage")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/bench/front/<weights name>)")
     args = parser.parse_args(argv)
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         recipe["imgsz"] = bench_prune._trained_imgsz(base)
         sparse = args.prune_run / args.sparse_stage / "weights" / "best.pt"
         control = args.prune_run / args.control_stage / "weights" / "best.pt"
-        for stage in (sparse, control):
+        for stage in (sparse,) if args.lane else (sparse, control):  # a lane trains beside the control's own
             if not stage.exists():
                 sys.exit(f"bench_front: error: {stage} does not exist; run tools/bench_prune.py first")
     table_path = _table(base, out, recipe["imgsz"], args)
@@ -105,13 +105,13 @@ def main(argv=None) -> None:
     for target in args.targets:
         tag = f"{target:g}"
         prunes = _prunes(out, base, sparse, table_path, target, recipe["imgsz"], args)
-        if args.lane != "scratch":
-            for arm, pruned in prunes.items():
-                epochs = args.extra_epochs if arm == "tp" else tune_epochs
-                points[f"{arm}-{tag}"] = bench_prune._train(
-                    out, f"finetune-{pruned.stem}-e{epochs}", pruned, data, recipe, epochs
-                )
-        if args.lane != "pruned":
+        lane = args.lane or ARMS
+        for arm in (arm for arm in prunes if arm in lane):
+            epochs = args.extra_epochs if arm == "tp" else tune_epochs
+            points[f"{arm}-{tag}"] = bench_prune._train(
+                out, f"finetune-{prunes[arm].stem}-e{epochs}", prunes[arm], data, recipe, epochs
+            )
+        if "scratch" in lane:
             points[f"scratch-{tag}"] = _scratch(out, base, data, table, target, args)
         references.update({f"{arm}-{tag}": f"latency-{tag}" for arm in ARMS if arm != "latency"})
         references[f"latency-{tag}"] = "control"
