@@ -1,10 +1,11 @@
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from yoloslim.finetune import FinetuneTrainer, finetune
+from yoloslim.finetune import FinetuneTrainer, finetune, revive_dead_channels
 from yoloslim.prune import PruneConfig, prune
 from yoloslim.utils.metadata import checkpoint_metadata
 
@@ -148,3 +149,70 @@ def test_adam_biases_warm_up_from_zero_unless_told_otherwise(
             **run_args(train_args, optimizer=optimizer, lr0=0.002, warmup_epochs=1, **given),
         )
     assert seen == [pytest.approx(first_bias_lr)]
+
+
+def dead_chain() -> nn.Sequential:
+    """A live conv block, two whose gammas are all zero (as sparsity training leaves a whole stage), and a live one."""
+    from ultralytics.nn.modules import Conv
+
+    torch.manual_seed(0)
+    chain = nn.Sequential(Conv(3, 8, 3), Conv(8, 8, 3), Conv(8, 8, 1), Conv(8, 4, 1))
+    for block in chain[1:3]:
+        nn.init.zeros_(block.bn.weight)
+        nn.init.uniform_(block.bn.bias, -1.0, 1.0)
+    return chain.train()
+
+
+def gamma_gradients(chain: nn.Sequential) -> list[float]:
+    """Each block's largest gamma gradient, and last the output block's largest beta gradient (never zero)."""
+    chain.zero_grad()
+    chain(torch.randn(4, 3, 16, 16)).square().mean().backward()
+    return [block.bn.weight.grad.abs().max().item() for block in chain] + [chain[-1].bn.bias.grad.abs().max().item()]
+
+
+def test_a_dead_stage_learns_only_once_revived():
+    """Zero gammas over a constant input are a fixed point: no layer of the chain gets a gamma gradient, so training
+    would never leave it; revived to a small gamma, every layer does."""
+    chain = dead_chain()
+    dead = gamma_gradients(chain)
+    assert dead[1] == 0.0 and dead[2] < 1e-6 * dead[-1]
+
+    assert revive_dead_channels(chain, 0.01) == 16
+    assert [b.bn.weight.eq(0.01).sum().item() for b in chain] == [0, 8, 8, 0]
+    revived = gamma_gradients(chain)
+    assert min(revived[:4]) > 1e-3 * revived[-1]
+
+
+@pytest.mark.slow
+def test_a_finetune_revives_a_dead_stage_that_stays_dead_without_it(pruned_pt, train_args, tiny_data, tmp_path):
+    """The stride-32 backbone (layers 7 to 9) with every gamma zero, as sparsity training leaves it on real data."""
+    from ultralytics import YOLO
+
+    def stage_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+        return [
+            m
+            for name, m in model.named_modules()
+            if name.split(".")[1:2] in (["7"], ["8"], ["9"]) and isinstance(m, nn.BatchNorm2d)
+        ]
+
+    def stage_gammas(model: nn.Module) -> torch.Tensor:
+        return torch.cat([m.weight.data.float() for m in stage_norms(model)])
+
+    def saved_gammas(path) -> torch.Tensor:
+        ckpt = torch.load(path, weights_only=False)
+        return stage_gammas(ckpt.get("ema") or ckpt["model"])
+
+    _, pruned = pruned_pt
+    ckpt = torch.load(pruned, weights_only=False)
+    for norm in stage_norms(ckpt.get("ema") or ckpt["model"]):
+        norm.weight.data.zero_()
+    dead = tmp_path / "dead.pt"
+    torch.save(ckpt, dead)
+
+    for revive, name in ((0.0, "kept"), (0.01, "revived")):
+        run = YOLO(str(dead))
+        run.train(
+            data=str(tiny_data), trainer=partial(FinetuneTrainer, revive=revive), **run_args(train_args, name=name)
+        )
+        gammas = saved_gammas(run.trainer.last)
+        assert gammas.eq(0).all() if not revive else gammas.ne(0).all() and gammas.ne(revive).all()

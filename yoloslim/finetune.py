@@ -19,24 +19,54 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, LOGGER
 
-from yoloslim.config import FINETUNE_RECIPE, QatConfig
+from yoloslim.config import FINETUNE_RECIPE, REVIVE_GAMMA, QatConfig
 from yoloslim.models.train import ClassicTraining
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
 
+def revive_dead_channels(model: nn.Module, gamma: float) -> int:
+    """Give every BatchNorm channel whose gamma is exactly zero the gamma `gamma`; return how many there were.
+
+    A zero-gamma channel outputs the constant act(beta). Where every channel a layer reads is such a constant, the
+    layer's normalized output is zero, so its gamma gets no gradient, and its zero gamma passes none to the layers
+    before it: training never leaves that point. Sparsity training zeroes whole layers so (a stage's whole stride-32
+    path, backbone to head), and pruning keeps the rounding's minimum of their channels as constant carriers."""
+    revived = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d) and module.weight is not None:
+                dead = module.weight == 0
+                module.weight[dead] = gamma
+                revived += int(dead.sum())
+    return revived
+
+
 class FinetuneTrainer(SafeDetectionTrainer):
-    """DetectionTrainer that trains the given (pruned) module instead of rebuilding it from its yaml."""
+    """DetectionTrainer that trains the given (pruned) module instead of rebuilding it from its yaml; a fresh run first
+    revives its zero-gamma channels (revive_dead_channels) unless `revive` is 0."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, revive: float = REVIVE_GAMMA):
+        super().__init__(cfg, overrides, _callbacks)
+        self.revive = revive
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, nn.Module):
             raise YoloslimError(
                 "finetuning starts from a checkpoint's model; pass --weights pruned.pt, not a model yaml"
             )
-        return trainable_copy(weights, self.data["nc"])
+        return self.revived(trainable_copy(weights, self.data["nc"]))
+
+    def revived(self, model: nn.Module) -> nn.Module:
+        """The model with its zero gammas revived on a fresh run; a resumed one continues its own."""
+        if self.revive and not self.resume:
+            revived = revive_dead_channels(model, self.revive)
+            LOGGER.info(f"finetune: {revived} zero-gamma BatchNorm channels start at gamma {self.revive:g}")
+        return model
 
     def checkpoint_extras(self) -> dict:
         return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
@@ -61,7 +91,7 @@ class QatTrainer(FinetuneTrainer):
     checkpoint records the flavour and placement."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
-        super().__init__(cfg, overrides, _callbacks)
+        super().__init__(cfg, overrides, _callbacks, revive=0.0)  # the float finetune before it revived them
         self.qat, self.qat_record = qat or QatConfig(qat=True), None
         if "warmup_epochs" not in (overrides or {}):  # QAT refines a trained model: no ramp from a zero rate
             self.args.warmup_epochs = 0.0
@@ -102,13 +132,17 @@ class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
     """FinetuneTrainer for a (pruned) model of the original YOLOv5 repository, its widths kept. Distillation is not
     available: Ultralytics' DistillationModel matches the features of its own heads."""
 
-    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None, **kwargs):
         if (overrides or {}).get("distill_model"):
             raise YoloslimError(
                 "distillation takes Ultralytics' anchor-free heads, not the original YOLOv5 repository's anchor-based "
                 "one; finetune without a teacher"
             )
-        super().__init__(cfg, overrides, _callbacks)
+        super().__init__(cfg, overrides, _callbacks, **kwargs)
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        model = super().get_model(cfg, weights, verbose)
+        return self.revived(model) if isinstance(weights, nn.Module) else model
 
 
 def finetune(
@@ -117,13 +151,15 @@ def finetune(
     teacher: str | Path | None = None,
     resume: bool = False,
     qat: QatConfig | None = None,
+    revive: float = REVIVE_GAMMA,
     **train_args,
 ):
     """Finetune a pruned checkpoint on `data` (default: the embedded dataset); return Ultralytics' metrics.
     `train_args` (Ultralytics train arguments) override FINETUNE_RECIPE's; imgsz defaults to the checkpoint's own.
-    `qat` with qat=True finetunes quantization-aware (QatConfig). A checkpoint of the original YOLOv5 repository
-    finetunes with the classic trainer (yoloslim.models.train), without a teacher, and the run's final files are in its
-    format."""
+    `qat` with qat=True finetunes quantization-aware (QatConfig); otherwise a fresh run first gives every exactly-zero
+    BatchNorm gamma the gamma `revive` (revive_dead_channels; 0 leaves them). A checkpoint of the original YOLOv5
+    repository finetunes with the classic trainer (yoloslim.models.train), without a teacher, and the run's final files
+    are in its format."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
@@ -140,9 +176,8 @@ def finetune(
             )
         teaching = {"distill_model": str(teacher)} if teacher is not None and not resume else {}
         refused = {"teacher": teacher}
-        return train_classic(
-            ClassicFinetuneTrainer, weights, dataset, resume, FINETUNE_RECIPE, refused, **teaching, **train_args
-        )
+        trainer = partial(ClassicFinetuneTrainer, revive=revive)
+        return train_classic(trainer, weights, dataset, resume, FINETUNE_RECIPE, refused, **teaching, **train_args)
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
         refused = {"teacher": teacher, "qat": "qat" if aware else None}
         return resume_run(weights, FinetuneTrainer, dataset, refused=refused, **train_args)
@@ -150,7 +185,7 @@ def finetune(
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)
-    trainer = FinetuneTrainer
+    trainer = partial(FinetuneTrainer, revive=revive)
     if aware:
         from yoloslim.export.fakequant import qat_calibration_images
 
