@@ -203,7 +203,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(commands) -> None:
-    from yoloslim.config import FINETUNE_RECIPE, QatConfig
+    from yoloslim.config import FINETUNE_RECIPE, REVIVE_GAMMA, QatConfig
 
     sub = commands.add_parser(
         "finetune",
@@ -214,6 +214,14 @@ def _add_finetune(commands) -> None:
     sub.add_argument("--weights", required=True, help="pruned checkpoint")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     sub.add_argument("--teacher", help="unpruned checkpoint to distill from (Ultralytics distill_model)")
+    sub.add_argument(
+        "--revive",
+        type=float,
+        default=REVIVE_GAMMA,
+        metavar="GAMMA",
+        help="start every BatchNorm gamma that is exactly zero (a stage sparsity training killed, which training "
+        f"cannot bring back) at GAMMA; 0 leaves them (default {REVIVE_GAMMA:g}; not with --qat)",
+    )
     _add_settings(sub, QatConfig)
     _add_ultralytics_train_args(sub, FINETUNE_RECIPE)
     sub.set_defaults(run=_run_finetune)
@@ -225,7 +233,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     qat = _settings_from(QatConfig, args)
     finetune(
-        args.weights, data=args.data, teacher=args.teacher, resume=args.resume, qat=qat, **_ultralytics_train_args(args)
+        args.weights,
+        data=args.data,
+        teacher=args.teacher,
+        resume=args.resume,
+        qat=qat,
+        revive=args.revive,
+        **_ultralytics_train_args(args),
     )
     return 0
 

@@ -43,8 +43,9 @@ SPARSITY_RECIPE = TrainRecipe(epochs=30, batch=8, optimizer="SGD", lr0=0.01, nbs
 # lr0 0.002 * 5 / (4 + classes) with the biases' warm-up from zero. The license-plate measurements (one class) ran at
 # its 0.002; on the six-class demo an explicit 0.002 lost 3.4 points in a 5-epoch finetune that auto's 0.0014 did not.
 FINETUNE_RECIPE = TrainRecipe(epochs=20, batch=16, optimizer="auto", close_mosaic=5)
-# The gamma a finetune gives each BatchNorm channel whose gamma is exactly zero before its first step (0: none); see
-# yoloslim.finetune.revive_dead_channels.
+# The gamma a finetune gives each BatchNorm channel whose gamma is exactly zero before its first step (0: none; see
+# yoloslim.finetune.revive_dead_channels). Off: at 0.01 the license-plate YOLOv5nu and YOLO11n prunes trained their
+# dead stride-32 stages again and ended +0.1 and +0.5 point, inside the noise (docs/finetuning.md).
 REVIVE_GAMMA = 0.0
 
 
