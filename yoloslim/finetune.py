@@ -91,7 +91,7 @@ class QatTrainer(FinetuneTrainer):
     checkpoint records the flavour and placement."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, qat: QatConfig | None = None):
-        super().__init__(cfg, overrides, _callbacks, revive=0.0)  # the float finetune before it revived them
+        super().__init__(cfg, overrides, _callbacks, revive=0.0)  # its Q/DQ placement was read from the model as is
         self.qat, self.qat_record = qat or QatConfig(qat=True), None
         if "warmup_epochs" not in (overrides or {}):  # QAT refines a trained model: no ramp from a zero rate
             self.args.warmup_epochs = 0.0
