@@ -178,8 +178,12 @@ def test_stage_names_carry_the_settings_that_make_them_differ():
         stop_at_flops=None,
         min_keep=0.1,
         round_to=8,
+        targeted=False,
+        sparse_recipe="sparsity",
     )
     assert bench_prune._sparse_tag(args) == "sr0.3-e20"
+    targeted = bench_prune.argparse.Namespace(**{**vars(args), "targeted": True, "sparse_recipe": "finetune"})
+    assert bench_prune._sparse_tag(targeted) == "sr0.3-e20-targeted-ftrecipe"
     assert (
         bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5}))
         == "sr0.3-e20-stop0.5"

@@ -47,6 +47,7 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
         dict(stop_at_flops=1.0),
         dict(stop_at_flops=0.5, round_to=0),
         dict(stop_at_flops=0.5, min_keep=1.5),
+        dict(targeted=True, stop_at_flops=0),
     ],
 )
 def test_bad_settings_are_refused(bad):
@@ -182,6 +183,44 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
         changed += int((got != ref).sum())
     assert changed > 0
+
+
+def test_targeted_penalty_falls_only_on_the_planned_removals(train_args):
+    """Targeted: the channels a prune to stop_at_flops would remove get the soft threshold, every other gamma steps as
+    without a penalty."""
+    from yoloslim.prune import PruneConfig, planned_removals
+
+    sr = 0.5
+    config = SparsityConfig(sr=sr, targeted=True, stop_at_flops=0.5, round_to=8)
+    trainer = SparsityTrainer(overrides=dict(train_args, optimizer="SGD", lr0=0.02), sparsity=config)
+    trainer._setup_train()
+    trainer.select_targets()
+    plan = planned_removals(
+        trainer.model, PruneConfig(target_flops=0.5, round_to=8, min_keep=config.min_keep, imgsz=trainer.args.imgsz)
+    )
+    assert plan and {n: t.tolist() for n, t in trainer._targets.items()} == {
+        n: i for n, i in plan.items() if n in trainer._penalised_names
+    }
+    loss, _ = trainer.model(trainer.preprocess_batch(next(iter(trainer.train_loader))))
+    loss.sum().backward()
+    snapshot = _snapshot(trainer)
+    trainer.sr = 0.0
+    trainer.optimizer_step()
+    reference = _gammas(trainer)
+    _restore(trainer, snapshot)
+    trainer.sr = sr
+    trainer.optimizer_step()
+
+    shrunk_channels = kept_channels = 0
+    for (name, bn), ref, got in zip(prunable_batchnorms(trainer.model), reference, _gammas(trainer)):
+        expected = ref.clone()
+        targets = plan.get(name, [])
+        amount = _group_lr(trainer, bn.weight) * sr
+        expected[targets] = ref[targets].sign() * (ref[targets].abs() - amount).clamp(min=0)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+        shrunk_channels += len(targets)
+        kept_channels += len(ref) - len(targets)
+    assert shrunk_channels > 0 and kept_channels > 0
 
 
 def test_step_skipped_by_amp_adds_no_penalty(train_args):

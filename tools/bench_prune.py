@@ -134,6 +134,19 @@ def main() -> None:
         help="how sr decays over the sparsity epochs (to zero at the last for linear and cosine)",
     )
     parser.add_argument(
+        "--targeted",
+        action="store_true",
+        help="penalise only the channels the prune to --stop-at-flops would remove (see yoloslim train --targeted; "
+        "stages -targeted)",
+    )
+    parser.add_argument(
+        "--sparse-recipe",
+        choices=("sparsity", "finetune"),
+        default="sparsity",
+        help="the sparsity stage's train recipe: yoloslim train's (default) or the finetune's, which the control "
+        "trains with (stages -ftrecipe)",
+    )
+    parser.add_argument(
         "--method",
         choices=("bn", "l1"),
         default="bn",
@@ -279,9 +292,11 @@ def main() -> None:
             stop_at_flops=args.stop_at_flops,
             round_to=args.round_to,
             min_keep=args.min_keep,
+            targeted=args.targeted,
         )
+        sparse_recipe = {**recipe, **(SPARSITY_TRAIN if args.sparse_recipe == "sparsity" else {})}
         points["sparse"] = args.sparse or _train(
-            out, f"sparse-{sparse_tag}", base, data, recipe, args.sparse_epochs, sparsity=sparsity
+            out, f"sparse-{sparse_tag}", base, data, sparse_recipe, args.sparse_epochs, sparsity=sparsity
         )
     source = points.get("sparse", base)
     # the control's budget is fixed; whatever the sparsity stage does not use (--method l1: all of it, --stop-at-flops:
@@ -327,7 +342,11 @@ def main() -> None:
     results["settings"] = {
         **vars(args),
         "recipe": recipe,
-        "sparsity": {**SPARSITY_TRAIN, "include_head": DEFAULT_SPARSITY.include_head},
+        "sparsity": {
+            **(SPARSITY_TRAIN if args.sparse_recipe == "sparsity" else FINETUNE_TRAIN),
+            "include_head": DEFAULT_SPARSITY.include_head,
+            "targeted": args.targeted,
+        },
         "weights": str(base),
         "data": str(data),
     }
@@ -404,7 +423,7 @@ def _train(
     if start and sparsity is not None:
         from yoloslim.sparsity import train_sparse
 
-        train_sparse(str(start[0]), sparsity, data=str(data), resume=start[1], **{**args, **SPARSITY_TRAIN})
+        train_sparse(str(start[0]), sparsity, data=str(data), resume=start[1], **args)
     elif start:
         from yoloslim.finetune import finetune
 
@@ -441,6 +460,7 @@ def _sparse_tag(args) -> str:
     if args.method == "l1" or args.sparse:
         return ""
     tag = f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
+    tag += ("-targeted" if args.targeted else "") + ("-ftrecipe" if args.sparse_recipe == "finetune" else "")
     if args.stop_at_flops is None:
         return tag
     # where the run stops depends on the prune it measures, so that prune's guards name the stage too
@@ -629,6 +649,10 @@ def _budgets(settings: dict) -> str:
         sparse = f"sparsity-trained checkpoint given ({settings['sparse']})"
     else:
         sparse = f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})"
+        if settings.get("targeted"):
+            sparse += ", targeted (only the channels the prune would remove paid it)"
+        if settings.get("sparse_recipe") == "finetune":
+            sparse += ", trained with the finetune recipe"
         if settings.get("stop_at_flops") is not None:
             sparse += (
                 f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the "

@@ -105,6 +105,12 @@ class SparsityConfig:
         "(checked each epoch; 0 trains all epochs)",
         metavar="FRACTION",
     )
+    # Targeted: the penalty falls only on the channels that a prune to stop_at_flops would remove if made now, chosen
+    # again at each epoch start by the later prune's own plan, so the channels it keeps train as in the control run
+    # instead of shrinking with the rest.
+    targeted: bool = option(
+        False, "penalise only the channels a prune to stop_at_flops would remove now (chosen each epoch)"
+    )
     zero_gamma: float = option(1e-2, "|gamma| below which a channel counts as zeroed, for stop_at_flops")
     round_to: int = option(8, "the rounding the later prune will use, for stop_at_flops")
     min_keep: float = option(0.1, "the later prune's per-layer minimum fraction, for stop_at_flops")
@@ -123,6 +129,8 @@ class SparsityConfig:
                 "stop_at_flops is the fraction of GFLOPs a prune of the zeroed channels keeps, in (0, 1), or 0 for "
                 f"no early stop; got {self.stop_at_flops}"
             )
+        if self.targeted and self.stop_at_flops is None:
+            raise YoloslimError("targeted sparsity aims at the prune to stop_at_flops; give stop_at_flops a fraction")
         if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
             raise YoloslimError(
                 f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "

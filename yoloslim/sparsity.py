@@ -80,9 +80,14 @@ def zeroed_flops_fraction(model: nn.Module, config: SparsityConfig, imgsz: int) 
     return result.after["gflops"] / result.before["gflops"]
 
 
+def shrunk(values: torch.Tensor, amount: float) -> torch.Tensor:
+    """Every entry's magnitude shrunk by `amount`, stopping at zero (the L1 proximal step)."""
+    return values.sign() * (values.abs() - amount).clamp_(min=0)
+
+
 def soft_threshold_(weight: torch.Tensor, amount: float) -> None:
     """In place: shrink every entry's magnitude by `amount`, stopping at zero."""
-    weight.copy_(weight.sign() * (weight.abs() - amount).clamp_(min=0))
+    weight.copy_(shrunk(weight, amount))
 
 
 def gamma_magnitudes(model: nn.Module, include_head: bool = False, names: list[str] | None = None) -> np.ndarray:
@@ -112,6 +117,8 @@ class SparsityCallback:
 
     def __call__(self, trainer) -> None:
         trainer.sr = self.config.sr_at(trainer.epoch, trainer.epochs)
+        if self.config.targeted:
+            trainer.select_targets()
 
 
 class SparsityTrainer(SafeDetectionTrainer):
@@ -135,6 +142,7 @@ class SparsityTrainer(SafeDetectionTrainer):
         else:
             self.add_callback("on_train_epoch_start", SparsityCallback(self.sparsity))
         self.sr = self.sparsity.sr_at(0, self.epochs)
+        self._targets: dict[str, torch.Tensor] | None = None  # targeted: name -> channels to shrink, this epoch
 
     @classmethod
     def with_config(cls, config: SparsityConfig | None):
@@ -159,8 +167,10 @@ class SparsityTrainer(SafeDetectionTrainer):
         optimizer = super().build_optimizer(model, *args, **kwargs)
         named = prunable_batchnorms(model, self.sparsity.include_head)
         self._penalised_names = [name for name, _ in named]
-        penalised = {id(bn.weight) for _, bn in named}
-        self._gamma_groups = [[p for p in g["params"] if id(p) in penalised] for g in optimizer.param_groups]
+        penalised = {id(bn.weight): name for name, bn in named}
+        self._gamma_groups = [
+            [(penalised[id(p)], p) for p in g["params"] if id(p) in penalised] for g in optimizer.param_groups
+        ]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
         # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
@@ -175,14 +185,44 @@ class SparsityTrainer(SafeDetectionTrainer):
     def _apply_sparsity(self, optimizer, args, kwargs) -> None:
         for group, gammas in zip(optimizer.param_groups, self._gamma_groups):
             amount = group["lr"] * self.sr
-            if amount > 0:
-                for weight in gammas:
+            if amount <= 0:
+                continue
+            for name, weight in gammas:
+                if self._targets is None:
                     soft_threshold_(weight, amount)
+                elif name in self._targets:
+                    targets = self._targets[name]
+                    weight[targets] = shrunk(weight[targets], amount)
+
+    def select_targets(self) -> None:
+        """Targeted sparsity: this epoch, only the channels that a prune to stop_at_flops would remove from the model
+        as it stands pay the penalty. The choice is the later prune's own plan (bn criterion, its rounding and
+        per-layer minimum), so the channels it keeps never shrink."""
+        from yoloslim.prune import PruneConfig, planned_removals
+
+        config = PruneConfig(
+            target_flops=self.sparsity.stop_at_flops,
+            round_to=self.sparsity.round_to,
+            min_keep=self.sparsity.min_keep,
+            imgsz=self.args.imgsz,
+            compensate=False,
+        )
+        removals = planned_removals(unwrap_model(self.model), config)
+        penalised = set(self._penalised_names)
+        device = next(self.model.parameters()).device
+        self._targets = {
+            name: torch.tensor(idxs, dtype=torch.long, device=device)
+            for name, idxs in removals.items()
+            if name in penalised
+        }
 
     # -- monitoring ------------------------------------------------------------------------------------------------
     def save_metrics(self, metrics):
         gammas = gamma_magnitudes(self.ema.ema, names=self._penalised_names)
-        super().save_metrics({**metrics, "sparsity/sr": self.sr, **self._stop_check(), **gamma_summary(gammas)})
+        targeted = {"sparsity/targeted": sum(len(t) for t in self._targets.values())} if self._targets else {}
+        super().save_metrics(
+            {**metrics, "sparsity/sr": self.sr, **targeted, **self._stop_check(), **gamma_summary(gammas)}
+        )
         history = record_gamma_histogram(self.save_dir / GAMMA_HISTORY, self.epoch, self.sr, gammas)
         if self.args.plots:
             plot_gamma_history(history, self.save_dir / GAMMA_PLOT)
@@ -231,6 +271,10 @@ class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
     def _stop_check(self) -> dict:
         with plain_classic(self.ema.ema):  # measured by a prune, which traces the model
             return super()._stop_check()
+
+    def select_targets(self) -> None:
+        with plain_classic(unwrap_model(self.model)):  # chosen by a prune's plan, which traces the model
+            super().select_targets()
 
 
 def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:

@@ -21,7 +21,7 @@ from torch import nn
 from yoloslim.graph import build_graph, conv_widths, model_stats
 from yoloslim.models.save import original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel as ClassicDetectionModel
-from yoloslim.prune.apply import apply_plan
+from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels
 from yoloslim.prune.importance import IMPORTANCES
 from yoloslim.prune.plan import (
     GroupPlan,
@@ -37,7 +37,7 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import atomic_path, output_path
 from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning"]
+__all__ = ["PruneConfig", "PruneResult", "prune", "prune_model", "plan_pruning", "planned_removals"]
 
 
 @dataclass
@@ -102,6 +102,18 @@ def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = N
         above = above_threshold(scores, threshold)
     plans = plan_groups(groups, scores, above, config)
     return Planned(graph, groups, scores, threshold, plans, _predicted_latency(model, graph, groups, plans, config))
+
+
+def planned_removals(model: nn.Module, config: PruneConfig) -> dict[str, list[int]]:
+    """The BatchNorm channels (by module name, coupled ones included) that pruning `model` with `config` would remove;
+    `model` is left alone."""
+    from yoloslim.prune.latency import resolve_rounding
+
+    model = deepcopy(model).float().cpu().eval()
+    planned = plan_pruning(model, resolve_rounding(config))
+    names = {module: name for name, module in model.named_modules()}
+    removed = removed_batchnorm_channels(planned.graph, planned.groups, planned.plans)
+    return {names[bn]: sorted(set(idxs)) for bn, idxs in removed.items() if idxs}
 
 
 def _plan_for_latency(model, graph, groups, scores, config) -> Planned:
