@@ -141,6 +141,18 @@ def _gammas(trainer):
     return [bn.weight.detach().clone() for _, bn in prunable_batchnorms(trainer.model)]
 
 
+def _steps_without_and_with(trainer, sr):
+    """Gammas after one optimizer step without the penalty and, from the same state, after one with sr."""
+    snapshot = _snapshot(trainer)
+    trainer.sr = 0.0
+    trainer.optimizer_step()
+    reference = _gammas(trainer)
+    _restore(trainer, snapshot)
+    trainer.sr = sr
+    trainer.optimizer_step()
+    return reference, _gammas(trainer)
+
+
 def _group_lr(trainer, weight):
     return next(g["lr"] for g in trainer.optimizer.param_groups if any(p is weight for p in g["params"]))
 
@@ -164,15 +176,7 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch):
     trainer.scaler.scale(loss.sum() * 100).backward()  # large gradients, so the norm clip at 10 is active
     unscaled_norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]))
     assert unscaled_norm / trainer.scaler.get_scale() > 10
-    snapshot = _snapshot(trainer)
-
-    trainer.sr = 0.0
-    trainer.optimizer_step()
-    reference = _gammas(trainer)
-    _restore(trainer, snapshot)
-    trainer.sr = sr
-    trainer.optimizer_step()
-    penalised = _gammas(trainer)
+    reference, penalised = _steps_without_and_with(trainer, sr)
 
     batchnorms = [bn for _, bn in prunable_batchnorms(trainer.model)]
     changed = 0
@@ -203,16 +207,10 @@ def test_targeted_penalty_falls_only_on_the_planned_removals(train_args):
     }
     loss, _ = trainer.model(trainer.preprocess_batch(next(iter(trainer.train_loader))))
     loss.sum().backward()
-    snapshot = _snapshot(trainer)
-    trainer.sr = 0.0
-    trainer.optimizer_step()
-    reference = _gammas(trainer)
-    _restore(trainer, snapshot)
-    trainer.sr = sr
-    trainer.optimizer_step()
+    reference, penalised = _steps_without_and_with(trainer, sr)
 
     shrunk_channels = kept_channels = 0
-    for (name, bn), ref, got in zip(prunable_batchnorms(trainer.model), reference, _gammas(trainer)):
+    for (name, bn), ref, got in zip(prunable_batchnorms(trainer.model), reference, penalised):
         expected = ref.clone()
         targets = plan.get(name, [])
         amount = _group_lr(trainer, bn.weight) * sr
