@@ -12,6 +12,10 @@ scale, the loss being multiplied by the batch size, gradient accumulation and gr
 sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
 on the epoch, so a resumed run continues it exactly.
 
+Targeted (SparsityConfig.targeted): at each epoch start the later prune's own plan for stop_at_flops, made from the
+model as it stands, names the channels it would remove, and only their gammas take the step; the channels the prune
+keeps train as without a penalty, so nothing of what the pruned model keeps is shrunk first.
+
 
 Settings travel with the run: a SparsityCallback in the trainer's callbacks carries them into DDP workers (Ultralytics
 rebuilds the trainer there from its class, arguments, model and callbacks), and every checkpoint stores them on its
