@@ -183,6 +183,22 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(classic_args):
         assert kept[-1] == pytest.approx(zeroed_flops_fraction(trainer.ema.ema, config, 64), abs=1e-4)
 
 
+def test_targeted_sparsity_chooses_the_prunes_removals_on_the_plain_classic_model(classic_args):
+    from yoloslim.prune import PruneConfig, planned_removals
+    from yoloslim.sparsity import SparsityConfig
+
+    require_classic_tracing()
+    config = SparsityConfig(targeted=True, stop_at_flops=0.9, round_to=1)
+    trainer = ClassicSparsityTrainer(overrides=dict(classic_args, optimizer="SGD"), sparsity=config)
+    trainer._setup_train()
+    trainer.select_targets()
+    assert type(trainer.model) is ClassicTrainingModel  # the plain model only while planning
+    with plain_classic(trainer.model):
+        plan = planned_removals(trainer.model, PruneConfig(target_flops=0.9, round_to=1, imgsz=trainer.args.imgsz))
+    chosen = {name: t.tolist() for name, t in trainer._targets.items()}
+    assert chosen and chosen == {n: i for n, i in plan.items() if n in trainer._penalised_names}
+
+
 class Interrupt(Exception):
     pass
 

@@ -106,6 +106,22 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     assert len(read_results(unreachable.save_dir)) == 6
 
 
+@pytest.mark.slow
+def test_targeted_run_zeroes_its_targets_stops_and_leaves_the_rest_unpenalised(train_args):
+    """A targeted run reaches the stop by shrinking only the planned removals, at an sr that would zero anything."""
+    args = dict(train_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
+    config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1, targeted=True)
+    stopped = train(args, config, name="targeted")
+    rows = read_results(stopped.save_dir)
+    assert len(rows) < 6 and rows[-1]["sparsity/zeroed_flops"] <= 0.9
+    assert all(row["sparsity/targeted"] > 0 for row in rows)
+    # what the last plan keeps was never zeroed (a zeroed channel scores lowest, so the plan would still remove it)
+    for name, bn in prunable_batchnorms(stopped.model, include_head=True):
+        kept = torch.ones(bn.num_features, dtype=torch.bool)
+        kept[stopped._targets.get(name, torch.tensor([], dtype=torch.long)).cpu()] = False
+        assert (bn.weight.detach()[kept].abs() > 1e-2).all(), name
+
+
 def test_the_stop_measures_the_prune_with_its_guards():
     from ultralytics.nn.tasks import DetectionModel
 
