@@ -177,8 +177,10 @@ class SparsityTrainer(SafeDetectionTrainer):
         ]
         # A post-step hook runs inside scaler.step() only when the optimizer really stepped, and before the EMA update.
         optimizer.register_step_post_hook(self._apply_sparsity)
-        # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD
-        if self.sparsity.sr > 0 and not isinstance(optimizer, (torch.optim.SGD, MuSGD)):
+        # MuSGD (Ultralytics' "auto" choice for long runs) steps 1-D parameters such as gammas by plain SGD; a targeted
+        # run needs no split from the optimizer, the plan makes it
+        splits = isinstance(optimizer, (torch.optim.SGD, MuSGD)) or self.sparsity.targeted
+        if self.sparsity.sr > 0 and not splits:
             LOGGER.warning(
                 f"Sparsity training with {type(optimizer).__name__}: it divides each gamma's loss gradient by its own "
                 "scale, so gammas shrink together instead of splitting into kept and prunable ones; pass optimizer=SGD."
