@@ -54,6 +54,9 @@ def test_slim_qat_trains_the_last_epoch_quantization_aware_and_exports_its_scale
         threads=1,
         qat=True,
         qat_target="cpu",
+        # one batch per epoch: two QAT epochs would accumulate into a single step in the second, and best.pt could be
+        # the first, untrained epoch
+        qat_epochs=1,
         project=str(tmp_path),
         name="run",
     )
