@@ -157,7 +157,9 @@ def test_sparsity_drives_gamma_towards_zero(classic_args):
     args = dict(classic_args, optimizer="SGD", lr0=0.01, epochs=3, val=False)
     runs = {}
     for name, sr in (("plain", 0.0), ("sparse", 3.0)):
-        runs[name] = ClassicSparsityTrainer(overrides=dict(args, name=name), sparsity=SparsityConfig(sr=sr))
+        runs[name] = ClassicSparsityTrainer(
+            overrides=dict(args, name=name), sparsity=SparsityConfig(targeted=False, sr=sr)
+        )
         runs[name].train()
     assert runs["sparse"]._penalised_names  # the classic model's BatchNorms were found and penalised
     for attr in ("model", "ema"):
@@ -172,7 +174,7 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(classic_args):
     from yoloslim.sparsity import SparsityConfig, zeroed_flops_fraction
 
     require_classic_tracing()
-    config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
+    config = SparsityConfig(targeted=False, sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
     args = dict(classic_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
     trainer = ClassicSparsityTrainer(overrides=args, sparsity=config)
     trainer.train()
@@ -273,7 +275,7 @@ def test_train_command_writes_the_originals_format_with_the_sparsity_record(cli,
 
     code, err, _ = cli(
         "train", "--weights", CHECKPOINT, "--data", classic_data, "--epochs", 1, "--batch", 4, "--sr", 0.5,
-        "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0",
+        "--stop-at-flops", 0.95, "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0",
     )  # fmt: skip
     assert code == 0, err
     run = tmp_path / "run"

@@ -81,7 +81,7 @@ def test_method_l1_prunes_the_input_without_sparsity_training(shipped_weights, t
     from yoloslim.prune import prune
 
     settings = dict(weights=str(shipped_weights), data=str(tiny_data), imgsz=64, project=str(tmp_path))
-    assert Pipeline(SlimConfig(**settings, name="default")).method == "bn"  # an Ultralytics model trains sparsity
+    assert Pipeline(SlimConfig(**settings, name="default")).config.method == "bn"  # the default trains sparsity
     pipeline = Pipeline(SlimConfig(**settings, method="l1", name="l1"))
     pipeline.finish("profile", {"table": None})
     pipeline.finish("sparse", pipeline.stage_sparse())

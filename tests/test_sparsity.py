@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from yoloslim.config import TARGETED_SR, UNIFORM_SR
 from yoloslim.sparsity import (
     GAMMA_HISTORY,
     GAMMA_PLOT,
@@ -55,6 +56,24 @@ def test_bad_settings_are_refused(bad):
         SparsityConfig(**bad)
 
 
+@pytest.mark.parametrize("targeted,sr,optimizer", [(True, TARGETED_SR, "auto"), (False, UNIFORM_SR, "SGD")])
+def test_each_route_trains_with_its_measured_strength_and_recipe(
+    shipped_weights, tiny_data, monkeypatch, targeted, sr, optimizer
+):
+    """train_sparse hands Ultralytics the route's recipe under the user's arguments, and sr defaults per route."""
+    from ultralytics.engine.model import Model
+
+    from yoloslim.sparsity import train_sparse
+
+    config = SparsityConfig(targeted=targeted)
+    assert config.sr == sr and SparsityConfig(targeted=targeted, sr=0.5).sr == 0.5
+    called = {}
+    monkeypatch.setattr(Model, "train", lambda self, **kwargs: called.update(kwargs))
+    train_sparse(str(shipped_weights), config, data=str(tiny_data), batch=2)
+    assert called["optimizer"] == optimizer and called["epochs"] == config.recipe().epochs
+    assert called["batch"] == 2  # the user's argument over the recipe's
+
+
 def test_schedules_start_at_sr_and_end_at_final_ratio():
     for schedule in ("linear", "cosine"):
         config = SparsityConfig(sr=1e-2, schedule=schedule, final_ratio=0.1)
@@ -84,8 +103,8 @@ def test_head_batchnorms_are_excluded_unless_asked():
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_sparsity_drives_gamma_towards_zero(train_args, optimizer):
     args = dict(train_args, optimizer=optimizer, lr0=0.01, epochs=3)
-    plain = train(args, SparsityConfig(sr=0.0), name="plain")
-    sparse = train(args, SparsityConfig(sr=3.0), name="sparse")
+    plain = train(args, SparsityConfig(targeted=False, sr=0.0), name="plain")
+    sparse = train(args, SparsityConfig(targeted=False, sr=3.0), name="sparse")
     for attr in ("model", "ema"):  # the live model and the saved EMA both move
         g_plain = gamma_magnitudes(plain.model if attr == "model" else plain.ema.ema)
         g_sparse = gamma_magnitudes(sparse.model if attr == "model" else sparse.ema.ema)
@@ -95,13 +114,15 @@ def test_sparsity_drives_gamma_towards_zero(train_args, optimizer):
 @pytest.mark.slow
 def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     args = dict(train_args, optimizer="SGD", lr0=0.01, epochs=6, val=False)
-    config = SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
+    config = SparsityConfig(targeted=False, sr=30.0, include_head=True, stop_at_flops=0.9, round_to=1)
     stopped = train(args, config, name="stopped")
     kept = [row["sparsity/zeroed_flops"] for row in read_results(stopped.save_dir)]
     assert len(kept) < 6 and kept[-1] <= 0.9 and all(k > 0.9 for k in kept[:-1])
     assert kept[-1] == pytest.approx(zeroed_flops_fraction(stopped.ema.ema, config, 64), abs=1e-4)
     unreachable = train(
-        args, SparsityConfig(sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1), name="unreachable"
+        args,
+        SparsityConfig(targeted=False, sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1),
+        name="unreachable",
     )
     assert len(read_results(unreachable.save_dir)) == 6
 
@@ -182,7 +203,7 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch):
     sr = 0.5
     trainer = SparsityTrainer(
         overrides=dict(train_args, optimizer=optimizer, lr0=0.02, batch=batch),
-        sparsity=SparsityConfig(sr=sr),
+        sparsity=SparsityConfig(targeted=False, sr=sr),
     )
     trainer._setup_train()
     # Ultralytics turns AMP off on the CPU; an enabled scaler with a large scale exercises the unscale path.
@@ -203,6 +224,13 @@ def test_one_step_penalty_matches_definition(train_args, optimizer, batch):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
         changed += int((got != ref).sum())
     assert changed > 0
+
+
+def test_a_targeted_stop_out_of_the_models_reach_is_refused_before_the_first_step(train_args):
+    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(stop_at_flops=0.01))
+    trainer._setup_train()
+    with pytest.raises(YoloslimError, match="stop_at_flops 0.01, out of this model's reach.*--no-targeted"):
+        trainer.select_targets()
 
 
 def test_targeted_penalty_falls_only_on_the_planned_removals(train_args):
@@ -238,7 +266,7 @@ def test_targeted_penalty_falls_only_on_the_planned_removals(train_args):
 
 
 def test_step_skipped_by_amp_adds_no_penalty(train_args):
-    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(sr=1.0))
+    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(targeted=False, sr=1.0))
     trainer._setup_train()
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, enabled=True)
     loss, _ = trainer.model(trainer.preprocess_batch(next(iter(trainer.train_loader))))
@@ -269,7 +297,7 @@ def _interrupt_after_epoch(epoch):
 def test_resume_continues_schedule_with_checkpoint_settings(train_args):
     from ultralytics import YOLO
 
-    config = SparsityConfig(sr=0.2, schedule="linear", final_ratio=0.25)
+    config = SparsityConfig(targeted=False, sr=0.2, schedule="linear", final_ratio=0.25)
     first = SparsityTrainer(overrides=dict(train_args, epochs=3, plots=True, save_period=1), sparsity=config)
     first.add_callback("on_model_save", _interrupt_after_epoch(0))
     with pytest.raises(Interrupt):
@@ -305,7 +333,7 @@ def test_ddp_round_trip_keeps_settings(train_args):
     from ultralytics.utils.dist import generate_ddp_file
     from ultralytics.utils.patches import torch_load
 
-    config = SparsityConfig(sr=7e-4, schedule="cosine", final_ratio=0.5, include_head=True)
+    config = SparsityConfig(targeted=False, sr=7e-4, schedule="cosine", final_ratio=0.5, include_head=True)
     trainer = SparsityTrainer(overrides=train_args, sparsity=config)
     script = Path(generate_ddp_file(trainer))
     state_file = script.with_suffix(".pt")
@@ -338,7 +366,7 @@ def test_best_checkpoint_is_the_latest_epoch(train_args, monkeypatch):
         return metrics, fitness
 
     monkeypatch.setattr(BaseTrainer, "validate", falling_fitness)
-    trainer = train(train_args, SparsityConfig(sr=0.1))
+    trainer = train(train_args, SparsityConfig(targeted=False, sr=0.1))
     best, last = (torch.load(path, weights_only=False)["model"].state_dict() for path in (trainer.best, trainer.last))
     assert all(torch.equal(best[k], last[k]) for k in last)
 
@@ -347,7 +375,7 @@ def test_best_checkpoint_is_the_latest_epoch(train_args, monkeypatch):
 def test_interrupted_save_leaves_previous_checkpoint_resumable(train_args, monkeypatch):
     from ultralytics import YOLO
 
-    trainer = SparsityTrainer(overrides=dict(train_args, epochs=3), sparsity=SparsityConfig(sr=0.1))
+    trainer = SparsityTrainer(overrides=dict(train_args, epochs=3), sparsity=SparsityConfig(targeted=False, sr=0.1))
     real_write = Path.write_bytes
     saves = []
 

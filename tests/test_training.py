@@ -24,7 +24,9 @@ def test_a_kill_during_the_final_strip_leaves_last_pt_whole(train_args, monkeypa
             raise Interrupt
         return real_save(obj, f, *args, **kwargs)
 
-    trainer = SparsityTrainer(overrides=dict(train_args, epochs=1), sparsity=SparsityConfig(sr=0, stop_at_flops=0))
+    trainer = SparsityTrainer(
+        overrides=dict(train_args, epochs=1), sparsity=SparsityConfig(targeted=False, sr=0, stop_at_flops=0)
+    )
     monkeypatch.setattr(torch, "save", killed_while_stripping)
     with pytest.raises(Interrupt):
         trainer.train()
@@ -38,5 +40,7 @@ def test_a_checkpoint_of_an_earlier_release_resumes_with_the_settings_it_still_h
     """Checkpoints written before `weighting` was removed still name it; resuming them must not fail on it."""
     saved = {"sr": 0.2, "schedule": "linear", "final_ratio": 0.5, "include_head": True, "weighting": "uniform"}
     monkeypatch.setattr(SparsityTrainer, "lineage", lambda self: {"sparsity": saved})
-    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(sr=0.1))
-    assert trainer._config_from_checkpoint() == SparsityConfig(sr=0.2, schedule="linear", final_ratio=0.5)
+    trainer = SparsityTrainer(overrides=train_args, sparsity=SparsityConfig(targeted=False, sr=0.1))
+    assert trainer._config_from_checkpoint() == SparsityConfig(
+        sr=0.2, schedule="linear", final_ratio=0.5, targeted=False
+    )  # stored before targeted existed: a uniform run

@@ -64,6 +64,9 @@ from yoloslim.config import (  # noqa: E402
     FINETUNE_RECIPE,
     SCHEDULES,
     SPARSITY_RECIPE,
+    TARGETED_SR,
+    UNIFORM_SPARSITY_RECIPE,
+    UNIFORM_SR,
     PruneConfig,
     SparsityConfig,
 )
@@ -74,9 +77,9 @@ from yoloslim.utils.files import write_text_atomic  # noqa: E402
 # same machine repeats exactly, and the mosaic closed for the last 5 epochs, as in every run recorded in
 # docs/benchmarks.md.
 COMMON = dict(workers=0, seed=0, close_mosaic=5, plots=True)
-# The measured recipe (yoloslim/config.py): the Ultralytics train arguments of each stage, the epochs being the tool's
-# own options.
-SPARSITY_TRAIN = {k: v for k, v in SPARSITY_RECIPE.train_args().items() if k != "epochs"}
+# The measured recipes (yoloslim/config.py): the Ultralytics train arguments of each stage, the epochs being the tool's
+# own options. A targeted sparsity stage trains with the finetune's (SPARSITY_RECIPE), a uniform one with SGD's.
+SGD_TRAIN = {k: v for k, v in UNIFORM_SPARSITY_RECIPE.train_args().items() if k != "epochs"}
 FINETUNE_TRAIN = {k: v for k, v in FINETUNE_RECIPE.train_args().items() if k != "epochs"}
 DEFAULT_SPARSITY = SparsityConfig()
 DEFAULT_PRUNE = PruneConfig()
@@ -125,7 +128,9 @@ def main() -> None:
         help="per-layer minimum fraction of channels kept (see yoloslim prune --min-keep)",
     )
     parser.add_argument(
-        "--sr", type=float, default=DEFAULT_SPARSITY.sr, help="sparsity strength (see yoloslim train --sr)"
+        "--sr",
+        type=float,
+        help=f"sparsity strength (see yoloslim train --sr; default {TARGETED_SR} targeted, {UNIFORM_SR} uniform)",
     )
     parser.add_argument(
         "--sr-schedule",
@@ -135,16 +140,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--targeted",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_SPARSITY.targeted,
         help="penalise only the channels the prune to --stop-at-flops would remove (see yoloslim train --targeted; "
-        "stages -targeted)",
+        "stages -targeted); --no-targeted: every prunable gamma",
     )
     parser.add_argument(
         "--sparse-recipe",
-        choices=("sparsity", "finetune"),
-        default="sparsity",
-        help="the sparsity stage's train recipe: yoloslim train's (default) or the finetune's, which the control "
-        "trains with (stages -ftrecipe)",
+        choices=("sgd", "finetune"),
+        help="the sparsity stage's train recipe: the finetune's, which the control trains with (stages -ftrecipe), "
+        "or the uniform penalty's SGD one (default: the route's, as in yoloslim train)",
     )
     parser.add_argument(
         "--method",
@@ -255,6 +260,11 @@ def main() -> None:
     if not args.ratios and not args.target_flops and not args.target_latency:
         args.target_flops = [DEFAULT_TARGET_FLOPS]
     args.ratios = args.ratios or []
+    if args.targeted and args.stop_at_flops is None and args.method == "bn":
+        parser.error("a targeted stage aims at its prune to --stop-at-flops: give a fraction, or add --no-targeted")
+    if args.sr is None:
+        args.sr = TARGETED_SR if args.targeted else UNIFORM_SR
+    args.sparse_recipe = args.sparse_recipe or ("finetune" if args.targeted else "sgd")
 
     from yoloslim.bench import cpu_name, cpu_vector_isa
     from yoloslim.cli import parse_overrides
@@ -294,7 +304,7 @@ def main() -> None:
             min_keep=args.min_keep,
             targeted=args.targeted,
         )
-        sparse_recipe = {**recipe, **(SPARSITY_TRAIN if args.sparse_recipe == "sparsity" else {})}
+        sparse_recipe = {**recipe, **(SGD_TRAIN if args.sparse_recipe == "sgd" else {})}
         points["sparse"] = args.sparse or _train(
             out, f"sparse-{sparse_tag}", base, data, sparse_recipe, args.sparse_epochs, sparsity=sparsity
         )
@@ -343,7 +353,7 @@ def main() -> None:
         **vars(args),
         "recipe": recipe,
         "sparsity": {
-            **(SPARSITY_TRAIN if args.sparse_recipe == "sparsity" else FINETUNE_TRAIN),
+            **(SGD_TRAIN if args.sparse_recipe == "sgd" else FINETUNE_TRAIN),
             "include_head": DEFAULT_SPARSITY.include_head,
             "targeted": args.targeted,
         },

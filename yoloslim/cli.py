@@ -86,14 +86,17 @@ def _settings_from(settings: type, args: argparse.Namespace):
 
 
 def _add_train(commands) -> None:
-    from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
+    from yoloslim.config import SPARSITY_RECIPE, UNIFORM_SPARSITY_RECIPE, SparsityConfig
 
+    uniform = " ".join(f"{k}={v}" for k, v in UNIFORM_SPARSITY_RECIPE.train_args().items())
     sub = commands.add_parser(
         "train",
         help="sparsity training (L1 on BatchNorm gamma) of a detection model",
         description="Sparsity training: Ultralytics training plus an L1 penalty on BatchNorm scale factors. With no "
-        "option it runs the measured recipe and stops once a prune to half the GFLOPs is free. Extra Ultralytics "
-        "train arguments pass through as key=value (e.g. lr0=0.005 close_mosaic=5).",
+        "option it runs the measured recipe: the penalty falls on the channels a prune to half the GFLOPs would "
+        "remove, and the run stops once that prune is free. --no-targeted penalises every gamma and trains with "
+        f"that route's recipe ({uniform}). Extra Ultralytics train arguments pass through as key=value (e.g. "
+        "lr0=0.005 close_mosaic=5).",
     )
     sub.add_argument("--weights", help=f"detection checkpoint to train (default: the shipped {BASELINE})")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")

@@ -10,8 +10,7 @@ stage then prunes to.
 method l1 skips sparsity training: the input is pruned by filter L1 norm and the finetune gets the whole budget.
 
 A checkpoint of the original YOLOv5 repository (anchor-based head) runs every stage: its training stages use the
-classic trainer, and the run's checkpoints stay in its format. Its default method is l1 (CLASSIC_SLIM_METHOD): the
-recipe's sparsity collapses such a model. qat and the latency targets are refused for it before
+classic trainer, and the run's checkpoints stay in its format. qat and the latency targets are refused for it before
 any work (its head has no QAT placement; its ONNX lacks the convolution names a latency table matches); slim never
 distills.
 
@@ -79,7 +78,6 @@ class Pipeline:
         classic = isinstance(model, ClassicDetectionModel)
         if classic:
             self._check_classic()
-        self.method = config.pruning_method(classic)
         if config.latency_table:  # a table of another model, size or an unreachable target: refused before any work
             self.latency_prune(config.latency_table, model)
         self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
@@ -114,7 +112,7 @@ class Pipeline:
 
     def _check_qat(self, model, ckpt: dict) -> None:
         """Refuses a budget that may leave the finetune no float epoch before its quantization-aware ones."""
-        trains_sparsity = self.method == "bn" and not looks_sparsity_trained(ckpt, model)
+        trains_sparsity = self.config.method == "bn" and not looks_sparsity_trained(ckpt, model)
         sparse = self.sparse_epochs() if trains_sparsity else 0
         if self.budget - sparse <= self.config.qat_epochs:
             raise YoloslimError(
@@ -161,7 +159,7 @@ class Pipeline:
                 "the run's size or set imgsz to the table's"
             )
         model = model if model is not None else load_detection_checkpoint(self.input, classic=True)[0]
-        return prune_model(model, self.config.prune_config(self.imgsz, table, self.method))
+        return prune_model(model, self.config.prune_config(self.imgsz, table, self.config.method))
 
     def stage_profile(self) -> dict:
         """The latency table for a latency target: the given one copied into the run, or this model profiled on this
@@ -210,7 +208,7 @@ class Pipeline:
         from yoloslim.utils.checks import load_detection_checkpoint
         from yoloslim.utils.training import resume_point
 
-        if self.method == "l1":
+        if self.config.method == "l1":
             self.log("slim: method l1 prunes the input as it is; skipping sparsity training")
             return {"weights": str(self.input), "skipped": True, "epochs": 0}
         model, ckpt = load_detection_checkpoint(self.input, classic=True)
@@ -232,7 +230,7 @@ class Pipeline:
 
         out = self.run / "pruned.pt"
         out.unlink(missing_ok=True)  # a pruning interrupted before its rename left nothing; redo it whole
-        config = self.config.prune_config(self.imgsz, self.done("profile")["table"], self.method)
+        config = self.config.prune_config(self.imgsz, self.done("profile")["table"], self.config.method)
         result = prune(self.done("sparse")["weights"], config, out=out)
         return {
             "weights": str(out),

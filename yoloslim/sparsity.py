@@ -42,6 +42,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from yoloslim import graph
 from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
 from yoloslim.models.train import ClassicTraining, plain_classic
+from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
 from yoloslim.utils.plots import plot_gamma_history
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
@@ -164,7 +165,8 @@ class SparsityTrainer(SafeDetectionTrainer):
             return None
         # settings that earlier releases stored and this one no longer has (the removed `weighting`) are dropped
         known = {f.name for f in dataclasses.fields(SparsityConfig)}
-        return SparsityConfig(**{k: v for k, v in saved.items() if k in known})
+        # settings stored before targeted existed, or became the default, are a uniform run's
+        return SparsityConfig(**{"targeted": False, **{k: v for k, v in saved.items() if k in known}})
 
     # -- the penalty -----------------------------------------------------------------------------------------------
     def build_optimizer(self, model, *args, **kwargs):
@@ -213,7 +215,13 @@ class SparsityTrainer(SafeDetectionTrainer):
             imgsz=self.args.imgsz,
             compensate=False,
         )
-        removals = planned_removals(unwrap_model(self.model), config)
+        try:
+            removals = planned_removals(unwrap_model(self.model), config)
+        except YoloslimError as e:  # at the first epoch's start, before any step: nothing is lost
+            raise YoloslimError(
+                f"targeted sparsity aims at a prune to stop_at_flops {self.sparsity.stop_at_flops}, out of this "
+                f"model's reach: {e}; or train with --no-targeted"
+            ) from None
         penalised = set(self._penalised_names)
         device = next(self.model.parameters()).device
         self._targets = {
@@ -297,9 +305,10 @@ def train_sparse(
     weights: str, config: SparsityConfig | None = None, data: str | None = None, resume: bool = False, **train_args
 ):
     """Sparsity-train `weights` (a detection .pt or model yaml); return Ultralytics' metrics. The API under
-    `yoloslim train`: `train_args` (Ultralytics train arguments) override SPARSITY_RECIPE's; imgsz defaults to the
-    checkpoint's own, as in Ultralytics. A checkpoint of the original YOLOv5 repository trains with the classic
-    trainer (yoloslim.models.train), and the run's final files are in its format."""
+    `yoloslim train`: `train_args` (Ultralytics train arguments) override the recipe of `config`'s route
+    (SparsityConfig.recipe); imgsz defaults to the checkpoint's own, as in Ultralytics. A checkpoint of the original
+    YOLOv5 repository trains with the classic trainer (yoloslim.models.train), and the run's final files are in its
+    format."""
     from ultralytics import YOLO
 
     from yoloslim.data import resolve_data
@@ -307,15 +316,16 @@ def train_sparse(
     from yoloslim.utils.checks import load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
+    recipe = (config or SparsityConfig()).recipe()
     if is_classic_checkpoint(weights):
         trainer = ClassicSparsityTrainer.with_config(config)
-        return train_classic(trainer, weights, dataset, resume, SPARSITY_RECIPE, **train_args)
+        return train_classic(trainer, weights, dataset, resume, recipe, **train_args)
     trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
         return resume_run(weights, trainer, dataset, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
-    return YOLO(weights).train(data=dataset, trainer=trainer, **{**SPARSITY_RECIPE.train_args(), **train_args})
+    return YOLO(weights).train(data=dataset, trainer=trainer, **{**recipe.train_args(), **train_args})
 
 
 __all__ = [
