@@ -76,3 +76,35 @@ def test_the_whole_front_runs_and_resumes(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in trained]
     tool.main([*argv, "--latency-table", str(tmp_path / "table.json"), "--targets", "0.6"])
     assert [p.stat().st_mtime_ns for p in trained] == stamps
+
+
+def test_an_arm_that_cannot_reach_the_target_is_reported_and_not_retried(tmp_path, monkeypatch):
+    """Torch-Pruning's method keeps the head whole: a deep target can be out of its reach. The other arms go on, the
+    verdict is kept for a rerun, and the table says which point is missing and why."""
+    from test_prune import random_model, save_as_ultralytics_would
+    from test_prune_latency import synthetic_table
+
+    from yoloslim.utils.errors import YoloslimError
+
+    tool = _tool()
+    weights = save_as_ultralytics_would(random_model(nc=3), tmp_path / "best.pt")
+    table = tmp_path / "table.json"
+    synthetic_table(weights, imgsz=64, out=table)
+    args = tool.argparse.Namespace(round_to=8)
+
+    def unreachable(*_, goal, **__):
+        raise YoloslimError(f"Torch-Pruning's method did not reach {goal} in 64 steps")
+
+    monkeypatch.setattr(tool.bench_torch_pruning, "torch_pruning_steps", unreachable)
+    prunes, missed = tool._prunes(tmp_path, weights, weights, table, 0.6, 64, args)
+    assert set(prunes) == {"latency", "flops"} and "did not reach 0.6" in missed["tp"]
+    monkeypatch.setattr(tool.bench_torch_pruning, "torch_pruning_steps", lambda *a, **k: pytest.fail("retried"))
+    assert tool._prunes(tmp_path, weights, weights, table, 0.6, 64, args) == (prunes, missed)
+
+    results = {
+        "settings": {"threads": [1], "command": "python tools/bench_front.py", "finetune_epochs": 1, "extra_epochs": 2},
+        "table": {"describe": "a table"},
+        "points": {},
+        "unreachable": {"tp-0.6": missed["tp"]},
+    }
+    assert f"- tp-0.6: not reached ({missed['tp']})" in tool.markdown(results)

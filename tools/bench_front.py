@@ -102,9 +102,11 @@ def main(argv=None) -> None:
     tune_epochs = args.extra_epochs - bench_prune._epochs_trained(sparse, args.extra_epochs)
     points = {"base": base, "control": control}
     references = {"control": "base"}
+    unreachable = {}
     for target in args.targets:
         tag = f"{target:g}"
-        prunes = _prunes(out, base, sparse, table_path, target, recipe["imgsz"], args)
+        prunes, missed = _prunes(out, base, sparse, table_path, target, recipe["imgsz"], args)
+        unreachable.update({f"{arm}-{tag}": why for arm, why in missed.items()})
         lane = args.lane or ARMS
         for arm in (arm for arm in prunes if arm in lane):
             epochs = args.extra_epochs if arm == "tp" else tune_epochs
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
             )
         if "scratch" in lane:
             points[f"scratch-{tag}"] = _scratch(out, base, data, table, target, args)
-        references.update({f"{arm}-{tag}": f"latency-{tag}" for arm in ARMS if arm != "latency"})
+        others = (f"{arm}-{tag}" for arm in ARMS if arm != "latency")
+        references.update({name: f"latency-{tag}" for name in others if name not in unreachable})
         references[f"latency-{tag}"] = "control"
     if args.lane:
         return
@@ -123,6 +126,7 @@ def main(argv=None) -> None:
         results["points"][name]["predicted"] = _predicted(path, table)
     results["settings"] = {**vars(args), "finetune_epochs": tune_epochs, "recipe": recipe, "command": _command(argv)}
     results["table"] = {"path": str(table_path), "describe": table.describe()}
+    results["unreachable"] = unreachable
     write_text_atomic(out / "front.json", json.dumps(results, indent=2, default=str))
     write_text_atomic(out / "front.md", markdown(results))
     print(markdown(results))
@@ -150,11 +154,13 @@ def _table(base: Path, out: Path, imgsz: int, args) -> Path:
     return out / "table.json"
 
 
-def _prunes(out: Path, base: Path, sparse: Path, table_path: Path, target: float, imgsz: int, args) -> dict:
-    """arm -> pruned checkpoint at this target, each made once."""
+def _prunes(out: Path, base: Path, sparse: Path, table_path: Path, target: float, imgsz: int, args):
+    """arm -> pruned checkpoint at this target, each made once; and arm -> why, for an arm that cannot reach it
+    (Torch-Pruning's method keeps the Detect head whole, whose latency a deep target leaves no room for)."""
     from yoloslim.config import PruneConfig
     from yoloslim.profile import LatencyTable
     from yoloslim.prune import prune
+    from yoloslim.utils.errors import YoloslimError
     from yoloslim.utils.training import read_checkpoint_extras
 
     tag = f"{target:g}"
@@ -166,9 +172,15 @@ def _prunes(out: Path, base: Path, sparse: Path, table_path: Path, target: float
         aim = read_checkpoint_extras(paths["latency"])["prune"]["latency"]["predicted"]
         flops = _matched_flops(sparse, common, aim)
         prune(sparse, PruneConfig(target_flops=flops, **common), out=paths["flops"])
-    if not paths["tp"].exists():
-        _torch_pruning(base, LatencyTable.load(table_path), target, imgsz, args.round_to, paths["tp"])
-    return paths
+    missed = paths["tp"].with_suffix(".unreachable")  # the attempt's verdict, kept so a rerun does not repeat it
+    if not paths["tp"].exists() and not missed.exists():
+        try:
+            _torch_pruning(base, LatencyTable.load(table_path), target, imgsz, args.round_to, paths["tp"])
+        except YoloslimError as e:
+            write_text_atomic(missed, str(e))
+    if missed.exists():
+        return {arm: path for arm, path in paths.items() if arm != "tp"}, {"tp": missed.read_text()}
+    return paths, {}
 
 
 def _matched_flops(sparse: Path, common: dict, aim: float) -> float:
@@ -328,6 +340,8 @@ def markdown(results: dict) -> str:
                 f"{row['speedup'][n] / row['gflops_reduction']:.2f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    missed = results.get("unreachable") or {}
+    lines += ["", *(f"- {name}: not reached ({why})" for name, why in missed.items())] if missed else []
     return "\n".join(lines) + "\n"
 
 
