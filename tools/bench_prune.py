@@ -69,6 +69,7 @@ from yoloslim.config import (  # noqa: E402
     UNIFORM_SR,
     PruneConfig,
     SparsityConfig,
+    route_sr,
 )
 from yoloslim.utils.assets import BASELINE, shipped_file  # noqa: E402
 from yoloslim.utils.files import write_text_atomic  # noqa: E402
@@ -262,8 +263,7 @@ def main() -> None:
     args.ratios = args.ratios or []
     if args.targeted and args.stop_at_flops is None and args.method == "bn":
         parser.error("a targeted stage aims at its prune to --stop-at-flops: give a fraction, or add --no-targeted")
-    if args.sr is None:
-        args.sr = TARGETED_SR if args.targeted else UNIFORM_SR
+    args.sr = route_sr(args.targeted) if args.sr is None else args.sr
     args.sparse_recipe = args.sparse_recipe or ("finetune" if args.targeted else "sgd")
 
     from yoloslim.bench import cpu_name, cpu_vector_isa

@@ -47,6 +47,13 @@ UNIFORM_SPARSITY_RECIPE = TrainRecipe(epochs=30, batch=8, optimizer="SGD", lr0=0
 # sr per route: the step is learning rate x sr, and AdamW's rate under optimizer=auto is about a fifth of SGD's 0.01
 TARGETED_SR = 3.0
 UNIFORM_SR = 0.1
+
+
+def route_sr(targeted: bool) -> float:
+    """The sr a route was measured with: what SparsityConfig takes when none is given."""
+    return TARGETED_SR if targeted else UNIFORM_SR
+
+
 # Finetuning a pruned model: Ultralytics' optimizer=auto, which for runs under 10,000 iterations is AdamW at
 # lr0 0.002 * 5 / (4 + classes) with the biases' warm-up from zero. The license-plate measurements (one class) ran at
 # its 0.002; on the six-class demo an explicit 0.002 lost 3.4 points in a 5-epoch finetune that auto's 0.0014 did not.
@@ -131,7 +138,7 @@ class SparsityConfig:
 
     def __post_init__(self):
         if self.sr is None:
-            object.__setattr__(self, "sr", TARGETED_SR if self.targeted else UNIFORM_SR)
+            object.__setattr__(self, "sr", route_sr(self.targeted))
         if not (isinstance(self.sr, (int, float)) and math.isfinite(self.sr) and self.sr >= 0):
             raise YoloslimError(
                 f"sr must be a finite number >= 0, got {self.sr}; the measured recipes use sr={TARGETED_SR} "
