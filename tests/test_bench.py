@@ -74,6 +74,19 @@ def test_bench_json_schema(shipped_weights, shipped_onnx, synthetic_data):
     assert "not measured" in bench_table(report)
 
 
+def test_ops_profiles_onnx_models_by_operator_type(shipped_weights, shipped_onnx, synthetic_data):
+    image = next((synthetic_data.parent / "images" / "val").glob("*.jpg"))
+    report = bench([shipped_weights, shipped_onnx], imgsz=320, threads=1, image=image, rounds=1, per_round=1, ops=True)
+    pt, ox = report["results"]
+    assert pt["operators"] is None  # ONNX Runtime's profiler only
+    times = ox["operators"]
+    assert list(times)[0] == "Conv" and all(ms > 0 for ms in times.values())
+    assert list(times.values()) == sorted(times.values(), reverse=True)
+    assert sum(times.values()) < 3 * ox["model"]["p50_ms"]  # one call's share, not the sum over the profiled calls
+    table = bench_table(report)
+    assert "| Conv | " in table and "| total | " in table and "(100%) |" in table
+
+
 def test_an_unreadable_source_image_is_named(shipped_weights, tmp_path):
     from yoloslim.utils.errors import YoloslimError
 

@@ -191,11 +191,13 @@ def bench(
     rounds: int = 20,
     per_round: int = 5,
     more_threads: tuple = (),
+    ops: bool = False,
 ) -> dict:
     """Model-only and end-to-end latency of each model at `threads`, all interleaved in one run; then, for each count
     in `more_threads`, the model alone in a run of its own (each result's "model_at", keyed by thread count; the
     environment lists them as "more_threads"); sizes and environment. The end-to-end timing decodes `image`, else the
-    first validation image of `data` (default: the embedded dataset)."""
+    first validation image of `data` (default: the embedded dataset). With `ops`, each ONNX model's time by operator
+    type at `threads` (its "operators", see operator_times; None for other backends)."""
     import os
 
     import cv2
@@ -220,6 +222,7 @@ def bench(
                 "end_to_end": e2e.as_dict(),
                 "fps_end_to_end": batch * e2e.fps,
                 **({"model_at": {str(n): t[f"{name}|model"].as_dict() for n, t in more.items()}} if more else {}),
+                **({"operators": _operators(Path(name), meta, threads, batch)} if ops else {}),
             }
         )
     env = {**environment(threads), **({"more_threads": list(more_threads)} if more_threads else {})}
@@ -245,6 +248,45 @@ def _time_models(
             variants[f"{path}|end_to_end"] = partial(_end_to_end, backend, image, batch, size)
         info[str(path)] = {"imgsz": size, "backend": type(backend).__name__}
     return compare_latency(variants, rounds=rounds, per_round=per_round), info
+
+
+def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, calls: int = 30) -> Dict[str, float]:
+    """Where an ONNX model's latency goes: ONNX Runtime's own profile of `calls` runs (after one warm-up run), its
+    kernels' times summed by operator type, in ms per call, largest first. Operator types are those of the graph
+    ONNX Runtime runs after its fusions (Conv with its activation fused reads as Conv and QuickGelu for SiLU)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    from yoloslim.runtime.backends import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: _input_like(session.get_inputs()[0].shape, batch, imgsz)}
+        for _ in range(calls + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    totals: Dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[1]:
+            op = e["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / calls
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _operators(path: Path, meta: dict, threads: int, batch: int) -> Optional[Dict[str, float]]:
+    return operator_times(path, threads, batch, meta["imgsz"]) if meta["backend"] == "OnnxRuntimeBackend" else None
+
+
+def _input_like(shape: list, batch: int, imgsz: int) -> np.ndarray:
+    """A random input of the model's own shape, its symbolic dimensions filled with `batch` and `imgsz`."""
+    dims = [d if isinstance(d, int) else (batch if i == 0 else imgsz) for i, d in enumerate(shape)]
+    return np.random.default_rng(0).random(dims, dtype=np.float32)
 
 
 def _end_to_end(backend, image: Path, batch: int, size: int):
@@ -280,9 +322,32 @@ def bench_table(report: dict) -> str:
             f"{r['size_mb']:.2f} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | "
             f"{r['fps_end_to_end']:.1f} |"
         )
+    lines += _operator_table(report["results"])
     env = report["environment"]
     lines.append(
         f"\n{env['cpu']}, {env['cores']} cores, {env['threads']} threads pinned; "
         f"TensorRT {env.get('TensorRT') or 'not installed'}"
     )
     return "\n".join(lines)
+
+
+def _operator_table(results: list, rows: int = 8) -> list:
+    """Markdown lines: ms per call and share of the profiled total for the operator types that take the most time in
+    the first profiled model, the rest summed as "other"; none where no model was profiled."""
+    profiled = [r for r in results if r.get("operators")]
+    if not profiled:
+        return []
+    top = list(profiled[0]["operators"])[:rows]
+    lines = [
+        "\nTime by operator type (ONNX Runtime's profiler), ms per call and share:\n",
+        "| operator | " + " | ".join(Path(r["weights"]).name for r in profiled) + " |",
+        "| --- |" + " ---: |" * len(profiled),
+    ]
+    for op in top + ["other", "total"]:
+        cells = []
+        for r in profiled:
+            times, total = r["operators"], sum(r["operators"].values())
+            ms = {"other": total - sum(times.get(t, 0.0) for t in top), "total": total}.get(op, times.get(op, 0.0))
+            cells.append(f"{ms:.2f} ({ms / total:.0%})")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return lines

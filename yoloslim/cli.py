@@ -446,6 +446,9 @@ def _add_bench(commands) -> None:
         help="dataset yaml whose first val image the end-to-end timing decodes (default: the "
         "embedded synthetic dataset)",
     )
+    sub.add_argument(
+        "--ops", action="store_true", help="also profile each ONNX model's time by operator type (ONNX Runtime)"
+    )
     sub.add_argument("--project", default="runs/bench")
     sub.add_argument("--name", default="bench")
     sub.set_defaults(run=_run_bench)
@@ -458,7 +461,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     from yoloslim.runtime.detect import new_run_dir
 
     report = bench(
-        args.weights, imgsz=args.imgsz, batch=args.batch, threads=args.threads, image=args.source, data=args.data
+        args.weights,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        threads=args.threads,
+        image=args.source,
+        data=args.data,
+        ops=args.ops,
     )
     run = new_run_dir(args.project, args.name)
     (run / "bench.json").write_text(json.dumps(report, indent=2))

@@ -28,19 +28,27 @@ class HeadOutput:
         return self.head == END_TO_END_HEAD
 
 
+def session_options(threads: int):
+    """ONNX Runtime session options for `threads` intra-op threads, as every timing and inference here uses them."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # ONNX Runtime's threads spin after each run by default; on a 2-core edge CPU (and when models are timed
+    # interleaved) the spinning steals the cores that preprocessing or the next model need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRuntimeBackend(HeadOutput):
     """ONNX Runtime on the CPU (or a provider the caller names), with its thread count pinned and recorded."""
 
     def __init__(self, path: str, threads: Optional[int] = None, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
         self.threads = threads or os.cpu_count() or 1
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # ONNX Runtime's threads spin after each run by default; on a 2-core edge CPU (and when models are timed
-        # interleaved) the spinning steals the cores that preprocessing or the next model need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(self.threads)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.input = self.session.get_inputs()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
