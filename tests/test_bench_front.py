@@ -70,6 +70,8 @@ def test_the_whole_front_runs_and_resumes(tmp_path):
     assert points["scratch-0.6"]["params"] < points["base"]["params"]
     assert model_latency(load_detection_checkpoint(out / "tp-0.6.pt")[0].float(), table)["predicted"] <= 0.6
     assert "| tp-0.6 |" in (out / "front.md").read_text()
+    assert all(point["operators_ms"]["Conv"] > 0 for point in points.values())
+    assert "Where the time goes at 1 thread(s)" in (out / "front.md").read_text()
 
     trained = sorted(out.glob("*/weights/best.pt"))
     assert len(trained) == 6  # sparse, control, three finetunes, scratch

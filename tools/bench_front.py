@@ -20,14 +20,14 @@ model's latency (the latency table `--latency-table`, or one `yoloslim profile` 
   model's: the table predicts widths, not layers), trained from scratch with the base's own training arguments for
   `--base-epochs` + `--extra-epochs`, the budget of the whole pruning pipeline;
 
-against the control, the unpruned model trained `--extra-epochs` more. Every point: params, GFLOPs, mAP50-95 with
-its 95% interval and its paired change against latency-T, and ONNX Runtime latency at batch 1 interleaved with the
-unpruned model at each `--threads`, pinned (the fraction of the unpruned latency, the speedup's interval over rounds,
-speedup / GFLOPs reduction). Every stage is skipped when its output exists and a training resumes from its last.pt:
-rerun the same command. `--lane ARM [ARM ...]` trains only those arms (of latency, flops, tp, scratch) and measures
-nothing: split the arms between two lanes on two cores, then the command without `--lane` measures on a quiet machine.
-Results: front.json and front.md in the run folder (default runs/bench/front/<weights name>).
-"""
+against the control, the unpruned model trained `--extra-epochs` more. Every point: params, GFLOPs, mAP50-95 with its
+95% interval and its paired change against latency-T, and ONNX Runtime latency at batch 1 interleaved with the unpruned
+model at each `--threads`, pinned (the fraction of the unpruned latency, the speedup's interval over rounds, speedup /
+GFLOPs reduction), and where its time goes at the first `--threads` (ONNX Runtime's profiler: the convolutions, which
+can follow the GFLOPs, against everything else). Every stage is skipped when its output exists and a training resumes
+from its last.pt: rerun the same command. `--lane ARM [ARM ...]` trains only those arms (of latency, flops, tp, scratch)
+and measures nothing: split the arms between two lanes on two cores, then the command without `--lane` measures on a
+quiet machine. Results: front.json and front.md in the run folder (default runs/bench/front/<weights name>). """
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_prune  # noqa: E402
 import bench_torch_pruning  # noqa: E402
 
+from yoloslim.bench import operator_times  # noqa: E402
 from yoloslim.utils.files import atomic_path, write_text_atomic  # noqa: E402
 
 # Arguments of the base's own training run that say where and how long, not how: the scratch model takes the rest.
@@ -124,6 +125,9 @@ def main(argv=None) -> None:
     results.pop("criteria")
     for name, path in points.items():
         results["points"][name]["predicted"] = _predicted(path, table)
+        results["points"][name]["operators_ms"] = operator_times(
+            Path(results["points"][name]["onnx"]), args.threads[0], imgsz=recipe["imgsz"]
+        )
     results["settings"] = {**vars(args), "finetune_epochs": tune_epochs, "recipe": recipe, "command": _command(argv)}
     results["table"] = {"path": str(table_path), "describe": table.describe()}
     results["unreachable"] = unreachable
@@ -340,9 +344,35 @@ def markdown(results: dict) -> str:
                 f"{row['speedup'][n] / row['gflops_reduction']:.2f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _time_split(results["points"], threads[0])
     missed = results.get("unreachable") or {}
     lines += ["", *(f"- {name}: not reached ({why})" for name, why in missed.items())] if missed else []
     return "\n".join(lines) + "\n"
+
+
+def _time_split(points: dict, threads: str) -> list:
+    """Markdown lines: each point's convolution time and the rest (ONNX Runtime's profiler), each as a speedup over
+    the base's; the convolutions' against the GFLOPs reduction, which they alone can follow."""
+    if "operators_ms" not in points.get("base", {}):
+        return []
+    base = points["base"]["operators_ms"]
+    base_conv, base_rest = base.get("Conv", 0.0), sum(base.values()) - base.get("Conv", 0.0)
+    lines = [
+        "",
+        f"Where the time goes at {threads} thread(s), ONNX Runtime's profiler (ms per call; speedup over the base):",
+        "",
+        "| point | Conv | Conv speedup ÷ GFLOPs reduction | everything else | largest others |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, row in points.items():
+        ops = row["operators_ms"]
+        conv, rest = ops.get("Conv", 0.0), sum(ops.values()) - ops.get("Conv", 0.0)
+        others = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:4] if op != "Conv")
+        lines.append(
+            f"| {name} | {conv:.2f} ({base_conv / conv:.2f}x) | {base_conv / conv / row['gflops_reduction']:.2f} | "
+            f"{rest:.2f} ({base_rest / rest:.2f}x) | {others} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -541,6 +541,7 @@ def _measure(
             "map_ci95": metrics.ci95["map"],
             "map50": metrics.map50,
             "weights": str(weights),
+            "onnx": str(onnx[name]),
             "gflops_reduction": None,
             "latency_ms_p50": {},
             "speedup": {},
