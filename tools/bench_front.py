@@ -27,7 +27,8 @@ GFLOPs reduction), and where its time goes at the first `--threads` (ONNX Runtim
 can follow the GFLOPs, against everything else). Every stage is skipped when its output exists and a training resumes
 from its last.pt: rerun the same command. `--lane ARM [ARM ...]` trains only those arms (of latency, flops, tp, scratch)
 and measures nothing: split the arms between two lanes on two cores, then the command without `--lane` measures on a
-quiet machine. Results: front.json and front.md in the run folder (default runs/bench/front/<weights name>). """
+quiet machine. Results: front.json and front.md in the run folder (default runs/bench/front/<weights name>).
+"""
 
 from __future__ import annotations
 
