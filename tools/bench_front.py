@@ -360,7 +360,8 @@ def _time_split(points: dict, threads: str) -> list:
     base_conv, base_rest = base.get("Conv", 0.0), sum(base.values()) - base.get("Conv", 0.0)
     lines = [
         "",
-        f"Where the time goes at {threads} thread(s), ONNX Runtime's profiler (ms per call; speedup over the base):",
+        f"Where the time goes at {threads} thread(s), ONNX Runtime's profiler (ms per call; speedup over the base; "
+        "the profiler slows small kernels, so its sums exceed the timed latency of the smaller models):",
         "",
         "| point | Conv | Conv speedup ÷ GFLOPs reduction | everything else | largest others |",
         "| --- | ---: | ---: | ---: | --- |",

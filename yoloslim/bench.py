@@ -253,7 +253,9 @@ def _time_models(
 def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, calls: int = 30) -> Dict[str, float]:
     """Where an ONNX model's latency goes: ONNX Runtime's own profile of `calls` runs (after one warm-up run), its
     kernels' times summed by operator type, in ms per call, largest first. Operator types are those of the graph
-    ONNX Runtime runs after its fusions (Conv with its activation fused reads as Conv and QuickGelu for SiLU)."""
+    ONNX Runtime runs after its fusions: a convolution with a fused ReLU reads as Conv, SiLU (never fused into the
+    convolution) as QuickGelu. Profiling slows small kernels, so the sum can exceed the timed latency of a small
+    model: compare shares and trends, not the last digit."""
     import json
     import tempfile
 
@@ -339,7 +341,8 @@ def _operator_table(results: list, rows: int = 8) -> list:
         return []
     top = list(profiled[0]["operators"])[:rows]
     lines = [
-        "\nTime by operator type (ONNX Runtime's profiler), ms per call and share:\n",
+        "\nTime by operator type (ONNX Runtime's profiler, which slows small kernels: compare shares), ms per call "
+        "and share:\n",
         "| operator | " + " | ".join(Path(r["weights"]).name for r in profiled) + " |",
         "| --- |" + " ---: |" * len(profiled),
     ]
