@@ -272,10 +272,10 @@ def _classic_checkpoint(classes: int, out: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "classic"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml", "classic"])
 def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monkeypatch):
-    """--smoke on a YOLOv8n, a YOLO11n and the original repository's anchor-based YOLOv5n: the stages, the control
-    and the criteria as for YOLOv5u, and a rerun that trains nothing again."""
+    """--smoke on a YOLOv8n, a YOLO11n, a YOLO26n and the original repository's anchor-based YOLOv5n: the stages, the
+    control and the criteria as for YOLOv5u, and a rerun that trains nothing again."""
     import json
     import sys
 
