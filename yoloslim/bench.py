@@ -255,7 +255,7 @@ def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, c
     kernels' times summed by operator type, in ms per call, largest first. Operator types are those of the graph
     ONNX Runtime runs after its fusions: a convolution with a fused ReLU reads as Conv, SiLU (never fused into the
     convolution) as QuickGelu. Profiling slows small kernels, so the sum can exceed the timed latency of a small
-    model: compare shares and trends, not the last digit."""
+    model: compare shares and trends, not the last digit. Input: (batch, 3, imgsz, imgsz), the model's own size."""
     import json
     import tempfile
 
@@ -268,7 +268,8 @@ def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, c
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: _input_like(session.get_inputs()[0].shape, batch, imgsz)}
+        x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+        feed = {session.get_inputs()[0].name: x}
         for _ in range(calls + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -283,12 +284,6 @@ def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, c
 
 def _operators(path: Path, meta: dict, threads: int, batch: int) -> Optional[Dict[str, float]]:
     return operator_times(path, threads, batch, meta["imgsz"]) if meta["backend"] == "OnnxRuntimeBackend" else None
-
-
-def _input_like(shape: list, batch: int, imgsz: int) -> np.ndarray:
-    """A random input of the model's own shape, its symbolic dimensions filled with `batch` and `imgsz`."""
-    dims = [d if isinstance(d, int) else (batch if i == 0 else imgsz) for i, d in enumerate(shape)]
-    return np.random.default_rng(0).random(dims, dtype=np.float32)
 
 
 def _end_to_end(backend, image: Path, batch: int, size: int):
