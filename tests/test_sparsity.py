@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ultralytics.cfg import DEFAULT_CFG
 
 from yoloslim.config import TARGETED_SR, UNIFORM_SR
 from yoloslim.sparsity import (
@@ -72,6 +73,10 @@ def test_each_route_trains_with_its_measured_strength_and_recipe(
     train_sparse(str(shipped_weights), config, data=str(tiny_data), batch=2)
     assert called["optimizer"] == optimizer and called["epochs"] == config.recipe().epochs
     assert called["batch"] == 2  # the user's argument over the recipe's
+    # at the recipe's own batch every batch is an optimizer step, and so a penalty step (Ultralytics accumulates
+    # gradients over nbs / batch batches): the measured stage lengths depend on it
+    recipe = config.recipe()
+    assert max(round((recipe.nbs or DEFAULT_CFG.nbs) / recipe.batch), 1) == 1
 
 
 def test_schedules_start_at_sr_and_end_at_final_ratio():

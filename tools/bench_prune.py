@@ -149,8 +149,9 @@ def main() -> None:
     parser.add_argument(
         "--sparse-recipe",
         choices=("sgd", "finetune"),
-        help="the sparsity stage's train recipe: the finetune's, which the control trains with (stages -ftrecipe), "
-        "or the uniform penalty's SGD one (default: the route's, as in yoloslim train)",
+        help="the sparsity stage's train recipe: the finetune's optimizer and batch, which the control trains with "
+        "(stages -ftrecipe; the penalty still steps every batch, nbs 8), or the uniform penalty's SGD one (default: "
+        "the route's, as in yoloslim train)",
     )
     parser.add_argument(
         "--method",
@@ -353,7 +354,7 @@ def main() -> None:
         **vars(args),
         "recipe": recipe,
         "sparsity": {
-            **(SGD_TRAIN if args.sparse_recipe == "sgd" else FINETUNE_TRAIN),
+            **_sparse_train_args(args),
             "include_head": DEFAULT_SPARSITY.include_head,
             "targeted": args.targeted,
         },
@@ -440,6 +441,14 @@ def _train(
         finetune(start[0], data=data, teacher=None if start[1] else teacher, resume=start[1], **args)
     (out / name / "done").write_text("")
     return run / "best.pt"
+
+
+def _sparse_train_args(args) -> dict:
+    """The Ultralytics arguments the sparsity stage trained with: its route's recipe under the chosen one, as
+    train_sparse lays them (so the finetune recipe keeps the route's one-step-per-batch nbs)."""
+    route = SparsityConfig(targeted=args.targeted).recipe().train_args()
+    route.pop("epochs")
+    return {**route, **(SGD_TRAIN if args.sparse_recipe == "sgd" else FINETUNE_TRAIN)}
 
 
 def _epochs_trained(best: Path, default: int) -> int:
@@ -663,7 +672,8 @@ def _budgets(settings: dict) -> str:
         if settings.get("targeted"):
             sparse += ", targeted (only the channels the prune would remove paid it)"
         if settings.get("sparse_recipe") == "finetune":
-            sparse += ", trained with the finetune recipe"
+            nbs = settings.get("sparsity", {}).get("nbs")
+            sparse += ", trained with the finetune recipe" + (f" at nbs {nbs}, a penalty step per batch" if nbs else "")
         if settings.get("stop_at_flops") is not None:
             sparse += (
                 f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the "
