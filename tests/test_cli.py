@@ -164,6 +164,18 @@ def test_arguments_with_their_own_option_are_refused_as_key_value(cli, detection
     assert_one_line_error(cli("finetune", "--weights", detection_pt, pair), "set by yoloslim", option)
 
 
+def test_a_caller_without_the_option_may_take_its_key_value():
+    """tools/bench_prune.py has no --batch: its --recipe takes batch=8, the CLI's key=value does not."""
+    from yoloslim.cli import parse_overrides
+    from yoloslim.utils.errors import YoloslimError
+
+    assert parse_overrides(["batch=8", "lr0=0.005"], allow=("batch",)) == {"batch": 8, "lr0": 0.005}
+    with pytest.raises(YoloslimError, match="--batch"):
+        parse_overrides(["batch=8"])
+    with pytest.raises(YoloslimError, match="--data"):
+        parse_overrides(["data=other.yaml"], allow=("batch",))
+
+
 def test_resume_of_a_missing_or_unreadable_run_is_a_one_line_error(cli, tmp_path):
     assert_one_line_error(cli("finetune", "--weights", tmp_path / "last.pt", "--resume"), "does not exist")
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")

@@ -272,7 +272,7 @@ def main() -> None:
     from yoloslim.data import resolve_data
 
     base = args.weights or shipped_file("weights", BASELINE)
-    changed = parse_overrides(args.recipe_changes)
+    changed = parse_overrides(args.recipe_changes, allow=("batch",))  # the tool has no --batch
     recipe = {**COMMON, "imgsz": args.imgsz or _trained_imgsz(base), **FINETUNE_TRAIN, **changed}
     recipe_tag = _recipe_tag(changed)
     data = resolve_data(args.data)

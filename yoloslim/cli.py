@@ -537,9 +537,9 @@ _OWN_OPTION = {
 }
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict:
+def parse_overrides(pairs: Sequence[str], allow: Sequence[str] = ()) -> dict:
     """Turn `key=value` words into Ultralytics arguments, refusing keys Ultralytics does not know and keys that
-    yoloslim's own options set."""
+    yoloslim's own options set, except those in `allow` (a caller without that option)."""
     import yaml
     from ultralytics.utils import DEFAULT_CFG_KEYS
 
@@ -548,7 +548,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise YoloslimError(f"argument {pair!r} is not key=value; write it like lr0=0.002")
-        if key in _OWN_OPTION:
+        if key in _OWN_OPTION and key not in allow:
             raise YoloslimError(f"{key}= is set by yoloslim; use {_OWN_OPTION[key]} instead")
         if key not in DEFAULT_CFG_KEYS:
             raise YoloslimError(f"{key!r} is not an Ultralytics train argument; run 'yolo cfg' to list them")
