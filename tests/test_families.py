@@ -178,15 +178,23 @@ def test_sparsity_penalises_only_prunable_batchnorms():
     assert {"model.10.m.0.ffn.0.bn", "model.10.cv2.bn", "model.23.cv3.0.0.0.bn"} <= names
 
 
-def test_gflops_count_the_head_branch_that_inference_runs():
-    """A deployed end-to-end model keeps one branch of its head; the other must not count towards --target-flops."""
+def test_gflops_count_the_head_branch_that_is_deployed():
+    """A deployed end-to-end model keeps one branch of its head, the one-to-one branch that yoloslim exports; the
+    other must not count towards --target-flops. After a prune the two branches differ in width."""
     from ultralytics.utils.torch_utils import get_flops
 
     model = random_model(cfg="yolo26n.yaml")
-    one_branch = deepcopy(model)
-    one_branch.model[-1].fuse()  # what Ultralytics does before inference: drops the branch end2end does not select
+    planned = plan_pruning(model, PruneConfig(ratio=0.5, imgsz=64))
+    apply_plan(model, planned.graph, planned.groups, planned.plans, compensate=False)
+    kept = {}
+    for end2end in (True, False):
+        one_branch = deepcopy(model)
+        one_branch.model[-1].end2end = end2end
+        one_branch.model[-1].fuse()  # what Ultralytics does before inference: drops the branch not selected
+        kept[end2end] = get_flops(one_branch, 64)
+    assert kept[True] != pytest.approx(kept[False], abs=1e-4)
     stats = model_stats(model, 64)
-    assert stats["gflops"] == pytest.approx(get_flops(one_branch, 64), abs=1e-4)
+    assert stats["gflops"] == pytest.approx(kept[True], abs=1e-4)
     assert stats["gflops"] < get_flops(model, 64)
     assert stats["params"] == sum(p.numel() for p in model.parameters())
 
@@ -280,7 +288,7 @@ def assert_runtime_reads_end_to_end_output_as_ultralytics(onnx_path: Path, weigh
     import cv2
     from ultralytics import YOLO
 
-    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.backends import OnnxRuntimeBackend, TorchBackend
     from yoloslim.runtime.postprocess import postprocess
     from yoloslim.runtime.preprocess import preprocess
 
@@ -293,7 +301,19 @@ def assert_runtime_reads_end_to_end_output_as_ultralytics(onnx_path: Path, weigh
     assert len(ours) == len(theirs) > 10
     rows = np.concatenate([ours.boxes, ours.scores[:, None], ours.classes[:, None]], 1)
     want = np.concatenate([theirs.xyxy.numpy(), theirs.conf.numpy()[:, None], theirs.cls.numpy()[:, None]], 1)
-    nearest = np.abs(rows[:, None] - want[None]).max(-1).argmin(0)  # near-equal scores may come in another order
+    assert_same_rows(rows, want)
+    # the checkpoint itself, as `yoloslim eval` runs it, reads the same branch as its export (Ultralytics' own default
+    # for a .pt is the one-to-many branch with NMS)
+    torch_backend = TorchBackend(weights)
+    assert torch_backend.end_to_end
+    det = postprocess(torch_backend(batch), boxes, conf=0.001, end_to_end=True)[0]
+    assert_same_rows(np.concatenate([det.boxes, det.scores[:, None], det.classes[:, None]], 1), rows)
+
+
+def assert_same_rows(rows: np.ndarray, want: np.ndarray) -> None:
+    """The same detections (x1, y1, x2, y2, score, class), in whatever order near-equal scores came."""
+    assert len(rows) == len(want)
+    nearest = np.abs(rows[:, None] - want[None]).max(-1).argmin(0)
     assert len(set(nearest.tolist())) == len(want)
     np.testing.assert_allclose(rows[nearest], want, atol=0.05)
 

@@ -386,15 +386,23 @@ def group_in_convs(graph: tp.DependencyGraph, group: ChannelGroup):
     return _group_layers(graph, group, nn.Conv2d, outputs=False)
 
 
+def has_one_to_one_branch(model: nn.Module) -> bool:
+    """Whether the head has an NMS-free one-to-one branch (YOLO26, YOLOv10). yoloslim deploys, evaluates and counts
+    that branch, what the end-to-end design is for; Ultralytics selects it only when told (end2end, or nms=False), its
+    default being the one-to-many branch with an external NMS."""
+    return getattr(model.model[-1], "one2one_cv2", None) is not None
+
+
 def model_stats(model: nn.Module, imgsz: int) -> dict:
     """Parameters (all the checkpoint holds) and GFLOPs at `imgsz` (Ultralytics' own count, so figures match its
     model summary). In PyTorch an end-to-end head runs both branches, but a deployed model keeps one (Ultralytics'
-    fuse drops the other), so only the branch that the model's `end2end` selects is counted."""
+    fuse drops the other): only the one-to-one branch, the one yoloslim exports, is counted."""
     from ultralytics.utils.torch_utils import get_flops
 
     counted = model
-    if len(_head_branches(model.model[-1])) > 1:
+    if has_one_to_one_branch(model):
         counted = deepcopy(model)
+        counted.model[-1].end2end = True
         counted.model[-1].fuse()
     gflops = _classic_gflops(model, imgsz) if isinstance(model, ClassicDetectionModel) else get_flops(counted, imgsz)
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": round(float(gflops), 4)}

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from yoloslim.graph import has_one_to_one_branch
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path
 
@@ -77,13 +78,6 @@ def export_onnx(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
-
-
-def has_one_to_one_branch(model: nn.Module) -> bool:
-    """Whether the head has an NMS-free one-to-one branch (YOLO26, YOLOv10): the deployed model keeps that branch,
-    which Ultralytics' exporter selects only when told nms=False (its default exports the one-to-many branch for an
-    external NMS)."""
-    return getattr(model.model[-1], "one2one_cv2", None) is not None
 
 
 class ExpectationDFL(nn.Module):

@@ -71,6 +71,7 @@ class TorchBackend(HeadOutput):
     def __init__(self, weights, threads: Optional[int] = None):
         import torch
 
+        from yoloslim.graph import has_one_to_one_branch
         from yoloslim.models import DetectionModel as ClassicDetectionModel
         from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -83,7 +84,8 @@ class TorchBackend(HeadOutput):
         self.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
         if isinstance(model, ClassicDetectionModel):
             self.head = ANCHOR_HEAD
-        elif getattr(model.model[-1], "end2end", False):
+        elif has_one_to_one_branch(model):  # the branch the ONNX export keeps, so both read the same boxes
+            model.model[-1].end2end = True
             self.head = END_TO_END_HEAD
         self.imgsz = None
 
