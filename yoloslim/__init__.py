@@ -1,3 +1,3 @@
-"""yoloslim: slim Ultralytics YOLOv5 detectors for edge devices."""
+"""yoloslim: slim YOLO detectors (Ultralytics YOLOv5u, YOLOv8, YOLO11, YOLO26; classic YOLOv5) for edge devices."""
 
 __version__ = "0.1.0"

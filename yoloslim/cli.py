@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="yoloslim", description="Slim Ultralytics YOLOv5 detectors for edge devices.")
+    parser = argparse.ArgumentParser(
+        prog="yoloslim",
+        description="Slim YOLO detectors (Ultralytics YOLOv5u, YOLOv8, YOLO11, YOLO26; classic YOLOv5) for the edge.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
     _add_profile(commands)
@@ -375,7 +378,8 @@ def _run_detect(args: argparse.Namespace) -> int:
     from yoloslim.runtime.detect import DetectConfig, check_source, detect
 
     check_source(args.source)  # before the model loads, so a bad source is named as such
-    print(f"results in {detect(load_backend(args.weights), args.source, _settings_from(DetectConfig, args))}")
+    with load_backend(args.weights) as backend:
+        print(f"results in {detect(backend, args.source, _settings_from(DetectConfig, args))}")
     return 0
 
 
