@@ -186,6 +186,22 @@ def test_dynamic_batch_gets_an_optimization_profile(standin, dynamic_onnx, tmp_p
     assert meta["yoloslim"]["dynamic"] is True and meta["batch"] == 8
 
 
+@pytest.mark.parametrize("standin", ["8.5.2.2", "10.3.0.30"], indirect=True)
+def test_an_open_image_size_with_a_fixed_batch_gets_a_profile(standin, tmp_path):
+    """TensorRT builds a network with any open input dimension only with a profile: an ONNX that fixes the batch and
+    leaves height and width open gets one at its batch and exported size."""
+    model = onnx.load(str(SELFTEST["fp32"]))
+    for dim in list(model.graph.input[0].type.tensor_type.shape.dim)[2:]:
+        dim.dim_param = "size"
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "anchors"
+    onnx.save(model, str(tmp_path / "open-size.onnx"))
+    out = build_engine(tmp_path / "open-size.onnx", out=tmp_path / "s.engine", precision="fp16", batch=(1, 4, 8))
+    (profile,) = standin.calls[-1]["profiles"]
+    assert profile["images"] == ((1, 3, 64, 64),) * 3
+    meta, _ = read_engine_file(out)
+    assert meta["yoloslim"]["dynamic"] is True and meta["batch"] == 1
+
+
 @pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
 def test_export_passes_its_engine_settings_to_the_builder(standin, dynamic_onnx, tmp_path, monkeypatch):
     from yoloslim.export import ExportConfig, export
@@ -250,6 +266,34 @@ def test_runtime_copies_through_page_locked_buffers(standin, tmp_path):
     np.testing.assert_allclose(engine(images), expected_output(images))
     with pytest.raises(YoloslimError, match="up to 1 images .* --dynamic --max-batch"):
         engine(np.ones((2, 3, 64, 64), np.float32))
+
+
+@pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
+def test_an_output_shaped_by_the_data_is_refused_and_nothing_is_kept(standin, tmp_path, monkeypatch):
+    """An engine whose output size depends on the data (an NMS or NonZero in the graph) cannot get a buffer sized
+    ahead: one line naming the output, and the input buffers and stream already made are given back."""
+    import trt_standin
+
+    resolved = trt_standin.Context.get_tensor_shape
+    monkeypatch.setattr(
+        trt_standin.Context, "get_tensor_shape", lambda self, n: (-1, 6) if n == "output0" else resolved(self, n)
+    )
+    cuda = StandinCuda(standin)
+    with pytest.raises(YoloslimError, match="output output0 .* depends on the data"):
+        TensorRTBackend(write_engine_file(tmp_path / "s.engine", engine_plan((1, 3, 64, 64)), {}), cuda=cuda)
+    assert standin.memory == {} and cuda.pinned == [] and "stream" in standin.released
+
+
+@pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
+def test_bench_frees_each_engines_buffers(standin, tmp_path, monkeypatch):
+    """Backends are context managers; yoloslim bench (like eval and detect) leaves no device memory behind."""
+    from yoloslim.bench import bench
+
+    cuda = StandinCuda(standin)
+    monkeypatch.setattr(cuda_module, "load_cuda", lambda: cuda)
+    path = write_engine_file(tmp_path / "s.engine", engine_plan((1, 3, 64, 64)), {"imgsz": [64, 64]})
+    bench([path], imgsz=64, threads=1, rounds=2, per_round=1)
+    assert standin.memory == {} and cuda.pinned == []
 
 
 @pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
@@ -364,7 +408,8 @@ def test_a_cuda_python_too_new_for_the_driver_falls_back_to_pycuda(monkeypatch):
 def test_doctor_names_the_cuda_python_for_this_cuda(monkeypatch):
     from yoloslim.runtime import doctor
 
-    assert cuda_module.cuda_python_requirement("11.4") == "cuda-python>=11.0,<11.5"
+    assert cuda_module.cuda_python_requirement("11.4").endswith("pip install pycuda")  # no cuda-python release
+    assert cuda_module.cuda_python_requirement("11.8") == "cuda-python>=11.0,<11.9"
     assert cuda_module.cuda_python_requirement("13.0") == "cuda-python>=13.0,<13.1"
     monkeypatch.setattr(doctor, "nvcc_release", lambda: "Cuda compilation tools, release 12.6, V12.6.68")
     found = doctor.facts()

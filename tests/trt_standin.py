@@ -10,6 +10,7 @@ from NVIDIA's sources:
 - The ONNX parser (read from the real ONNX with the onnx package, so Q/DQ and FP16 content are real): Cast is an
   ICastLayer from 8.6 on and, in 8.5, an identity layer with its output type set while its output tensor keeps the
   input's type (onnx-tensorrt release/8.5-GA builtin_op_importers.cpp); non-positive Q/DQ scales are refused.
+- Building: a network with an open input dimension and no optimization profile for it gives no plan (None).
 - Timing caches: `create_timing_cache` gives None for a blob from another TensorRT version, `set_timing_cache` False
   for one from another GPU and TypeError for None (pybind11 rejects it).
 - Runtime: an engine reports -1 for every dynamic dimension, an input shape outside the profile is refused with
@@ -251,6 +252,8 @@ class Builder:
             config.cache.entries += b"+timed"
         tensor = network.get_input(0)
         profile = config.profiles[0].shapes.get(tensor.name) if config.profiles else None
+        if -1 in tensor.shape and profile is None:
+            return None  # "Network has dynamic or shape inputs, but no optimization profile has been defined."
         compatible = "VERSION_COMPATIBLE" in config.flags
         return engine_plan(tensor.shape, profile, network.output_channels, self.trt.__version__, compatible)
 

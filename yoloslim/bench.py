@@ -234,20 +234,22 @@ def _time_models(
 ) -> tuple:
     """Every model loaded at `threads` and timed interleaved, alone and, given `image`, end to end: (timings keyed
     "<path>|model" and "<path>|end_to_end", each model's input size and backend)."""
+    from contextlib import ExitStack
     from functools import partial
 
     from yoloslim.runtime.backends import load_backend
 
     variants, info = {}, {}
-    for path in paths:
-        backend = load_backend(path, threads=threads)
-        size = getattr(backend, "imgsz", None) or imgsz
-        x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-        variants[f"{path}|model"] = partial(backend, x)
-        if image is not None:
-            variants[f"{path}|end_to_end"] = partial(_end_to_end, backend, image, batch, size)
-        info[str(path)] = {"imgsz": size, "backend": type(backend).__name__}
-    return compare_latency(variants, rounds=rounds, per_round=per_round), info
+    with ExitStack() as loaded:  # TensorRT backends free their device buffers on the way out
+        for path in paths:
+            backend = loaded.enter_context(load_backend(path, threads=threads))
+            size = getattr(backend, "imgsz", None) or imgsz
+            x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+            variants[f"{path}|model"] = partial(backend, x)
+            if image is not None:
+                variants[f"{path}|end_to_end"] = partial(_end_to_end, backend, image, batch, size)
+            info[str(path)] = {"imgsz": size, "backend": type(backend).__name__}
+        return compare_latency(variants, rounds=rounds, per_round=per_round), info
 
 
 def operator_times(path: Path, threads: int, batch: int = 1, imgsz: int = 640, calls: int = 30) -> Dict[str, float]:

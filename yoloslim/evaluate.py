@@ -244,8 +244,8 @@ def model_records(
     images, names = split_images(resolve_data(data), split)
     if not images:
         raise YoloslimError(f"split '{split}' has no images")
-    backend = load_backend(weights, threads)
-    return predict_records(backend, images, backend.imgsz or imgsz), names
+    with load_backend(weights, threads) as backend:
+        return predict_records(backend, images, backend.imgsz or imgsz), names
 
 
 def evaluate(

@@ -49,11 +49,6 @@ class TensorRTLoader:
         return TensorRTBackend(engine)
 
 
-def _close(backend) -> None:
-    if hasattr(backend, "close"):
-        backend.close()
-
-
 def paired_ratio(variant, reference) -> float:
     """The median over rounds of each round's variant / unpruned median: both were timed back to back in a round, so
     load that comes and goes between rounds (other processes on the machine) cancels in each ratio."""
@@ -75,20 +70,17 @@ class Timer:
 
         path = self.work / "variant.onnx"
         onnx.save(model, str(path))
-        variant = self.load(path)
-        try:
+        with self.load(path) as variant:
             timed = compare_latency(
                 {"reference": lambda: self.reference(self.x), "variant": lambda: variant(self.x)},
                 rounds=rounds,
                 per_round=self.per_round,
                 warmup=3,
             )
-        finally:
-            _close(variant)
         return timed["variant"].p50_ms, timed["reference"].p50_ms, paired_ratio(timed["variant"], timed["reference"])
 
     def close(self) -> None:
         import shutil
 
-        _close(self.reference)
+        self.reference.close()
         shutil.rmtree(self.work, ignore_errors=True)

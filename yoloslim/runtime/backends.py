@@ -19,13 +19,22 @@ from yoloslim.runtime.postprocess import nms_layout
 
 class HeadOutput:
     """The `head` attribute every backend sets (the default: Ultralytics' anchor-free head), and what follows from
-    it."""
+    it; and `with load_backend(...) as backend:`, which closes a backend that holds device memory (TensorRT's)."""
 
     head = ANCHOR_FREE_HEAD
 
     @property
     def end_to_end(self) -> bool:
         return self.head == END_TO_END_HEAD
+
+    def close(self) -> None:
+        """Release what the backend holds outside Python's reach; nothing for ONNX Runtime and torch."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def session_options(threads: int):

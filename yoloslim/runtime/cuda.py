@@ -16,12 +16,18 @@ import numpy as np
 
 from yoloslim.utils.errors import YoloslimError
 
+FIRST_CUDA_PYTHON = (11, 5)  # the oldest cuda-python release on PyPI
+
 
 def cuda_python_requirement(cuda_version: str) -> str:
     """The cuda-python releases for a device with this CUDA toolkit ('12.6' from nvcc): its major, no newer minor.
     cuda-python shares CUDA's major.minor; a newer major needs a newer driver, and a newer minor of the same major
-    leans on CUDA's minor-version compatibility, which yoloslim has not seen work on a Jetson."""
+    leans on CUDA's minor-version compatibility, which yoloslim has not seen work on a Jetson. CUDA older than the
+    first cuda-python release (JetPack 5's 11.4) has none: pycuda it is."""
     major, minor = (int(part) for part in cuda_version.split(".")[:2])
+    if (major, minor) < FIRST_CUDA_PYTHON:
+        first = ".".join(map(str, FIRST_CUDA_PYTHON))
+        return f"none for CUDA {major}.{minor} (the first is for {first}); pip install pycuda"
     return f"cuda-python>={major}.0,<{major}.{minor + 1}"
 
 

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -240,11 +241,8 @@ def selftest() -> Tuple[bool, str]:
         rows = build_engines([ASSETS / name for name in SELFTEST_ONNX], Path(tmp), major, cuda.device())
         for row in rows:
             if "engine" in row:
-                backend = TensorRTBackend(row["engine"], cuda=cuda)
-                try:
+                with TensorRTBackend(row["engine"], cuda=cuda) as backend:
                     got = backend(stored["images"])
-                finally:
-                    backend.close()
                 check_output(row, got, stored[row["onnx_precision"]], "stored ONNX Runtime output")
     lines = [f"TensorRT {trt.__version__} self-test"] + [_selftest_line(row) for row in rows]
     if major >= 11:
@@ -306,8 +304,12 @@ def benchmark(
     device = cuda.device()
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_engines(onnx_files, Path(tmp), version_tuple(trt.__version__)[0], device)
-        backends = {i: TensorRTBackend(row["engine"], cuda=cuda) for i, row in enumerate(rows) if "engine" in row}
-        try:
+        with ExitStack() as loaded:  # every engine's buffers freed on the way out, also when a later one fails to load
+            backends = {
+                i: loaded.enter_context(TensorRTBackend(row["engine"], cuda=cuda))
+                for i, row in enumerate(rows)
+                if "engine" in row
+            }
             frame = cv2.imread(str(images[0]))
             for i, backend in backends.items():
                 x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.imgsz)[0])
@@ -317,9 +319,6 @@ def benchmark(
                 rows[i]["model"] = timed[f"{i}|model"].as_dict()
                 rows[i]["end_to_end"] = timed[f"{i}|end_to_end"].as_dict()
                 rows[i]["eval"] = _evaluate(backend, images, names, bootstrap)
-        finally:
-            for backend in backends.values():
-                backend.close()
     return {
         "tensorrt": trt.__version__,
         "gpu": device,

@@ -154,17 +154,30 @@ def float_layers(version: Tuple[int, ...], precision: str, carried: set) -> str:
     return "fp16 or fp32, TensorRT's choice per layer"
 
 
-def add_batch_profile(builder, config, network, batch: Tuple[int, int, int], imgsz) -> None:
-    """One optimization profile spanning batch sizes (min, opt, max) at the exported image size, for every input
-    with a dynamic batch (Ultralytics' dynamic export also leaves height and width open)."""
+def has_open_dimension(network) -> bool:
+    """Whether any input leaves a dimension open (-1); TensorRT builds such a network only with a profile."""
+    return any(-1 in tuple(network.get_input(i).shape) for i in range(network.num_inputs))
+
+
+def add_input_profile(builder, config, network, batch: Tuple[int, int, int], imgsz) -> None:
+    """One optimization profile for every input with an open dimension: an open batch spans the batch sizes (min,
+    opt, max), an open height or width is the exported image size (Ultralytics' dynamic export leaves all three
+    open; an ONNX may fix the batch and leave the size open)."""
     height, width = (list(imgsz) * 2)[:2] if isinstance(imgsz, (list, tuple)) else (imgsz, imgsz)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         shape = list(tensor.shape)
-        if shape[0] == -1:
-            fixed = [shape[1], height if shape[2] == -1 else shape[2], width if shape[3] == -1 else shape[3]]
-            profile.set_shape(tensor.name, *[tuple([b] + fixed) for b in batch])
+        if -1 not in shape:
+            continue
+        if len(shape) != 4 or shape[1] == -1:
+            raise YoloslimError(
+                f"input {tensor.name} has shape {tuple(shape)}; yoloslim builds engines for images (N, 3, H, W) with "
+                "a known channel count: export the ONNX with yoloslim export"
+            )
+        fixed = [shape[1], height if shape[2] == -1 else shape[2], width if shape[3] == -1 else shape[3]]
+        sizes = batch if shape[0] == -1 else (shape[0],) * 3
+        profile.set_shape(tensor.name, *[tuple([b] + fixed) for b in sizes])
     config.add_optimization_profile(profile)
 
 
@@ -210,9 +223,10 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     carried = network_precisions(trt, version, network)
     set_precision(trt, version, config, carried, precision)
-    dynamic = any(network.get_input(i).shape[0] == -1 for i in range(network.num_inputs))
+    dynamic = has_open_dimension(network)
+    open_batch = any(network.get_input(i).shape[0] == -1 for i in range(network.num_inputs))
     if dynamic:
-        add_batch_profile(builder, config, network, batch, read_onnx_metadata(onnx_path).get("imgsz", 640))
+        add_input_profile(builder, config, network, batch, read_onnx_metadata(onnx_path).get("imgsz", 640))
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     out = output_path(out, onnx_path.with_suffix(".engine"), onnx_path)
@@ -231,7 +245,7 @@ def build_engine(
         "dynamic": dynamic,
         "device": device or {},
     }
-    engine = write_engine_file(out, bytes(plan), None if raw else engine_metadata(onnx_path, dynamic, batch, own))
+    engine = write_engine_file(out, bytes(plan), None if raw else engine_metadata(onnx_path, open_batch, batch, own))
     if timing_cache:
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
     return engine
@@ -249,14 +263,14 @@ def _load_timing_cache(config, path):
     return cache
 
 
-def engine_metadata(onnx_path, dynamic: bool, batch: Tuple[int, int, int], own: dict) -> dict:
+def engine_metadata(onnx_path, open_batch: bool, batch: Tuple[int, int, int], own: dict) -> dict:
     """Ultralytics' metadata from the ONNX (names, stride, imgsz, task, args...) as Ultralytics writes it, and
     yoloslim's under METADATA_KEY. Ultralytics' backend copies every top-level key onto itself (BaseBackend.
     apply_metadata), so a top-level 'device' would replace its torch device and break YOLO('model.engine')."""
     from yoloslim import __version__
 
     meta = {k: v for k, v in read_onnx_metadata(onnx_path).items() if k != "precision"}
-    meta["batch"] = batch[2] if dynamic else meta.get("batch", batch[0])
+    meta["batch"] = batch[2] if open_batch else meta.get("batch", batch[0])
     meta[METADATA_KEY] = {"version": __version__, **own}
     return meta
 
@@ -326,11 +340,22 @@ class TensorRTBackend(HeadOutput):
                 "GPU; rebuild it on this device"
             )
         self.context = self.engine.create_execution_context()
+        self.host, self.device = {}, {}
         self.stream = self.cuda.stream()
+        try:
+            self._allocate_io(trt)
+        except BaseException:  # an engine this runtime cannot serve still gives back what it was given
+            self.close()
+            raise
+        imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
+        self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
+
+    def _allocate_io(self, trt) -> None:
+        """A pinned host and a device buffer per I/O tensor, inputs at their (largest) shape first, since the
+        outputs' shapes follow from the inputs'."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.host, self.device = {}, {}
         for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
             if -1 in shape:  # dynamic: buffers for the profile's largest input, which the context needs to size outputs
@@ -338,9 +363,13 @@ class TensorRTBackend(HeadOutput):
                 self._set_input_shape(name, shape)
             self._allocate(name, shape)
         for name in self.outputs:  # every dimension follows from the inputs', the anchors too when H and W are open
-            self._allocate(name, tuple(self.context.get_tensor_shape(name)))
-        imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
-        self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
+            shape = tuple(self.context.get_tensor_shape(name))
+            if -1 in shape:
+                raise YoloslimError(
+                    f"output {name} of this engine has a shape that depends on the data {shape}; yoloslim runs "
+                    "engines whose outputs follow from the input shape, as yoloslim export writes them"
+                )
+            self._allocate(name, shape)
 
     def _allocate(self, name: str, shape: Tuple[int, ...]) -> None:
         self.host[name] = self.cuda.host_empty(shape, numpy_dtype(self.engine.get_tensor_dtype(name)))
