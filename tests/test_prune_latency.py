@@ -239,3 +239,21 @@ def _yolov5n_at_width(width: float) -> dict:
     spec = yaml_model_load("yolov5n.yaml")
     depth, _, max_channels = spec["scales"]["n"]
     return {**spec, "scales": {"n": [depth, width, max_channels]}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"])
+def test_every_family_prunes_to_a_latency_as_predicted(cfg, tmp_path):
+    """A table profiled from the deployed export (for YOLO26 its one-to-one branch alone) matches the torch model,
+    the target is met as predicted, and the pruned model is predicted as the plan was."""
+    from test_prune import random_model, save_as_ultralytics_would
+
+    from yoloslim.prune import prune_model
+    from yoloslim.prune.latency import model_latency
+
+    model = random_model(cfg=cfg)
+    table = synthetic_table(save_as_ultralytics_would(model, tmp_path / "best.pt"), 64, tmp_path / "table.json")
+    config = PruneConfig(method="l1", target_latency=0.6, latency_table=str(tmp_path / "table.json"), imgsz=64)
+    result = prune_model(model, config)
+    assert 0.55 <= result.latency["predicted"] <= 0.6
+    assert model_latency(result.model, table)["predicted"] == pytest.approx(result.latency["predicted"], abs=1e-4)

@@ -393,6 +393,15 @@ def has_one_to_one_branch(model: nn.Module) -> bool:
     return getattr(model.model[-1], "one2one_cv2", None) is not None
 
 
+def undeployed_modules(model: nn.Module) -> set:
+    """The modules a deployed model does not run: an end-to-end head's one-to-many branch (its cv2 and cv3), which
+    the export drops. Training still uses that branch, so pruning keeps it consistent; only latency ignores it."""
+    if not has_one_to_one_branch(model):
+        return set()
+    head = model.model[-1]
+    return {module for branch in (head.cv2, head.cv3) for module in branch.modules()}
+
+
 def model_stats(model: nn.Module, imgsz: int) -> dict:
     """Parameters (all the checkpoint holds) and GFLOPs at `imgsz` (Ultralytics' own count, so figures match its
     model summary). In PyTorch an end-to-end head runs both branches, but a deployed model keeps one (Ultralytics'

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from yoloslim.config import PruneConfig
-from yoloslim.graph import build_graph, group_out_convs
+from yoloslim.graph import build_graph, group_out_convs, undeployed_modules
 from yoloslim.profile import LatencyTable
 from yoloslim.profile.plans import allowed_widths
 from yoloslim.prune.plan import GroupPlan, keep_best
@@ -45,15 +45,21 @@ def resolve_rounding(config: PruneConfig) -> PruneConfig:
     return config
 
 
-def match_groups(model, graph, groups, table: LatencyTable, narrower: bool = False) -> List[str]:
-    """The table group root of each torch group, matched by the names of the convolutions producing its channels.
+def match_groups(model, graph, groups, table: LatencyTable, narrower: bool = False) -> List[Optional[str]]:
+    """The table group root of each torch group, matched by the names of the convolutions producing its channels
+    that the deployed model runs (None for a group the export drops whole, such as an end-to-end head's one-to-many
+    branch).
 
     narrower: the model may be narrower than the table's (already pruned, or built at a smaller width multiple)."""
     names = {m: n for n, m in model.named_modules()}
     by_conv = {conv: g for g in table.groups for conv in g["convs"]}
+    undeployed = undeployed_modules(model)
     matched = []
     for group in groups:
-        convs = {f"{names[conv]}.weight" for conv, _, _ in group_out_convs(graph, group)}
+        convs = {f"{names[conv]}.weight" for conv, _, _ in group_out_convs(graph, group) if conv not in undeployed}
+        if not convs:  # only in a branch the export drops: no latency of its own on the target
+            matched.append(None)
+            continue
         found = {by_conv[c]["root"] for c in convs if c in by_conv}
         entry = next((g for g in table.groups if g["root"] in found), None)
         if len(found) != 1 or set(entry["convs"]) != convs or not _fits(group.size, entry, narrower):
@@ -62,7 +68,7 @@ def match_groups(model, graph, groups, table: LatencyTable, narrower: bool = Fal
                 "(the same architecture at the same widths) with yoloslim profile"
             )
         matched.append(entry["root"])
-    if len(set(matched)) != len(table.groups):
+    if len(set(matched) - {None}) != len(table.groups):
         raise YoloslimError("the latency table holds groups this model does not have; profile this model itself")
     return matched
 
@@ -82,7 +88,7 @@ def target_fraction(config: PruneConfig, table: LatencyTable) -> float:
 class _Options:
     """Per group: the widths allowed and what each keeps of the group's score."""
 
-    def __init__(self, groups, scores: List[torch.Tensor], roots: List[str], config: PruneConfig):
+    def __init__(self, groups, scores: List[torch.Tensor], roots: List[Optional[str]], config: PruneConfig):
         self.roots = roots
         self.widths, self.values = [], []
         for group, s in zip(groups, scores):
@@ -94,7 +100,7 @@ class _Options:
             self.values.append(np.array([sum(float(r[w - 1]) for r in ranked) for w in widths]))
 
     def plan(self, choice: List[int]) -> Dict[str, int]:
-        return {root: widths[c] for root, widths, c in zip(self.roots, self.widths, choice)}
+        return {root: widths[c] for root, widths, c in zip(self.roots, self.widths, choice) if root is not None}
 
     def value(self, choice: List[int]) -> float:
         return float(sum(v[c] for v, c in zip(self.values, choice)))
@@ -167,6 +173,9 @@ def choose_widths(options: _Options, predict, target: float) -> List[int]:
         costs = []
         for g, widths in enumerate(options.widths):
             root = options.roots[g]
+            if root is None:  # not deployed: free, so the knapsack keeps it whole
+                costs.append(np.zeros(len(widths)))
+                continue
             costs.append(np.array([predict({**base_plan, root: w}) - base for w in widths]))
         picked = _knapsack(costs, options.values, target - base)
         if picked is None or picked == choice:
@@ -221,12 +230,17 @@ def model_latency(model, table: LatencyTable) -> dict:
     graph, groups = build_graph(model)
     roots = match_groups(model, graph, groups, table, narrower=True)
     sections = {g["root"]: g["sections"] for g in table.groups}
-    return _predicted_widths({root: group.size // sections[root] for group, root in zip(groups, roots)}, table)
+    widths = {root: group.size // sections[root] for group, root in zip(groups, roots) if root is not None}
+    return _predicted_widths(widths, table)
 
 
-def _prediction(groups, plans: List[GroupPlan], roots: List[str], table: LatencyTable) -> dict:
+def _prediction(groups, plans: List[GroupPlan], roots: List[Optional[str]], table: LatencyTable) -> dict:
     """What the table predicts for a plan: fraction of the unpruned latency, milliseconds and FPS."""
-    widths = {root: len(plan.keep) // max(len(group.parts), 1) for group, plan, root in zip(groups, plans, roots)}
+    widths = {
+        root: len(plan.keep) // max(len(group.parts), 1)
+        for group, plan, root in zip(groups, plans, roots)
+        if root is not None
+    }
     return _predicted_widths(widths, table)
 
 
@@ -248,10 +262,11 @@ def measure_pruned(weights, pruned, config: PruneConfig) -> dict:
     import tempfile
     from pathlib import Path
 
-    from yoloslim.bench import compare_latency, cpu_name
     from yoloslim.export.onnx import export_onnx
     from yoloslim.profile.timing import paired_ratio
     from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.utils.machine import cpu_name
+    from yoloslim.utils.timing import compare_latency
 
     table = LatencyTable.load(config.latency_table)
     settings, env = table.data["settings"], table.data["environment"]
