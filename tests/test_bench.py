@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from yoloslim.bench import Latency, bench, bench_table, compare_latency, speedup_interval
+from yoloslim.bench import bench, bench_table
+from yoloslim.utils.timing import Latency, compare_latency, speedup_interval
 
 
 def test_variants_are_interleaved_in_rotating_order():
@@ -105,9 +106,10 @@ def test_an_unreadable_source_image_is_named(shipped_weights, tmp_path):
     ],
 )
 def test_the_environment_names_the_cpus_int8_dot_product(flags, vector, dot, monkeypatch):
-    import yoloslim.bench
+    from yoloslim.runtime.doctor import environment
+    from yoloslim.utils import machine
 
-    monkeypatch.setattr(yoloslim.bench, "_cpu_flags", lambda: flags)
-    assert yoloslim.bench.cpu_vector_isa() == vector
-    assert yoloslim.bench.cpu_int8_dot_product() == dot
-    assert yoloslim.bench.environment(1)["cpu_int8_dot_product"] == dot
+    monkeypatch.setattr(machine, "_cpu_flags", lambda: flags)
+    assert machine.cpu_vector_isa() == vector
+    assert machine.cpu_int8_dot_product() == dot
+    assert environment(1)["cpu_int8_dot_product"] == dot

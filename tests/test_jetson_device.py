@@ -100,11 +100,11 @@ def test_doctor_selftest_passes():
 
 def test_benchmark_reports_every_engine_on_generated_images(tmp_path):
     from yoloslim.data.synthetic import default_config, ensure_synthetic_dataset
-    from yoloslim.runtime.doctor import benchmark, write_benchmark
+    from yoloslim.device_bench import device_benchmark, write_device_benchmark
 
     small = dataclasses.replace(default_config(), image_size=96, splits={"train": 2, "val": 4}, object_size=(8, 48))
-    result = benchmark(data=ensure_synthetic_dataset(small, root=tmp_path / "data"), rounds=2, per_round=2)
-    run = write_benchmark(result, project=str(tmp_path / "runs"))
+    result = device_benchmark(data=ensure_synthetic_dataset(small, root=tmp_path / "data"), rounds=2, per_round=2)
+    run = write_device_benchmark(result, project=str(tmp_path / "runs"))
     assert all(row["check"]["passed"] for row in result["engines"]), json.dumps(result["engines"], indent=1)
     assert all(row["model"]["p50_ms"] > 0 for row in result["engines"])
     assert (run / "benchmark.md").read_text().count("| selftest") == len(result["engines"])

@@ -459,7 +459,7 @@ def test_benchmark_with_the_standin_writes_one_report(standin, tiny_data, tmp_pa
     where the model's classes are the dataset's, environment, JSON and Markdown."""
     import yaml
 
-    from yoloslim.runtime import doctor
+    from yoloslim.device_bench import device_benchmark, write_device_benchmark
 
     names = yaml.safe_load(tiny_data.read_text())["names"]
     renamed = onnx.load(str(SELFTEST["fp32"]))  # the self-test model, told it detects the dataset's classes
@@ -467,8 +467,8 @@ def test_benchmark_with_the_standin_writes_one_report(standin, tiny_data, tmp_pa
     onnx.save(renamed, str(tmp_path / "renamed.onnx"))
     monkeypatch.setattr(cuda_module, "load_cuda", lambda: StandinCuda(standin))
     onnx_files = [tmp_path / "renamed.onnx", SELFTEST["int8"]]
-    result = doctor.benchmark(onnx_files, data=tiny_data, rounds=2, per_round=2, bootstrap=20)
-    run = doctor.write_benchmark(result, project=str(tmp_path / "runs"), name="bench")
+    result = device_benchmark(onnx_files, data=tiny_data, rounds=2, per_round=2, bootstrap=20)
+    run = write_device_benchmark(result, project=str(tmp_path / "runs"), name="bench")
     assert [(Path(r["onnx"]).name, r["precision"]) for r in result["engines"]] == [
         ("renamed.onnx", "fp32"),
         ("renamed.onnx", "fp16"),

@@ -98,7 +98,7 @@ def main() -> None:
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "command": "python " + " ".join(sys.argv),
     }
-    from yoloslim.bench import environment
+    from yoloslim.runtime.doctor import environment
 
     result["environment"] = environment(max(args.threads))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,10 +144,10 @@ def latency(paths: dict, data, threads: list, rounds: int, per_round: int) -> di
     import cv2
     import numpy as np
 
-    from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.data import split_images
     from yoloslim.runtime.backends import OnnxRuntimeBackend
     from yoloslim.runtime.preprocess import preprocess
+    from yoloslim.utils.timing import compare_latency, speedup_interval
 
     images, _ = split_images(data, "val")
     backends = {(m, t): OnnxRuntimeBackend(str(paths[m]), threads=t) for t in threads for m in MODELS}

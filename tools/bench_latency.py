@@ -144,10 +144,11 @@ def matched_flops_target(weights: Path, run: Path, common: dict, args) -> dict:
 def time_arms(weights: Path, arms: dict, run: Path, args, threads: int) -> dict:
     import numpy as np
 
-    from yoloslim.bench import compare_latency, environment, speedup_interval
     from yoloslim.export.onnx import export_onnx
     from yoloslim.profile.timing import paired_ratio
     from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.runtime.doctor import environment
+    from yoloslim.utils.timing import compare_latency, speedup_interval
 
     paths = {"unpruned": weights, **arms}
     backends = {}

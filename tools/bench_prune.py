@@ -267,9 +267,9 @@ def main() -> None:
     args.sr = route_sr(args.targeted) if args.sr is None else args.sr
     args.sparse_recipe = args.sparse_recipe or ("finetune" if args.targeted else "sgd")
 
-    from yoloslim.bench import cpu_name, cpu_vector_isa
     from yoloslim.cli import parse_overrides
     from yoloslim.data import resolve_data
+    from yoloslim.utils.machine import cpu_name, cpu_vector_isa
 
     base = args.weights or shipped_file("weights", BASELINE)
     changed = parse_overrides(args.recipe_changes, allow=("batch",))  # the tool has no --batch
@@ -525,12 +525,12 @@ def _measure(
     `references` names for it (default: the one it is judged by, _references)."""
     import numpy as np
 
-    from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.evaluate import paired_bootstrap_delta, predict_records, split_images, summarise
     from yoloslim.export.onnx import export_onnx
     from yoloslim.graph import model_stats
     from yoloslim.runtime.backends import OnnxRuntimeBackend, load_backend
     from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.timing import compare_latency, speedup_interval
 
     images, names = split_images(data, "val")
     rows, onnx, records = {}, {}, {}

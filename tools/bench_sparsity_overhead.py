@@ -40,10 +40,10 @@ def main() -> None:
 
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from yoloslim.bench import cpu_name
     from yoloslim.data import resolve_data
     from yoloslim.sparsity import SparsityConfig, SparsityTrainer
     from yoloslim.utils.assets import BASELINE, shipped_file
+    from yoloslim.utils.machine import cpu_name
 
     torch.set_num_threads(args.threads)  # Ultralytics may have lowered it on import; pin and record it
     weights = str(args.weights or shipped_file("weights", BASELINE))

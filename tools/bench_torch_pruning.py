@@ -313,8 +313,8 @@ def _time(variants: dict, imgsz: int, threads: list[int], rounds: int) -> None:
     """Latency of every variant, interleaved, at each thread count; speedups and their per-GFLOP ratio, in place."""
     import numpy as np
 
-    from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.utils.timing import compare_latency, speedup_interval
 
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     base = variants["unpruned"]
@@ -335,7 +335,7 @@ def _time(variants: dict, imgsz: int, threads: list[int], rounds: int) -> None:
 
 
 def _environment(threads: list[int]) -> dict:
-    from yoloslim.bench import cpu_name, cpu_vector_isa
+    from yoloslim.utils.machine import cpu_name, cpu_vector_isa
 
     return {
         "cpu": cpu_name(),

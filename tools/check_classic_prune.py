@@ -204,8 +204,8 @@ def time_onnx(models: dict, imgsz: int, rounds: int) -> dict:
     """Model-only latency at one ONNX Runtime thread, the process pinned to one core, base and pruned interleaved."""
     import numpy as np
 
-    from yoloslim.bench import compare_latency, speedup_interval
     from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.utils.timing import compare_latency, speedup_interval
 
     core = min(os.sched_getaffinity(0))
     pinned = os.sched_getaffinity(0)

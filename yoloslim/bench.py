@@ -1,79 +1,16 @@
-"""Latency and FPS, measured so that ratios between variants mean something on a noisy machine.
-
-Variants are timed in the same run, alternating in rounds (each round times every variant for a few calls, in an
-order that rotates), so drift in clock speed or background load hits them all alike. Thread counts are pinned by the
-caller's backends and recorded with the results.
-"""
+"""Latency and FPS of models, model alone and end to end, timed interleaved (yoloslim.utils.timing) with their
+threads pinned and recorded; where each ONNX model's time goes, by operator."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
+from yoloslim.runtime.doctor import environment
 from yoloslim.utils.errors import YoloslimError
-
-
-@dataclass
-class Latency:
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    fps: float
-    runs: int
-    rounds_ms: list = field(default_factory=list, repr=False)  # each round's calls, for intervals over rounds
-
-    @classmethod
-    def from_rounds(cls, seconds: list) -> Latency:
-        """From the calls' durations, one list per round."""
-        rounds = np.asarray(seconds) * 1e3
-        ms = rounds.ravel()
-        return cls(
-            float(ms.mean()),
-            *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
-            float(1e3 / np.median(ms)),
-            len(ms),
-            rounds.tolist(),
-        )
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "rounds_ms"}
-
-
-def speedup_interval(reference: Latency, variant: Latency, resamples: int = 2000, seed: int = 0) -> tuple:
-    """95% bootstrap interval of reference p50 / variant p50, resampling whole rounds, the same ones for both: a
-    round times them back to back, so the drift it shares cancels."""
-    ref, var = np.asarray(reference.rounds_ms), np.asarray(variant.rounds_ms)
-    if ref.shape[0] != var.shape[0]:
-        raise ValueError("speedup_interval needs two latencies from the same compare_latency run")
-    picks = np.random.default_rng(seed).integers(0, len(ref), size=(resamples, len(ref)))
-    ratios = np.median(ref[picks].reshape(resamples, -1), axis=1) / np.median(var[picks].reshape(resamples, -1), axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def compare_latency(
-    variants: Dict[str, Callable[[], object]], rounds: int = 20, per_round: int = 5, warmup: int = 5
-) -> Dict[str, Latency]:
-    """Time each zero-argument callable `rounds * per_round` times, interleaved round by round."""
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            call = variants[name]
-            samples[name].append([])
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                call()
-                samples[name][-1].append(time.perf_counter() - t0)
-    return {name: Latency.from_rounds(samples[name]) for name in names}
+from yoloslim.utils.timing import compare_latency
 
 
 def _file_stats(weights: Path, imgsz: int) -> dict:
@@ -95,80 +32,6 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
             sum(numpy_helper.to_array(t).size for t in graph.initializer if t.data_type in (1, 3, 10))
         )
     return stats
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def cpu_vector_isa() -> str | None:
-    """The widest x86 vector extension the CPU has (ONNX Runtime picks its kernels and channel blocking by it)."""
-    return next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in _cpu_flags()), None)
-
-
-def cpu_int8_dot_product() -> str | None:
-    """The CPU's int8 dot-product instruction, which decides how much faster INT8 runs than FP32 on it: AMX, VNNI
-    (AVX-512 or AVX), or Arm's dot product; None without one (x86 int8 kernels then add pairs of products in int16)."""
-    found = ("amx_int8", "avx512_vnni", "avx_vnni", "i8mm", "asimddp")
-    return next((isa for isa in found if isa in _cpu_flags()), None)
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there is none."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            line = next(line for line in info if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
-def environment(threads: int) -> dict:
-    """What the figures depend on: machine, threads, library versions; on a Jetson its power mode and clocks."""
-    import os
-
-    from yoloslim.runtime.doctor import facts
-
-    found = facts()
-    temps = []
-    for zone in sorted(Path("/sys/devices/virtual/thermal").glob("thermal_zone*/temp")):
-        try:
-            temps.append(int(zone.read_text()) / 1000)
-        except (OSError, ValueError):
-            pass
-    return {
-        "cpu": cpu_name(),
-        "cpu_vector_isa": cpu_vector_isa(),
-        "cpu_int8_dot_product": cpu_int8_dot_product(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "max_temperature_c": max(temps) if temps else None,
-        **{
-            k: v
-            for k, v in found.items()
-            if k
-            in (
-                "machine",
-                "python",
-                "L4T",
-                "JetPack",
-                "TensorRT",
-                "onnxruntime",
-                "numpy",
-                "OpenCV",
-                "torch",
-                "power mode",
-                "clocks",
-            )
-        },
-    }
 
 
 def bench_thread_counts(threads: Optional[int]) -> list:

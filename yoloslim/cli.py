@@ -416,7 +416,7 @@ def _add_doctor(commands) -> None:
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from yoloslim.runtime.doctor import benchmark, benchmark_markdown, report, selftest, write_benchmark
+    from yoloslim.runtime.doctor import report, selftest
 
     if (args.onnx or args.data) and not args.benchmark:
         raise YoloslimError("--onnx and --data are for --benchmark; add --benchmark")
@@ -428,9 +428,11 @@ def _run_doctor(args: argparse.Namespace) -> int:
         ok, text = selftest()
         print("\n" + text)
     if args.benchmark:
-        result = benchmark(args.onnx, data=args.data, rounds=args.rounds)
-        run = write_benchmark(result, args.project, args.name)
-        print("\n" + benchmark_markdown(result) + f"\nwrote {run / 'benchmark.json'} and {run / 'benchmark.md'}")
+        from yoloslim.device_bench import device_benchmark, device_benchmark_markdown, write_device_benchmark
+
+        result = device_benchmark(args.onnx, data=args.data, rounds=args.rounds)
+        run = write_device_benchmark(result, args.project, args.name)
+        print("\n" + device_benchmark_markdown(result) + f"\nwrote {run / 'benchmark.json'} and {run / 'benchmark.md'}")
     return 0 if ok else 1
 
 

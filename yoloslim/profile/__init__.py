@@ -177,7 +177,7 @@ def _environment(config: ProfileConfig, threads: int) -> dict:
     import platform
 
     from yoloslim import __version__
-    from yoloslim.bench import cpu_name, cpu_vector_isa
+    from yoloslim.utils.machine import cpu_name, cpu_vector_isa
 
     env = {
         "cpu": cpu_name(),

@@ -1,6 +1,6 @@
 """Timing a narrowed copy against the unpruned model, on the backend the model will run on.
 
-Each variant is timed interleaved with the unpruned model (yoloslim.bench.compare_latency), so the ratio of their
+Each variant is timed interleaved with the unpruned model (yoloslim.utils.timing.compare_latency), so the ratio of their
 medians is what is recorded: drift of the clock or of background load between variants cancels.
 """
 
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from yoloslim.bench import compare_latency
+from yoloslim.utils.timing import compare_latency
 
 BACKENDS = ("onnxruntime", "tensorrt")
 

@@ -10,7 +10,6 @@ it runs with the base install plus TensorRT; only the benchmark writes, and only
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -227,6 +225,45 @@ def check_output(row: dict, got: np.ndarray, want: Optional[np.ndarray], source:
         row["check"].update(error, statistic=statistic, bound=bound, passed=error[statistic] <= bound)
 
 
+def environment(threads: int) -> dict:
+    """What the figures depend on: machine, threads, library versions; on a Jetson its power mode and clocks."""
+    from yoloslim.utils.machine import cpu_int8_dot_product, cpu_name, cpu_vector_isa
+
+    found = facts()
+    temps = []
+    for zone in sorted(Path("/sys/devices/virtual/thermal").glob("thermal_zone*/temp")):
+        try:
+            temps.append(int(zone.read_text()) / 1000)
+        except (OSError, ValueError):
+            pass
+    return {
+        "cpu": cpu_name(),
+        "cpu_vector_isa": cpu_vector_isa(),
+        "cpu_int8_dot_product": cpu_int8_dot_product(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "max_temperature_c": max(temps) if temps else None,
+        **{
+            k: v
+            for k, v in found.items()
+            if k
+            in (
+                "machine",
+                "python",
+                "L4T",
+                "JetPack",
+                "TensorRT",
+                "onnxruntime",
+                "numpy",
+                "OpenCV",
+                "torch",
+                "power mode",
+                "clocks",
+            )
+        },
+    }
+
+
 def selftest() -> Tuple[bool, str]:
     """Build the engines of the shipped self-test ONNX files, run each on the stored input, compare with ONNX
     Runtime's stored output of its ONNX."""
@@ -254,178 +291,13 @@ def _selftest_line(row: dict) -> str:
     name = f"{Path(row['onnx']).name} -> {row['precision']}"
     if "error" in row:
         return f"{name}: FAIL ({row['error']})"
-    return f"{name}: {_verdict(row['check'])}"
+    return f"{name}: {check_verdict(row['check'])}"
 
 
-def _verdict(check: dict) -> str:
+def check_verdict(check: dict) -> str:
     """'pass (mean error 1.2e-03, allowed 2e-02)', or where the reference came from when there was none."""
     if "passed" not in check:
         return check["reference"]
     statistic = check["statistic"]
     verdict = "pass" if check["passed"] else "FAIL"
     return f"{verdict} ({statistic} error {check[statistic]:.1e}, allowed {check['bound']:.0e})"
-
-
-def _reference(onnx: Path, image_input: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
-    """(input, reference output, where it comes from) for an output check: a shipped self-test ONNX has its stored
-    input and output; any other ONNX is run by ONNX Runtime on a dataset image, where ONNX Runtime is installed."""
-    if onnx.resolve().parent == ASSETS.resolve() and onnx.name in SELFTEST_ONNX:
-        stored = np.load(ASSETS / "selftest.npz")
-        return stored["images"], stored[onnx_precision(onnx)], "stored ONNX Runtime output"
-    if importlib.util.find_spec("onnxruntime") is None:
-        return image_input, None, "not checked: onnxruntime is not installed"
-    from yoloslim.runtime.backends import OnnxRuntimeBackend
-
-    return image_input, OnnxRuntimeBackend(str(onnx))(image_input), "ONNX Runtime on a dataset image"
-
-
-def benchmark(
-    onnx_files: Sequence = (), data=None, rounds: int = 20, per_round: int = 5, bootstrap: int = 1000
-) -> dict:
-    """Build, check, time and evaluate the engines of `onnx_files` (default: the shipped self-test ONNX files)."""
-    import cv2
-
-    from yoloslim.bench import compare_latency, environment
-    from yoloslim.data import resolve_data, split_images
-    from yoloslim.runtime.cuda import describe, load_cuda
-    from yoloslim.runtime.preprocess import preprocess
-    from yoloslim.runtime.tensorrt import TensorRTBackend, import_tensorrt, version_tuple
-
-    trt = import_tensorrt()
-    onnx_files = [Path(p) for p in onnx_files] or [ASSETS / name for name in SELFTEST_ONNX]
-    for onnx in onnx_files:
-        if not onnx.is_file():
-            raise YoloslimError(f"ONNX file {onnx} does not exist; pass --onnx files written by yoloslim export")
-    data_yaml = resolve_data(data)
-    images, names = split_images(data_yaml, "val")
-    if not images:
-        raise YoloslimError(f"{data_yaml} has no validation images; pass --data with a dataset that has a val split")
-    cuda = load_cuda()
-    device = cuda.device()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = build_engines(onnx_files, Path(tmp), version_tuple(trt.__version__)[0], device)
-        with ExitStack() as loaded:  # every engine's buffers freed on the way out, also when a later one fails to load
-            backends = {
-                i: loaded.enter_context(TensorRTBackend(row["engine"], cuda=cuda))
-                for i, row in enumerate(rows)
-                if "engine" in row
-            }
-            frame = cv2.imread(str(images[0]))
-            for i, backend in backends.items():
-                x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.imgsz)[0])
-                check_output(rows[i], backend(x), want, source)
-            timed = compare_latency(_timed_calls(backends, images[0]), rounds=rounds, per_round=per_round)
-            for i, backend in backends.items():
-                rows[i]["model"] = timed[f"{i}|model"].as_dict()
-                rows[i]["end_to_end"] = timed[f"{i}|end_to_end"].as_dict()
-                rows[i]["eval"] = _evaluate(backend, images, names, bootstrap)
-    return {
-        "tensorrt": trt.__version__,
-        "gpu": device,
-        "cuda_binding": describe(cuda),
-        "dataset": {"yaml": str(data_yaml), "split": "val", "images": len(images)},
-        "timing": {"rounds": rounds, "per_round": per_round, "batch": 1},
-        "engines": rows,
-        "onnxruntime": _onnxruntime_evals(onnx_files, images, names, bootstrap),
-        "environment": {**environment(os.cpu_count() or 1), "GPU clocks": gpu_clocks()},
-    }
-
-
-def _timed_calls(backends: dict, image: Path) -> dict:
-    """Per engine, the model alone on a letterboxed image, and the image end to end: decode, letterbox, model, NMS."""
-    import cv2
-
-    from yoloslim.runtime.postprocess import postprocess
-    from yoloslim.runtime.preprocess import preprocess
-
-    def end_to_end(backend):
-        tensor, boxes = preprocess([cv2.imread(str(image))], backend.imgsz)
-        return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
-
-    calls = {}
-    for i, backend in backends.items():
-        x = preprocess([cv2.imread(str(image))], backend.imgsz)[0]
-        calls[f"{i}|model"] = lambda backend=backend, x=x: backend(x)
-        calls[f"{i}|end_to_end"] = lambda backend=backend: end_to_end(backend)
-    return calls
-
-
-def _evaluate(backend, images: list, names: dict, bootstrap: int) -> dict:
-    """mAP with its interval, where the model's classes are the dataset's; else why not."""
-    from yoloslim.evaluate import predict_records, summarise
-
-    if backend.names != names:
-        return {"skipped": f"the model's classes ({', '.join(backend.names.values())}) are not the dataset's"}
-    records = predict_records(backend, images, backend.imgsz, progress=False)
-    return summarise(records, names, bootstrap=bootstrap).as_dict()
-
-
-def _onnxruntime_evals(onnx_files: Sequence[Path], images: list, names: dict, bootstrap: int) -> List[dict]:
-    """The same mAP from ONNX Runtime on the CPU, where it is installed: what each engine's mAP is compared with."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return []
-    from yoloslim.runtime.backends import OnnxRuntimeBackend
-
-    return [
-        {"onnx": str(onnx), "eval": _evaluate(OnnxRuntimeBackend(str(onnx)), images, names, bootstrap)}
-        for onnx in onnx_files
-    ]
-
-
-def benchmark_markdown(result: dict) -> str:
-    """The report as one Markdown table per backend, headed by what the figures depend on."""
-    env = result["environment"]
-    gpu = result["gpu"]
-    lines = [
-        f"# TensorRT {result['tensorrt']} on {gpu['name']} (compute capability {gpu['compute_capability']})",
-        "",
-        f"JetPack {env.get('JetPack') or '?'}, L4T {env.get('L4T') or '?'}, {result['cuda_binding']}; "
-        f"power mode: {_first_line(env.get('power mode'))}; GPU clocks: {env.get('GPU clocks') or 'not found'}; "
-        f"jetson_clocks: {_first_line(env.get('clocks'))}; hottest zone {env.get('max_temperature_c')} C.",
-        f"mAP on {result['dataset']['images']} images of {result['dataset']['yaml']} (val); latency at batch 1, "
-        f"{result['timing']['rounds']} interleaved rounds of {result['timing']['per_round']} calls.",
-        "",
-        "| ONNX | engine | float layers | build s | output vs reference | mAP50-95 (95% CI) | mAP50 | "
-        "model p50 ms | p90 ms | FPS | FPS end to end |",
-        "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [_engine_line(row) for row in result["engines"]]
-    if result["onnxruntime"]:
-        lines += ["", "| ONNX (ONNX Runtime, CPU) | mAP50-95 (95% CI) | mAP50 |", "| --- | --- | ---: |"]
-        lines += [f"| {Path(r['onnx']).name} | {_map_cells(r['eval'])} |" for r in result["onnxruntime"]]
-    return "\n".join(lines) + "\n"
-
-
-def _first_line(text: Optional[str]) -> str:
-    return text.splitlines()[0] if text else "not found"
-
-
-def _map_cells(found: dict) -> str:
-    if "map" not in found:
-        return f"{found['skipped']} | "
-    low, high = found["ci95"].get("map", (float("nan"),) * 2)
-    return f"{found['map']:.3f} ({low:.3f}-{high:.3f}) | {found['map50']:.3f}"
-
-
-def _engine_line(row: dict) -> str:
-    name = Path(row["onnx"]).name
-    if "error" in row:
-        return f"| {name} | {row['precision']}: not built ({row['error']}) | | | | | | | | | |"
-    verdict = _verdict(row["check"])
-    model, e2e = row["model"], row["end_to_end"]
-    return (
-        f"| {name} | {row['precision']} | {row['float_layers']} | {row['build_s']} | {verdict} | "
-        f"{_map_cells(row['eval'])} | {model['p50_ms']:.2f} | {model['p90_ms']:.2f} | {model['fps']:.0f} | "
-        f"{e2e['fps']:.0f} |"
-    )
-
-
-def write_benchmark(result: dict, project: str = "runs/doctor", name: str = "benchmark") -> Path:
-    """benchmark.json (everything) and benchmark.md (the tables) in a new run folder; return the folder."""
-    from yoloslim.runtime.detect import new_run_dir
-    from yoloslim.utils.files import write_text_atomic
-
-    run = new_run_dir(project, name)
-    write_text_atomic(run / "benchmark.json", json.dumps(result, indent=2, default=str))
-    write_text_atomic(run / "benchmark.md", benchmark_markdown(result))
-    return run
