@@ -489,6 +489,25 @@ def test_benchmark_with_the_standin_writes_one_report(standin, tiny_data, tmp_pa
     assert "| renamed.onnx | fp16 | fp16 or fp32, TensorRT's choice per layer |" in table and "FAIL (max error" in table
 
 
+@pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
+def test_benchmark_reports_an_engine_the_runtime_refuses_and_goes_on(standin, tiny_data, tmp_path, monkeypatch):
+    import trt_standin
+
+    from yoloslim.device_bench import device_benchmark, device_benchmark_markdown
+
+    resolved = trt_standin.Context.get_tensor_shape
+    monkeypatch.setattr(
+        trt_standin.Context, "get_tensor_shape", lambda self, n: (-1, 6) if n == "output0" else resolved(self, n)
+    )
+    cuda = StandinCuda(standin)
+    monkeypatch.setattr(cuda_module, "load_cuda", lambda: cuda)
+    result = device_benchmark([SELFTEST["int8"]], data=tiny_data, rounds=1, per_round=1, bootstrap=10)
+    (row,) = result["engines"]
+    assert "refused" in row["error"] and "depends on the data" in row["error"]
+    assert "failed (built, but the runtime refused it" in device_benchmark_markdown(result)
+    assert standin.memory == {} and cuda.pinned == []
+
+
 # Python's own way to make a module unimportable and not found (importlib.util.find_spec returns None for it).
 BLOCKER = "import sys\nsys.modules.update(dict.fromkeys({blocked}, None))\n".format(
     blocked=["torch", "torchvision", "ultralytics", "onnx", "onnxruntime", "onnxslim", "tensorrt"]

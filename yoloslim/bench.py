@@ -110,7 +110,7 @@ def _time_models(
             x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
             variants[f"{path}|model"] = partial(backend, x)
             if image is not None:
-                variants[f"{path}|end_to_end"] = partial(_end_to_end, backend, image, batch, size)
+                variants[f"{path}|end_to_end"] = partial(end_to_end_frame, backend, image, batch, size)
             info[str(path)] = {"imgsz": size, "backend": type(backend).__name__}
         return compare_latency(variants, rounds=rounds, per_round=per_round), info
 
@@ -151,7 +151,7 @@ def _operators(path: Path, meta: dict, threads: int, batch: int) -> Optional[Dic
     return operator_times(path, threads, batch, meta["imgsz"]) if meta["backend"] == "OnnxRuntimeBackend" else None
 
 
-def _end_to_end(backend, image: Path, batch: int, size: int):
+def end_to_end_frame(backend, image: Path, batch: int, size: int):
     """One frame as an application sees it: decoded from its file, letterboxed, inferred, its detections kept."""
     import cv2
 

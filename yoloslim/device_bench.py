@@ -9,11 +9,13 @@ import json
 import os
 import tempfile
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from yoloslim.bench import end_to_end_frame
 from yoloslim.evaluate import predict_records, summarise
 from yoloslim.runtime.doctor import (
     ASSETS,
@@ -50,7 +52,7 @@ def device_benchmark(
     from yoloslim.data import resolve_data, split_images
     from yoloslim.runtime.cuda import describe, load_cuda
     from yoloslim.runtime.preprocess import preprocess
-    from yoloslim.runtime.tensorrt import TensorRTBackend, import_tensorrt, version_tuple
+    from yoloslim.runtime.tensorrt import import_tensorrt, version_tuple
     from yoloslim.utils.timing import compare_latency
 
     trt = import_tensorrt()
@@ -67,11 +69,7 @@ def device_benchmark(
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_engines(onnx_files, Path(tmp), version_tuple(trt.__version__)[0], device)
         with ExitStack() as loaded:  # every engine's buffers freed on the way out, also when a later one fails to load
-            backends = {
-                i: loaded.enter_context(TensorRTBackend(row["engine"], cuda=cuda))
-                for i, row in enumerate(rows)
-                if "engine" in row
-            }
+            backends = _load_engines(rows, cuda, loaded)
             frame = cv2.imread(str(images[0]))
             for i, backend in backends.items():
                 x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.imgsz)[0])
@@ -93,22 +91,33 @@ def device_benchmark(
     }
 
 
+def _load_engines(rows: List[dict], cuda, loaded: ExitStack) -> dict:
+    """A runtime per built engine, closed with `loaded`; an engine the runtime refuses is reported in its row, as a
+    build failure is, and the others still run."""
+    from yoloslim.runtime.tensorrt import TensorRTBackend
+
+    backends = {}
+    for i, row in enumerate(rows):
+        if "engine" not in row:
+            continue
+        try:
+            backends[i] = loaded.enter_context(TensorRTBackend(row["engine"], cuda=cuda))
+        except YoloslimError as error:
+            row["error"] = f"built, but the runtime refused it: {error}"
+    return backends
+
+
 def _timed_calls(backends: dict, image: Path) -> dict:
     """Per engine, the model alone on a letterboxed image, and the image end to end: decode, letterbox, model, NMS."""
     import cv2
 
-    from yoloslim.runtime.postprocess import postprocess
     from yoloslim.runtime.preprocess import preprocess
-
-    def end_to_end(backend):
-        tensor, boxes = preprocess([cv2.imread(str(image))], backend.imgsz)
-        return postprocess(backend(tensor), boxes, end_to_end=backend.end_to_end)
 
     calls = {}
     for i, backend in backends.items():
         x = preprocess([cv2.imread(str(image))], backend.imgsz)[0]
         calls[f"{i}|model"] = lambda backend=backend, x=x: backend(x)
-        calls[f"{i}|end_to_end"] = lambda backend=backend: end_to_end(backend)
+        calls[f"{i}|end_to_end"] = partial(end_to_end_frame, backend, image, 1, backend.imgsz)
     return calls
 
 
@@ -170,7 +179,7 @@ def _map_cells(found: dict) -> str:
 def _engine_line(row: dict) -> str:
     name = Path(row["onnx"]).name
     if "error" in row:
-        return f"| {name} | {row['precision']}: not built ({row['error']}) | | | | | | | | | |"
+        return f"| {name} | {row['precision']}: failed ({row['error']}) | | | | | | | | | |"
     verdict = check_verdict(row["check"])
     model, e2e = row["model"], row["end_to_end"]
     return (

@@ -398,8 +398,8 @@ def undeployed_modules(model: nn.Module) -> set:
     the export drops. Training still uses that branch, so pruning keeps it consistent; only latency ignores it."""
     if not has_one_to_one_branch(model):
         return set()
-    head = model.model[-1]
-    return {module for branch in (head.cv2, head.cv3) for module in branch.modules()}
+    head = model.model[-1]  # a fused head has dropped the branch already (None)
+    return {module for branch in (head.cv2, head.cv3) if branch is not None for module in branch.modules()}
 
 
 def model_stats(model: nn.Module, imgsz: int) -> dict:

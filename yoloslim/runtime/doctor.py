@@ -3,8 +3,9 @@
 With --selftest it builds every engine the shipped self-test ONNX files give on this TensorRT (FP32, FP16, INT8) and
 compares each with ONNX Runtime's stored output. With --benchmark it builds the engines of the given ONNX files (the
 shipped ones by default), checks them against ONNX Runtime where it is installed, times them, evaluates mAP where the
-model's classes are the dataset's, records the power mode and clocks, and writes one JSON and Markdown report. All of
-it runs with the base install plus TensorRT; only the benchmark writes, and only its report.
+model's classes are the dataset's, records the power mode and clocks, and writes one JSON and Markdown report
+(yoloslim.device_bench, after the evaluator it uses). All of it runs with the base install plus TensorRT; only the
+benchmark writes, and only its report.
 """
 
 from __future__ import annotations

@@ -344,11 +344,11 @@ class TensorRTBackend(HeadOutput):
         self.stream = self.cuda.stream()
         try:
             self._allocate_io(trt)
+            imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
+            self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
         except BaseException:  # an engine this runtime cannot serve still gives back what it was given
             self.close()
             raise
-        imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
-        self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
 
     def _allocate_io(self, trt) -> None:
         """A pinned host and a device buffer per I/O tensor, inputs at their (largest) shape first, since the
@@ -384,6 +384,8 @@ class TensorRTBackend(HeadOutput):
             )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.stream is None:
+            raise YoloslimError("this TensorRT backend was closed; load the engine again")
         name = self.inputs[0]
         n = batch.shape[0]
         largest = self.host[name].shape

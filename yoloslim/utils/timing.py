@@ -59,6 +59,8 @@ def compare_latency(
 ) -> Dict[str, Latency]:
     """Time each zero-argument callable `rounds * per_round` times, interleaved round by round."""
     names = list(variants)
+    if not names:
+        return {}
     for name in names:
         for _ in range(warmup):
             variants[name]()
