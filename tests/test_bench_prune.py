@@ -192,6 +192,9 @@ def test_stage_names_carry_the_settings_that_make_them_differ():
     stopped = bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5, "min_keep": 0.25, "round_to": 16})
     assert bench_prune._sparse_tag(stopped) == "sr0.3-e20-stop0.5-mk0.25-r16"
     assert bench_prune._recipe_tag({"warmup_bias_lr": 0.0, "lr0": 0.001}) == "-warmup_bias_lr0.0-lr00.001"
+    # a --recipe change reaches the sparsity stage unless its own recipe sets that key, and then names it
+    assert bench_prune._sparse_changes({"seed": 1, "lr0": 0.001}, "finetune") == {"seed": 1, "lr0": 0.001}
+    assert bench_prune._sparse_changes({"seed": 1, "lr0": 0.001}, "sgd") == {"seed": 1}
     assert (
         bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "sr_schedule": "linear"}))
         == "sr0.3-e20-linear"

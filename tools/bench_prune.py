@@ -34,9 +34,9 @@ a short, strong sparsity run can leave the sparse model weaker than it), to meas
 epochs; `--distill-teacher base control` also distills from the control, a teacher trained as long as the student;
 `--distill-weight 0.5` sets Ultralytics' distillation loss weight (`dis`, 6.0 by default).
 `--recipe lr0=0.001` sets Ultralytics train arguments over the finetuning recipe, for the finetunes and the
-control alike, and names their stages by them. The six-class synthetic runs in docs/benchmarks.md finetune with that
-baseline's last training cycle, `--recipe optimizer=SGD lr0=0.005 batch=8 nbs=8`, so that their control continues the
-baseline's own curve.
+control alike, and for the sparsity stage where its recipe does not set them; it names their stages by them. The
+six-class synthetic runs in docs/benchmarks.md finetune with that baseline's last training cycle, `--recipe
+optimizer=SGD lr0=0.005 batch=8 nbs=8`, so that their control continues the baseline's own curve.
 `--lane control` trains only the control and `--lane pruned` the sparsity stage and every finetune, and neither
 measures: on a machine with a core per lane, run both at once (each trains on one core), then the command without
 `--lane` finds those stages done, trains what needs both (`--extra-cycle`) and measures on a quiet machine.
@@ -233,7 +233,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         dest="recipe_changes",
         help="Ultralytics train arguments over the model's finetuning recipe, for the finetunes and the "
-        "control alike (e.g. lr0=0.001); their stages are named by them",
+        "control alike, and the sparsity stage where its recipe does not set them (e.g. lr0=0.001); their stages are "
+        "named by them",
     )
     parser.add_argument(
         "--lane",
@@ -295,6 +296,8 @@ def main() -> None:
     if args.lane == "control":
         return
     sparse_tag = _sparse_tag(args)
+    if sparse_tag:  # a stage trained with other --recipe changes is another stage, and so are its prunes
+        sparse_tag += _recipe_tag(_sparse_changes(changed, args.sparse_recipe))
     if args.method == "bn":
         sparsity = dataclasses.replace(
             DEFAULT_SPARSITY,
@@ -484,6 +487,12 @@ def _sparse_tag(args) -> str:
         return tag
     # where the run stops depends on the prune it measures, so that prune's guards name the stage too
     return tag + f"-stop{args.stop_at_flops}" + _guards_tag(args.min_keep, args.round_to)
+
+
+def _sparse_changes(changed: dict, sparse_recipe: str) -> dict:
+    """The --recipe changes the sparsity stage trains with: all of them over the finetune recipe; over the SGD
+    recipe, those it does not set itself."""
+    return {k: v for k, v in changed.items() if not (sparse_recipe == "sgd" and k in SGD_TRAIN)}
 
 
 def _recipe_tag(changed: dict) -> str:
