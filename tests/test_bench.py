@@ -113,3 +113,10 @@ def test_the_environment_names_the_cpus_int8_dot_product(flags, vector, dot, mon
     assert machine.cpu_vector_isa() == vector
     assert machine.cpu_int8_dot_product() == dot
     assert environment(1)["cpu_int8_dot_product"] == dot
+    # and the rounding doctor recommends for ONNX Runtime on it: its blocked convolutions' channel block
+    from yoloslim.runtime.doctor import facts
+
+    block = {"avx512f": 16, "avx2": 8}.get(vector)
+    assert machine.onnxruntime_channel_block() == block
+    shown = facts()["prune --round-to for ONNX Runtime here"]
+    assert (shown is None) if block is None else shown.startswith(f"{block} ")

@@ -114,13 +114,19 @@ def gpu_clocks() -> Optional[str]:
 
 def facts() -> Dict[str, Optional[str]]:
     from yoloslim.runtime.cuda import cuda_python_requirement
+    from yoloslim.utils.machine import cpu_name, cpu_vector_isa, onnxruntime_channel_block
 
     nvcc = nvcc_release()
+    block = onnxruntime_channel_block()
     cuda = cuda_release(nvcc)
     binding, no_binding = cuda_binding()
     return {
         "machine": f"{platform.machine()} {platform.system()}",
         "python": platform.python_version(),
+        "CPU": f"{cpu_name()} ({cpu_vector_isa() or 'no x86 vector extension found'})",
+        "prune --round-to for ONNX Runtime here": f"{block} (its convolutions take {block} channels at a time)"
+        if block
+        else None,
         "L4T": l4t_release(),
         "JetPack": _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"]),
         "TensorRT": _version("tensorrt"),
@@ -146,7 +152,7 @@ NEEDS: Dict[str, Tuple[str, ...]] = {
     "export --format engine, doctor --selftest / --benchmark": ("TensorRT", "CUDA binding", "numpy"),
     "train, prune, finetune, export --format onnx": ("torch", "ultralytics"),
 }
-SHOWN_ONLY_WHEN_FOUND = {"no CUDA binding"}
+SHOWN_ONLY_WHEN_FOUND = {"no CUDA binding", "prune --round-to for ONNX Runtime here"}
 
 
 def report() -> str:

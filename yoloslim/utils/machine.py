@@ -34,3 +34,12 @@ def _cpu_flags() -> set[str]:
     except (OSError, StopIteration):
         return set()
     return set(line.split(":", 1)[1].split())
+
+
+ONNXRUNTIME_CHANNEL_BLOCKS = {"avx512f": 16, "avx2": 8}  # MLAS's NCHWc block on each x86 vector extension
+
+
+def onnxruntime_channel_block() -> int | None:
+    """How many channels ONNX Runtime's blocked (NCHWc) convolutions take at once on this CPU: widths that are not a
+    multiple cost layout conversions, so it is the `--round-to` for a model that runs here. None where it has none."""
+    return ONNXRUNTIME_CHANNEL_BLOCKS.get(cpu_vector_isa())
