@@ -241,6 +241,25 @@ def test_a_latency_target_lowers_sparsity_trainings_gflops_stop(latency, shipped
     assert 0 < stops[1] < stops[0] < 1
 
 
+@pytest.mark.parametrize("settings", [{}, {"round_to": 16}, {"target_latency": 0.8}])
+def test_sparsity_training_assumes_the_prunes_rounding(settings, latency, shipped_weights, tiny_data, tmp_path):
+    """The default, a given multiple, or the latency table's best: the prune and sparsity training's stop and
+    targeted plan round alike."""
+    import json
+
+    from yoloslim.config import DEFAULT_ROUND_TO
+
+    table = {}
+    if "target_latency" in settings:  # a table that learnt 32, so its rounding differs from the default
+        learnt = json.loads(latency.table.read_text())
+        (tmp_path / "table.json").write_text(json.dumps({**learnt, "round_to": 32}))
+        table = {"latency_table": str(tmp_path / "table.json")}
+    pipeline = Pipeline(latency_config(tmp_path, shipped_weights, tiny_data, **settings, **table))
+    pipeline.finish("profile", pipeline.stage_profile())
+    want = settings.get("round_to") or (32 if table else DEFAULT_ROUND_TO)
+    assert pipeline.prune_rounding() == want
+
+
 def test_slim_profiles_this_machine_into_the_run_when_no_table_is_given(
     latency, shipped_weights, tiny_data, tmp_path, monkeypatch
 ):

@@ -306,6 +306,12 @@ class SlimConfig:
         "latency table of this model from yoloslim profile, reused for the latency targets (default: slim profiles "
         f"the model with ONNX Runtime FP32 at the run's threads into the run's {SLIM_LATENCY_TABLE})",
     )
+    round_to: Optional[int] = option(
+        None,
+        f"kept widths are multiples of this, in sparsity training's plan and the prune (default {DEFAULT_ROUND_TO}, "
+        "for TensorRT FP16; 16 suits ONNX Runtime on AVX-512, 32 TensorRT INT8 on Orin; with a latency target, the "
+        "table's best multiple)",
+    )
     epochs: Optional[int] = option(
         None,
         "epoch budget beyond the base: sparsity training stops once the prune is ready (using at most sparse_share of "
@@ -373,5 +379,6 @@ class SlimConfig:
             target_latency=self.target_latency,
             target_fps=self.target_fps,
             latency_table=latency_table,
+            round_to=self.round_to,
             imgsz=imgsz,
         )

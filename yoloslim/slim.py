@@ -192,6 +192,14 @@ class Pipeline:
                 "measured one may differ; profile on a quieter machine or at a larger imgsz for a better table"
             )
 
+    def prune_rounding(self) -> int:
+        """The multiple the prune will round kept widths to (given, the table's best, or the default), which
+        sparsity training's stop and targeted plan must assume too."""
+        from yoloslim.prune.latency import resolve_rounding
+
+        table = self.done("profile")["table"]
+        return resolve_rounding(self.config.prune_config(self.imgsz, table, self.config.method)).round_to
+
     def sparsity_stop(self) -> float:
         """stop_at_flops for sparsity training. Its stop check counts GFLOPs; for a latency target it is the fraction
         of GFLOPs that the latency target's prune keeps when planned on the input model."""
@@ -219,7 +227,7 @@ class Pipeline:
         start = resume_point(run / "weights" / "last.pt", self.input)
         if start:
             epochs = self.sparse_epochs()
-            config = SparsityConfig(stop_at_flops=self.sparsity_stop())
+            config = SparsityConfig(stop_at_flops=self.sparsity_stop(), round_to=self.prune_rounding())
             train_sparse(
                 str(start[0]), config, data=str(self.data), resume=start[1], **self._train_args("sparse", epochs)
             )
