@@ -306,6 +306,8 @@ def test_close_releases_the_context_then_the_engine_then_the_runtime_then_the_bu
     assert standin.released == ["context", "engine", "runtime"] + ["device buffer"] * 2 + ["host buffer"] * 2 + [
         "stream"
     ]
+    with pytest.raises(YoloslimError, match="was closed; load the engine again"):
+        engine(np.ones((1, 3, 64, 64), np.float32))
 
 
 def test_engine_header_round_trip_and_ultralytics_reads_it(tmp_path):
