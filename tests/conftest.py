@@ -29,6 +29,18 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_class_data(tmp_path_factory) -> Path:
+    """tiny_data with two classes, as many as the shipped TensorRT self-test model detects."""
+    return _synthetic_dataset(
+        tmp_path_factory,
+        image_size=96,
+        splits={"train": 8, "val": 4},
+        object_size=(8, 48),
+        classes=("circle", "square"),
+    )
+
+
+@pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """The first images of the embedded dataset at full size (each image depends only on its split and index): the
     shipped models were trained on these train images and measured on these val images, so they detect in them."""

@@ -162,7 +162,7 @@ def recorded_detections(kind: str) -> dict:
 
 
 def runtime_detections(backend, image: Path, **settings) -> np.ndarray:
-    batch, boxes = preprocess([cv2.imread(str(image))], backend.imgsz or VAL_IMGSZ)
+    batch, boxes = preprocess([cv2.imread(str(image))], backend.input_size(VAL_IMGSZ))
     det = postprocess(backend(batch), boxes, end_to_end=backend.end_to_end, **settings)[0]
     return np.concatenate([det.boxes, det.scores[:, None], det.classes[:, None]], axis=1)
 

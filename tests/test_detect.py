@@ -47,6 +47,9 @@ def test_detect_on_a_video(shipped_onnx, images, tmp_path):
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "detect" / "vid"
     assert len(list((out / "labels").glob("*.txt"))) == 5 and (out / "output.mp4").stat().st_size > 0
+    saved = cv2.VideoCapture(str(out / "output.mp4"))
+    assert saved.get(cv2.CAP_PROP_FPS) == 10  # the source's rate, so it plays back at its own speed
+    saved.release()
 
 
 def test_missing_source_is_a_one_line_error(shipped_onnx, tmp_path):
@@ -95,6 +98,9 @@ class FlakyCamera:
     def release(self):
         pass
 
+    def get(self, prop):
+        return 0.0  # a camera that does not say its frame rate
+
 
 def test_a_dropped_camera_is_reopened(monkeypatch):
     batches = [[np.zeros((4, 4, 3), np.uint8)] * 2, [np.ones((4, 4, 3), np.uint8)] * 2]
@@ -103,3 +109,32 @@ def test_a_dropped_camera_is_reopened(monkeypatch):
     frames = stream_frames("0", reconnect_attempts=1)
     got = [next(frames)[1].max() for _ in range(4)]
     assert got == [0, 0, 1, 1] and FlakyCamera.opened == 2
+
+
+def test_an_empty_folder_is_a_one_line_error(shipped_onnx, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "clip.mp4").write_bytes(b"")
+    result = run("detect", "--weights", str(shipped_onnx), "--source", "empty", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "yoloslim detect: error: folder empty has no images (.bmp"
+    )
+
+
+def test_show_without_a_display_is_refused_before_any_work(tmp_path, monkeypatch):
+    """OpenCV's GUI build aborts the whole process where no display is set; the headless build raises deep inside."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(detect_module.sys, "platform", "linux")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    config = DetectConfig(show=True, project=str(tmp_path / "runs"))
+    with pytest.raises(YoloslimError, match="--show needs a display"):
+        detect(NeverCalled(), str(tmp_path / "a.jpg"), config)
+    monkeypatch.setenv("DISPLAY", ":0")
+
+    def headless(name):
+        raise cv2.error("The function is not implemented")
+
+    monkeypatch.setattr(detect_module.cv2, "namedWindow", headless)
+    with pytest.raises(YoloslimError, match="opencv-python-headless has none"):
+        detect(NeverCalled(), str(tmp_path / "a.jpg"), config)
+    assert not (tmp_path / "runs").exists()

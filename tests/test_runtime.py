@@ -95,7 +95,7 @@ def test_onnx_runtime_path_runs_without_torch(exporter, shipped_weights, shipped
         "from yoloslim.runtime.preprocess import preprocess\n"
         "from yoloslim.runtime.postprocess import postprocess\n"
         "b = OnnxRuntimeBackend(sys.argv[1], threads=1)\n"
-        "x, boxes = preprocess([cv2.imread(sys.argv[2])], b.imgsz)\n"
+        "x, boxes = preprocess([cv2.imread(sys.argv[2])], b.input_size())\n"
         "d = postprocess(b(x), boxes)[0]\n"
         "assert 'torch' not in sys.modules and 'ultralytics' not in sys.modules\n"
         "print(len(d))\n"
@@ -139,3 +139,118 @@ def test_doctor_reports_a_machine_without_nvcc(monkeypatch):
     monkeypatch.setattr(doctor.shutil, "which", lambda command: None)  # nothing on PATH, no /usr/local/cuda
     assert doctor.facts()["nvcc"] is None
     assert "| nvcc | not found |" in doctor.report()
+
+
+def tiny_onnx(path: Path, input_shape, output: np.ndarray | None = None, fp16=False, **metadata) -> Path:
+    """A one-layer stand-in for an exported detector: output0 = a 6-channel convolution over the whole image,
+    (batch, 6, 1): two classes, one anchor; or, given `output`, that constant (plus 0 x the input's mean). Metadata
+    as Ultralytics writes it (text values)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    dtype = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT)]
+    inits = []
+    if output is None:
+        weight = np.random.default_rng(0).random((6, 3, input_shape[2], input_shape[3]), dtype=np.float32)
+        inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array([0, 6, 1]), "shape")]
+        nodes += [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["y"])]
+        out_shape = [input_shape[0], 6, 1]
+    else:
+        inits += [numpy_helper.from_array(output.astype(np.float32), "table")]
+        nodes += [
+            helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+            helper.make_node("Mul", ["m", "zero"], ["z"]),
+            helper.make_node("Add", ["table", "z"], ["y"]),
+        ]
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "zero")]
+        out_shape = list(output.shape)
+    nodes.append(helper.make_node("Cast", ["y"], ["output0"], to=dtype))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", dtype, list(input_shape))],
+        [helper.make_tensor_value_info("output0", dtype, out_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"names": "{0: 'a', 1: 'b'}", "task": "detect", **metadata}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return path
+
+
+def test_an_fp16_onnx_with_a_static_batch_runs_float32_batches_of_any_size_up_to_it(tmp_path):
+    """GPU exports by Ultralytics take and give float16, static exports a fixed batch: both run as float32 batch 1."""
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+    from yoloslim.utils.errors import YoloslimError
+
+    batch = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    reference = OnnxRuntimeBackend(tiny_onnx(tmp_path / "fp32.onnx", (1, 3, 32, 32)), threads=1)(batch)
+    backend = OnnxRuntimeBackend(tiny_onnx(tmp_path / "fp16.onnx", (4, 3, 32, 32), fp16=True), threads=1)
+    out = backend(batch)
+    assert out.dtype == np.float32 and out.shape == (1, 6, 1)
+    np.testing.assert_allclose(out, reference, rtol=1e-2)
+    assert backend(np.concatenate([batch] * 3)).shape == (3, 6, 1)
+    with pytest.raises(YoloslimError, match="takes batches of 4 images, got 5"):
+        backend(np.concatenate([batch] * 5))
+
+
+def test_an_onnx_with_nms_inside_is_read_as_selected_boxes(tmp_path):
+    """Ultralytics' `export nms=True` writes end2end False and (batch, 300, 6) rows of x1, y1, x2, y2, score, class,
+    the layout of an end-to-end head: read as anchors, its one box would be lost."""
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+
+    rows = np.zeros((1, 300, 6), np.float32)
+    rows[0, 0] = [8, 8, 24, 24, 0.9, 1]
+    path = tiny_onnx(tmp_path / "nms.onnx", (1, 3, 32, 32), rows, end2end="False", args="{'batch': 1, 'nms': True}")
+    backend = OnnxRuntimeBackend(path, threads=1)
+    assert backend.end_to_end
+    x, boxes = preprocess([np.zeros((32, 32, 3), np.uint8)], backend.input_size())
+    found = postprocess(backend(x), boxes, end_to_end=backend.end_to_end)[0]
+    assert found.classes.tolist() == [1] and found.boxes.tolist() == [[8, 8, 24, 24]]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: tiny_onnx(p, (1, 3, 32, 32), task="segment"), "this is a segment model; yoloslim runs detection"),
+        (lambda p: tiny_onnx(p, (1, 3, 32, 32), names="{0: 'a'}"), "outputs 6 values per box where an? anchor-free"),
+        (lambda p: tiny_onnx(p, (1, 3, 32, 64)), "takes 32x64 images; yoloslim letterboxes to a square"),
+        (lambda p: p.write_bytes(b"\x08\x07not an onnx file") and p, "ONNX Runtime cannot load"),
+    ],
+)
+def test_models_the_runtime_would_misread_are_refused_in_one_line(make, message, tmp_path):
+    from yoloslim.runtime.backends import load_backend
+    from yoloslim.utils.errors import YoloslimError
+
+    with pytest.raises(YoloslimError, match=message) as error:
+        load_backend(make(tmp_path / "m.onnx"), threads=1)
+    assert "\n" not in str(error.value)
+
+
+def test_nms_stops_at_max_det_with_the_same_boxes():
+    rng = np.random.default_rng(0)
+    corners = rng.random((500, 2), dtype=np.float32) * 600
+    boxes = np.concatenate([corners, corners + 20], axis=1)
+    scores = rng.random(500, dtype=np.float32)
+    everything = nms(boxes, scores, 0.7, max_det=10_000)
+    assert len(everything) > 50
+    assert nms(boxes, scores, 0.7, max_det=50).tolist() == everything[:50].tolist()
+
+
+def test_the_input_size_is_the_models_own_unless_it_has_none(shipped_weights, shipped_onnx, tmp_path):
+    """A fixed input runs at its size; an open one at what the user asks, rounded up to the stride (as Ultralytics'
+    predictor rounds), else at the size the model was trained or exported at."""
+    from yoloslim.runtime.backends import OnnxRuntimeBackend, TorchBackend
+
+    fixed = OnnxRuntimeBackend(shipped_onnx, threads=1)
+    assert fixed.input_size() == 320 and fixed.input_size(640) == 320
+    torch_backend = TorchBackend(shipped_weights, threads=1)
+    assert torch_backend.input_size() == 320  # the checkpoint's training size
+    assert torch_backend.input_size(650) == 672
+    dynamic = OnnxRuntimeBackend(
+        tiny_onnx(tmp_path / "d.onnx", ("batch", 3, "h", "w"), np.zeros((1, 6, 1)), imgsz="[96, 96]"), threads=1
+    )
+    assert dynamic.input_size() == 96 and dynamic.input_size(100) == 128

@@ -242,7 +242,7 @@ def test_runtime_sizes_buffers_from_the_profile_and_the_context(standin, tmp_pat
     path = write_engine_file(tmp_path / "d.engine", plan, {"imgsz": [64, 64]})
     engine = TensorRTBackend(path, cuda=StandinCuda(standin))
     assert engine.host["output0"].shape == (8, 5, 84) and engine.host["output0"].dtype == np.float32
-    assert engine.imgsz == 64
+    assert engine.input_size() == 64 and engine.input_size(128) == 64  # its buffers: the one size it runs
     for n in (3, 8, 1):
         images = np.random.default_rng(n).random((n, 3, 64, 64), dtype=np.float32)
         np.testing.assert_allclose(engine(images), expected_output(images), rtol=1e-6)
@@ -456,20 +456,20 @@ def test_selftest_with_the_standin_builds_each_engine_and_catches_a_wrong_output
 
 
 @pytest.mark.parametrize("standin", ["10.3.0.30"], indirect=True)
-def test_benchmark_with_the_standin_writes_one_report(standin, tiny_data, tmp_path, monkeypatch):
+def test_benchmark_with_the_standin_writes_one_report(standin, two_class_data, tmp_path, monkeypatch):
     """Everything around TensorRT runs for real: data, output checks against ONNX Runtime, interleaved timing, mAP
     where the model's classes are the dataset's, environment, JSON and Markdown."""
     import yaml
 
     from yoloslim.device_bench import device_benchmark, write_device_benchmark
 
-    names = yaml.safe_load(tiny_data.read_text())["names"]
-    renamed = onnx.load(str(SELFTEST["fp32"]))  # the self-test model, told it detects the dataset's classes
+    names = yaml.safe_load(two_class_data.read_text())["names"]
+    renamed = onnx.load(str(SELFTEST["fp32"]))  # the self-test model, told it detects the dataset's two classes
     next(p for p in renamed.metadata_props if p.key == "names").value = str(dict(names))
     onnx.save(renamed, str(tmp_path / "renamed.onnx"))
     monkeypatch.setattr(cuda_module, "load_cuda", lambda: StandinCuda(standin))
     onnx_files = [tmp_path / "renamed.onnx", SELFTEST["int8"]]
-    result = device_benchmark(onnx_files, data=tiny_data, rounds=2, per_round=2, bootstrap=20)
+    result = device_benchmark(onnx_files, data=two_class_data, rounds=2, per_round=2, bootstrap=20)
     run = write_device_benchmark(result, project=str(tmp_path / "runs"), name="bench")
     assert [(Path(r["onnx"]).name, r["precision"]) for r in result["engines"]] == [
         ("renamed.onnx", "fp32"),

@@ -127,7 +127,7 @@ def accuracy(paths: dict, data) -> dict:
 
     images, names = split_images(data, "val")
     backends = {name: OnnxRuntimeBackend(str(p)) for name, p in paths.items()}
-    records = {name: predict_records(b, images, b.imgsz, progress=False) for name, b in backends.items()}
+    records = {name: predict_records(b, images, b.input_size(), progress=False) for name, b in backends.items()}
     found = {"images": len(images), "map50-95": {}, "map50": {}, "change_against_fp32": {}}
     for name, recs in records.items():
         found["map50"][name], found["map50-95"][name] = mean_ap(recs, len(names))
@@ -151,7 +151,7 @@ def latency(paths: dict, data, threads: list, rounds: int, per_round: int) -> di
 
     images, _ = split_images(data, "val")
     backends = {(m, t): OnnxRuntimeBackend(str(paths[m]), threads=t) for t in threads for m in MODELS}
-    batch, _ = preprocess([cv2.imread(str(images[0]))], backends["fp32", threads[0]].imgsz)
+    batch, _ = preprocess([cv2.imread(str(images[0]))], backends["fp32", threads[0]].input_size())
     timed = compare_latency(
         {f"{m}@{t}": (lambda b=b: b(batch)) for (m, t), b in backends.items()}, rounds=rounds, per_round=per_round
     )
@@ -203,7 +203,7 @@ def per_frame_costs(fp32: Path, data, threads: int) -> dict:
     for path in images:
         frame = cv2.imread(str(path))
         t0 = time.perf_counter()
-        batch, boxes = preprocess([frame], backend.imgsz)
+        batch, boxes = preprocess([frame], backend.input_size())
         t1 = time.perf_counter()
         output = backend(batch)
         t2 = time.perf_counter()

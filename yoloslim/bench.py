@@ -46,7 +46,7 @@ def bench_thread_counts(threads: Optional[int]) -> list:
 
 def bench(
     weights: list,
-    imgsz: int = 640,
+    imgsz: Optional[int] = None,
     batch: int = 1,
     threads: Optional[int] = None,
     image: Optional[Path] = None,
@@ -93,7 +93,13 @@ def bench(
 
 
 def _time_models(
-    paths: list, imgsz: int, batch: int, threads: int, rounds: int, per_round: int, image: Optional[Path] = None
+    paths: list,
+    imgsz: Optional[int],
+    batch: int,
+    threads: int,
+    rounds: int,
+    per_round: int,
+    image: Optional[Path] = None,
 ) -> tuple:
     """Every model loaded at `threads` and timed interleaved, alone and, given `image`, end to end: (timings keyed
     "<path>|model" and "<path>|end_to_end", each model's input size and backend)."""
@@ -106,7 +112,7 @@ def _time_models(
     with ExitStack() as loaded:  # TensorRT backends free their device buffers on the way out
         for path in paths:
             backend = loaded.enter_context(load_backend(path, threads=threads))
-            size = getattr(backend, "imgsz", None) or imgsz
+            size = backend.input_size(imgsz)
             x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
             variants[f"{path}|model"] = partial(backend, x)
             if image is not None:

@@ -12,6 +12,11 @@ from typing import Sequence
 from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE
 from yoloslim.utils.errors import YoloslimError
 
+IMGSZ_HELP = (
+    "input size for models without a fixed one, rounded up to the stride (default: the size the model was trained "
+    "or exported at, else 640)"
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no network here: skip Ultralytics' online checks and their time-outs
@@ -261,7 +266,7 @@ def _add_eval(commands) -> None:
     )
     sub.add_argument("--weights", nargs="+", required=True, help="models to evaluate (.pt, .onnx, .engine)")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
-    sub.add_argument("--imgsz", type=int, default=640, help="input size for dynamic models (default 640)")
+    sub.add_argument("--imgsz", type=int, help=IMGSZ_HELP)
     sub.add_argument("--split", default="val", choices=["train", "val", "test"])
     sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     sub.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores), recorded")
@@ -365,7 +370,7 @@ def _add_detect(commands) -> None:
         default=DetectConfig.iou,
         help="NMS IoU (default 0.7; 0.45 for the original YOLOv5 repository's anchor-based models, as its detect.py)",
     )
-    sub.add_argument("--imgsz", type=int, default=DetectConfig.imgsz, help="input size for models without a fixed one")
+    sub.add_argument("--imgsz", type=int, default=DetectConfig.imgsz, help=IMGSZ_HELP)
     sub.add_argument("--save", action="store_true", help="save annotated images or video")
     sub.add_argument("--show", action="store_true", help="show annotated frames in a window (q quits)")
     sub.add_argument("--project", default=DetectConfig.project)
@@ -441,7 +446,7 @@ def _add_bench(commands) -> None:
     sub.add_argument(
         "--weights", nargs="+", required=True, help="models to compare (.pt, .onnx, .engine), timed interleaved"
     )
-    sub.add_argument("--imgsz", type=int, default=640, help="input size for models without a fixed one")
+    sub.add_argument("--imgsz", type=int, help=IMGSZ_HELP)
     sub.add_argument("--batch", type=int, default=1)
     sub.add_argument(
         "--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores), recorded"

@@ -72,7 +72,7 @@ def device_benchmark(
             backends = _load_engines(rows, cuda, loaded)
             frame = cv2.imread(str(images[0]))
             for i, backend in backends.items():
-                x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.imgsz)[0])
+                x, want, source = _reference(Path(rows[i]["onnx"]), preprocess([frame], backend.input_size())[0])
                 check_output(rows[i], backend(x), want, source)
             timed = compare_latency(_timed_calls(backends, images[0]), rounds=rounds, per_round=per_round)
             for i, backend in backends.items():
@@ -115,9 +115,9 @@ def _timed_calls(backends: dict, image: Path) -> dict:
 
     calls = {}
     for i, backend in backends.items():
-        x = preprocess([cv2.imread(str(image))], backend.imgsz)[0]
+        x = preprocess([cv2.imread(str(image))], backend.input_size())[0]
         calls[f"{i}|model"] = lambda backend=backend, x=x: backend(x)
-        calls[f"{i}|end_to_end"] = partial(end_to_end_frame, backend, image, 1, backend.imgsz)
+        calls[f"{i}|end_to_end"] = partial(end_to_end_frame, backend, image, 1, backend.input_size())
     return calls
 
 
@@ -125,7 +125,7 @@ def _evaluate(backend, images: list, names: dict, bootstrap: int) -> dict:
     """mAP with its interval, where the model's classes are the dataset's; else why not."""
     if backend.names != names:
         return {"skipped": f"the model's classes ({', '.join(backend.names.values())}) are not the dataset's"}
-    records = predict_records(backend, images, backend.imgsz, progress=False)
+    records = predict_records(backend, images, backend.input_size(), progress=False)
     return summarise(records, names, bootstrap=bootstrap).as_dict()
 
 

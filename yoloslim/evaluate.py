@@ -234,7 +234,7 @@ def predict_records(
 def model_records(
     weights: str | Path,
     data: str | Path | None = None,
-    imgsz: int = 640,
+    imgsz: int | None = None,
     split: str = "val",
     threads: int | None = None,
 ) -> tuple[list, dict]:
@@ -245,13 +245,13 @@ def model_records(
     if not images:
         raise YoloslimError(f"split '{split}' has no images")
     with load_backend(weights, threads) as backend:
-        return predict_records(backend, images, backend.imgsz or imgsz), names
+        return predict_records(backend, images, backend.input_size(imgsz)), names
 
 
 def evaluate(
     weights: str | Path,
     data: str | Path | None = None,
-    imgsz: int = 640,
+    imgsz: int | None = None,
     split: str = "val",
     bootstrap: int = 1000,
     threads: int | None = None,

@@ -11,7 +11,7 @@ from torch import nn
 
 from yoloslim.models import unpickle
 from yoloslim.models.yolo import Detect, DetectionModel
-from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.errors import YoloslimError, first_line
 
 _READS = "the original YOLOv5 repository's detection checkpoints (Conv, C3, SPPF, Focus, SPP, BottleneckCSP, Detect)"
 
@@ -38,7 +38,7 @@ def _unpickle(path: Path):
         raise YoloslimError(_refusal(path, e.name)) from None
     except Exception as e:  # from the allowed names alone, any failure means a damaged or truncated file
         raise YoloslimError(
-            f"{path} cannot be read as a PyTorch checkpoint ({_first_line(e)}); it is damaged or truncated, copy it "
+            f"{path} cannot be read as a PyTorch checkpoint ({first_line(e)}); it is damaged or truncated, copy it "
             "again from the run that wrote it"
         ) from None
 
@@ -95,8 +95,3 @@ def _update_earlier_releases(model: DetectionModel) -> None:
     for m in model.modules():
         if isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):  # pickled by torch < 1.11
             m.recompute_scale_factor = None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -13,19 +13,33 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from yoloslim.runtime.onnx_meta import ANCHOR_FREE_HEAD, ANCHOR_HEAD, END_TO_END_HEAD, head_kind
+from yoloslim.runtime.onnx_meta import ANCHOR_FREE_HEAD, ANCHOR_HEAD, END_TO_END_HEAD, check_output_shape, head_kind
 from yoloslim.runtime.postprocess import nms_layout
+from yoloslim.utils.errors import YoloslimError, first_line
 
 
 class HeadOutput:
     """The `head` attribute every backend sets (the default: Ultralytics' anchor-free head), and what follows from
-    it; and `with load_backend(...) as backend:`, which closes a backend that holds device memory (TensorRT's)."""
+    it; the input size it runs at; and `with load_backend(...) as backend:`, which closes a backend that holds device
+    memory (TensorRT's)."""
 
     head = ANCHOR_FREE_HEAD
+    fixed_imgsz: Optional[int] = None  # the input's own size, where the model has one
+    trained_imgsz: Optional[int] = None  # the size it was trained or exported at, from its metadata
+    stride = 32
 
     @property
     def end_to_end(self) -> bool:
         return self.head == END_TO_END_HEAD
+
+    def input_size(self, requested: Optional[int] = None) -> int:
+        """The square input size to letterbox to: the model's own if its input is fixed, else `requested` rounded up
+        to a multiple of the stride (as Ultralytics' predictor does), else the size in its metadata, else 640."""
+        if self.fixed_imgsz:
+            return self.fixed_imgsz
+        if requested:
+            return -(-requested // self.stride) * self.stride
+        return self.trained_imgsz or 640
 
     def close(self) -> None:
         """Release what the backend holds outside Python's reach; nothing for ONNX Runtime and torch."""
@@ -51,26 +65,47 @@ def session_options(threads: int):
 
 
 class OnnxRuntimeBackend(HeadOutput):
-    """ONNX Runtime on the CPU (or a provider the caller names), with its thread count pinned and recorded."""
+    """ONNX Runtime on the CPU (or a provider the caller names), with its thread count pinned and recorded. Takes a
+    float32 batch of up to the model's batch size, whatever its input's type and batch (FP16 inputs of a GPU export,
+    a static batch larger than the images given)."""
 
     def __init__(self, path: str, threads: Optional[int] = None, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         self.threads = threads or os.cpu_count() or 1
         options = session_options(self.threads)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as e:  # ONNX Runtime raises its own types for damaged, truncated and unsupported files
+            raise YoloslimError(f"ONNX Runtime cannot load {path} ({first_line(e)}); export the model again") from e
         self.input = self.session.get_inputs()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names: Dict[int, str] = ast.literal_eval(meta["names"]) if "names" in meta else {}
         self.head = head_kind(meta)
-        shape = self.input.shape
-        self.imgsz = (
-            int(shape[2]) if isinstance(shape[2], int) else int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
-        )
+        check_output_shape(self.session.get_outputs()[0].shape, self.head, len(self.names), Path(path).name)
+        self.float16 = self.input.type == "tensor(float16)"
+        batch, _, height, width = self.input.shape
+        self.batch = batch if isinstance(batch, int) else None
+        if isinstance(height, int) and isinstance(width, int) and height != width:
+            raise YoloslimError(
+                f"{Path(path).name} takes {height}x{width} images; yoloslim letterboxes to a square: export it with "
+                "one imgsz"
+            )
+        self.fixed_imgsz = height if isinstance(height, int) else None
+        self.trained_imgsz = int(ast.literal_eval(meta.get("imgsz", "[640]"))[0])
+        self.stride = int(meta.get("stride", 32))
         self.path = Path(path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return nms_layout(self.session.run(None, {self.input.name: batch})[0], self.head)
+        n = len(batch)
+        if self.batch is not None and n != self.batch:
+            if n > self.batch:
+                raise YoloslimError(f"{self.path.name} takes batches of {self.batch} images, got {n}")
+            batch = np.concatenate([batch, np.zeros((self.batch - n, *batch.shape[1:]), batch.dtype)])
+        if self.float16:
+            batch = batch.astype(np.float16)
+        output = self.session.run(None, {self.input.name: batch})[0][:n]
+        return nms_layout(output.astype(np.float32, copy=False), self.head)
 
 
 class TorchBackend(HeadOutput):
@@ -87,16 +122,17 @@ class TorchBackend(HeadOutput):
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        model, _ = load_detection_checkpoint(weights, classic=True)
+        model, ckpt = load_detection_checkpoint(weights, classic=True)
         self.model = model.float().eval()
         names = model.names
         self.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+        self.stride = int(max(model.stride))
+        self.trained_imgsz = _trained_imgsz(ckpt)
         if isinstance(model, ClassicDetectionModel):
             self.head = ANCHOR_HEAD
         elif has_one_to_one_branch(model):  # the branch the ONNX export keeps, so both read the same boxes
             model.model[-1].end2end = True
             self.head = END_TO_END_HEAD
-        self.imgsz = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -106,10 +142,16 @@ class TorchBackend(HeadOutput):
         return nms_layout((out[0] if isinstance(out, (tuple, list)) else out).numpy(), self.head)
 
 
+def _trained_imgsz(ckpt: dict) -> Optional[int]:
+    """The square size a checkpoint was trained at (Ultralytics' train_args, the original repository's opt), if any."""
+    args = ckpt.get("train_args") or ckpt.get("opt") or {}
+    imgsz = args.get("imgsz", args.get("img_size")) if isinstance(args, dict) else None
+    imgsz = imgsz[0] if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
+    return imgsz if isinstance(imgsz, int) else None
+
+
 def load_backend(weights, threads: Optional[int] = None):
     """The backend for a model file, chosen by its suffix: .onnx, .engine or .pt."""
-    from yoloslim.utils.errors import YoloslimError
-
     weights = Path(weights)
     if not weights.is_file():
         raise YoloslimError(f"model file {weights} does not exist; pass --weights path/to/model.pt|.onnx|.engine")

@@ -6,6 +6,8 @@ drops is reopened instead of ending the run.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,15 @@ from yoloslim.utils.errors import YoloslimError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"}
+WINDOW = "yoloslim"
+FALLBACK_FPS = 30.0  # a saved stream's frame rate where its source does not say
 
 
 @dataclass
 class DetectConfig:
     conf: float = 0.25
     iou: Optional[float] = None  # None: the model family's own (postprocess.default_iou: 0.7, 0.45 for anchor heads)
-    imgsz: int = 640
+    imgsz: Optional[int] = None  # None: the model's own (a fixed input's, else the size in its metadata)
     save: bool = False
     show: bool = False
     project: str = "runs/detect"
@@ -44,14 +48,19 @@ def new_run_dir(project: str, name: str) -> Path:
     return candidate
 
 
-def image_sources(source: str) -> Iterator[Tuple[str, np.ndarray]]:
+def image_sources(source: str) -> Iterator[Tuple[str, np.ndarray, None]]:
+    """Each image of a file or a folder (not its videos), as (name, image, no frame rate)."""
     path = Path(source)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise YoloslimError(
+            f"folder {source} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass a video as a source of its own"
+        )
     for file in files:
         image = cv2.imread(str(file))
         if image is None:
             raise YoloslimError(f"cannot read image {file}; check the file or remove it from the folder")
-        yield file.name, image
+        yield file.name, image, None
 
 
 def open_capture(source: str) -> cv2.VideoCapture:
@@ -59,8 +68,9 @@ def open_capture(source: str) -> cv2.VideoCapture:
     return capture
 
 
-def stream_frames(source: str, reconnect_attempts: int) -> Iterator[Tuple[str, np.ndarray]]:
-    """Frames of a video file, camera index or stream URL; a live source that drops is reopened."""
+def stream_frames(source: str, reconnect_attempts: int) -> Iterator[Tuple[str, np.ndarray, float]]:
+    """Frames of a video file, camera index or stream URL, as (name, frame, the source's frame rate, else 30);
+    a live source that drops is reopened."""
     live = source.isdigit() or "://" in source
     capture = open_capture(source)
     if not capture.isOpened():
@@ -69,7 +79,7 @@ def stream_frames(source: str, reconnect_attempts: int) -> Iterator[Tuple[str, n
     while True:
         ok, frame = capture.read()
         if ok:
-            yield f"frame{index:06d}", frame
+            yield f"frame{index:06d}", frame, capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS
             index += 1
             continue
         if not live:
@@ -119,19 +129,35 @@ def check_source(source: str) -> bool:
     return live or Path(source).suffix.lower() in VIDEO_SUFFIXES
 
 
+def check_display() -> None:
+    """Refuse --show where no window can open, before any work: without a display OpenCV's GUI build aborts the
+    process, and the headless build (this package's dependency) has no windows at all."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise YoloslimError("--show needs a display and none is set (DISPLAY); use --save and open the run folder")
+    try:
+        cv2.namedWindow(WINDOW)
+    except cv2.error as e:
+        raise YoloslimError(
+            "--show needs OpenCV with windows (pip install opencv-python; opencv-python-headless has none), or use "
+            "--save"
+        ) from e
+
+
 def detect(backend, source: str, config: DetectConfig) -> Path:
     """Run `backend` over `source`; return the run folder (labels and, with save, annotated images/video)."""
     from tqdm import tqdm
 
     is_stream = check_source(source)
+    if config.show:
+        check_display()
     run = new_run_dir(config.project, config.name)
     (run / "labels").mkdir()
     frames = stream_frames(source, config.reconnect_attempts) if is_stream else image_sources(source)
-    imgsz = getattr(backend, "imgsz", None) or config.imgsz
+    imgsz = backend.input_size(config.imgsz)
     names = getattr(backend, "names", {}) or {}
     iou = default_iou(backend.head, "detect") if config.iou is None else config.iou
     writer, fps = None, None
-    for name, image in tqdm(frames, desc="detect", unit="frame"):
+    for name, image, source_fps in tqdm(frames, desc="detect", unit="frame"):
         t0 = time.perf_counter()
         batch, boxes = preprocess([image], imgsz)
         det = postprocess(backend(batch), boxes, conf=config.conf, iou=iou, end_to_end=backend.end_to_end)[0]
@@ -141,9 +167,9 @@ def detect(backend, source: str, config: DetectConfig) -> Path:
         if config.save or config.show:
             annotated = draw(image, det, names, fps)
             if config.save:
-                writer = _save(run, name, annotated, is_stream, writer)
+                writer = _save(run, name, annotated, writer, source_fps)
             if config.show:
-                cv2.imshow("yoloslim", annotated)
+                cv2.imshow(WINDOW, annotated)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     break
     if writer is not None:
@@ -163,12 +189,13 @@ def _write_labels(path: Path, det: Detections, shape) -> None:
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
 
 
-def _save(run: Path, name: str, image: np.ndarray, is_stream: bool, writer):
-    if not is_stream:
+def _save(run: Path, name: str, image: np.ndarray, writer, stream_fps: Optional[float]):
+    """An image as its own file, or a stream's frame into output.mp4 at the source's frame rate."""
+    if stream_fps is None:
         cv2.imwrite(str(run / name), image)
         return None
     if writer is None:
         h, w = image.shape[:2]
-        writer = cv2.VideoWriter(str(run / "output.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 30, (w, h))
+        writer = cv2.VideoWriter(str(run / "output.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), stream_fps, (w, h))
     writer.write(image)
     return writer

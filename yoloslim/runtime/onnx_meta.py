@@ -10,6 +10,8 @@ import ast
 from pathlib import Path
 from typing import Dict, Tuple
 
+from yoloslim.utils.errors import YoloslimError
+
 
 def _varint(data: bytes, pos: int) -> Tuple[int, int]:
     value = shift = 0
@@ -67,10 +69,43 @@ ANCHOR_HEAD, ANCHOR_FREE_HEAD, END_TO_END_HEAD = "anchor", "anchor-free", "end-t
 HEADS = (ANCHOR_HEAD, ANCHOR_FREE_HEAD, END_TO_END_HEAD)
 
 
+def _literal(value):
+    """A metadata value as Python reads it: ONNX Runtime hands over the text, read_onnx_metadata the literal."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
 def head_kind(meta: Dict[str, object]) -> str:
     """The model's head, one of HEADS: the `head` key, else (a file Ultralytics exported) end-to-end where its
-    `end2end` key says so, anchor-free otherwise."""
+    `end2end` key says so or NMS was exported into the graph (`nms=True`: the same x1, y1, x2, y2, score, class
+    rows), anchor-free otherwise. A model of another task than detection is refused."""
+    task = str(meta.get("task", "detect"))
+    if task != "detect":
+        raise YoloslimError(
+            f"this is a {task} model; yoloslim runs detection models (see the supported models in the README)"
+        )
     head = str(meta.get(HEAD_KEY, ""))
     if head in HEADS:
         return head
-    return END_TO_END_HEAD if str(meta.get("end2end", False)) == "True" else ANCHOR_FREE_HEAD
+    args = _literal(meta.get("args", {}))
+    embedded_nms = isinstance(args, dict) and args.get("nms") is True
+    return END_TO_END_HEAD if _literal(meta.get("end2end", False)) is True or embedded_nms else ANCHOR_FREE_HEAD
+
+
+def check_output_shape(shape, head: str, classes: int, model: str) -> None:
+    """Refuse a model whose first output is not what its head writes for `classes` classes (a segmentation or pose
+    model without metadata, or metadata that belongs to another model); open dimensions and unknown classes pass."""
+    known = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if len(known) != 3:
+        raise YoloslimError(f"{model} outputs a tensor of shape {tuple(shape)}; a detector's output has 3 dimensions")
+    expected = {END_TO_END_HEAD: (2, 6), ANCHOR_HEAD: (2, 5 + classes), ANCHOR_FREE_HEAD: (1, 4 + classes)}
+    axis, size = expected[head]
+    if known[axis] is not None and (classes or head == END_TO_END_HEAD) and known[axis] != size:
+        raise YoloslimError(
+            f"{model} outputs {known[axis]} values per box where a {head} detector of {classes} classes outputs "
+            f"{size}; pass a detection model exported by yoloslim or Ultralytics"
+        )

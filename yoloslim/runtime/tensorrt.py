@@ -29,7 +29,7 @@ import numpy as np
 
 from yoloslim.runtime.backends import HeadOutput
 from yoloslim.runtime.engine_file import read_engine_file, write_engine_file
-from yoloslim.runtime.onnx_meta import head_kind, read_onnx_metadata
+from yoloslim.runtime.onnx_meta import check_output_shape, head_kind, read_onnx_metadata
 from yoloslim.runtime.postprocess import nms_layout
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_bytes_atomic
@@ -344,8 +344,9 @@ class TensorRTBackend(HeadOutput):
         self.stream = self.cuda.stream()
         try:
             self._allocate_io(trt)
-            imgsz = meta.get("imgsz") or [self.host[self.inputs[0]].shape[2]]
-            self.imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
+            # buffers hold the largest input the engine takes, and __call__ runs that height and width only
+            self.fixed_imgsz = int(self.host[self.inputs[0]].shape[2])
+            check_output_shape(self.host[self.outputs[0]].shape, self.head, len(self.names), Path(path).name)
         except BaseException:  # an engine this runtime cannot serve still gives back what it was given
             self.close()
             raise

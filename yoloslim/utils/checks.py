@@ -10,7 +10,7 @@ import pickletools
 import zipfile
 from pathlib import Path
 
-from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.errors import YoloslimError, first_line
 
 # Checkpoints of github.com/ultralytics/yolov5 pickle classes from its top-level `models` package.
 _ORIGINAL_YOLOV5_MODULES = {"models.yolo", "models.common", "models.experimental"}
@@ -56,7 +56,7 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
         model, ckpt = load_checkpoint(path)
     except (TypeError, ModuleNotFoundError) as e:
         raise YoloslimError(
-            f"{path} is not a loadable Ultralytics checkpoint ({_first_line(e)}); pass another file"
+            f"{path} is not a loadable Ultralytics checkpoint ({first_line(e)}); pass another file"
         ) from None
     task = other_task(model)
     if task:
@@ -100,8 +100,3 @@ def pickled_modules(path: Path) -> set[str]:
     except ValueError:
         pass  # a damaged pickle: keep what was read, the loader reports the damage
     return modules
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
