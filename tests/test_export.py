@@ -311,3 +311,54 @@ def test_sparse_models_offset_inputs_stay_float_in_the_qdq_graph(shipped_sparse_
     conv_inputs = {n.name: n.input[0] for n in quantized.graph.node if n.op_type == "Conv"}
     assert conv_inputs["/model.6/cv1/conv/Conv"] not in dequantized
     assert conv_inputs["/model.2/cv1/conv/Conv"] in dequantized
+
+
+def tiny_checkpoint(path, channels: int = 3, **train_args):
+    """A YOLOv8n of two classes as Ultralytics saves it, with these train_args (imgsz, data) changed."""
+    import torch
+    from test_prune import save_as_ultralytics_would
+    from ultralytics.nn.tasks import DetectionModel
+
+    save_as_ultralytics_would(DetectionModel("yolov8n.yaml", ch=channels, nc=2, verbose=False).eval(), path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["train_args"].update(train_args)
+    torch.save(ckpt, path)
+    return path
+
+
+def _input_dims(path) -> list:
+    return [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+
+
+def test_export_runs_at_the_trained_size_and_refuses_what_its_layout_cannot_hold(tmp_path):
+    weights = tiny_checkpoint(tmp_path / "m.pt", imgsz=96)
+    assert _input_dims(export_onnx(weights, out=tmp_path / "m.onnx")) == [1, 3, 96, 96]  # as Ultralytics' export
+    for imgsz in (0, 80):
+        with pytest.raises(YoloslimError, match=f"multiple of this model's largest stride 32, got {imgsz}"):
+            export_onnx(weights, imgsz=imgsz, out=tmp_path / "x.onnx")
+    gray = tiny_checkpoint(tmp_path / "gray.pt", channels=1)
+    with pytest.raises(YoloslimError, match="takes 1-channel images; yoloslim exports and runs RGB"):
+        export_onnx(gray, imgsz=64, out=tmp_path / "x.onnx")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(YoloslimError, match="is a folder; pass a file path, such as"):
+        export_onnx(weights, imgsz=64, out=tmp_path / "folder")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("garbage\n")
+    with pytest.raises(YoloslimError, match="junk.pt is not a loadable"):
+        export_onnx(junk, imgsz=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "gray.pt", "junk.pt", "m.onnx", "m.pt"]
+
+
+def test_int8_calibrates_on_the_training_data_in_batches_of_a_static_export(synthetic_data, tmp_path):
+    from yoloslim.export import ExportConfig, export
+    from yoloslim.runtime.backends import OnnxRuntimeBackend
+
+    config = ExportConfig(precision="int8", imgsz=64, batch=2, calibration_images=4)
+    moved = tiny_checkpoint(tmp_path / "moved.pt", data=str(tmp_path / "gone" / "data.yaml"))
+    with pytest.raises(YoloslimError, match=r"needs this model's training images and .*gone/data.yaml is not here"):
+        export(moved, config)
+    weights = tiny_checkpoint(tmp_path / "m.pt", data=str(synthetic_data))
+    int8 = export(weights, config)
+    assert _input_dims(int8) == [2, 3, 64, 64]
+    image = cv2.imread(str(val_images(synthetic_data)[0]))
+    assert OnnxRuntimeBackend(int8, threads=1)(preprocess([image], 64)[0]).shape == (1, 6, 84)

@@ -1,6 +1,7 @@
 """Pruning YOLOv8, YOLO11 and YOLO26: the coupling rules of yoloslim.graph proved on models built from Ultralytics'
 own yaml, and the refusal of what they do not cover."""
 
+import re
 import shutil
 from copy import deepcopy
 from pathlib import Path
@@ -387,7 +388,7 @@ def test_int8_cpu_flavour_is_fused_by_onnx_runtime_and_keeps_the_head_and_stem_i
     depthwise = {n.name for n in float_model.graph.node if n.op_type == "Conv" and _group_count(n) > 1}
     assert bool(depthwise & quantized) == ("v8" not in cfg)  # YOLO11's and YOLO26's depthwise convs quantize too
     _assert_attention_core_stays_float(onnx.load(str(tmp_path / "cpu.onnx")), quantized, attention="v8" not in cfg)
-    if "26" in cfg:  # the NMS-free export: the one-to-one branch, its top-k and gathers all stay float
+    if "26" in cfg:  # the NMS-free export: the one-to-one branch's inner blocks quantize, its outputs stay float
         from ultralytics import YOLO
 
         staged = Path(shutil.copy(family_checkpoints[cfg][1], tmp_path / "pruned.pt"))
@@ -395,8 +396,13 @@ def test_int8_cpu_flavour_is_fused_by_onnx_runtime_and_keeps_the_head_and_stem_i
         quantized, head = _assert_cpu_flavour_placement(end_to_end, tiny_data, tmp_path)
         qdq = onnx.load(str(tmp_path / "cpu.onnx"))
         assert [d.dim_value for d in qdq.graph.output[0].type.tensor_type.shape.dim][-1] == 6
-        one_to_one = {n.name for n in qdq.graph.node if "one2one" in n.name or n.op_type == "TopK"}
-        assert one_to_one and one_to_one <= head and not one_to_one & quantized
+        branch = [n for n in qdq.graph.node if "one2one" in n.name and n.op_type == "Conv"]
+        inner = {n.name for n in branch if re.search(r"/one2one_cv[23]\.\d+\.[01]/", n.name)}
+        selection = {n.name for n in branch if n.name not in inner} | {
+            n.name for n in qdq.graph.node if n.op_type == "TopK"
+        }
+        assert inner and inner <= quantized and not inner & head
+        assert selection and selection <= head and not selection & quantized
 
 
 def _assert_attention_core_stays_float(qdq, quantized: set[str], attention: bool) -> None:

@@ -318,8 +318,12 @@ def _add_export(commands) -> None:
         metavar="{tensorrt,cpu}",
         help="what the INT8 Q/DQ ONNX is placed for: TensorRT engines (default) or ONNX Runtime on a CPU",
     )
-    sub.add_argument("--data", help="dataset yaml for INT8 calibration (training split; default: the embedded dataset)")
-    sub.add_argument("--imgsz", type=int, default=640)
+    sub.add_argument(
+        "--data", help="dataset yaml for INT8 calibration (training split; default: the one the model was trained on)"
+    )
+    sub.add_argument(
+        "--imgsz", type=int, help="input size, a multiple of the model's stride (default: the size it was trained at)"
+    )
     sub.add_argument("--batch", type=int, default=1, help="static batch (default 1)")
     sub.add_argument("--dynamic", action="store_true", help="dynamic batch (engines get a profile up to --max-batch)")
     sub.add_argument("--max-batch", type=int, default=8)

@@ -16,7 +16,7 @@ from yoloslim.utils.files import output_path
 class ExportConfig:
     format: str = "onnx"  # onnx | engine
     precision: str = "fp32"  # fp32 | fp16 | int8
-    imgsz: int = 640
+    imgsz: Optional[int] = None  # None: the size the checkpoint was trained at, else 640
     batch: int = 1
     dynamic: bool = False
     max_batch: int = 8  # for --dynamic engines: the optimization profile's largest batch
@@ -88,7 +88,7 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         from yoloslim.data import resolve_data
         from yoloslim.export.qdq import calibration_images
 
-        data = resolve_data(data)
+        data = resolve_data(_calibration_data(weights, data))
         calibration_images(data, config.calibration_images)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.") as work:
@@ -106,6 +106,29 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         from yoloslim.export.qdq import quantize_int8
 
         return quantize_int8(fp32, data, out=target, count=config.calibration_images, target=config.target)
+
+
+def _calibration_data(weights: Path, data):
+    """The dataset INT8 calibrates on: `data`, else the one the checkpoint was trained on where that file is here,
+    else the embedded dataset for a model of its classes (the demo's); anything else would calibrate a model on
+    images it never saw, so it is refused."""
+    if data:
+        return data
+    from yoloslim.data.synthetic import default_config
+    from yoloslim.utils.checks import load_detection_checkpoint
+
+    model, ckpt = load_detection_checkpoint(weights, classic=True)
+    args = ckpt.get("train_args") or ckpt.get("opt") or {}
+    trained_on = args.get("data") if isinstance(args, dict) else None
+    if trained_on and Path(trained_on).is_file():
+        return trained_on
+    names = model.names.values() if isinstance(model.names, dict) else model.names
+    if list(names) == list(default_config().classes):
+        return None
+    raise YoloslimError(
+        f"INT8 calibration needs this model's training images and {trained_on or 'its dataset'} is not here; pass "
+        "--data data.yaml"
+    )
 
 
 def _trained_quantization(weights: Path, config: ExportConfig):

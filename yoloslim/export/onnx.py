@@ -22,6 +22,7 @@ anchor-free or end-to-end), which is what the runtime reads its output by.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,26 +36,32 @@ OPSET = 17
 
 
 def export_onnx(
-    weights: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False, out: str | Path | None = None
+    weights: str | Path,
+    imgsz: int | None = None,
+    batch: int = 1,
+    dynamic: bool = False,
+    out: str | Path | None = None,
 ) -> Path:
     """Export a detection checkpoint, Ultralytics' or the original YOLOv5 repository's, to ONNX (static batch
-    `batch`, or dynamic); return its path."""
+    `batch`, or dynamic) at `imgsz` (default: the size it was trained at, else 640); return its path."""
     from ultralytics import YOLO
 
     from yoloslim.models import DetectionModel as ClassicDetectionModel
-    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
 
     weights = Path(weights)
-    model, _ = load_detection_checkpoint(weights, classic=True)
+    model, ckpt = load_detection_checkpoint(weights, classic=True)
     if batch < 1:
         raise YoloslimError(f"batch must be >= 1, got {batch}")
+    imgsz = (trained_imgsz(ckpt) or 640) if imgsz is None else imgsz
+    check_exportable(model, imgsz)
     target = output_path(out, weights.with_suffix(".onnx"), weights)
     if isinstance(model, ClassicDetectionModel):
         from yoloslim.export.classic import export_classic_onnx
 
         return export_classic_onnx(model, target, imgsz=imgsz, batch=batch, dynamic=dynamic, opset=OPSET)
-    work = target.parent / f".{target.stem}.export"
-    work.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.export.", dir=target.parent))
     try:
         staged = work / weights.name
         shutil.copyfile(
@@ -78,6 +85,19 @@ def export_onnx(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def check_exportable(model: nn.Module, imgsz: int) -> None:
+    """Refuse what the exported layout cannot hold: an input size off the model's strides (Ultralytics would round it
+    with a warning, the original repository's layers would not add up) and an input that is not 3-channel RGB."""
+    stride = int(max(model.stride))
+    if imgsz < stride or imgsz % stride:
+        raise YoloslimError(f"imgsz must be a multiple of this model's largest stride {stride}, got {imgsz}")
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if first.in_channels != 3:
+        raise YoloslimError(
+            f"this model takes {first.in_channels}-channel images; yoloslim exports and runs RGB (3-channel) models"
+        )
 
 
 class ExpectationDFL(nn.Module):

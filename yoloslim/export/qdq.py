@@ -55,7 +55,8 @@ INT8_TARGET_KEY = "int8_target"  # ONNX metadata: which flavour a Q/DQ file is (
 # What ONNX Runtime's CPU provider runs on int8 tensors of a QDQ graph: QLinearConv, QLinearSigmoid and QLinearMul
 # (SiLU), QLinearAdd, QLinearConcat, and MaxPool and Resize on the int8 values themselves.
 CPU_OP_TYPES = ["Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize"]
-_HEAD_INNER = re.compile(r"/cv[23]\.\d+/cv[23]\.\d+\.[01]/")  # the head's inner conv blocks, quantized like the body
+# the head's inner conv blocks (an end-to-end head's one-to-one branch's too), quantized like the body
+_HEAD_INNER = re.compile(r"/(?:one2one_)?cv[23]\.\d+/(?:one2one_)?cv[23]\.\d+\.[01]/")
 
 
 def head_nodes_kept_in_float(model) -> list[str]:
@@ -238,10 +239,12 @@ def calibration_images(data: str | Path, count: int = CALIBRATION_IMAGES, seed: 
 
 
 class LetterboxCalibrationReader:
-    """ONNX Runtime CalibrationDataReader feeding letterboxed images one by one."""
+    """ONNX Runtime CalibrationDataReader feeding letterboxed images in batches of the model's static batch size (the
+    last batch filled from the first images: every statistic here is a range or a mean over images, which a repeat
+    barely moves)."""
 
-    def __init__(self, images: list[Path], input_name: str, imgsz: int):
-        self.images, self.input_name, self.imgsz = list(images), input_name, imgsz
+    def __init__(self, images: list[Path], input_name: str, imgsz: int, batch: int = 1):
+        self.images, self.input_name, self.imgsz, self.batch = list(images), input_name, imgsz, batch
         self.index = 0
 
     def get_next(self):
@@ -251,12 +254,13 @@ class LetterboxCalibrationReader:
 
         if self.index >= len(self.images):
             return None
-        path = self.images[self.index]
-        self.index += 1
-        image = cv2.imread(str(path))
-        if image is None:
-            raise YoloslimError(f"cannot read calibration image {path}")
-        return {self.input_name: preprocess([image], self.imgsz)[0]}
+        paths = [self.images[(self.index + i) % len(self.images)] for i in range(self.batch)]
+        self.index += self.batch
+        images = [cv2.imread(str(path)) for path in paths]
+        for path, image in zip(paths, images):
+            if image is None:
+                raise YoloslimError(f"cannot read calibration image {path}")
+        return {self.input_name: preprocess(images, self.imgsz)[0]}
 
     def rewind(self):
         self.index = 0
@@ -284,7 +288,9 @@ def quantize_int8(
         )
     imgsz = dims[2].dim_value
     written = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-int8.onnx"), onnx_path)
-    reader = LetterboxCalibrationReader(calibration_images(data, count), model.graph.input[0].name, imgsz)
+    reader = LetterboxCalibrationReader(
+        calibration_images(data, count), model.graph.input[0].name, imgsz, batch=dims[0].dim_value
+    )
     head = head_nodes_kept_in_float(model)
     placement = cpu_placement(model, reader, head) if target == "cpu" else tensorrt_placement(model, reader, head)
     with atomic_path(written) as tmp:

@@ -117,7 +117,7 @@ class TorchBackend(HeadOutput):
 
         from yoloslim.graph import has_one_to_one_branch
         from yoloslim.models import DetectionModel as ClassicDetectionModel
-        from yoloslim.utils.checks import load_detection_checkpoint
+        from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
 
         if threads:
             torch.set_num_threads(threads)
@@ -127,7 +127,7 @@ class TorchBackend(HeadOutput):
         names = model.names
         self.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
         self.stride = int(max(model.stride))
-        self.trained_imgsz = _trained_imgsz(ckpt)
+        self.trained_imgsz = trained_imgsz(ckpt)
         if isinstance(model, ClassicDetectionModel):
             self.head = ANCHOR_HEAD
         elif has_one_to_one_branch(model):  # the branch the ONNX export keeps, so both read the same boxes
@@ -140,14 +140,6 @@ class TorchBackend(HeadOutput):
         with torch.inference_mode():
             out = self.model(torch.from_numpy(batch))
         return nms_layout((out[0] if isinstance(out, (tuple, list)) else out).numpy(), self.head)
-
-
-def _trained_imgsz(ckpt: dict) -> Optional[int]:
-    """The square size a checkpoint was trained at (Ultralytics' train_args, the original repository's opt), if any."""
-    args = ckpt.get("train_args") or ckpt.get("opt") or {}
-    imgsz = args.get("imgsz", args.get("img_size")) if isinstance(args, dict) else None
-    imgsz = imgsz[0] if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
-    return imgsz if isinstance(imgsz, int) else None
 
 
 def load_backend(weights, threads: Optional[int] = None):

@@ -6,6 +6,7 @@ that names the file, the problem and the fix.
 
 from __future__ import annotations
 
+import pickle
 import pickletools
 import zipfile
 from pathlib import Path
@@ -54,7 +55,7 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
         )
     try:
         model, ckpt = load_checkpoint(path)
-    except (TypeError, ModuleNotFoundError) as e:
+    except (TypeError, ModuleNotFoundError, ValueError, pickle.UnpicklingError) as e:  # torch's legacy loader on junk
         raise YoloslimError(
             f"{path} is not a loadable Ultralytics checkpoint ({first_line(e)}); pass another file"
         ) from None
@@ -100,3 +101,11 @@ def pickled_modules(path: Path) -> set[str]:
     except ValueError:
         pass  # a damaged pickle: keep what was read, the loader reports the damage
     return modules
+
+
+def trained_imgsz(ckpt: dict) -> int | None:
+    """The square size a checkpoint was trained at (Ultralytics' train_args, the original repository's opt), if any."""
+    args = ckpt.get("train_args") or ckpt.get("opt") or {}
+    imgsz = args.get("imgsz", args.get("img_size")) if isinstance(args, dict) else None
+    imgsz = imgsz[0] if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
+    return imgsz if isinstance(imgsz, int) else None

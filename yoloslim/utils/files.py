@@ -14,10 +14,12 @@ from yoloslim.utils.errors import YoloslimError
 
 
 def output_path(out: str | Path | None, default: Path, source: str | Path) -> Path:
-    """Where a stage writes: `out`, or `default` when none is given; never its input file."""
+    """Where a stage writes: `out`, or `default` when none is given; never its input file, never a folder."""
     target = Path(out) if out else Path(default)
     if target.resolve() == Path(source).resolve():
         raise YoloslimError(f"out {target} is the input file; yoloslim never overwrites its input, choose another path")
+    if target.is_dir():
+        raise YoloslimError(f"out {target} is a folder; pass a file path, such as {target / Path(default).name}")
     return target
 
 
