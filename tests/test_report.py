@@ -330,3 +330,25 @@ def test_html_renders_in_chromium_on_a_phone(run_dir, tmp_path):
     assert state["headline"] == headline(slim_summary()) and state["headlineAboveTable"]
     assert state["innerWidth"] == 390 and state["scrollWidth"] <= state["innerWidth"]
     assert state["headlineRight"] <= state["innerWidth"] and state["widest"] <= state["innerWidth"]
+
+
+def test_every_row_has_its_gflops_and_its_paired_interval():
+    """An ONNX file's GFLOPs are its checkpoint's (bench counts only checkpoints); each change shows the paired
+    interval evaluation stored, and none where there is no pair."""
+    summary = slim_summary()
+    tuned = by_name(summary)["finetuned ONNX"]
+    tuned["eval"]["paired"] = {"against": "base ONNX", "map": [-0.012, -0.02, -0.004]}
+    table = {r["variant"]: r for r in rows(summary)}
+    assert table["finetuned ONNX"]["GFLOPs"] == 1.02 and table["base ONNX"]["GFLOPs"] == 2.10
+    assert table["finetuned ONNX"]["ΔmAP50-95 paired 95% CI"] == "-0.020 to -0.004"
+    assert table["base ONNX"]["ΔmAP50-95 paired 95% CI"] is None
+    assert table["finetuned FP16 ONNX"]["ΔmAP50-95 paired 95% CI"] is None  # evaluated without a pair
+
+
+@pytest.mark.parametrize("content", ["not json", '{"name": "x"}', "[1, 2]"])
+def test_a_file_that_is_not_a_slim_summary_is_one_line(content, tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+
+    (tmp_path / "summary.json").write_text(content)
+    with pytest.raises(YoloslimError, match="is not a yoloslim slim summary.json"):
+        write_report([tmp_path], tmp_path / "report")

@@ -366,3 +366,81 @@ def test_a_table_whose_predictor_missed_its_check_is_used_with_a_warning(latency
         Pipeline(config, log=said.append).stage_profile()
     warnings = [line for line in said if "warning" in line]  # the good table (synthetic timings) gets none
     assert len(warnings) == 1 and "missed its check plans by up to 25 %" in warnings[0]
+
+
+# -- inputs refused or recognised before any work ----------------------------------------------------------------------
+
+
+def test_a_dataset_of_another_number_of_classes_is_refused(shipped_weights, two_class_data, tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+
+    with pytest.raises(YoloslimError, match=r"detects 3 classes and .* has 2; pass the dataset it was trained on"):
+        Pipeline(SlimConfig(weights=str(shipped_weights), data=str(two_class_data), project=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_that_would_fail_a_later_stage_are_refused_before_the_run_exists(shipped_weights, tiny_data, tmp_path):
+    from yoloslim.utils.errors import YoloslimError
+
+    settings = dict(weights=str(shipped_weights), data=str(tiny_data), project=str(tmp_path))
+    with pytest.raises(YoloslimError, match="imgsz must be a multiple of 32"):
+        Pipeline(SlimConfig(**settings, imgsz=300))
+    with pytest.raises(YoloslimError, match="budget of 1 epoch leaves none to finetune"):
+        Pipeline(SlimConfig(**settings, epochs=1))
+    with pytest.raises(YoloslimError, match="threads must be at least 1"):
+        SlimConfig(threads=-1)
+    with pytest.raises(YoloslimError, match="target_flops 1 keeps every GFLOP"):
+        SlimConfig(target_flops=1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_resumes_only_with_the_same_files(shipped_weights, shipped_sparse_weights, tiny_data, tmp_path):
+    """A model retrained into the same path must not join the stages that its predecessor went through."""
+    import shutil
+
+    from yoloslim.utils.errors import YoloslimError
+
+    weights = Path(shutil.copy(shipped_weights, tmp_path / "best.pt"))
+    config = SlimConfig(weights=str(weights), data=str(tiny_data), imgsz=64, project=str(tmp_path), name="s")
+    Pipeline(config).finish("profile", {"table": None})
+    assert Pipeline(config).done("profile")
+    shutil.copy(shipped_sparse_weights, weights)
+    with pytest.raises(YoloslimError, match=r"other settings \(the weights file's content\)"):
+        Pipeline(config)
+
+
+def test_a_ratio_prune_stops_sparsity_training_at_its_own_gflops(shipped_weights, tiny_data, tmp_path):
+    from yoloslim.config import PruneConfig
+    from yoloslim.prune import prune
+
+    settings = dict(weights=str(shipped_weights), data=str(tiny_data), imgsz=64, project=str(tmp_path))
+    assert Pipeline(SlimConfig(**settings, name="flops")).sparsity_stop() == 0.5
+    pipeline = Pipeline(SlimConfig(**settings, ratio=0.2, name="ratio"))
+    pipeline.finish("profile", {"table": None})
+    planned = prune(shipped_weights, PruneConfig(ratio=0.2, imgsz=64), dry_run=True)
+    assert pipeline.sparsity_stop() == pytest.approx(planned.after["gflops"] / planned.before["gflops"])
+    assert pipeline.sparsity_stop() > 0.6
+
+
+def test_a_finetuned_prune_of_a_sparse_model_is_no_longer_sparsity_trained(shipped_weights):
+    """The stages' records travel from checkpoint to checkpoint; sparsity training counts only as the last one (the
+    baseline's gammas are dense, so its records alone decide)."""
+    from yoloslim.slim import looks_sparsity_trained
+    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.metadata import set_checkpoint_metadata, with_stage
+
+    model, _ = load_detection_checkpoint(shipped_weights)
+    sparse = {"sparsity": {}}
+    finetuned = with_stage(with_stage(sparse, "prune", {}), "finetune", {})
+    again = with_stage(finetuned, "sparsity", {})  # a second cycle: its record moves last
+    assert list(again) == ["prune", "finetune", "sparsity"]
+    for metadata, current in ((sparse, True), (finetuned, False), (again, True)):
+        set_checkpoint_metadata(model, metadata)
+        assert looks_sparsity_trained({"model": model}, model) is current
+
+
+def test_the_demo_by_l1_norm_starts_from_the_unsparsified_baseline(tiny_data, tmp_path):
+    from yoloslim.utils.assets import BASELINE
+
+    pipeline = Pipeline(SlimConfig(method="l1", data=str(tiny_data), project=str(tmp_path)))
+    assert pipeline.input.name == BASELINE and pipeline.input == pipeline.base

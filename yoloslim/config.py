@@ -347,6 +347,12 @@ class SlimConfig:
             raise YoloslimError(f"epochs is the budget beyond the base, at least 1; got {self.epochs}")
         if not 0 < self.sparse_share < 1:
             raise YoloslimError(f"sparse_share must lie in (0, 1), got {self.sparse_share}")
+        if self.threads is not None and self.threads < 1:
+            raise YoloslimError(f"threads must be at least 1, got {self.threads}")
+        if self.target_flops == 1:
+            raise YoloslimError(
+                "target_flops 1 keeps every GFLOP, so there is nothing to slim; give a fraction below 1"
+            )
         # a bad amount or criterion is refused before any work
         self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE, self.method)
         self._check_qat()

@@ -26,6 +26,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from yoloslim.config import FINETUNE_RECIPE, REVIVE_GAMMA, QatConfig
 from yoloslim.models.train import ClassicTraining
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.metadata import with_stage
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
 
@@ -69,7 +70,7 @@ class FinetuneTrainer(SafeDetectionTrainer):
         return model
 
     def checkpoint_extras(self) -> dict:
-        return {**super().checkpoint_extras(), "finetune": {"teacher": self.args.distill_model}}
+        return with_stage(super().checkpoint_extras(), "finetune", {"teacher": self.args.distill_model})
 
     def batchnorm_frozen(self) -> bool:
         """Whether BatchNorm statistics stay frozen: what a resumed quantization-aware run recorded."""

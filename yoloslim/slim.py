@@ -50,10 +50,12 @@ MAX_PREDICTOR_ERROR = 0.10
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
-    """True when the checkpoint says so, or when a fifth of the prunable gammas are already below 0.05."""
+    """True when sparsity training was the checkpoint's last stage, or when a fifth of the prunable gammas are below
+    0.05. A prune or a finetune after it carries its record along, but its gammas are no longer the penalty's."""
     from yoloslim.sparsity import gamma_magnitudes
 
-    if checkpoint_metadata(ckpt).get("sparsity"):
+    stages = [k for k in checkpoint_metadata(ckpt) if k in ("sparsity", "prune", "finetune")]  # in order (with_stage)
+    if stages and stages[-1] == "sparsity":
         return True
     return bool((gamma_magnitudes(model) < 0.05).mean() >= 0.2)
 
@@ -70,31 +72,54 @@ class Pipeline:
 
         self.config, self.log = config, log
         self.embedded = config.weights is None
-        self.input = Path(config.weights) if config.weights else shipped_file("weights", SPARSE_BASELINE)
+        # the demo starts from its shipped sparse model, except by L1 norm, which needs no sparsity training
+        demo_input = BASELINE if config.method == "l1" else SPARSE_BASELINE
+        self.input = Path(config.weights) if config.weights else shipped_file("weights", demo_input)
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
         model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
+        _check_classes(model, self.input, self.data)
         self.imgsz = config.imgsz or checkpoint_imgsz(ckpt) or 640
+        config.prune_config(self.imgsz, config.latency_table or SLIM_LATENCY_TABLE, config.method)  # imgsz checked
         classic = isinstance(model, ClassicDetectionModel)
         if classic:
             self._check_classic()
         if config.latency_table:  # a table of another model, size or an unreachable target: refused before any work
             self.latency_prune(config.latency_table, model)
         self.budget = config.epochs or (DEMO_EPOCHS if self.embedded else DEFAULT_EPOCHS)
+        self.trains_sparsity = config.method == "bn" and not looks_sparsity_trained(ckpt, model)
+        if self.trains_sparsity and self.budget < 2:
+            raise YoloslimError(
+                f"a budget of {self.budget} epoch leaves none to finetune after sparsity training; give 2 or more"
+            )
         if config.qat:
-            self._check_qat(model, ckpt)
+            self._check_qat()
         self.run = (Path(config.project) / config.name).resolve()  # Ultralytics nests a relative project in runs/detect
         self.state_file = self.run / "state.json"
-        fresh = {"config": asdict(config), "stages": {}}
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else fresh
-        current = asdict(config)
-        changed = [f"{k} {v} -> {current.get(k)}" for k, v in self.state["config"].items() if current.get(k) != v]
+        self.state = self._resumed_state()
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise YoloslimError(f"cannot create {self.run} ({e.strerror}); choose a writable --project") from None
+
+    def _resumed_state(self) -> dict:
+        """The run's state: fresh, or the unfinished run of this name when it has the same settings and reads the
+        same files by content (a model retrained in place must not join the stages of the one before)."""
+        from yoloslim.utils.files import file_digest
+
+        config = asdict(self.config)
+        inputs = {"weights": file_digest(self.input), "data": file_digest(self.data)}
+        if not self.state_file.exists():
+            return {"config": config, "inputs": inputs, "stages": {}}
+        state = json.loads(self.state_file.read_text())
+        changed = [f"{k} {v} -> {config.get(k)}" for k, v in state["config"].items() if config.get(k) != v]
+        changed += [f"the {k} file's content" for k, v in state.setdefault("inputs", inputs).items() if inputs[k] != v]
         if changed:
             raise YoloslimError(
-                f"{self.run} holds a slim run with other settings ({', '.join(changed)}); repeat its settings to "
-                "resume it, or give another name for a new run"
+                f"{self.run} holds a slim run with other settings ({', '.join(changed)}); repeat its settings with "
+                "the same files to resume it, or give another name for a new run"
             )
-        self.run.mkdir(parents=True, exist_ok=True)
+        return state
 
     def _check_classic(self) -> None:
         """Refuses what an anchor-based model of the original YOLOv5 repository does not take."""
@@ -110,10 +135,9 @@ class Pipeline:
                 "to target_flops or ratio instead"
             )
 
-    def _check_qat(self, model, ckpt: dict) -> None:
+    def _check_qat(self) -> None:
         """Refuses a budget that may leave the finetune no float epoch before its quantization-aware ones."""
-        trains_sparsity = self.config.method == "bn" and not looks_sparsity_trained(ckpt, model)
-        sparse = self.sparse_epochs() if trains_sparsity else 0
+        sparse = self.sparse_epochs() if self.trains_sparsity else 0
         if self.budget - sparse <= self.config.qat_epochs:
             raise YoloslimError(
                 f"qat needs a float finetune epoch before its {self.config.qat_epochs} quantization-aware one(s): a "
@@ -201,13 +225,22 @@ class Pipeline:
         return resolve_rounding(self.config.prune_config(self.imgsz, table, self.config.method)).round_to
 
     def sparsity_stop(self) -> float:
-        """stop_at_flops for sparsity training. Its stop check counts GFLOPs; for a latency target it is the fraction
-        of GFLOPs that the latency target's prune keeps when planned on the input model."""
-        if not self.config.latency_target:
-            stop = self.config.target_flops if self.config.ratio is None else None
-            return stop or DEFAULT_TARGET_FLOPS
-        result = self.latency_prune(self.done("profile")["table"])
+        """stop_at_flops for sparsity training. Its stop check counts GFLOPs; for a latency target or a ratio it is the
+        fraction of GFLOPs that the run's prune keeps when planned on the input model."""
+        if not self.config.latency_target and self.config.ratio is None:
+            return self.config.target_flops or DEFAULT_TARGET_FLOPS
+        result = self.planned_prune()
         return min(result.after["gflops"] / result.before["gflops"], MAX_STOP_FLOPS)
+
+    def planned_prune(self):
+        """The run's prune (a latency target's or a ratio's) planned on the input, for the GFLOPs it keeps."""
+        from yoloslim.prune import prune_model
+        from yoloslim.utils.checks import load_detection_checkpoint
+
+        if self.config.latency_target:
+            return self.latency_prune(self.done("profile")["table"])
+        model = load_detection_checkpoint(self.input, classic=True)[0]
+        return prune_model(model, self.config.prune_config(self.imgsz, None, self.config.method))
 
     def stage_sparse(self) -> dict:
         """Sparsity training with the recipe's defaults, ending once the prune to the target is free; it may use up
@@ -280,11 +313,13 @@ class Pipeline:
         folder = self.run / "export"
         onnx = {}
         for name, weights in (("base", self.base), ("finetuned", Path(self.done("finetune")["weights"]))):
+            self.log(f"slim: exporting {folder / name}.onnx")
             onnx[name] = str(export_onnx(weights, imgsz=self.imgsz, out=folder / f"{name}.onnx"))
         # what TensorRT 11 needs for FP16 (strong typing); its accuracy is checked here, before any device sees it
         onnx["finetuned-fp16"] = str(convert_fp16(onnx["finetuned"], out=folder / "finetuned-fp16.onnx"))
         if self.config.precision == "int8":  # placed for TensorRT (the device) and for ONNX Runtime on this CPU
             for target, name in (("tensorrt", "finetuned-int8"), ("cpu", "finetuned-int8-cpu")):
+                self.log(f"slim: INT8 for {PLACEMENTS[target]}, calibrating on the training images: {name}.onnx")
                 onnx[name] = str(
                     quantize_int8(onnx["finetuned"], self.data, out=folder / f"{name}.onnx", target=target)
                 )
@@ -351,8 +386,10 @@ class Pipeline:
         variants = [v for v in self.variants() if v["weights"]]
         records, results = {}, {}
         for v in variants:
+            self.log(f"slim: evaluating {v['name']}")
             records[v["name"]], names = model_records(v["weights"], self.data, self.imgsz, threads=self.config.threads)
             results[v["name"]] = summarise(records[v["name"]], names).as_dict()
+        self.log("slim: paired bootstrap intervals against each variant's base")
         for v in variants:
             ref = reference(variants, v)
             if ref is not None and ref is not v:
@@ -368,6 +405,8 @@ class Pipeline:
         measured = [v for v in self.variants() if v["weights"]]
         weights = [v["weights"] for v in measured]
         first, *more = bench_thread_counts(self.config.threads)
+        threads = " and ".join(str(n) for n in (first, *more))
+        self.log(f"slim: timing {len(weights)} variants interleaved at {threads} thread(s)")
         report = bench(weights, imgsz=self.imgsz, threads=first, more_threads=tuple(more), data=self.data)
         by_weights = {r["weights"]: r for r in report["results"]}
         return {
@@ -401,6 +440,19 @@ class Pipeline:
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
+
+
+def _check_classes(model, weights: Path, data: Path) -> None:
+    """Refuse a dataset of another number of classes: training would silently rebuild the head, and the unpruned
+    model would be scored on classes it does not have."""
+    from yoloslim.data import split_images
+
+    names = split_images(data, "val")[1]
+    if len(model.names) != len(names):
+        raise YoloslimError(
+            f"{weights.name} detects {len(model.names)} classes and {data} has {len(names)}; pass the dataset it was "
+            "trained on"
+        )
 
 
 def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:

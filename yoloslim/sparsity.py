@@ -44,6 +44,7 @@ from yoloslim.config import SPARSITY_RECIPE, SparsityConfig
 from yoloslim.models.train import ClassicTraining, plain_classic
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import write_text_atomic
+from yoloslim.utils.metadata import with_stage
 from yoloslim.utils.plots import plot_gamma_history
 from yoloslim.utils.training import SafeDetectionTrainer, resume_run, trainable_copy
 
@@ -273,7 +274,7 @@ class SparsityTrainer(SafeDetectionTrainer):
     def checkpoint_extras(self) -> dict:
         """The settings, and the gamma history so reports can draw it from the checkpoint alone."""
         history = self.save_dir / GAMMA_HISTORY
-        extras = {**super().checkpoint_extras(), "sparsity": asdict(self.sparsity)}
+        extras = with_stage(super().checkpoint_extras(), "sparsity", asdict(self.sparsity))
         if history.exists():
             extras["gamma_history"] = json.loads(history.read_text())
         return extras

@@ -81,8 +81,11 @@ class LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise YoloslimError(f"latency table {path} does not exist; make it with yoloslim profile on the target")
-        data = json.loads(path.read_text())
-        if data.get("format") != TABLE_FORMAT or not data.get("complete"):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = {}
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not data.get("complete"):
             raise YoloslimError(f"{path} is not a finished latency table; run yoloslim profile again to finish it")
         return cls(data)
 

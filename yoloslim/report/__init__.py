@@ -52,6 +52,7 @@ COLUMNS = (  # what a reader compares first comes first: a phone shows the first
     "variant",
     "mAP50-95",
     "ΔmAP50-95 vs base",
+    "ΔmAP50-95 paired 95% CI",
     "speedup vs base",  # a PER_THREADS column
     "compared with",
     "backend",
@@ -76,7 +77,13 @@ def load_runs(runs: list) -> list[dict]:
         path = run / SUMMARY if run.is_dir() else run
         if not path.is_file():
             raise YoloslimError(f"{run} has no {SUMMARY}; pass run folders written by yoloslim slim")
-        loaded.append(json.loads(path.read_text()))
+        try:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary = None
+        if not isinstance(summary, dict) or "variants" not in summary:
+            raise YoloslimError(f"{path} is not a yoloslim slim {SUMMARY}; pass run folders written by yoloslim slim")
+        loaded.append(summary)
     return loaded
 
 
@@ -126,6 +133,11 @@ def _difference(value: Optional[float], ref_value: Optional[float]) -> Optional[
     return None if value is None or ref_value is None else value - ref_value
 
 
+def _paired_interval(variant: dict, ref: Optional[dict]) -> Optional[str]:
+    change = () if ref is None or ref is variant else map_change(variant, ref)
+    return f"{change[1]:+.3f} to {change[2]:+.3f}" if len(change) == 3 else None
+
+
 def rows(summary: dict) -> list[dict]:
     """One table row per variant, its deltas against its reference (see the module docstring); the PER_THREADS
     columns hold {thread count: figure}."""
@@ -147,11 +159,12 @@ def rows(summary: dict) -> list[dict]:
                 "mAP50": ev.get("map50"),
                 "compared with": reference_label(v, ref),
                 "ΔmAP50-95 vs base": None if ref is None else _difference(_map(v), _map(ref)),
+                "ΔmAP50-95 paired 95% CI": _paired_interval(v, ref),
                 "speedup vs base": None if ref is None else {n: _ratio(ref_p50s[n], p50s[n]) for n in counts},
                 "latency p50 ms": p50s,
                 "FPS end to end": {counts[0]: be.get("fps_end_to_end")},
                 "params": be.get("params"),
-                "GFLOPs": be.get("gflops"),
+                "GFLOPs": stage_gflops(variants, v),  # an ONNX file's are its checkpoint's
                 "size MB": be.get("size_mb"),
             }
         )
@@ -288,7 +301,10 @@ def write_report(runs: list, out: Path) -> dict:
     from yoloslim.report.plots import figures
 
     summaries = load_runs(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise YoloslimError(f"cannot create {out} ({e.strerror}); choose a writable --out") from None
     tables = [(s, rows(s)) for s in summaries]
     images = figures(summaries, out)
     paths = {"md": out / "report.md", "html": out / "report.html", "csv": out / "report.csv"}

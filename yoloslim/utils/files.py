@@ -77,3 +77,14 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, to recognise the same input under another path or a changed one under the same."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

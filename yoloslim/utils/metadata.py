@@ -7,6 +7,12 @@ from __future__ import annotations
 CHECKPOINT_KEY = "yoloslim"
 
 
+def with_stage(metadata: dict, stage: str, record: dict) -> dict:
+    """`metadata` with `stage`'s record last, also when an earlier cycle wrote one: the order of the keys is the order
+    of the stages, so a reader knows which came last (a sparsity record followed by a prune's is no longer current)."""
+    return {**{k: v for k, v in metadata.items() if k != stage}, stage: record}
+
+
 def checkpoint_metadata(ckpt: dict) -> dict:
     """The yoloslim metadata of a loaded checkpoint (empty for a plain Ultralytics one)."""
     model = ckpt.get("model") or ckpt.get("ema")  # a finished run keeps "model", an unfinished one "ema"
