@@ -358,16 +358,18 @@ def test_sparsity_training_penalises_only_batchnorms_a_prune_can_shrink():
 
 @pytest.fixture(scope="module")
 def family_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Per family, a model with the tiny dataset's six classes saved as Ultralytics saves one, and its 40 % prune.
+    """Per family, a model of the tiny dataset's classes saved as Ultralytics saves one, and its 40 % prune.
     Ultralytics' own initialisation, not random_model's: its varied BatchNorm offsets are what the INT8 offset check
     keeps in float, which would leave nothing to quantize."""
     from ultralytics.nn.tasks import DetectionModel
+
+    from yoloslim.data.synthetic import default_config
 
     work = tmp_path_factory.mktemp("families")
     checkpoints = {}
     for cfg in FAMILIES:
         torch.manual_seed(0)
-        model = DetectionModel(cfg, nc=6, verbose=False).eval()
+        model = DetectionModel(cfg, nc=len(default_config().classes), verbose=False).eval()
         base = save_as_ultralytics_would(model, work / f"{Path(cfg).stem}.pt")
         checkpoints[cfg] = base, prune(base, PruneConfig(ratio=0.4, imgsz=64), out=work / f"{base.stem}-pruned.pt").out
     return checkpoints
