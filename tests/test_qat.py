@@ -52,6 +52,12 @@ def exported(request, pruned, synthetic_data, tmp_path_factory):
     return request.param, weights, export(weights, config, out=work / "qat-int8.onnx")
 
 
+def test_a_qat_export_refuses_calibration_data_it_would_not_use(exported, synthetic_data):
+    target, weights, _ = exported
+    with pytest.raises(YoloslimError, match="exports with the ranges it trained, not from data; drop --data"):
+        export(weights, ExportConfig(precision="int8", imgsz=IMGSZ, target=target), data=synthetic_data)
+
+
 def conv_widths(weights) -> list[int]:
     """The output widths of a checkpoint's convolutions, in order."""
     from yoloslim.utils.checks import load_detection_checkpoint

@@ -352,3 +352,10 @@ def test_a_file_that_is_not_a_slim_summary_is_one_line(content, tmp_path):
     (tmp_path / "summary.json").write_text(content)
     with pytest.raises(YoloslimError, match="is not a yoloslim slim summary.json"):
         write_report([tmp_path], tmp_path / "report")
+
+
+def test_runs_of_the_same_name_keep_apart_in_the_plot():
+    from yoloslim.report.plots import accuracy_speed_points
+
+    labels = {p[2] for p in accuracy_speed_points([slim_summary(), slim_summary()])}
+    assert "slim (1): finetuned ONNX" in labels and "slim (2): finetuned ONNX" in labels

@@ -218,6 +218,7 @@ def test_an_onnx_with_nms_inside_is_read_as_selected_boxes(tmp_path):
         (lambda p: tiny_onnx(p, (1, 3, 32, 32), task="segment"), "this is a segment model; yoloslim runs detection"),
         (lambda p: tiny_onnx(p, (1, 3, 32, 32), names="{0: 'a'}"), "outputs 6 values per box where an? anchor-free"),
         (lambda p: tiny_onnx(p, (1, 3, 32, 64)), "takes 32x64 images; yoloslim letterboxes to a square"),
+        (lambda p: tiny_onnx(p, (3, 32, 32), np.zeros((1, 6, 1))), "takes a 3-d input; a detector takes NCHW images"),
         (lambda p: p.write_bytes(b"\x08\x07not an onnx file") and p, "ONNX Runtime cannot load"),
     ],
 )

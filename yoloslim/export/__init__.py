@@ -84,6 +84,10 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
     target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
     trained = _trained_quantization(weights, config)
+    if trained is not None and data:
+        raise YoloslimError(
+            f"{weights.name} is quantization-aware and exports with the ranges it trained, not from data; drop --data"
+        )
     if config.precision == "int8" and trained is None:  # the calibration set is checked before any work
         from yoloslim.data import resolve_data
         from yoloslim.export.qdq import calibration_images

@@ -26,20 +26,22 @@ def pareto_front(points: list) -> list:
     return sorted(front)
 
 
-def run_label(summary: dict) -> str:
-    """A run's short name: slim names a run "<folder>: <weights> on <data>", and the folders of runs differ."""
-    return summary["name"].split(":")[0]
+def run_labels(summaries: list) -> list[str]:
+    """Each run's short name: slim names a run "<folder>: <weights> on <data>"; runs of the same folder name (in two
+    projects) are told apart by their position in the report, "slim (2)"."""
+    names = [s["name"].split(":")[0] for s in summaries]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def accuracy_speed_points(summaries: list) -> list:
     """(FPS end to end, mAP50-95, label, 95% interval or None) of every variant measured for both; the FPS is the
     run's first thread count's, 1 thread."""
     points = []
-    for s in summaries:
+    for s, run in zip(summaries, run_labels(summaries)):
         for v in s["variants"]:
             ev, be = v.get("eval") or {}, v.get("bench") or {}
             if ev.get("map") is not None and be.get("fps_end_to_end"):
-                label = v["name"] if len(summaries) == 1 else f"{run_label(s)}: {v['name']}"
+                label = v["name"] if len(summaries) == 1 else f"{run}: {v['name']}"
                 points.append((be["fps_end_to_end"], ev["map"], label, ev.get("ci95", {}).get("map")))
     return points
 

@@ -84,6 +84,10 @@ class OnnxRuntimeBackend(HeadOutput):
         self.head = head_kind(meta)
         check_output_shape(self.session.get_outputs()[0].shape, self.head, len(self.names), Path(path).name)
         self.float16 = self.input.type == "tensor(float16)"
+        if len(self.input.shape) != 4:
+            raise YoloslimError(
+                f"{Path(path).name} takes a {len(self.input.shape)}-d input; a detector takes NCHW images"
+            )
         batch, _, height, width = self.input.shape
         self.batch = batch if isinstance(batch, int) else None
         if isinstance(height, int) and isinstance(width, int) and height != width:
