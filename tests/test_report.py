@@ -340,8 +340,8 @@ def test_every_row_has_its_gflops_and_its_paired_interval():
     tuned["eval"]["paired"] = {"against": "base ONNX", "map": [-0.012, -0.02, -0.004]}
     table = {r["variant"]: r for r in rows(summary)}
     assert table["finetuned ONNX"]["GFLOPs"] == 1.02 and table["base ONNX"]["GFLOPs"] == 2.10
-    assert table["finetuned ONNX"]["ΔmAP50-95 paired 95% CI"] == "-0.020 to -0.004"
-    assert table["base ONNX"]["ΔmAP50-95 paired 95% CI"] is None
+    assert table["finetuned ONNX"]["ΔmAP50-95 paired 95% CI"] == "-2.0 to -0.4 pt"  # in points, as the change
+    assert table["base ONNX"]["ΔmAP50-95 paired 95% CI"] == ""
     assert table["finetuned FP16 ONNX"]["ΔmAP50-95 paired 95% CI"] is None  # evaluated without a pair
 
 

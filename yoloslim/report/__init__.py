@@ -134,8 +134,11 @@ def _difference(value: Optional[float], ref_value: Optional[float]) -> Optional[
 
 
 def _paired_interval(variant: dict, ref: Optional[dict]) -> Optional[str]:
-    change = () if ref is None or ref is variant else map_change(variant, ref)
-    return f"{change[1]:+.3f} to {change[2]:+.3f}" if len(change) == 3 else None
+    """The paired interval of the mAP change in points, as the change beside it reads; blank for the base itself."""
+    if ref is variant:
+        return ""
+    change = () if ref is None else map_change(variant, ref)
+    return f"{change[1] * 100:+.1f} to {change[2] * 100:+.1f} pt" if len(change) == 3 else None
 
 
 def rows(summary: dict) -> list[dict]:
