@@ -68,6 +68,19 @@ def test_second_cycle_finetune_criterion_uses_the_second_cycle_control(finetuned
     assert checks[f"finetuned-{TAG}-plus30"]["met"] is met
 
 
+def test_a_wide_interval_does_not_excuse_a_finetune_more_than_a_point_under_its_control():
+    rows = {
+        "base": _row(0.30, gflops_reduction=1),
+        "sparse": _row(0.10, gflops_reduction=1),
+        "control": _row(0.309, half_width=0.05, gflops_reduction=1),
+        f"pruned-{TAG}": _row(0.10),
+        f"finetuned-{TAG}": _row(0.296, half_width=0.05),
+    }
+    check = next(check for check in bench_prune._criteria(rows) if "finetuning" in check["criterion"])
+    assert check["needed"] == pytest.approx(0.299)
+    assert check["met"] is False
+
+
 def test_prune_names_carry_every_setting_that_changes_the_prune():
     config = bench_prune.PruneConfig
     assert bench_prune._prune_tag(config(ratio=0.82, round_to=16)) == TAG
