@@ -19,12 +19,13 @@ from yoloslim.models.train import (
     ClassicTrainingModel,
     anchor_free_layout,
     as_training_model,
-    checkpoint_imgsz,
     plain_classic,
     plain_values,
     read_classic_checkpoint,
+    record_checkpoint,
 )
 from yoloslim.sparsity import ClassicSparsityTrainer
+from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import trainable_copy
@@ -32,6 +33,8 @@ from yoloslim.utils.training import trainable_copy
 FIXTURES = Path(__file__).parent / "fixtures" / "classic"
 CHECKPOINT = FIXTURES / "v7.0-best.pt"  # written by the original's train.py: 3 classes, yolov5n.yaml at width 1/32
 # no augmentation, so that the same images come back every epoch
+# What a run writes over its input's opt: the original train.py's names for this run's settings.
+RUN_OPTIONS = {"weights", "cfg", "data", "epochs", "batch_size", "imgsz", "optimizer", "cos_lr", "seed", "workers"}
 STILL = dict(mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0, scale=0.0, translate=0.0)
 
 
@@ -98,6 +101,22 @@ def test_training_model_is_saved_and_traced_as_the_plain_classic_model():
     assert type(model) is ClassicTrainingModel
 
 
+def test_a_dataset_of_other_classes_is_refused_by_the_heads_class_count():
+    model = load_classic_checkpoint(FIXTURES / "v6.0-best.pt")[0]  # v6.0's model has no nc of its own
+    with pytest.raises(YoloslimError, match="trained for 3") as refused:
+        trainable_copy(model, nc=8)
+    assert len(str(refused.value).splitlines()) == 1
+
+
+def test_final_files_take_this_runs_options_and_date_over_the_inputs():
+    record = {"checkpoint": {"opt": {"imgsz": 64, "epochs": 1, "hyp": "h.yaml"}, "date": "2022-01-01", "git": None}}
+    entries = record_checkpoint(record, {"imgsz": 320, "epochs": 30})
+    assert entries["opt"] == {"imgsz": 320, "epochs": 30, "hyp": "h.yaml"} and entries["date"] > "2026"
+    assert entries["git"] is None
+    older = record_checkpoint({"checkpoint": {"epoch": 3}}, {"imgsz": 320})  # v6.0 and older: no opt, no date
+    assert older == {"epoch": 3, "opt": {"imgsz": 320}}
+
+
 def test_distillation_is_refused_in_one_line(classic_args):
     with pytest.raises(YoloslimError, match="anchor-based") as error:
         ClassicFinetuneTrainer(overrides=dict(classic_args, distill_model=str(CHECKPOINT)))
@@ -131,7 +150,7 @@ def test_a_new_model_is_built_from_a_classic_yaml_with_the_datasets_classes(clas
     trainer = ClassicTrainer(overrides=dict(classic_args, model=str(cfg), epochs=1, val=False))
     trainer.train()
     model, ckpt = read_classic_checkpoint(trainer.best)
-    assert checkpoint_imgsz(ckpt) == trainer.args.imgsz  # the size the commands then default to
+    assert trained_imgsz(ckpt) == trainer.args.imgsz  # the size the commands then default to
     assert model.model[-1].nc == 3 and model.model[-1].no * 3 == model.model[-1].m[0].out_channels
     assert conv_widths(model)[:-3] == conv_widths(DetectionModel(spec))[:-3]  # the yaml's layout, 3 classes
 
@@ -260,10 +279,16 @@ def assert_original_format(path: Path, source: Path) -> tuple[nn.Module, dict]:
     assert "torch.HalfStorage" in found  # the weights in FP16, as train.py saves them
     model, ckpt = load_classic_checkpoint(path)
     _, given = load_classic_checkpoint(source)
-    assert set(ckpt) == set(given) and ckpt["epoch"] == -1 and ckpt["optimizer"] is None and ckpt["ema"] is None
+    assert set(ckpt) == set(given) | {"opt"}  # opt added where an older release kept it in opt.yaml
+    assert ckpt["epoch"] == -1 and ckpt["optimizer"] is None and ckpt["ema"] is None
     assert ckpt["model"] is model
-    for key in set(given) - {"model", "epoch", "optimizer", "best_fitness", "ema", "updates"}:  # opt, git, date, ...
-        assert plain_values(ckpt[key]) == plain_values(given[key]), key  # paths in opt kept as strings
+    for key in set(given) - {"model", "epoch", "optimizer", "best_fitness", "ema", "updates", "opt", "date"}:  # git
+        assert plain_values(ckpt[key]) == plain_values(given[key]), key
+    opt, given_opt = plain_values(ckpt["opt"]), plain_values(given.get("opt") or {})  # paths kept as strings
+    assert {k: v for k, v in opt.items() if k not in RUN_OPTIONS} == {
+        k: v for k, v in given_opt.items() if k not in RUN_OPTIONS
+    }
+    assert "date" not in given or ckpt["date"] > given["date"]  # dated by this run, where the input was dated
     return model, ckpt
 
 
@@ -310,6 +335,11 @@ def test_finetune_command_keeps_widths_and_the_originals_format_also_after_resum
     with pytest.raises(Interrupt):
         trainer.train()
     assert conv_widths(read_classic_checkpoint(trainer.last)[0]) == widths
+    model, _ = load_detection_checkpoint(trainer.last, classic=True)  # an unfinished run's file, for every command
+    assert type(model) is DetectionModel and not model.training and conv_widths(model) == widths
+    with pytest.raises(YoloslimError, match="anchor-based") as refused:
+        load_detection_checkpoint(trainer.last)
+    assert len(str(refused.value).splitlines()) == 1
 
     code, err, _ = cli("finetune", "--weights", trainer.last, "--resume")
     assert code == 0, err
@@ -323,13 +353,20 @@ def test_finetune_command_keeps_widths_and_the_originals_format_also_after_resum
 
 @pytest.mark.slow
 def test_finetune_command_runs_a_pruned_original_checkpoint(cli, classic_data, pruned_v6, tmp_path):
+    """At another size than the input's (64): every file written, the epoch snapshot included, in the original's
+    format with this run's size, which the next command defaults to."""
     code, err, _ = cli(
-        "finetune", "--weights", pruned_v6, "--data", classic_data, "--epochs", 1, "--batch", 4,
-        "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0",
+        "finetune", "--weights", pruned_v6, "--data", classic_data, "--epochs", 1, "--batch", 4, "--imgsz", 96,
+        "--project", tmp_path, "--name", "run", "workers=0", "plots=False", "warmup_epochs=0", "save_period=1",
     )  # fmt: skip
     assert code == 0, err
-    model, _ = assert_original_format(tmp_path / "run" / "weights" / "best.pt", pruned_v6)
-    assert conv_widths(model) == conv_widths(load_classic_checkpoint(pruned_v6)[0])
+    weights = tmp_path / "run" / "weights"
+    snapshots = sorted(weights.glob("epoch*.pt"))
+    assert snapshots
+    for path in (weights / "best.pt", *snapshots):
+        model, ckpt = assert_original_format(path, pruned_v6)
+        assert conv_widths(model) == conv_widths(load_classic_checkpoint(pruned_v6)[0])
+        assert trained_imgsz(ckpt) == 96 and ckpt["opt"]["epochs"] == 1
 
 
 def test_finetune_command_refuses_distillation_and_qat_in_one_line(cli, classic_data):

@@ -394,11 +394,10 @@ def _fraction_or_none(text: str) -> float | None:
 
 def _trained_imgsz(weights: Path) -> int:
     """The image size the model was trained at, from its checkpoint's training arguments."""
-    from yoloslim.models.train import checkpoint_imgsz
-    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
     from yoloslim.utils.errors import YoloslimError
 
-    imgsz = checkpoint_imgsz(load_detection_checkpoint(weights, classic=True)[1])
+    imgsz = trained_imgsz(load_detection_checkpoint(weights, classic=True)[1])
     if not isinstance(imgsz, int):
         raise YoloslimError(f"{weights} does not record the image size it was trained at; pass --imgsz")
     return imgsz

@@ -66,9 +66,8 @@ class Pipeline:
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
         from yoloslim.models import DetectionModel as ClassicDetectionModel
-        from yoloslim.models.train import checkpoint_imgsz
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
-        from yoloslim.utils.checks import load_detection_checkpoint
+        from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
 
         self.config, self.log = config, log
         self.embedded = config.weights is None
@@ -79,7 +78,7 @@ class Pipeline:
         self.data = resolve_data(config.data)
         model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
         _check_classes(model, self.input, self.data)
-        self.imgsz = config.imgsz or checkpoint_imgsz(ckpt) or 640
+        self.imgsz = config.imgsz or trained_imgsz(ckpt) or 640
         config.prune_config(self.imgsz, config.latency_table or SLIM_LATENCY_TABLE, config.method)  # imgsz checked
         classic = isinstance(model, ClassicDetectionModel)
         if classic:

@@ -11,8 +11,6 @@ class with the state that class expects. Nothing is renamed or patched at run ti
 from __future__ import annotations
 
 import pickle
-import pickletools
-import zipfile
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +19,7 @@ import torch
 
 from yoloslim.models import unpickle
 from yoloslim.models.yolo import DetectionModel, original_path
+from yoloslim.utils.checks import pickled_globals
 from yoloslim.utils.files import atomic_path
 from yoloslim.utils.metadata import set_checkpoint_metadata
 
@@ -51,25 +50,10 @@ def original_names(source: Path | None = None) -> dict[type, str]:
     """yoloslim's classic class -> the path to pickle it under: the one the checkpoint `source` used, else v7.0's (a
     v6.1 or older checkpoint names its model models.yolo.Model, which v7.0 still defines; DetectionModel is newer)."""
     names = {cls: original_path(cls) for cls in set(unpickle.ORIGINAL_CLASSES.values())}
-    for name in pickled_globals(source) if source else []:
+    for name in (".".join(g) for g in pickled_globals(source)) if source else []:
         if name in unpickle.ORIGINAL_CLASSES:
             names[unpickle.ORIGINAL_CLASSES[name]] = name
     return names
-
-
-def pickled_globals(path: Path) -> list[str]:
-    """The dotted names of the globals a torch checkpoint's pickle refers to, read without unpickling it."""
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    found, strings = [], []
-    for opcode, arg, _ in pickletools.genops(data):
-        if opcode.name == "GLOBAL":
-            found.append(arg.replace(" ", "."))
-        elif opcode.name == "STACK_GLOBAL":
-            found.append(".".join(strings[-2:]))
-        elif isinstance(arg, str):
-            strings.append(arg)
-    return found
 
 
 def save_original_format(model: DetectionModel, ckpt: dict, out: Path, names: dict, metadata: dict) -> None:

@@ -36,6 +36,7 @@ from ultralytics.utils.patches import torch_load
 from yoloslim.models.loss import ClassicLoss, LossGains
 from yoloslim.models.save import TRAINING_STATE, original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel
+from yoloslim.utils.checks import in_original_format, pickled_modules, trained_imgsz
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import checkpoint_metadata
 from yoloslim.utils.training import SafeDetectionTrainer, trainable_copy
@@ -165,11 +166,11 @@ class ClassicTraining:
         return {**super().checkpoint_extras(), **({ORIGINAL_FORMAT: record} if record else {})}
 
     def finish_checkpoints(self) -> None:
-        """Rewrite last.pt and best.pt once each, in the original repository's format (the input's class paths and
+        """Rewrite the run's checkpoints once each, in the original repository's format (the input's class paths and
         keys, FP16, training state cleared), so that its own tools load them; until then they are in the trainer's
-        format, which a resumed run reads."""
-        for path in (self.last, self.best):
-            if path.exists():
+        format, which a resumed run reads. last.pt goes last: a run stopped before it can still be resumed."""
+        for path in (*sorted(self.wdir.glob("epoch*.pt")), self.best, self.last):
+            if path.exists() and not in_original_format(path):
                 ckpt = torch_load(path, map_location="cpu")
                 metadata = checkpoint_metadata(ckpt)
                 model = original_model(ckpt.get("ema") or ckpt["model"])
@@ -182,7 +183,8 @@ class ClassicTraining:
         input in the original's format (a new model from a yaml), which the original's tools and yoloslim read (its
         imgsz is the size the commands default to)."""
         a = self.args
-        options = dict(cfg=a.model, data=a.data, epochs=a.epochs, batch_size=a.batch, imgsz=a.imgsz)
+        source = {"weights": a.model} if str(a.model).endswith(".pt") else {"cfg": a.model}
+        options = dict(source, data=a.data, epochs=a.epochs, batch_size=a.batch, imgsz=a.imgsz)
         return plain_values(dict(options, optimizer=a.optimizer, cos_lr=a.cos_lr, seed=a.seed, workers=a.workers))
 
     def build_optimizer(self, model, *args, **kwargs):
@@ -245,7 +247,7 @@ def train_classic(
         overrides = {**train_args, "model": str(weights), "resume": str(weights), **({"data": data} if data else {})}
     else:
         _, ckpt = read_classic_checkpoint(weights)
-        imgsz = checkpoint_imgsz(ckpt)
+        imgsz = trained_imgsz(ckpt)
         defaults = {**recipe.train_args(), **({"imgsz": imgsz} if imgsz else {})}
         overrides = {**defaults, **train_args, "model": str(weights), "data": data}
     run = trainer(overrides=overrides)
@@ -253,28 +255,11 @@ def train_classic(
     return getattr(run.validator, "metrics", None)
 
 
-def checkpoint_imgsz(ckpt: dict) -> int | None:
-    """The image size a checkpoint was trained at: the original's train.py options (imgsz, or img_size before v6.0),
-    or the Ultralytics train arguments of one a classic run wrote."""
-    options = plain_values(ckpt.get("opt") or ckpt.get("train_args") or {})
-    size = options.get("imgsz", options.get("img_size"))
-    return size[0] if isinstance(size, list) else size
-
-
 def is_classic_checkpoint(path: str | Path) -> bool:
     """Whether a .pt file holds an anchor-based model: in the original repository's format, or a classic run's."""
-    from yoloslim.utils.checks import pickled_modules
-
     return in_original_format(path) or (
         str(path).endswith(".pt") and DetectionModel.__module__ in pickled_modules(Path(path))
     )
-
-
-def in_original_format(path: str | Path) -> bool:
-    """Whether a .pt file pickles the original repository's classes (its `models` package)."""
-    from yoloslim.utils.checks import pickled_modules
-
-    return str(path).endswith(".pt") and any(m.split(".")[0] == "models" for m in pickled_modules(Path(path)))
 
 
 def original_format_record(source: Path, ckpt: dict) -> dict:
@@ -296,9 +281,13 @@ def record_names(record: dict) -> dict[type, str]:
 
 def record_checkpoint(record: dict, options: dict) -> dict:
     """The entries of a run's final files: its input's, from its original_format_record, or for a run without one
-    those of v7.0's train.py, with `options` as its opt, dated now as it dates them."""
-    new_run = {**dict.fromkeys(V7_CHECKPOINT_KEYS), "opt": options, "date": datetime.now().isoformat()}
-    return record.get("checkpoint") or new_run
+    those of v7.0's train.py; with this run's `options` over its opt (added where a release before v6.1 kept it in
+    opt.yaml: the commands read the size a model was trained at from it) and dated now where the input was dated, as
+    the original's train.py dates its files."""
+    entries = record.get("checkpoint") or dict.fromkeys(V7_CHECKPOINT_KEYS)
+    opt = entries.get("opt")
+    dated = {"date": datetime.now().isoformat()} if "date" in entries else {}
+    return {**entries, "opt": {**opt, **options} if isinstance(opt, dict) else options, **dated}
 
 
 def plain_values(value):

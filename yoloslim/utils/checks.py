@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import pickletools
 import zipfile
+from argparse import Namespace
 from pathlib import Path
 
 from yoloslim.utils.errors import YoloslimError, first_line
@@ -34,6 +35,10 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
     yoloslim.models' DetectionModel (FP32, eval mode) and the checkpoint dict; otherwise they are refused."""
     from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
+    from yoloslim.models import DetectionModel as ClassicDetectionModel
+    from yoloslim.models import load_classic_checkpoint
+    from yoloslim.models.train import original_model
+
     path = Path(weights)
     if not path.is_file():
         raise YoloslimError(f"weights file {path} does not exist; pass --weights path/to/best.pt")
@@ -42,17 +47,11 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
             f"{path} is not a PyTorch checkpoint (.pt); pass the best.pt that Ultralytics training wrote"
         )
     # Checked before Ultralytics sees the file: it maps a name like yolov5s.pt to yolov5su.pt and downloads that.
-    if pickled_modules(path) & _ORIGINAL_YOLOV5_MODULES:
-        from yoloslim.models import load_classic_checkpoint
-
+    if in_original_format(path):
         classic_model, ckpt = load_classic_checkpoint(path)  # refuses another task, unknown modules, damaged files
         if classic:
             return classic_model, ckpt
-        raise YoloslimError(
-            f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which this command does not "
-            "take yet; train, prune, finetune, export, eval, bench and slim take it, or retrain it with the "
-            "ultralytics package (model yolov5n.yaml) and pass that best.pt"
-        )
+        raise YoloslimError(_anchor_based_refusal(path))
     try:
         model, ckpt = load_checkpoint(path)
     except (TypeError, ModuleNotFoundError, ValueError, pickle.UnpicklingError) as e:  # torch's legacy loader on junk
@@ -62,11 +61,23 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
     task = other_task(model)
     if task:
         raise YoloslimError(f"{path} is {task}; yoloslim slims detection models only, pass a detection best.pt")
+    if isinstance(model, ClassicDetectionModel):  # a classic run's own checkpoint: last.pt while it trains, epochN.pt
+        if classic:
+            return original_model(model).float().eval(), ckpt
+        raise YoloslimError(_anchor_based_refusal(path))
     if type(model) is not DetectionModel:  # a detector of another family: YOLO-World, YOLOE, RT-DETR
         raise YoloslimError(
             f"{path} is a {type(model).__name__}; yoloslim slims Ultralytics DetectionModel checkpoints only, pass one"
         )
     return model, ckpt
+
+
+def _anchor_based_refusal(path: Path) -> str:
+    return (
+        f"{path} is an anchor-based checkpoint from the original YOLOv5 repository, which this command does not take "
+        "yet; train, prune, finetune, export, eval, bench and slim take it, or retrain it with the ultralytics "
+        "package (model yolov5n.yaml) and pass that best.pt"
+    )
 
 
 def other_task(model) -> str | None:
@@ -81,31 +92,43 @@ def other_task(model) -> str | None:
     return None
 
 
-def pickled_modules(path: Path) -> set[str]:
-    """Modules whose classes a torch checkpoint references, read from its pickle without executing it."""
+def in_original_format(path: str | Path) -> bool:
+    """Whether a .pt file pickles the original YOLOv5 repository's classes (its top-level `models` package)."""
+    return str(path).endswith(".pt") and bool(pickled_modules(Path(path)) & _ORIGINAL_YOLOV5_MODULES)
+
+
+def pickled_globals(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of each global a torch checkpoint's pickle refers to, read without executing it."""
     try:
         with zipfile.ZipFile(path) as archive:
             name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
             data = archive.read(name)
     except (zipfile.BadZipFile, StopIteration, OSError):
-        return set()  # not a zip checkpoint; the loader reports what is wrong
-    modules, strings = set(), []
+        return []  # not a zip checkpoint; the loader reports what is wrong
+    found, strings = [], []
     try:
         for opcode, arg, _ in pickletools.genops(data):
             if opcode.name == "GLOBAL":
-                modules.add(arg.split(" ")[0])
+                found.append(tuple(arg.split(" ", 1)))
             elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                modules.add(strings[-2])
+                found.append((strings[-2], strings[-1]))
             elif isinstance(arg, str):
                 strings.append(arg)
     except ValueError:
         pass  # a damaged pickle: keep what was read, the loader reports the damage
-    return modules
+    return found
+
+
+def pickled_modules(path: Path) -> set[str]:
+    """Modules whose classes a torch checkpoint references, read from its pickle without executing it."""
+    return {module for module, _ in pickled_globals(path)}
 
 
 def trained_imgsz(ckpt: dict) -> int | None:
-    """The square size a checkpoint was trained at (Ultralytics' train_args, the original repository's opt), if any."""
+    """The square size a checkpoint was trained at (Ultralytics' train_args, the original repository's opt: imgsz, or
+    img_size before its v6.0), if any."""
     args = ckpt.get("train_args") or ckpt.get("opt") or {}
+    args = vars(args) if isinstance(args, Namespace) else args
     imgsz = args.get("imgsz", args.get("img_size")) if isinstance(args, dict) else None
     imgsz = imgsz[0] if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
     return imgsz if isinstance(imgsz, int) else None

@@ -36,7 +36,7 @@ ADAM_FAMILY = frozenset({"adam", "adamax", "adamw", "nadam", "radam"})
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file's dict, Ultralytics' or in the original YOLOv5 repository's format (which a classic run
     writes at its end, and which Ultralytics' loader cannot read)."""
-    from yoloslim.models.train import in_original_format
+    from yoloslim.utils.checks import in_original_format
 
     if in_original_format(path):
         from yoloslim.models import load_classic_checkpoint
@@ -100,9 +100,10 @@ def resume_run(last: str | Path, trainer, data: str | Path | None = None, refuse
 def trainable_copy(model: nn.Module, nc: int) -> nn.Module:
     """The checkpoint's own module, ready to train: what a pruned model needs, since its yaml holds the original
     widths and Ultralytics' rebuild from the yaml would load only the tensors whose shapes still match."""
-    if getattr(model, "nc", nc) != nc:
+    trained_for = model.model[-1].nc  # the head's: a classic model of the original's releases before v6.2 has no nc
+    if trained_for != nc:
         raise YoloslimError(
-            f"the dataset has {nc} classes but the model was trained for {model.nc}; train on the dataset the model "
+            f"the dataset has {nc} classes but the model was trained for {trained_for}; train on the dataset the model "
             "was trained on"
         )
     model = deepcopy(model).float()
