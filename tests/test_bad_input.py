@@ -286,3 +286,73 @@ def test_calibration_leaves_out_the_val_images(tmp_path):
     data = write_dataset(tmp_path, yaml_text=yaml.safe_dump({**SPEC, "val": "val.txt"}))
     (tmp_path / "val.txt").write_text("./images/val/v0.jpg\n./images/train/t1.jpg\n")
     assert [p.name for p in calibration_images(data)] == ["t0.jpg"]
+
+
+# -- the training stages' own options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["train", "--epochs", "0"], ["--epochs 0", "1 or more"]),
+        (["train", "lr0=abc"], ["lr0", "key=value"]),
+        (["train", "--resume", "--sr", "5"], ["--sr", "drop"]),
+        (["train", "--no-include-head"], ["--no-include-head", "--no-targeted"]),
+        (["finetune", "--target", "cpu"], ["--target", "--qat"]),
+        (["finetune", "--qat", "--revive", "0.01"], ["--revive", "qat"]),
+        (["finetune", "--resume", "--revive", "0.01"], ["--revive", "resumed"]),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) and a and a[0] in ("train", "finetune") else "",
+)
+def test_training_options_that_cannot_apply_are_refused(argv, words, tmp_path, models, refused_without_writing):
+    command, *rest = argv
+    refused_without_writing(command, [command, "--weights", models / "best.pt", *rest], words, [tmp_path, models])
+
+
+def test_key_value_arguments_read_as_ultralytics_reads_them():
+    from yoloslim.cli import parse_overrides
+
+    assert parse_overrides(["lr0=1e-3", "cos_lr=True", "optimizer=AdamW"]) == {
+        "lr0": 0.001,
+        "cos_lr": True,
+        "optimizer": "AdamW",
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("model.onnx", ["neither a checkpoint"]),
+        ("missing.yaml", ["not found"]),
+        ("dataset.yaml", ["not a model yaml", "--data"]),
+        ("yolov8n-seg.yaml", ["segment"]),
+    ],
+)
+def test_train_refuses_what_is_no_detection_model(spec, words, tmp_path, models, refused_without_writing):
+    (tmp_path / "dataset.yaml").write_text("train: images\nval: images\nnames: [a]\n")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    refused_without_writing("train", ["train", "--weights", spec, "--epochs", "1"], words, [tmp_path, models])
+
+
+def test_a_file_that_holds_no_checkpoint_is_refused_by_prune_and_resume(tmp_path, models, refused_without_writing):
+    import torch
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    words = ["tensor.pt", "Tensor"]
+    refused_without_writing("prune", ["prune", "--weights", "tensor.pt"], words, [tmp_path, models])
+    refused_without_writing("finetune", ["finetune", "--weights", "tensor.pt", "--resume"], words, [tmp_path, models])
+
+
+def test_an_unwritable_project_is_one_line(tmp_path, models, refused_without_writing):
+    (tmp_path / "file").write_text("")
+    project = tmp_path / "file" / "p"
+    argv = ["train", "--weights", models / "best.pt", "--epochs", 1, "--imgsz", 64, "--project", project]
+    refused_without_writing("train", argv, ["file", "Not a directory"], [tmp_path, models])
+
+
+def test_a_relative_dataset_is_kept_as_an_absolute_path(tmp_path, tiny_data, monkeypatch):
+    from yoloslim.data import resolve_data
+
+    monkeypatch.chdir(tiny_data.parent)
+    resolved = resolve_data(tiny_data.name)
+    assert resolved.is_absolute() and resolved == tiny_data.resolve()

@@ -10,7 +10,7 @@ import typing
 from typing import Sequence
 
 from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE
-from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.errors import YoloslimError, first_line
 
 IMGSZ_HELP = (
     "input size for models without a fixed one, rounded up to the stride (default: the size the model was trained "
@@ -29,6 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args) or 0
     except YoloslimError as e:
         print(f"yoloslim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that cannot be made or written, e.g. a --project under a file
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"yoloslim {args.command}: error: cannot write or read{where}: {e.strerror or e}; check the path and its "
+            "permissions",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -134,16 +142,23 @@ def _add_ultralytics_train_args(sub, recipe) -> None:
 
 def _ultralytics_train_args(args: argparse.Namespace) -> dict:
     named = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch", "device", "project", "name")}
+    if named["epochs"] is not None and named["epochs"] < 1:
+        raise YoloslimError(f"--epochs {named['epochs']} trains nothing; give 1 or more")
     return {**parse_overrides(args.overrides), **{k: v for k, v in named.items() if v is not None}}
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from yoloslim.config import SparsityConfig
+    from yoloslim.config import SparsityConfig, changed_options
     from yoloslim.sparsity import train_sparse
     from yoloslim.utils.assets import shipped_file
 
     weights = args.weights or str(shipped_file("weights", BASELINE))
-    config = None if args.resume else _settings_from(SparsityConfig, args)  # a resumed run keeps its own settings
+    config = _settings_from(SparsityConfig, args)
+    if args.resume:  # a resumed run keeps its own settings
+        given = changed_options(SparsityConfig, args)
+        if given:
+            raise YoloslimError(f"a resumed run keeps the sparsity settings it began with; drop {' and '.join(given)}")
+        config = None
     train_sparse(weights, config, data=args.data, resume=args.resume, **_ultralytics_train_args(args))
     return 0
 
@@ -555,7 +570,7 @@ _OWN_OPTION = {
 def parse_overrides(pairs: Sequence[str], allow: Sequence[str] = ()) -> dict:
     """Turn `key=value` words into Ultralytics arguments, refusing keys Ultralytics does not know and keys that
     yoloslim's own options set, except those in `allow` (a caller without that option)."""
-    import yaml
+    from ultralytics.cfg import check_cfg, smart_value
     from ultralytics.utils import DEFAULT_CFG_KEYS
 
     parsed = {}
@@ -567,7 +582,11 @@ def parse_overrides(pairs: Sequence[str], allow: Sequence[str] = ()) -> dict:
             raise YoloslimError(f"{key}= is set by yoloslim; use {_OWN_OPTION[key]} instead")
         if key not in DEFAULT_CFG_KEYS:
             raise YoloslimError(f"{key!r} is not an Ultralytics train argument; run 'yolo cfg' to list them")
-        parsed[key] = yaml.safe_load(value)
+        parsed[key] = smart_value(value)  # as Ultralytics' own command line reads it: lr0=1e-3 is 0.001
+    try:
+        check_cfg(parsed)
+    except (TypeError, ValueError) as e:
+        raise YoloslimError(f"{first_line(e)}; fix that key=value argument") from None
     return parsed
 
 

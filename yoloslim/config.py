@@ -21,6 +21,13 @@ def option(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
 
 
+def changed_options(settings: type, values) -> list[str]:
+    """The command-line flags of the fields of a settings dataclass whose value in `values` (an instance, or parsed
+    arguments) is not the field's default."""
+    changed = [f.name for f in fields(settings) if getattr(values, f.name, f.default) != f.default]
+    return ["--" + name.replace("_", "-") for name in changed]
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     """The Ultralytics train arguments of a measured recipe; the user's key=value arguments override each."""
@@ -150,6 +157,11 @@ class SparsityConfig:
             raise YoloslimError(f"unknown sr schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if not 0 <= self.final_ratio <= 1:
             raise YoloslimError(f"final_ratio must lie in [0, 1], got {self.final_ratio}")
+        if self.targeted and not self.include_head:
+            raise YoloslimError(
+                "--no-include-head takes the uniform penalty: the targeted one follows the prune's plan, which cuts "
+                "the head's inner channels too; add --no-targeted"
+            )
         if self.stop_at_flops == 0:
             object.__setattr__(self, "stop_at_flops", None)
         if self.stop_at_flops is not None and not 0 < self.stop_at_flops < 1:

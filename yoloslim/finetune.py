@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
-from yoloslim.config import FINETUNE_RECIPE, REVIVE_GAMMA, QatConfig
+from yoloslim.config import FINETUNE_RECIPE, REVIVE_GAMMA, QatConfig, changed_options
 from yoloslim.models.train import ClassicTraining
 from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.metadata import with_stage
@@ -146,6 +146,18 @@ class ClassicFinetuneTrainer(ClassicTraining, FinetuneTrainer):
         return self.revived(model) if isinstance(weights, nn.Module) else model
 
 
+def _check_options(qat: QatConfig | None, revive: float, resume: bool) -> None:
+    """Refuse settings the run would ignore: quantization settings without qat, a revive gamma with qat or on
+    resume."""
+    if qat is not None and not qat.qat:
+        unused = changed_options(QatConfig, qat)
+        if unused:
+            raise YoloslimError(f"{' and '.join(unused)} set quantization-aware finetuning; add --qat or drop them")
+    if revive != REVIVE_GAMMA and ((qat is not None and qat.qat) or resume):
+        when = "a resumed run keeps its own gammas" if resume else "qat places its Q/DQ on the model as it is"
+        raise YoloslimError(f"--revive does not apply here: {when}; drop --revive")
+
+
 def finetune(
     weights: str | Path,
     data: str | Path | None = None,
@@ -168,7 +180,9 @@ def finetune(
     from yoloslim.utils.checks import load_detection_checkpoint
 
     aware = qat is not None and qat.qat
+    _check_options(qat, revive, resume)
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
+    teacher = None if teacher is None else Path(teacher).resolve()  # a resumed run reads it from any folder
     if is_classic_checkpoint(weights):
         if aware:
             raise YoloslimError(
@@ -178,10 +192,12 @@ def finetune(
         teaching = {"distill_model": str(teacher)} if teacher is not None and not resume else {}
         refused = {"teacher": teacher}
         trainer = partial(ClassicFinetuneTrainer, revive=revive)
-        return train_classic(trainer, weights, dataset, resume, FINETUNE_RECIPE, refused, **teaching, **train_args)
+        return train_classic(
+            trainer, "finetune", weights, dataset, resume, FINETUNE_RECIPE, refused, **teaching, **train_args
+        )
     if resume:  # its model may be a DistillationModel around the student, which the check below refuses
         refused = {"teacher": teacher, "qat": "qat" if aware else None}
-        return resume_run(weights, FinetuneTrainer, dataset, refused=refused, **train_args)
+        return resume_run(weights, FinetuneTrainer, "finetune", dataset, refused=refused, **train_args)
     model, _ = load_detection_checkpoint(weights)
     if teacher is not None:
         load_detection_checkpoint(teacher)

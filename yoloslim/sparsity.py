@@ -138,6 +138,11 @@ class SparsityTrainer(SafeDetectionTrainer):
         from ultralytics.utils import DEFAULT_CFG
 
         super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+        if self.args.freeze and not self.resume and (sparsity is None or sparsity.targeted):
+            raise YoloslimError(
+                "freeze= keeps gammas that the targeted penalty's plan (the prune's) would shrink; train without "
+                "freeze, or add --no-targeted (frozen gammas then pay no penalty)"
+            )
         carried = self._carried_callback()
         resumed = self._config_from_checkpoint() if self.resume else None
         if resumed and sparsity and sparsity != resumed:
@@ -170,9 +175,13 @@ class SparsityTrainer(SafeDetectionTrainer):
         return SparsityConfig(**{"targeted": False, **{k: v for k, v in saved.items() if k in known}})
 
     # -- the penalty -----------------------------------------------------------------------------------------------
-    def build_optimizer(self, model, *args, **kwargs):
-        optimizer = super().build_optimizer(model, *args, **kwargs)
-        named = prunable_batchnorms(model, self.sparsity.include_head)
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        if name == "auto" and self.sparsity.targeted:
+            # auto's AdamW branch, whose rate the targeted sr was measured at: past 10,000 iterations (some 5,000
+            # images at this recipe's batch and nbs) auto picks MuSGD at 0.01, a penalty step five times larger
+            iterations = min(iterations, 10_000)
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        named = [(n, bn) for n, bn in prunable_batchnorms(model, self.sparsity.include_head) if bn.weight.requires_grad]
         self._penalised_names = [name for name, _ in named]
         penalised = {id(bn.weight): name for name, bn in named}
         self._gamma_groups = [
@@ -314,18 +323,20 @@ def train_sparse(
 
     from yoloslim.data import resolve_data
     from yoloslim.models.train import is_classic_checkpoint, train_classic
-    from yoloslim.utils.checks import load_detection_checkpoint
+    from yoloslim.utils.checks import check_model_yaml, load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
     recipe = (config or SparsityConfig()).recipe()
     if is_classic_checkpoint(weights):
         trainer = ClassicSparsityTrainer.with_config(config)
-        return train_classic(trainer, weights, dataset, resume, recipe, **train_args)
+        return train_classic(trainer, "sparsity", weights, dataset, resume, recipe, **train_args)
     trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
-        return resume_run(weights, trainer, dataset, **train_args)
+        return resume_run(weights, trainer, "sparsity", dataset, **train_args)
     if str(weights).endswith(".pt"):
         load_detection_checkpoint(weights)
+    else:
+        check_model_yaml(weights)
     return YOLO(weights).train(data=dataset, trainer=trainer, **{**recipe.train_args(), **train_args})
 
 

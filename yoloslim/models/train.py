@@ -229,16 +229,24 @@ def read_classic_checkpoint(path: str | Path) -> tuple[DetectionModel, dict]:
 
 
 def train_classic(
-    trainer, weights: str | Path, data: str | None, resume: bool, recipe, refused: dict | None = None, **train_args
+    trainer,
+    stage: str,
+    weights: str | Path,
+    data: str | None,
+    resume: bool,
+    recipe,
+    refused: dict | None = None,
+    **train_args,
 ):
     """The classic branch of yoloslim.sparsity.train_sparse and yoloslim.finetune.finetune (Ultralytics' YOLO() cannot
-    read these checkpoints): run `trainer` (a ClassicTraining trainer or factory) from `weights` with `recipe`'s
+    read these checkpoints): run `trainer` (a ClassicTraining trainer or factory for the training `stage`, a
+    yoloslim.utils.training.TRAINING_STAGES key) from `weights` with `recipe`'s
     arguments under `train_args`, imgsz defaulting to the checkpoint's own, or resume the run of `weights` (its
     last.pt); `data` was checked by resolve_data. Returns the final validation's metrics."""
     from yoloslim.utils.training import check_resumable
 
     if resume:
-        check_resumable(weights, **(refused or {}))
+        check_resumable(weights, stage, **(refused or {}))
         if in_original_format(weights):
             raise YoloslimError(
                 f"{weights} is an unfinished run of the original YOLOv5 repository's train.py, which yoloslim does not "

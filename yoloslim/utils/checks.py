@@ -54,7 +54,8 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
         raise YoloslimError(_anchor_based_refusal(path))
     try:
         model, ckpt = load_checkpoint(path)
-    except (TypeError, ModuleNotFoundError, ValueError, pickle.UnpicklingError) as e:  # torch's legacy loader on junk
+    # TypeError and friends: torch's legacy loader on junk; AttributeError: a file that holds no checkpoint dict
+    except (TypeError, ModuleNotFoundError, ValueError, AttributeError, pickle.UnpicklingError) as e:
         raise YoloslimError(
             f"{path} is not a loadable Ultralytics checkpoint ({first_line(e)}); pass another file"
         ) from None
@@ -70,6 +71,24 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
             f"{path} is a {type(model).__name__}; yoloslim slims Ultralytics DetectionModel checkpoints only, pass one"
         )
     return model, ckpt
+
+
+def check_model_yaml(cfg: str | Path) -> None:
+    """Refuse, in one line, what Ultralytics cannot build a detector from: a missing file, another file type, a
+    dataset yaml, a model of another task. Ultralytics' own model names (yolov8n.yaml) need no file here."""
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    if Path(cfg).suffix not in (".yaml", ".yml"):
+        raise YoloslimError(f"{cfg} is neither a checkpoint (.pt) nor a model yaml; pass best.pt or e.g. yolov8n.yaml")
+    try:
+        spec = yaml_model_load(cfg)
+    except (FileNotFoundError, OSError) as e:
+        raise YoloslimError(f"model yaml {cfg} not found ({first_line(e)}); pass an existing file") from None
+    if not isinstance(spec, dict) or not {"backbone", "head"} <= set(spec):
+        raise YoloslimError(f"{cfg} is not a model yaml (no backbone: and head:); a dataset yaml goes to --data")
+    task = guess_model_task(spec)
+    if task != "detect":
+        raise YoloslimError(f"{cfg} describes a {task} model; yoloslim slims detection models, pass a detection yaml")
 
 
 def _anchor_based_refusal(path: Path) -> str:

@@ -42,7 +42,10 @@ def read_checkpoint(path: str | Path) -> dict:
         from yoloslim.models import load_classic_checkpoint
 
         return load_classic_checkpoint(path)[1]
-    return torch_load(path, map_location="cpu")
+    ckpt = torch_load(path, map_location="cpu")
+    if not isinstance(ckpt, dict):
+        raise YoloslimError(f"{path} holds a {type(ckpt).__name__}, not a training checkpoint; pass a run's last.pt")
+    return ckpt
 
 
 def read_checkpoint_extras(path) -> dict:
@@ -64,19 +67,25 @@ def resume_point(last: Path, weights) -> tuple[Path, bool] | None:
     return None if run_finished(last) else (last, True)
 
 
-def check_resumable(last: str | Path, **ignored) -> None:
+# yoloslim's training stages, by the name of the metadata record each run writes and the command that runs it
+TRAINING_STAGES = {"sparsity": "yoloslim train", "finetune": "yoloslim finetune"}
+
+
+def check_resumable(last: str | Path, stage: str | None = None, **ignored) -> None:
     """Refuse to resume what cannot be resumed as asked: a missing or unreadable file, a finished run (Ultralytics
-    would warn and start a new run on its default dataset, coco8), or settings that a run keeps from its start
-    (`ignored`: option name -> the value given, None when not given)."""
+    would warn and start a new run on its default dataset, coco8), a run of another training stage than `stage`, or
+    settings that a run keeps from its start (`ignored`: option name -> the value given, None when not given)."""
     given = [name for name, value in ignored.items() if value is not None]
     if given:
         raise YoloslimError(f"a resumed run keeps the settings it started with; drop {' and '.join(given)}")
     if not Path(last).is_file():
         raise YoloslimError(
-            f"{last} does not exist; resuming takes the last.pt of the run to continue (its weights/last.pt)"
+            f"{last} {'is a folder' if Path(last).is_dir() else 'does not exist'}; resuming takes the last.pt of the "
+            "run to continue (its weights/last.pt)"
         )
     try:
         finished = run_finished(last)
+        ran = run_stage(read_checkpoint(last))
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise YoloslimError(
             f"{last} is not a readable checkpoint ({str(e).splitlines()[0]}); pass the run's weights/last.pt"
@@ -85,14 +94,26 @@ def check_resumable(last: str | Path, **ignored) -> None:
         raise YoloslimError(
             f"{last} is the end of a finished run, nothing to resume; use its best.pt, or train again without resuming"
         )
+    if stage and ran and ran != stage:
+        raise YoloslimError(f"{last} is an unfinished {ran} run; resume it with {TRAINING_STAGES[ran]} --resume")
 
 
-def resume_run(last: str | Path, trainer, data: str | Path | None = None, refused: dict | None = None, **train_args):
-    """Continue the run that ended in `last` with `trainer`, after check_resumable (`refused`: its `ignored`). A new
-    `data` (already checked by resolve_data) passes through: Ultralytics takes a moved dataset's path on resume."""
+def run_stage(ckpt: dict) -> str | None:
+    """The training stage (a TRAINING_STAGES key) whose run wrote `ckpt`: the last of their records, since a stage
+    moves its record last (yoloslim.utils.metadata.with_stage); None for a plain Ultralytics run."""
+    stages = [name for name in checkpoint_metadata(ckpt) if name in TRAINING_STAGES]
+    return stages[-1] if stages else None
+
+
+def resume_run(
+    last: str | Path, trainer, stage: str, data: str | Path | None = None, refused: dict | None = None, **train_args
+):
+    """Continue the `stage` run that ended in `last` with `trainer`, after check_resumable (`refused`: its
+    `ignored`). A new `data` (already checked by resolve_data) passes through: Ultralytics takes a moved dataset's path
+    on resume."""
     from ultralytics import YOLO
 
-    check_resumable(last, **(refused or {}))
+    check_resumable(last, stage, **(refused or {}))
     moved = {"data": str(data)} if data else {}
     return YOLO(str(last)).train(resume=True, trainer=trainer, **moved, **train_args)
 
