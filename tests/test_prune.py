@@ -339,3 +339,16 @@ def test_ratio_holds_when_scores_tie():
             bn.weight.fill_(1.0)
     result = prune_model(model, PruneConfig(ratio=0.3, round_to=1, min_keep=0.0, imgsz=64))
     assert result.removed_fraction == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_quantization_aware_model_is_refused_with_the_float_route():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yoloslim.export.fakequant import FakeQuant
+    from yoloslim.graph import check_supported
+
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    model.model[0].act = nn.Sequential(model.model[0].act, FakeQuant("x", 0.1, 0, -128, 127))
+    with pytest.raises(YoloslimError, match="quantization-aware.*float model") as refused:
+        check_supported(model)
+    assert len(str(refused.value).splitlines()) == 1

@@ -117,15 +117,23 @@ def _add_train(commands) -> None:
     sub.add_argument("--weights", help=f"detection checkpoint to train (default: the shipped {BASELINE})")
     sub.add_argument("--data", help="dataset yaml (default: the embedded synthetic dataset)")
     _add_settings(sub, SparsityConfig)
-    _add_ultralytics_train_args(sub, SPARSITY_RECIPE)
+    _add_ultralytics_train_args(sub, SPARSITY_RECIPE, (UNIFORM_SPARSITY_RECIPE, "--no-targeted"))
     sub.set_defaults(run=_run_train)
 
 
-def _add_ultralytics_train_args(sub, recipe) -> None:
+def _add_ultralytics_train_args(sub, recipe, other: tuple | None = None) -> None:
+    """The Ultralytics arguments a training command names, their defaults `recipe`'s (and `other`: (the recipe, the
+    flag that picks it), where a flag picks another)."""
+
+    def default(key: str) -> str:
+        value = getattr(recipe, key)
+        changed = other and getattr(other[0], key) != value
+        return f"(default {value}" + (f"; {getattr(other[0], key)} with {other[1]})" if changed else ")")
+
     recipe_args = " ".join(f"{k}={v}" for k, v in recipe.train_args().items())
-    sub.add_argument("--epochs", type=int, help=f"(default {recipe.epochs})")
+    sub.add_argument("--epochs", type=int, help=default("epochs"))
     sub.add_argument("--imgsz", type=int, help="(default: the checkpoint's training size)")
-    sub.add_argument("--batch", type=int, help=f"(default {recipe.batch})")
+    sub.add_argument("--batch", type=int, help=default("batch"))
     sub.add_argument("--device")
     sub.add_argument(
         "--project", help="runs go to PROJECT/NAME; Ultralytics puts a relative PROJECT under runs/detect/"

@@ -128,7 +128,7 @@ class SparsityConfig:
     stop_at_flops: Optional[float] = option(
         0.5,
         "end once pruning the channels with |gamma| < zero_gamma keeps at most this fraction of the GFLOPs "
-        "(checked each epoch; 0 trains all epochs)",
+        "(checked each epoch; 0 trains all epochs, with --no-targeted only)",
         metavar="FRACTION",
     )
     # Targeted: the penalty falls only on the channels that a prune to stop_at_flops would remove if made now, chosen
@@ -174,7 +174,7 @@ class SparsityConfig:
                 "targeted sparsity aims at the prune to stop_at_flops; give stop_at_flops a fraction, or turn "
                 "targeted off (--no-targeted) to penalise every gamma for all epochs"
             )
-        if self.zero_gamma <= 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:
+        if not self.zero_gamma > 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:  # `not >`: NaN fails too
             raise YoloslimError(
                 f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "
                 f"{self.round_to} and {self.min_keep}"
@@ -256,7 +256,7 @@ class PruneConfig:
             raise YoloslimError(f"ratio must lie in [0, 1), got {self.ratio}")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
             raise YoloslimError(f"target_flops is the fraction of GFLOPs to keep, in (0, 1]; got {self.target_flops}")
-        if self.threshold is not None and self.threshold < 0:
+        if self.threshold is not None and not self.threshold >= 0:  # NaN fails too
             raise YoloslimError(f"threshold must be >= 0, got {self.threshold}")
         if not 0 <= self.min_keep <= 1:
             raise YoloslimError(f"min_keep is a fraction of each layer's channels, in [0, 1]; got {self.min_keep}")

@@ -67,6 +67,8 @@ from yoloslim.models.yolo import original_path
 from yoloslim.utils.errors import YoloslimError
 
 SUPPORTED_TABLE = "the supported models table in README.md"
+# The modules yoloslim's quantization-aware finetuning puts in a model (yoloslim.export.fakequant)
+_FAKE_QUANTIZATION = {"FakeQuant", "QuantConv", "QuantPSABlock"}
 
 
 def _no_layers(module: nn.Module) -> list:
@@ -236,6 +238,11 @@ def check_supported(model: nn.Module) -> None:
         unsupported |= {"grouped convolutions" for m in model.modules() if _is_grouped(m)}
         if not unsupported:
             return
+        if unsupported & _FAKE_QUANTIZATION:
+            raise YoloslimError(
+                "this model was finetuned quantization-aware (its layers carry fake quantization); prune or sparsity-"
+                "train the float model it came from, and finetune with --qat after"
+            )
         found = f"this model has {', '.join(sorted(unsupported))}, which yoloslim cannot prune"
     raise YoloslimError(f"{found}; pass a detection model of a family in {SUPPORTED_TABLE}")
 
