@@ -194,3 +194,8 @@ def test_prune_output_in_an_unwritable_place_is_a_one_line_error(cli, detection_
         "prune", "--weights", detection_pt, "--ratio", "0.3", "--imgsz", "64", "--out", tmp_path / "file" / "p.pt"
     )
     assert_one_line_error(result, "cannot write", "writable folder")
+
+
+def test_eval_refuses_a_negative_bootstrap(cli, detection_pt):
+    code, err, _ = cli("eval", "--weights", detection_pt, "--bootstrap", -1)
+    assert code == 2 and "--bootstrap -1" in err and len(err.splitlines()) == 1, err

@@ -284,3 +284,36 @@ def test_without_the_onnx_package_profile_says_what_to_install(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "onnx", None)  # as on a device with the base install only
     with pytest.raises(YoloslimError, match="pip install onnx"):
         profile(tmp_path / "model.onnx", ProfileConfig(), out=tmp_path / "t.json")
+
+
+def test_an_interrupted_profile_continues_only_on_its_own_machine_by_any_path(tiny, tmp_path, monkeypatch):
+    path, features = tiny
+    truth = np.concatenate([[0.3], np.full(len(features.names), 0.05)])
+    out = tmp_path / "t.json"
+    with pytest.raises(KeyboardInterrupt):
+        profile(path, ProfileConfig(threads=1), out=out, measure=synthetic_timer(features, truth, [], fail_after=3))
+    saved = json.loads(out.read_text())
+    other = {**saved, "environment": {**saved["environment"], "cpu": "Intel Xeon", "onnxruntime": "1.16.0"}}
+    out.write_text(json.dumps(other))
+    with pytest.raises(YoloslimError, match="another machine or runtime"):
+        profile(path, ProfileConfig(threads=1), out=out, measure=synthetic_timer(features, truth, []))
+    out.write_text(json.dumps(saved))
+    monkeypatch.chdir(path.parent)  # the same model by a relative path
+    table = profile(Path(path.name), ProfileConfig(threads=1), out=out, measure=synthetic_timer(features, truth, []))
+    assert table.data["complete"]
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]"])
+def test_an_out_file_that_is_no_table_is_refused_in_one_line(content, tiny, tmp_path):
+    path, features = tiny
+    (tmp_path / "t.json").write_text(content)
+    with pytest.raises(YoloslimError, match="not a latency table") as refused:
+        profile(path, ProfileConfig(threads=1), out=tmp_path / "t.json", measure=synthetic_timer(features, [], []))
+    assert len(str(refused.value).splitlines()) == 1
+
+
+def test_a_file_that_is_no_onnx_is_refused_in_one_line(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(YoloslimError, match="not an ONNX model"):
+        profile(junk, ProfileConfig(threads=1), out=tmp_path / "t.json")

@@ -257,3 +257,22 @@ def test_every_family_prunes_to_a_latency_as_predicted(cfg, tmp_path):
     result = prune_model(model, config)
     assert 0.55 <= result.latency["predicted"] <= 0.6
     assert model_latency(result.model, table)["predicted"] == pytest.approx(result.latency["predicted"], abs=1e-4)
+
+
+def test_a_frame_rate_the_unpruned_model_already_reaches_is_refused(tiny):
+    from yoloslim.prune import prune_model
+
+    fps = 0.9e3 / tiny.table.reference_ms
+    config = PruneConfig(method="l1", target_fps=fps, latency_table=str(tiny.path), imgsz=64)
+    with pytest.raises(YoloslimError, match="already met"):
+        prune_model(tiny.model, config)
+
+
+def test_doubtful_latency_figures_are_flagged():
+    from yoloslim.prune.latency import latency_warnings
+
+    sound = {"target": 0.5, "predicted": 0.5, "measured": 0.51, "table_error": 0.04, "table_fastest": 0.3}
+    assert latency_warnings(sound) == []
+    assert "up to 59 %" in latency_warnings({**sound, "table_error": 0.588})[0]
+    assert "extrapolates" in latency_warnings({**sound, "predicted": 0.2})[0]
+    assert "misses the target" in latency_warnings({**sound, "measured": 0.626})[0]

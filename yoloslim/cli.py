@@ -299,6 +299,8 @@ def _add_eval(commands) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from yoloslim.evaluate import model_records, paired_bootstrap_delta, summarise
 
+    if args.bootstrap < 0:
+        raise YoloslimError(f"--bootstrap {args.bootstrap}: give the number of resamples, or 0 for no intervals")
     compare = len(args.weights) > 1 and args.bootstrap > 0
     print(
         "| model | mAP50 (95% CI) | mAP50-95 (95% CI) | P | R | images | instances |"

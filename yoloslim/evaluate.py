@@ -1,9 +1,10 @@
 """mAP for every backend, with the runtime's own preprocessing and NMS, and bootstrap confidence intervals.
 
 The AP arithmetic is COCO's: per class, detections of all images sorted by score are matched greedily (highest score
-first) to the best still-unmatched ground truth of that class with IoU >= t, for t in 0.50:0.05:0.95; precision is
-made monotone and read at 101 recall points; classes without ground truth are left out of the mean. Small validation
-sets make a point of mAP meaningless without an interval, so a 95% bootstrap interval over images comes with it.
+first) to the best still-unmatched ground truth of that class with IoU >= t, for t in 0.50:0.05:0.95; precision is made
+monotone and read at 101 recall points; classes without ground truth are left out of the mean. Every detection the NMS
+keeps counts (pycocotools' COCOeval with maxDets 300, not its default 100). Small validation sets make a point of mAP
+meaningless without an interval, so a 95% bootstrap interval over images comes with it.
 
 Detections come from the runtime's NMS with the model family's validator settings: confidence 0.001, at most 300
 detections, every class above the confidence per anchor (multi-label), NMS IoU 0.7 (Ultralytics) or 0.6 with

@@ -45,8 +45,6 @@ PLACEMENTS = {"tensorrt": "TensorRT", "cpu": "CPU"}  # the INT8 flavours as the 
 STAGES = ("profile", "sparse", "prune", "finetune", "export", "evaluate", "bench", "report")
 # stop_at_flops lies below 1: a latency target whose prune removes nothing stops once anything is free
 MAX_STOP_FLOPS = 0.99
-# the largest error over a table's unseen check plans that its predictions are trusted at (what profile aims for)
-MAX_PREDICTOR_ERROR = 0.10
 
 
 def looks_sparsity_trained(ckpt: dict, model) -> bool:
@@ -205,15 +203,11 @@ class Pipeline:
         return {"table": str(table), "profiled": True}
 
     def _warn_if_unreliable(self, table: Path) -> None:
-        from yoloslim.profile import LatencyTable
+        from yoloslim.profile import UNRELIABLE_TABLE, LatencyTable
 
-        error = LatencyTable.load(table).data["check"]["max_error"]
-        if error > MAX_PREDICTOR_ERROR:
-            self.log(
-                f"slim: warning: the latency table's predictor missed its check plans by up to {100 * error:.0f} % "
-                f"(trusted up to {100 * MAX_PREDICTOR_ERROR:.0f} %): the prune meets the predicted latency, the "
-                "measured one may differ; profile on a quieter machine or at a larger imgsz for a better table"
-            )
+        loaded = LatencyTable.load(table)
+        if not loaded.reliable:
+            self.log(f"slim: {UNRELIABLE_TABLE.format(error=100 * loaded.check_error)}")
 
     def prune_rounding(self) -> int:
         """The multiple the prune will round kept widths to (given, the table's best, or the default), which

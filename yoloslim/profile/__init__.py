@@ -70,6 +70,15 @@ class ProfileConfig:
             raise YoloslimError("widths_per_group, fit_plans, rounds and per_round must each be at least 1")
 
 
+# The largest error over a table's unseen check plans at which its predictions are trusted (what profile aims for)
+MAX_PREDICTOR_ERROR = 0.10
+UNRELIABLE_TABLE = (
+    "warning: the predictor missed its check plans by up to {error:.0f} % (trusted up to "
+    f"{100 * MAX_PREDICTOR_ERROR:.0f} %): a prune meets the predicted latency, the measured one may differ; profile on "
+    "a quieter machine or at a larger imgsz"
+)
+
+
 @dataclass
 class LatencyTable:
     """A finished profile: the groups, the predictor, its check, and what the figures depend on."""
@@ -105,12 +114,50 @@ class LatencyTable:
     def groups(self) -> list:
         return self.data["groups"]
 
+    @property
+    def check_error(self) -> float:
+        """The predictor's largest relative error over the plans it was checked on, which it never saw."""
+        return float(self.data["check"]["max_error"])
+
+    @property
+    def reliable(self) -> bool:
+        return self.check_error <= MAX_PREDICTOR_ERROR
+
+    @property
+    def fastest_measured(self) -> float:
+        """The smallest latency ratio the table measured: a prediction under it extrapolates."""
+        return min(float(m["ratio"]) for m in self.data["measurements"].values())
+
     def describe(self) -> str:
         s = self.data["settings"]
         env = self.data["environment"]
         device = env.get("device") or env.get("cpu")
         threads = f", {s['threads']} threads" if s["backend"] == "onnxruntime" else ""
         return f"{s['backend']} {s['precision']}{threads}, {s['imgsz']} px on {device}"
+
+
+def _read_table(path: Path) -> dict:
+    """A table file to continue, or a one-line refusal of a file that is none."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or "measurements" not in data:
+        raise YoloslimError(f"{path} exists and is not a latency table; give another --out")
+    return data
+
+
+# What a measurement's speed depends on: a table is continued only where these are the same
+_TIMING_KEYS = ("cpu", "cpu_vector_isa", "cores", "machine", "onnxruntime", "tensorrt", "device", "compute_capability")
+
+
+def _timing_environment(environment) -> dict:
+    return {k: (environment or {}).get(k) for k in _TIMING_KEYS}
+
+
+def _comparable(settings) -> dict:
+    """A table's settings without the path the model was given by: its digest names it."""
+    return {k: v for k, v in (settings or {}).items() if k != "source"}
 
 
 def file_sha256(path: Path) -> str:
@@ -124,6 +171,9 @@ def default_table_path(weights: Path, config: ProfileConfig, threads: int) -> Pa
     return folder / f"{weights.stem}-latency-{config.backend}-{config.precision}-{threads}t.json"
 
 
+_NOT_ONNX = "{} is not an ONNX model; pass the .onnx that yoloslim export wrote, or the best.pt"
+
+
 def _onnx_of(weights: Path, config: ProfileConfig, work: Path) -> Path:
     """The ONNX to profile: the file itself, or the export of a .pt (needs torch)."""
     from yoloslim.runtime.onnx_meta import read_onnx_metadata
@@ -131,7 +181,10 @@ def _onnx_of(weights: Path, config: ProfileConfig, work: Path) -> Path:
     if not weights.is_file():
         raise YoloslimError(f"model file {weights} does not exist; pass --weights model.onnx or best.pt")
     if weights.suffix == ".onnx":
-        carried = str(read_onnx_metadata(weights).get("precision", "fp32"))
+        try:
+            carried = str(read_onnx_metadata(weights).get("precision", "fp32"))
+        except ValueError:  # not a protobuf at all
+            raise YoloslimError(_NOT_ONNX.format(weights)) from None
         if carried != config.precision:
             raise YoloslimError(
                 f"{weights.name} is a {carried} ONNX; pass --precision {carried}, or the {config.precision} export"
@@ -218,11 +271,16 @@ class _Run:
         self.path, self.log = path, log
         self.data = fresh
         if path.is_file():
-            existing = json.loads(path.read_text())
-            if existing.get("settings") != fresh["settings"]:
+            existing = _read_table(path)
+            if _comparable(existing.get("settings")) != _comparable(fresh["settings"]):
                 raise YoloslimError(
                     f"{path} holds a latency table of another model or settings; give another --out, or repeat "
                     "its settings to continue it"
+                )
+            if _timing_environment(existing.get("environment")) != _timing_environment(fresh["environment"]):
+                raise YoloslimError(
+                    f"{path} was measured on another machine or runtime ({existing.get('environment')}); continue it "
+                    "there, or give another --out"
                 )
             self.data = existing
             log(f"profile: continuing {path} ({len(existing['measurements'])} measurements done)")
@@ -256,6 +314,7 @@ def profile(
 
     try:
         import onnx
+        from google.protobuf.message import DecodeError
     except ImportError:
         raise YoloslimError("profile reads the model's graph with the onnx package; pip install onnx") from None
 
@@ -267,7 +326,10 @@ def profile(
     path = output_path(out, default_table_path(weights, config, threads), weights)
     with tempfile.TemporaryDirectory(prefix="yoloslim-profile-") as work:
         onnx_path = _onnx_of(weights, config, Path(work))
-        model = onnx.load(str(onnx_path))
+        try:
+            model = onnx.load(str(onnx_path))
+        except DecodeError:
+            raise YoloslimError(_NOT_ONNX.format(onnx_path)) from None
         imgsz = _static_imgsz(model)
         graph = read_groups(model)
         if not graph.prunable:
@@ -366,6 +428,11 @@ def table_summary(table: LatencyTable) -> str:
             f"latency per unit of work by rounding multiple ({rounding}): best multiple {table.round_to}",
             f"predictor check over {check['plans']} unseen plans: largest error {100 * check['max_error']:.1f} %, "
             f"mean {100 * check['mean_error']:.1f} %",
+            *(
+                [UNRELIABLE_TABLE.format(error=100 * error)]
+                if (error := table.check_error) > MAX_PREDICTOR_ERROR
+                else []
+            ),
         ]
     )
 

@@ -194,6 +194,11 @@ def plan_for_latency(model, graph, groups, scores, config: PruneConfig) -> tuple
     roots = match_groups(model, graph, groups, table)
     predictor = table.predictor
     target = target_fraction(config, table)
+    if target >= 1:  # target_latency is refused above 1 by PruneConfig; the FPS form only here, against the table
+        raise YoloslimError(
+            f"target_fps {config.target_fps:g} is already met: the unpruned model runs at "
+            f"{1e3 / table.reference_ms:.1f} FPS on {table.describe()}; ask for more FPS"
+        )
     options = _Options(groups, scores, roots, config)
     lowest = predictor(options.plan([0] * len(groups)))
     if lowest > target:
@@ -249,6 +254,8 @@ def _predicted_widths(widths: Dict[str, int], table: LatencyTable) -> dict:
     ms = fraction * table.reference_ms
     return {
         "table": table.describe(),
+        "table_error": round(table.check_error, 4),
+        "table_fastest": round(table.fastest_measured, 4),
         "predicted": round(fraction, 4),
         "predicted_ms": round(ms, 3),
         "predicted_fps": round(1e3 / ms, 1),
@@ -265,12 +272,18 @@ def measure_pruned(weights, pruned, config: PruneConfig) -> dict:
     from yoloslim.export.onnx import export_onnx
     from yoloslim.profile.timing import paired_ratio
     from yoloslim.runtime.backends import OnnxRuntimeBackend
-    from yoloslim.utils.machine import cpu_name
+    from yoloslim.utils.machine import cpu_name, cpu_vector_isa
     from yoloslim.utils.timing import compare_latency
 
     table = LatencyTable.load(config.latency_table)
     settings, env = table.data["settings"], table.data["environment"]
-    if settings["backend"] != "onnxruntime" or env.get("cpu") != cpu_name():
+    here = {"cpu": cpu_name(), "cpu_vector_isa": cpu_vector_isa()}
+    # the check times FP32 exports: a table of another precision is measured where that precision is deployed
+    if (
+        settings["backend"] != "onnxruntime"
+        or settings["precision"] != "fp32"
+        or any(env.get(k) != v for k, v in here.items())
+    ):
         return {"measured": None, "measured_on": f"not measured here: the table is of {table.describe()}"}
     imgsz, threads = settings["imgsz"], settings["threads"]
     with tempfile.TemporaryDirectory(prefix="yoloslim-latency-") as work:
@@ -304,7 +317,30 @@ def latency_lines(latency: dict) -> List[str]:
         )
     elif "measured_on" in latency:
         lines.append(f"- measured: {latency['measured_on']}")
-    return lines
+    return lines + [f"- warning: {w}" for w in latency_warnings(latency)]
+
+
+def latency_warnings(latency: dict) -> List[str]:
+    """What makes a latency prune's figures doubtful: a table that missed its own check, a prediction below every
+    variant the table measured, a measurement that misses the target by more than the table's error (or 5 %)."""
+    from yoloslim.profile import MAX_PREDICTOR_ERROR, UNRELIABLE_TABLE
+
+    warnings = []
+    error = latency.get("table_error", 0.0)  # absent from reports of earlier versions
+    if error > MAX_PREDICTOR_ERROR:
+        warnings.append(UNRELIABLE_TABLE.removeprefix("warning: ").format(error=100 * error))
+    if latency["predicted"] < latency.get("table_fastest", 0.0):
+        warnings.append(
+            f"the prediction {latency['predicted']:.3f} lies below the fastest variant the table measured "
+            f"({latency['table_fastest']:.3f}): it extrapolates; keep --round-to at the table's multiple or larger"
+        )
+    measured, target = latency.get("measured"), latency.get("target")
+    if measured is not None and target is not None and measured > target * (1 + max(error, 0.05)):
+        warnings.append(
+            f"measured {measured:.3f} misses the target {target:.3f} by more than the table's error; profile again "
+            "on a quiet machine, or aim lower"
+        )
+    return warnings
 
 
 def append_latency_report(result) -> None:
