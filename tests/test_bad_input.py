@@ -92,6 +92,15 @@ def pixel_coordinates(root):
     return dataset_with_train_labels(root, "0 40 30 8 8\n"), ["t1.txt", "not in fractions of the image size"]
 
 
+def negative_width(root):  # Ultralytics allows the centre 1% past the edge, never a negative size
+    return dataset_with_train_labels(root, "0 0.5 0.5 -0.005 0.2\n"), ["t1.txt", "width and height not below 0"]
+
+
+def boxes_and_polygons_mixed(root):
+    label = "0 0.5 0.5 0.2 0.2\n1 0.1 0.2 0.3 0.2 0.3 0.6 0.1 0.6\n"
+    return dataset_with_train_labels(root, label), ["t1.txt, line 2", "mixes box rows", "polygon rows"]
+
+
 BAD_DATA = [
     missing_file,
     not_a_yaml,
@@ -109,6 +118,8 @@ BAD_DATA = [
     class_outside_names,
     malformed_row,
     pixel_coordinates,
+    negative_width,
+    boxes_and_polygons_mixed,
 ]
 
 

@@ -73,6 +73,10 @@ def test_bench_json_schema(shipped_weights, shipped_onnx, synthetic_data):
         and ox["gflops"] is None
     )
     assert "not measured" in bench_table(report)
+    assert pt["speedup"] == 1.0 and ox["speedup"] == pytest.approx(pt["model"]["p50_ms"] / ox["model"]["p50_ms"])
+    low, high = ox["speedup_ci95"]
+    assert 0 < low <= high
+    assert "| speedup vs first (95% CI) |" in bench_table(report) and "| 320 |" in bench_table(report)
 
 
 def test_ops_profiles_onnx_models_by_operator_type(shipped_weights, shipped_onnx, synthetic_data):
@@ -120,3 +124,15 @@ def test_the_environment_names_the_cpus_int8_dot_product(flags, vector, dot, mon
     assert machine.onnxruntime_channel_block() == block
     shown = facts()["prune --round-to for ONNX Runtime here"]
     assert (shown is None) if block is None else shown.startswith(f"{block} ")
+
+
+def test_onnx_params_count_the_layers_not_the_decodes_constants(shipped_weights, tmp_path):
+    """The same model exported at two sizes has the same parameters (its grids and strides grow with the size)."""
+    import onnx
+
+    from yoloslim.bench import _onnx_params
+    from yoloslim.export.onnx import export_onnx
+
+    small = export_onnx(shipped_weights, imgsz=64, out=tmp_path / "64.onnx")
+    large = export_onnx(shipped_weights, imgsz=320, out=tmp_path / "320.onnx")
+    assert _onnx_params(onnx.load(str(small)).graph) == _onnx_params(onnx.load(str(large)).graph) > 0

@@ -221,3 +221,28 @@ def test_labels_are_found_where_ultralytics_looks(tmp_path):
     beside.with_suffix(".txt").write_text("0 0.5 0.5 0.2\n")
     with pytest.raises(YoloslimError, match="b.txt: cannot read the label line '0 0.5 0.5 0.2'"):
         read_labels(beside, (100, 200))
+
+
+def test_image_suffixes_are_ultralytics_own():
+    from ultralytics.data.utils import IMG_FORMATS
+
+    from yoloslim.data.dataset import IMAGE_SUFFIXES
+
+    assert IMAGE_SUFFIXES == {f".{suffix}" for suffix in IMG_FORMATS}
+
+
+def test_ultralytics_spellings_of_val_and_nc_are_read(tmp_path):
+    from yoloslim.data import resolve_data, split_images
+
+    data = write_dataset(tmp_path, yaml_text="train: images/train\nvalidation: images/val\nnc: '2'\n")
+    assert resolve_data(data) == data and len(split_images(data, "val")[0]) == 1
+
+
+def test_a_relative_path_key_that_leads_nowhere_names_itself(tmp_path, monkeypatch):
+    from yoloslim.data import resolve_data
+
+    spec = "path: ../elsewhere\ntrain: images/train\nval: images/val\nnc: 2\n"
+    data = write_dataset(tmp_path / "set", yaml_text=spec)
+    monkeypatch.chdir(tmp_path / "set")
+    with pytest.raises(YoloslimError, match="path: ../elsewhere is relative"):
+        resolve_data(data)

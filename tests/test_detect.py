@@ -116,7 +116,7 @@ def test_an_empty_folder_is_a_one_line_error(shipped_onnx, tmp_path):
     (tmp_path / "empty" / "clip.mp4").write_bytes(b"")
     result = run("detect", "--weights", str(shipped_onnx), "--source", "empty", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
-        "yoloslim detect: error: folder empty has no images (.bmp"
+        "yoloslim detect: error: folder empty has no images (.avif, .bmp"
     )
 
 

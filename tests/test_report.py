@@ -267,6 +267,8 @@ def test_markdown_leads_with_the_headline_and_csv_keeps_the_table(run_dir, tmp_p
     assert float(row["speedup vs base, 1 thread"]) == pytest.approx(speedup[1])
     assert float(row["speedup vs base, N threads"]) == pytest.approx(speedup[2])
     assert float(row["latency p50 ms, N threads"]) == pytest.approx(p50(by_name(summary)["finetuned ONNX"], 2))
+    change = rows(summary)[[r["variant"] for r in rows(summary)].index("finetuned ONNX")]["ΔmAP50-95 vs base"]
+    assert float(row["ΔmAP50-95 vs base (points)"]) == pytest.approx(100 * change, abs=0.01)  # as the interval reads
 
 
 # Chromium keeps a headless window at least 500 px wide, so the report is rendered in a 390 px frame (a phone).

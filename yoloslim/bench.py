@@ -10,7 +10,10 @@ import numpy as np
 
 from yoloslim.runtime.doctor import environment
 from yoloslim.utils.errors import YoloslimError
-from yoloslim.utils.timing import compare_latency
+from yoloslim.utils.timing import compare_latency, speedup_interval
+
+# Operators whose non-first inputs are a layer's learnt tensors (directly, or through a DequantizeLinear)
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
 
 
 def _file_stats(weights: Path, imgsz: int) -> dict:
@@ -24,14 +27,19 @@ def _file_stats(weights: Path, imgsz: int) -> dict:
     elif weights.suffix == ".onnx":
         try:
             import onnx
-            from onnx import numpy_helper
         except ImportError:
             return stats
-        graph = onnx.load(str(weights)).graph
-        stats["params"] = int(
-            sum(numpy_helper.to_array(t).size for t in graph.initializer if t.data_type in (1, 3, 10))
-        )
+        stats["params"] = _onnx_params(onnx.load(str(weights)).graph)
     return stats
+
+
+def _onnx_params(graph) -> int:
+    """The learnt tensors' elements: the initializers that weigh a layer, not the constants of the decode (grids,
+    strides, anchors), whose size grows with the image size."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    weights = {dequantized.get(name, name) for n in graph.node if n.op_type in _WEIGHTED_OPS for name in n.input[1:]}
+    return sum(sizes[name] for name in weights if name in sizes)
 
 
 def bench_thread_counts(threads: Optional[int]) -> list:
@@ -65,7 +73,10 @@ def bench(
 
     import cv2
 
+    if threads is not None and threads < 1 or batch < 1:
+        raise YoloslimError(f"threads {threads} and batch {batch}: give 1 or more (leave threads out for all cores)")
     threads = threads or os.cpu_count() or 1
+    cv2.setNumThreads(threads)  # the end-to-end frame's decode and letterbox run at the pinned count too
     image = Path(image) if image else _sample_image(data)
     if cv2.imread(str(image)) is None:
         raise YoloslimError(f"cannot read the image {image}; give --source an image file OpenCV can open")
@@ -73,6 +84,7 @@ def bench(
     timed, info = _time_models(paths, imgsz, batch, threads, rounds, per_round, image)
     more = {n: _time_models(paths, imgsz, batch, n, rounds, per_round)[0] for n in more_threads}
     results = []
+    first = timed[f"{paths[0]}|model"]
     for name, meta in info.items():
         model, e2e = timed[f"{name}|model"], timed[f"{name}|end_to_end"]
         results.append(
@@ -81,6 +93,8 @@ def bench(
                 **meta,
                 **_file_stats(Path(name), meta["imgsz"]),
                 "batch": batch,
+                "speedup": first.p50_ms / model.p50_ms,  # against the first model, timed in the same rounds
+                "speedup_ci95": list(speedup_interval(first, model)),
                 "model": model.as_dict(),
                 "end_to_end": e2e.as_dict(),
                 "fps_end_to_end": batch * e2e.fps,
@@ -180,15 +194,17 @@ def bench_table(report: dict) -> str:
         return "not measured" if v is None else format(v, spec)
 
     lines = [
-        "| model | backend | params | GFLOPs | MB | model p50 ms | p90 | p99 | end-to-end p50 ms | FPS |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | backend | imgsz | params | GFLOPs | MB | model p50 ms | p90 | p99 | speedup vs first (95% CI) "
+        "| end-to-end p50 ms | FPS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for r in report["results"]:
+    for i, r in enumerate(report["results"]):
         m, e = r["model"], r["end_to_end"]
+        speedup = "" if i == 0 else "{:.2f}x ({:.2f}-{:.2f})".format(r["speedup"], *r["speedup_ci95"])
         lines.append(
-            f"| {r['weights']} | {r['backend']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | "
-            f"{r['size_mb']:.2f} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {e['p50_ms']:.2f} | "
-            f"{r['fps_end_to_end']:.1f} |"
+            f"| {r['weights']} | {r['backend']} | {r['imgsz']} | {fmt(r['params'], ',')} | {fmt(r['gflops'], '.3f')} | "
+            f"{r['size_mb']:.2f} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {speedup} | "
+            f"{e['p50_ms']:.2f} | {r['fps_end_to_end']:.1f} |"
         )
     lines += _operator_table(report["results"])
     env = report["environment"]

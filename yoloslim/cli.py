@@ -499,6 +499,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from yoloslim.bench import bench, bench_table
     from yoloslim.runtime.detect import new_run_dir
+    from yoloslim.utils.files import write_text_atomic
 
     report = bench(
         args.weights,
@@ -510,7 +511,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         ops=args.ops,
     )
     run = new_run_dir(args.project, args.name)
-    (run / "bench.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(run / "bench.json", json.dumps(report, indent=2))
     print(bench_table(report))
     print(f"\nwrote {run / 'bench.json'}")
     return 0

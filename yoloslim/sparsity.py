@@ -264,6 +264,12 @@ class SparsityTrainer(SafeDetectionTrainer):
                 f"GFLOPs (target {target}); ending the run after epoch {self.epoch + 1}."
             )
             self.stop = True
+        elif self.epoch + 1 >= self.epochs:
+            LOGGER.warning(
+                f"Sparsity: the last epoch ended with the zeroed channels worth a prune to {kept:.3f} of the GFLOPs, "
+                f"not {target}: a prune to {target} cuts live channels and loses accuracy until finetuned; train "
+                "best.pt for more epochs with yoloslim train, or prune less."
+            )
         return {"sparsity/zeroed_flops": kept}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ def label_problem(line: str, classes: int) -> tuple[str, str] | None:
             f"class {cls:g} is not one of the dataset's classes 0-{classes - 1}",
             "correct the label, or add the class to names:",
         )
-    if not all(-_EDGE_TOLERANCE <= v <= 1 + _EDGE_TOLERANCE for v in row[1:]):
+    if not all(-_EDGE_TOLERANCE <= v <= 1 + _EDGE_TOLERANCE for v in row[1:]) or min(row[3:]) < 0:
         return (
-            f"{line.strip()!r} is not in fractions of the image size (0 to 1)",
+            f"{line.strip()!r} is not in fractions of the image size (0 to 1; width and height not below 0)",
             "divide x and width by the image width, y and height by its height",
         )
     return None
@@ -107,16 +107,28 @@ def _files_with_bad_boxes(table: list, owners: list, classes: int) -> set:
     cls, coordinates = values[:, 0], values[:, 1:]
     fine = (cls % 1 == 0) & (cls >= 0) & (cls < classes)
     fine &= ((coordinates >= -_EDGE_TOLERANCE) & (coordinates <= 1 + _EDGE_TOLERANCE)).all(axis=1)
+    fine &= (coordinates[:, 2:] >= 0).all(axis=1)  # Ultralytics' tolerance below 0 is for the centre only
     return set(np.asarray(owners)[~fine].tolist())
 
 
 def _first_problem(label: str, classes: int) -> tuple[int, str, str] | None:
-    """The first line of a label file that label_problem refuses: its number, what is wrong, the fix."""
+    """The first line of a label file that label_problem refuses, or that makes the file mix boxes and polygons (for
+    which Ultralytics drops the image): its number, what is wrong, the fix."""
+    first_of_kind = {}  # is a box row -> the first line of that kind
     with open(label, encoding="utf-8-sig", errors="replace") as f:
         for number, line in enumerate(f.read().splitlines(), 1):
-            problem = label_problem(line, classes) if line.strip() else None
+            if not line.strip():
+                continue
+            problem = label_problem(line, classes)
             if problem:
                 return (number, *problem)
+            first_of_kind.setdefault(len(line.split()) == 5, number)
+    if len(first_of_kind) == 2:
+        return (
+            max(first_of_kind.values()),
+            "the file mixes box rows (class cx cy w h) and polygon rows, for which Ultralytics drops the image",
+            "label every object of an image the same way",
+        )
     return None
 
 

@@ -17,7 +17,10 @@ import numpy as np
 
 from yoloslim.utils.errors import YoloslimError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# Ultralytics' IMG_FORMATS (a test keeps them equal; the torch-free install has no Ultralytics to read them from)
+IMAGE_SUFFIXES = frozenset(
+    {".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
+)
 YAML_SUFFIXES = (".yaml", ".yml")
 _SPLITS = ("train", "val", "test")
 
@@ -30,11 +33,14 @@ class DatasetYaml:
     root: Path
     splits: dict  # split -> its entry as written: a path, or a list of paths
     names: dict  # class id -> name
+    relative_root: str | None = None  # path: as written, when relative (found from the working directory)
 
     @classmethod
     def read(cls, data_yaml: str | Path) -> DatasetYaml:
         file = Path(data_yaml)
         spec = _load_mapping(file)
+        if "validation" in spec and "val" not in spec:  # Ultralytics reads it as val:
+            spec["val"] = spec.pop("validation")
         missing = [f"{k}:" for k in ("train", "val") if not spec.get(k)]
         if spec.get("names") is None and spec.get("nc") is None:
             missing.append("names:")
@@ -44,7 +50,9 @@ class DatasetYaml:
                 "image-list .txt files or lists of them) and names: (the class names)"
             )
         splits = {split: _split_entry(file, split, spec[split]) for split in _SPLITS if spec.get(split)}
-        return cls(file, _dataset_root(file, spec.get("path")), splits, _class_names(file, spec))
+        given = spec.get("path")
+        relative = given if isinstance(given, str) and given and not Path(given).is_absolute() else None
+        return cls(file, _dataset_root(file, given), splits, _class_names(file, spec), relative)
 
     def images(self, split: str) -> list[Path]:
         """The split's image paths, in Ultralytics' order; a location that does not exist is refused."""
@@ -168,6 +176,8 @@ def _split_entry(file: Path, split: str, value) -> str | list:
 def _class_names(file: Path, spec: dict) -> dict:
     """names: as a list or as {id: name} with ids 0..n-1; with only nc:, Ultralytics' class_0, class_1, ..."""
     names, nc = spec.get("names"), spec.get("nc")
+    if isinstance(nc, str) and nc.strip().isdigit():  # nc: '3'
+        nc = int(nc)
     if names is None:
         if not isinstance(nc, int) or nc < 1:
             raise YoloslimError(f"{file}: nc: {nc!r} is not a class count; give names: (the class names) instead")
@@ -215,6 +225,12 @@ def _image_files_at(location: Path, split: str, dataset: DatasetYaml) -> list[st
     if location.is_dir():
         return _folder_images(location)
     if not location.is_file():
+        if dataset.relative_root:
+            raise YoloslimError(
+                f"split '{split}' of {dataset.file} points to {location}, which does not exist: path: "
+                f"{dataset.relative_root} is relative, so it is read from the working directory or Ultralytics' "
+                "datasets_dir; make path: absolute, or drop it to read the splits from the yaml's folder"
+            )
         raise YoloslimError(
             f"split '{split}' of {dataset.file} points to {location}, which does not exist; correct {split}: "
             f"(relative paths start at {dataset.root})"

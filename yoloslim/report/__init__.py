@@ -332,13 +332,20 @@ def render_markdown(tables, images) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The mAP change in the CSV is in points, as its paired interval beside it reads
+CSV_POINTS = "ΔmAP50-95 vs base"
+
+
 def csv_columns() -> list:
     """The CSV's header: one row per variant, a PER_THREADS column split into its 1-thread and N-thread figures."""
     split = [[f"{c}, 1 thread", f"{c}, N threads"] if c in PER_THREADS else [c] for c in COLUMNS]
-    return ["run", "N threads", *(name for names in split for name in names)]
+    names = (f"{name} (points)" if name == CSV_POINTS else name for names in split for name in names)
+    return ["run", "N threads", *names]
 
 
 def _csv_cells(row: dict, column: str) -> list:
+    if column == CSV_POINTS:
+        return [None if row[column] is None else round(100 * row[column], 2)]
     if column not in PER_THREADS:
         return [row[column]]
     figures = row[column] or {}

@@ -16,11 +16,12 @@ from typing import Iterator, Optional, Tuple
 import cv2
 import numpy as np
 
+from yoloslim.data.dataset import IMAGE_SUFFIXES
 from yoloslim.runtime.postprocess import Detections, default_iou, postprocess
 from yoloslim.runtime.preprocess import preprocess
 from yoloslim.utils.errors import YoloslimError
+from yoloslim.utils.files import write_text_atomic
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"}
 WINDOW = "yoloslim"
 FALLBACK_FPS = 30.0  # a saved stream's frame rate where its source does not say
@@ -49,17 +50,24 @@ def new_run_dir(project: str, name: str) -> Path:
 
 
 def image_sources(source: str) -> Iterator[Tuple[str, np.ndarray, None]]:
-    """Each image of a file or a folder (not its videos), as (name, image, no frame rate)."""
+    """Each image of a file or a folder (not its videos, nor hidden files such as macOS' ._ copies), as (name, image,
+    no frame rate); an image of a folder that OpenCV cannot read is skipped with a warning."""
     path = Path(source)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    folder = path.is_dir()
+    files = [path]
+    if folder:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise YoloslimError(
             f"folder {source} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass a video as a source of its own"
         )
     for file in files:
         image = cv2.imread(str(file))
+        if image is None and folder:
+            print(f"detect: warning: cannot read image {file}; skipped", file=sys.stderr)
+            continue
         if image is None:
-            raise YoloslimError(f"cannot read image {file}; check the file or remove it from the folder")
+            raise YoloslimError(f"cannot read image {file}; check the file")
         yield file.name, image, None
 
 
@@ -186,7 +194,7 @@ def _write_labels(path: Path, det: Detections, shape) -> None:
             f"{int(cls)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} "
             f"{score:.4f}"
         )
-    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def _save(run: Path, name: str, image: np.ndarray, writer, stream_fps: Optional[float]):
