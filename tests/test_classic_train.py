@@ -268,9 +268,10 @@ def pickled_globals(path: Path) -> set[str]:
     return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
 
 
-def assert_original_format(path: Path, source: Path) -> tuple[nn.Module, dict]:
+def assert_original_format(path: Path, source: Path, trained: bool = True) -> tuple[nn.Module, dict]:
     """`path` pickles its model under the original repository's paths, as `source` did, with `source`'s keys, FP16,
-    its training state cleared; returns what yoloslim's classic loader reads."""
+    its training state cleared, and (`trained` from `source`) the training's opt and date, else `source`'s; returns
+    what yoloslim's classic loader reads."""
     found = pickled_globals(path)
     assert not {g for g in found if g.startswith(("yoloslim.", "ultralytics."))}, found
     assert {g for g in found if g.startswith("models.yolo.")} == {
@@ -279,16 +280,18 @@ def assert_original_format(path: Path, source: Path) -> tuple[nn.Module, dict]:
     assert "torch.HalfStorage" in found  # the weights in FP16, as train.py saves them
     model, ckpt = load_classic_checkpoint(path)
     _, given = load_classic_checkpoint(source)
-    assert set(ckpt) == set(given) | {"opt"}  # opt added where an older release kept it in opt.yaml
+    assert set(ckpt) == set(given) | ({"opt"} if trained else set())  # added where a release kept it in opt.yaml
     assert ckpt["epoch"] == -1 and ckpt["optimizer"] is None and ckpt["ema"] is None
     assert ckpt["model"] is model
     for key in set(given) - {"model", "epoch", "optimizer", "best_fitness", "ema", "updates", "opt", "date"}:  # git
         assert plain_values(ckpt[key]) == plain_values(given[key]), key
-    opt, given_opt = plain_values(ckpt["opt"]), plain_values(given.get("opt") or {})  # paths kept as strings
+    opt, given_opt = plain_values(ckpt.get("opt") or {}), plain_values(given.get("opt") or {})  # paths as strings
     assert {k: v for k, v in opt.items() if k not in RUN_OPTIONS} == {
         k: v for k, v in given_opt.items() if k not in RUN_OPTIONS
     }
-    assert "date" not in given or ckpt["date"] > given["date"]  # dated by this run, where the input was dated
+    if not trained:  # a prune keeps the input's entries as they are
+        assert plain_values(ckpt.get("opt")) == plain_values(given.get("opt")) and ckpt.get("date") == given.get("date")
+    assert "date" not in given or not trained or ckpt["date"] > given["date"]  # dated by its run, where the input was
     return model, ckpt
 
 

@@ -41,7 +41,7 @@ def test_a_classic_checkpoint_trains_sparsity_by_default_and_method_l1_prunes_it
         pipeline.finish(stage, getattr(pipeline, f"stage_{stage}")())
     assert pipeline.done("sparse") == {"weights": str(classic_weights), "skipped": True, "epochs": 0}
     assert any("method l1" in line for line in said)
-    model, _ = assert_original_format(pipeline.done("prune")["weights"], classic_weights)
+    model, _ = assert_original_format(pipeline.done("prune")["weights"], classic_weights, trained=False)
     assert conv_widths(model) != conv_widths(load_classic_checkpoint(classic_weights)[0])
 
 

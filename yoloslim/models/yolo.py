@@ -133,8 +133,6 @@ class DetectionModel(nn.Module):
             conv.bias = nn.Parameter(bias.view(-1), requires_grad=True)
 
 
-Model = DetectionModel  # the name the releases up to v6.2 pickle
-
 # Depth and width multiples of the v6.0 to v7.0 releases' P5 sizes, applied to the layout below.
 YOLOV5_SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
 
