@@ -136,3 +136,20 @@ def test_onnx_params_count_the_layers_not_the_decodes_constants(shipped_weights,
     small = export_onnx(shipped_weights, imgsz=64, out=tmp_path / "64.onnx")
     large = export_onnx(shipped_weights, imgsz=320, out=tmp_path / "320.onnx")
     assert _onnx_params(onnx.load(str(small)).graph) == _onnx_params(onnx.load(str(large)).graph) > 0
+
+
+def test_onnx_params_follow_a_float_weight_through_its_quantize_pair():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from yoloslim.bench import _onnx_params
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["w", "s"], ["wq"]),
+        helper.make_node("DequantizeLinear", ["wq", "s"], ["wd"]),
+        helper.make_node("Conv", ["x", "wd"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    assert _onnx_params(helper.make_graph(nodes, "g", [x], [y], [weight, scale])) == 4 * 3 * 3 * 3

@@ -276,3 +276,10 @@ def test_doubtful_latency_figures_are_flagged():
     assert "up to 59 %" in latency_warnings({**sound, "table_error": 0.588})[0]
     assert "extrapolates" in latency_warnings({**sound, "predicted": 0.2})[0]
     assert "misses the target" in latency_warnings({**sound, "measured": 0.626})[0]
+
+
+def test_a_latency_target_of_the_whole_latency_prunes_nothing_it_need_not(tiny):
+    from yoloslim.prune import prune_model
+
+    config = PruneConfig(method="l1", target_latency=1.0, latency_table=str(tiny.path), imgsz=64)
+    assert prune_model(tiny.model, config).latency["predicted"] <= 1.0

@@ -37,7 +37,11 @@ def _onnx_params(graph) -> int:
     """The learnt tensors' elements: the initializers that weigh a layer, not the constants of the decode (grids,
     strides, anchors), whose size grows with the image size."""
     sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
-    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    quantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    # a weight stored in int8, or kept in float behind a QuantizeLinear/DequantizeLinear pair
+    dequantized = {
+        n.output[0]: quantized.get(n.input[0], n.input[0]) for n in graph.node if n.op_type == "DequantizeLinear"
+    }
     weights = {dequantized.get(name, name) for n in graph.node if n.op_type in _WEIGHTED_OPS for name in n.input[1:]}
     return sum(sizes[name] for name in weights if name in sizes)
 

@@ -32,7 +32,7 @@ def check_dataset(data_yaml: str | Path) -> Path:
                 f"put the {split} images there (suffixes {', '.join(sorted(s[1:] for s in IMAGE_SUFFIXES))})"
             )
         _check_labels(dataset, split, images)
-    return Path(data_yaml).resolve()  # absolute: a resumed run reads it from any folder
+    return Path(data_yaml).absolute()  # a resumed run reads it from any folder; a symlink stays one (its folder counts)
 
 
 def label_problem(line: str, classes: int) -> tuple[str, str] | None:

@@ -55,7 +55,10 @@ def read_checkpoint_extras(path) -> dict:
 
 def run_finished(last: str | Path) -> bool:
     """Whether a run's last.pt is final: Ultralytics strips the optimizer and sets epoch -1 when a run ends."""
-    ckpt = read_checkpoint(last)
+    return checkpoint_finished(read_checkpoint(last))
+
+
+def checkpoint_finished(ckpt: dict) -> bool:
     return ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None
 
 
@@ -84,8 +87,8 @@ def check_resumable(last: str | Path, stage: str | None = None, **ignored) -> No
             "run to continue (its weights/last.pt)"
         )
     try:
-        finished = run_finished(last)
-        ran = run_stage(read_checkpoint(last))
+        ckpt = read_checkpoint(last)
+        finished, ran = checkpoint_finished(ckpt), run_stage(ckpt)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise YoloslimError(
             f"{last} is not a readable checkpoint ({str(e).splitlines()[0]}); pass the run's weights/last.pt"
