@@ -307,6 +307,7 @@ def test_calibration_leaves_out_the_val_images(tmp_path):
     [
         (["train", "--epochs", "0"], ["--epochs 0", "1 or more"]),
         (["train", "lr0=abc"], ["lr0", "key=value"]),
+        (["finetune", "optimizer=Foo"], ["optimizer=Foo", "AdamW"]),
         (["train", "--resume", "--sr", "5"], ["--sr", "drop"]),
         (["train", "--no-include-head"], ["--no-include-head", "--no-targeted"]),
         (["finetune", "--target", "cpu"], ["--target", "--qat"]),
@@ -328,6 +329,20 @@ def test_key_value_arguments_read_as_ultralytics_reads_them():
         "cos_lr": True,
         "optimizer": "AdamW",
     }
+
+
+def test_the_optimizers_are_those_ultralytics_builds():
+    import ast
+    import inspect
+    import re
+
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from yoloslim.utils.training import ULTRALYTICS_OPTIMIZERS
+
+    listed = re.search(r"optimizers = (\{[^}]*\})", inspect.getsource(BaseTrainer.build_optimizer))
+    assert listed, "Ultralytics' build_optimizer no longer lists its optimizers in one set"
+    assert set(ULTRALYTICS_OPTIMIZERS) == ast.literal_eval(listed.group(1))
 
 
 @pytest.mark.parametrize(

@@ -594,11 +594,21 @@ def parse_overrides(pairs: Sequence[str], allow: Sequence[str] = ()) -> dict:
         if key not in DEFAULT_CFG_KEYS:
             raise YoloslimError(f"{key!r} is not an Ultralytics train argument; run 'yolo cfg' to list them")
         parsed[key] = smart_value(value)  # as Ultralytics' own command line reads it: lr0=1e-3 is 0.001
+    check_optimizer(parsed.get("optimizer", "auto"))
     try:
         check_cfg(parsed)
     except (TypeError, ValueError) as e:
         raise YoloslimError(f"{first_line(e)}; fix that key=value argument") from None
     return parsed
+
+
+def check_optimizer(name) -> None:
+    from yoloslim.utils.training import ULTRALYTICS_OPTIMIZERS
+
+    if str(name).lower() not in {o.lower() for o in ULTRALYTICS_OPTIMIZERS}:
+        raise YoloslimError(
+            f"optimizer={name} is not an Ultralytics optimizer; pick one of {', '.join(ULTRALYTICS_OPTIMIZERS)}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from yoloslim.utils.metadata import checkpoint_metadata, set_checkpoint_metadata
 # The optimizers whose biases warm up from zero unless the user says otherwise: Ultralytics' own optimizer=auto does
 # that when it picks AdamW, an explicit optimizer=AdamW does not.
 ADAM_FAMILY = frozenset({"adam", "adamax", "adamw", "nadam", "radam"})
+# Ultralytics' build_optimizer knows these (any case) and raises from inside its trainer, after it made the run's
+# folder, for any other; its list is local to that method, so a test keeps this copy equal to it.
+ULTRALYTICS_OPTIMIZERS = ("Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD", "MuSGD", "auto")
 
 
 def read_checkpoint(path: str | Path) -> dict:
