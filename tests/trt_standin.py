@@ -373,6 +373,7 @@ class StandinCuda:
     """Device memory as host byte arrays, with the interface of yoloslim.runtime.cuda's bindings."""
 
     distribution = "stand-in"
+    distributions = ("stand-in",)
 
     def __init__(self, trt):
         self.trt, self.memory, self.streams, self.pinned = trt, trt.memory, 0, []

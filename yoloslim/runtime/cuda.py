@@ -10,7 +10,7 @@ which no JetPack 5 or 6 has), so a binding counts as usable only once a call has
 from __future__ import annotations
 
 import ctypes
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -31,19 +31,24 @@ def cuda_python_requirement(cuda_version: str) -> str:
     return f"cuda-python>={major}.0,<{major}.{minor + 1}"
 
 
-def _distribution_version(name: str) -> str:
+def _installed(distributions: Tuple[str, ...]) -> str:
+    """'cuda-bindings 13.5.0': the first of a binding's distributions that is installed, with its version."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
+    for name in distributions:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return f"{distributions[0]} (version unknown)"
 
 
 class CudaPython:
     """cuda-python's runtime API."""
 
     distribution = "cuda-python"
+    # cuda-python 12.6 and later is a metapackage over cuda-bindings, which torch's CUDA wheels install alone
+    distributions = ("cuda-python", "cuda-bindings")
 
     def __init__(self):
         try:
@@ -52,13 +57,13 @@ class CudaPython:
             from cuda import cudart  # cuda-python before 12.6
         self.rt = cudart
         if self.device_count() < 1:
-            raise YoloslimError("CUDA sees no GPU; check the driver with `yoloslim doctor`")
+            raise YoloslimError("CUDA sees no GPU")
 
     def _check(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
             name = getattr(err, "name", err)  # cudaErrorInsufficientDriver: str() of an IntEnum is its number
-            raise YoloslimError(f"CUDA error {name}; check the driver and CUDA binding with `yoloslim doctor`")
+            raise YoloslimError(f"CUDA error {name}")
         return rest[0] if len(rest) == 1 else rest
 
     def device_count(self) -> int:
@@ -107,6 +112,7 @@ class PyCuda:
     """pycuda's driver API (it keeps the allocation objects alive, so they are held here)."""
 
     distribution = "pycuda"
+    distributions = ("pycuda",)
 
     def __init__(self):
         try:
@@ -114,9 +120,7 @@ class PyCuda:
         except ImportError:
             raise
         except Exception as error:  # pycuda's own errors: no GPU, no driver, a driver too old
-            raise YoloslimError(
-                f"pycuda cannot start CUDA ({error}); check the GPU and driver with `yoloslim doctor`"
-            ) from None
+            raise YoloslimError(f"pycuda cannot start CUDA ({error})") from None
         import pycuda.driver as cuda
 
         self.cuda = cuda
@@ -163,9 +167,20 @@ class PyCuda:
 BINDINGS = (CudaPython, PyCuda)
 
 
+class NoCudaBinding(YoloslimError):
+    """No CUDA binding imports and answers a call; `failures` says why, one entry per binding."""
+
+    def __init__(self, failures: List[str]):
+        self.failures = failures
+        super().__init__(
+            f"no usable CUDA binding ({'; '.join(failures)}); check the GPU and driver, and install the cuda-python "
+            "that `yoloslim doctor` names for this CUDA, or pycuda"
+        )
+
+
 def load_cuda():
-    """The first binding that imports and answers a call: cuda-python, else pycuda; else one error naming why each
-    failed."""
+    """The first binding that imports and answers a call: cuda-python, else pycuda; else NoCudaBinding naming why
+    each failed."""
     failures = []
     for api in BINDINGS:
         try:
@@ -173,13 +188,10 @@ def load_cuda():
         except ImportError:
             failures.append(f"{api.distribution} is not installed")
         except Exception as error:  # any failure of a first call: fall back to the next binding
-            failures.append(f"{api.distribution} {_distribution_version(api.distribution)} fails: {error}")
-    raise YoloslimError(
-        f"no usable CUDA binding ({'; '.join(failures)}); install the cuda-python that `yoloslim doctor` names for "
-        "this CUDA, or pycuda"
-    )
+            failures.append(f"{_installed(api.distributions)} fails: {error}")
+    raise NoCudaBinding(failures)
 
 
 def describe(binding) -> str:
     """'cuda-python 12.6.2' or 'pycuda 2024.1', for reports."""
-    return f"{binding.distribution} {_distribution_version(binding.distribution)}"
+    return _installed(binding.distributions)

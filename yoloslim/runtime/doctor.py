@@ -74,12 +74,12 @@ def opencv_gstreamer() -> Optional[bool]:
 
 def cuda_binding() -> Tuple[Optional[str], Optional[str]]:
     """(the CUDA binding that answered a call, with its GPU; None) or (None, why none did)."""
-    from yoloslim.runtime.cuda import describe, load_cuda
+    from yoloslim.runtime.cuda import NoCudaBinding, describe, load_cuda
 
     try:
         binding = load_cuda()
-    except YoloslimError as error:
-        return None, str(error)
+    except NoCudaBinding as error:
+        return None, "; ".join(error.failures)
     gpu = binding.device()
     return f"{describe(binding)} ({gpu['name']}, compute capability {gpu['compute_capability']})", None
 
@@ -131,7 +131,7 @@ def facts() -> Dict[str, Optional[str]]:
         "JetPack": _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"]),
         "TensorRT": _version("tensorrt"),
         "CUDA binding": binding,
-        "no CUDA binding": no_binding,
+        "why no CUDA binding": no_binding,
         "nvcc": nvcc,
         "cuda-python for this CUDA": cuda_python_requirement(cuda) if cuda else None,
         "onnxruntime": _version("onnxruntime"),
@@ -152,14 +152,16 @@ NEEDS: Dict[str, Tuple[str, ...]] = {
     "export --format engine, doctor --selftest / --benchmark": ("TensorRT", "CUDA binding", "numpy"),
     "train, prune, finetune, export --format onnx": ("torch", "ultralytics"),
 }
-SHOWN_ONLY_WHEN_FOUND = {"no CUDA binding", "prune --round-to for ONNX Runtime here"}
+SHOWN_ONLY_WHEN_FOUND = {"prune --round-to for ONNX Runtime here"}
+WHY_NOT_FOUND = {"CUDA binding": "why no CUDA binding"}  # shown in the row of what was not found
 
 
 def report() -> str:
     found = facts()
+    why = {item: found.pop(reason) for item, reason in WHY_NOT_FOUND.items()}
     lines = ["| item | found |", "| --- | --- |"]
     lines += [
-        f"| {k} | {v.splitlines()[0] if v else 'not found'} |"
+        f"| {k} | {v.splitlines()[0] if v else 'none usable: ' + why[k] if why.get(k) else 'not found'} |"
         for k, v in found.items()
         if v or k not in SHOWN_ONLY_WHEN_FOUND
     ]
