@@ -238,6 +238,13 @@ def test_ultralytics_spellings_of_val_and_nc_are_read(tmp_path):
     assert resolve_data(data) == data and len(split_images(data, "val")[0]) == 1
 
 
+def test_an_upper_case_yaml_suffix_is_read(tmp_path):
+    from yoloslim.data import resolve_data
+
+    data = write_dataset(tmp_path).rename(tmp_path / "data.YAML")
+    assert resolve_data(data) == data
+
+
 def test_a_relative_path_key_that_leads_nowhere_names_itself(tmp_path, monkeypatch):
     from yoloslim.data import resolve_data
 

@@ -143,7 +143,7 @@ def _load_mapping(file: Path) -> dict:
             f"dataset yaml {file} does not exist; pass --data path/to/data.yaml, or leave --data out to use the "
             "embedded synthetic dataset"
         )
-    if file.suffix not in YAML_SUFFIXES:
+    if file.suffix.lower() not in YAML_SUFFIXES:  # Ultralytics reads data.YAML too
         raise YoloslimError(f"{file} is not a dataset yaml; pass --data path/to/data.yaml")
     try:
         spec = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
