@@ -321,6 +321,17 @@ def test_training_options_that_cannot_apply_are_refused(argv, words, tmp_path, m
     refused_without_writing(command, [command, "--weights", models / "best.pt", *rest], words, [tmp_path, models])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["prune", "--weights", ""], ["train", "--data", ""], ["prune", "--out", ""], ["eval", "--weights", "", "x.pt"]],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_an_empty_path_is_refused_not_read_as_left_out(argv, tmp_path, models, refused_without_writing):
+    refused_without_writing(
+        argv[0], argv, [f"{next(a for a in argv if a.startswith('--'))} is empty"], [tmp_path, models]
+    )
+
+
 def test_key_value_arguments_read_as_ultralytics_reads_them():
     from yoloslim.cli import parse_overrides
 
@@ -358,6 +369,33 @@ def test_train_refuses_what_is_no_detection_model(spec, words, tmp_path, models,
     (tmp_path / "dataset.yaml").write_text("train: images\nval: images\nnames: [a]\n")
     (tmp_path / "model.onnx").write_bytes(b"")
     refused_without_writing("train", ["train", "--weights", spec, "--epochs", "1"], words, [tmp_path, models])
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "slim"])
+def test_a_fused_model_has_no_gammas_to_prune_or_penalise(command, tmp_path, models, refused_without_writing):
+    from ultralytics import YOLO
+
+    fused = YOLO(models / "best.pt")
+    fused.model.fuse()
+    fused.save(tmp_path / "fused.pt")
+    argv = weights_commands(tmp_path / "fused.pt", models, write_dataset(tmp_path / "set", names="abc"))[command]
+    refused_without_writing(command, argv, ["is fused", "BatchNorm", "best.pt"], (tmp_path, models))
+
+
+def test_a_fused_model_prunes_by_filter_norm(tmp_path, models):
+    from ultralytics import YOLO
+
+    from yoloslim.cli import main
+
+    fused = YOLO(models / "best.pt")
+    fused.model.fuse()
+    fused.save(tmp_path / "fused.pt")
+    assert main(["prune", "--weights", str(tmp_path / "fused.pt"), "--method", "l1", "--dry-run"]) == 0
+
+
+def test_a_folder_given_as_weights_is_named_a_folder(tmp_path, models, refused_without_writing):
+    (tmp_path / "run.pt").mkdir()
+    refused_without_writing("prune", ["prune", "--weights", "run.pt"], ["run.pt is a folder"], [tmp_path, models])
 
 
 def test_a_file_that_holds_no_checkpoint_is_refused_by_prune_and_resume(tmp_path, models, refused_without_writing):

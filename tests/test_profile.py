@@ -173,6 +173,12 @@ def test_predictor_fits_synthetic_timings(tiny, tmp_path):
     assert LatencyTable.load(tmp_path / "t.json").round_to == table.round_to
 
 
+def test_a_table_that_lacks_what_pruning_reads_is_refused(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"format": 1, "complete": True}))
+    with pytest.raises(YoloslimError, match="finished latency table"):
+        LatencyTable.load(tmp_path / "t.json")
+
+
 def test_an_interrupted_profile_continues_where_it_stopped(tiny, tmp_path):
     path, features = tiny
     truth = np.concatenate([[0.3], np.full(len(features.names), 0.05)])

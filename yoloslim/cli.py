@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_no_empty_paths(args)
         return args.run(args) or 0
     except YoloslimError as e:
         print(f"yoloslim {args.command}: error: {e}", file=sys.stderr)
@@ -38,6 +39,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+# Options naming files or folders: an empty one (a shell variable that was not set) would read as left out and pick
+# the default, the shipped model or dataset, without a word
+PATH_OPTIONS = ("weights", "data", "out", "source", "teacher", "latency_table", "project", "name")
+
+
+def check_no_empty_paths(args: argparse.Namespace) -> None:
+    for dest in PATH_OPTIONS:
+        value = getattr(args, dest, None)
+        if "" in (value if isinstance(value, list) else [value]):
+            raise YoloslimError(f"--{dest.replace('_', '-')} is empty; pass a path, or leave the option out")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -247,6 +247,16 @@ def check_supported(model: nn.Module) -> None:
     raise YoloslimError(f"{found}; pass a detection model of a family in {SUPPORTED_TABLE}")
 
 
+def check_unfused(model: nn.Module, needs: str, alternative: str = "") -> None:
+    """Network Slimming reads each channel's BatchNorm gamma; a fused model (Ultralytics folds BatchNorm into the
+    convolutions before it predicts or exports) has none, and every channel would score the same."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise YoloslimError(
+            f"this model is fused (its BatchNorm layers were folded into the convolutions), so {needs}; pass the "
+            f"checkpoint its training wrote (best.pt or last.pt){alternative}"
+        )
+
+
 def _is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == nn.modules.activation.__name__
 

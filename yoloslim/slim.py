@@ -63,6 +63,7 @@ class Pipeline:
 
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
         from yoloslim.data import resolve_data
+        from yoloslim.graph import check_unfused
         from yoloslim.models import DetectionModel as ClassicDetectionModel
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
         from yoloslim.utils.checks import load_detection_checkpoint, trained_imgsz
@@ -76,6 +77,10 @@ class Pipeline:
         self.data = resolve_data(config.data)
         model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
         _check_classes(model, self.input, self.data)
+        if config.method == "bn":
+            check_unfused(
+                model, "it has no gammas to train sparse or rank channels by", ", or slim it with --method l1"
+            )
         self.imgsz = config.imgsz or trained_imgsz(ckpt) or 640
         config.prune_config(self.imgsz, config.latency_table or SLIM_LATENCY_TABLE, config.method)  # imgsz checked
         classic = isinstance(model, ClassicDetectionModel)

@@ -332,6 +332,10 @@ def train_sparse(
     from yoloslim.utils.checks import check_model_yaml, load_detection_checkpoint
 
     dataset = str(resolve_data(data)) if data is not None or not resume else None  # checked before any work
+    if str(weights).endswith(".pt") and not resume:
+        graph.check_unfused(load_detection_checkpoint(weights, classic=True)[0], "there are no gammas to penalise")
+    elif not resume:
+        check_model_yaml(weights)
     recipe = (config or SparsityConfig()).recipe()
     if is_classic_checkpoint(weights):
         trainer = ClassicSparsityTrainer.with_config(config)
@@ -339,10 +343,6 @@ def train_sparse(
     trainer = SparsityTrainer.with_config(config)  # None: the checkpoint's settings on resume, else the defaults
     if resume:
         return resume_run(weights, trainer, "sparsity", dataset, **train_args)
-    if str(weights).endswith(".pt"):
-        load_detection_checkpoint(weights)
-    else:
-        check_model_yaml(weights)
     return YOLO(weights).train(data=dataset, trainer=trainer, **{**recipe.train_args(), **train_args})
 
 

@@ -35,6 +35,10 @@ from yoloslim.utils.errors import YoloslimError
 from yoloslim.utils.files import output_path, write_text_atomic
 
 TABLE_FORMAT = 1
+# What a finished table holds that pruning reads (a table edited by hand may lack some)
+FINISHED_TABLE_KEYS = frozenset(
+    {"settings", "environment", "measurements", "round_to", "reference_ms", "features", "predictor", "check", "groups"}
+)
 PRECISIONS = ("fp32", "fp16", "int8")
 PROBE_FRACTION = 0.4  # the rounding probes' prune: far enough from the full widths that misalignment shows
 
@@ -94,7 +98,8 @@ class LatencyTable:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = {}
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not data.get("complete"):
+        finished = isinstance(data, dict) and data.get("format") == TABLE_FORMAT and data.get("complete")
+        if not finished or not FINISHED_TABLE_KEYS <= data.keys():
             raise YoloslimError(f"{path} is not a finished latency table; run yoloslim profile again to finish it")
         return cls(data)
 

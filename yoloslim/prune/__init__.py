@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloslim.graph import build_graph, conv_widths, model_stats
+from yoloslim.graph import build_graph, check_unfused, conv_widths, model_stats
 from yoloslim.models.save import original_names, save_original_format
 from yoloslim.models.yolo import DetectionModel as ClassicDetectionModel
 from yoloslim.prune.apply import apply_plan, removed_batchnorm_channels
@@ -86,6 +86,8 @@ class Planned:
 
 def plan_pruning(model: nn.Module, config: PruneConfig, gflops: float | None = None) -> Planned:
     """Score every channel group of `model` and decide, per group, which channels stay."""
+    if config.method == "bn":
+        check_unfused(model, "it has no gammas to rank channels by", ", or prune by filter norm with --method l1")
     graph, groups = build_graph(model)
     importance = IMPORTANCES[config.method]
     scores = [importance(graph, g) for g in groups]

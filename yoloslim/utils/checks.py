@@ -40,6 +40,10 @@ def load_detection_checkpoint(weights: str | Path, classic: bool = False):
     from yoloslim.models.train import original_model
 
     path = Path(weights)
+    if path.is_dir():
+        raise YoloslimError(
+            f"{path} is a folder; pass the checkpoint file, e.g. --weights {path / 'weights' / 'best.pt'}"
+        )
     if not path.is_file():
         raise YoloslimError(f"weights file {path} does not exist; pass --weights path/to/best.pt")
     if path.suffix != ".pt":
