@@ -393,6 +393,11 @@ def test_a_fused_model_prunes_by_filter_norm(tmp_path, models):
     assert main(["prune", "--weights", str(tmp_path / "fused.pt"), "--method", "l1", "--dry-run"]) == 0
 
 
+def test_finetune_refuses_a_dataset_of_other_classes_before_its_run(tmp_path, models, refused_without_writing):
+    argv = [*data_commands(models / "best.pt")["finetune"], "--data", write_dataset(tmp_path / "set")]
+    refused_without_writing("finetune", argv, ["detects 3 classes", "has 2"], [tmp_path, models])
+
+
 def test_a_folder_given_as_weights_is_named_a_folder(tmp_path, models, refused_without_writing):
     (tmp_path / "run.pt").mkdir()
     refused_without_writing("prune", ["prune", "--weights", "run.pt"], ["run.pt is a folder"], [tmp_path, models])

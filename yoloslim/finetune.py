@@ -175,7 +175,7 @@ def finetune(
     are in its format."""
     from ultralytics import YOLO
 
-    from yoloslim.data import resolve_data
+    from yoloslim.data import check_classes, resolve_data
     from yoloslim.models.train import is_classic_checkpoint, train_classic
     from yoloslim.utils.checks import load_detection_checkpoint
 
@@ -199,6 +199,7 @@ def finetune(
         refused = {"teacher": teacher, "qat": "qat" if aware else None}
         return resume_run(weights, FinetuneTrainer, "finetune", dataset, refused=refused, **train_args)
     model, _ = load_detection_checkpoint(weights)
+    check_classes(model, weights, Path(dataset))
     if teacher is not None:
         load_detection_checkpoint(teacher)
         train_args["distill_model"] = str(teacher)

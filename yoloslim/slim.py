@@ -62,7 +62,7 @@ class Pipeline:
     """One slim run: its folder, its state, and the stages in order."""
 
     def __init__(self, config: SlimConfig, log: Callable[[str], None] = print):
-        from yoloslim.data import resolve_data
+        from yoloslim.data import check_classes, resolve_data
         from yoloslim.graph import check_unfused
         from yoloslim.models import DetectionModel as ClassicDetectionModel
         from yoloslim.utils.assets import BASELINE, SPARSE_BASELINE, shipped_file
@@ -76,7 +76,7 @@ class Pipeline:
         self.base = shipped_file("weights", BASELINE) if self.embedded else self.input
         self.data = resolve_data(config.data)
         model, ckpt = load_detection_checkpoint(self.input, classic=True)  # a bad checkpoint is refused before any work
-        _check_classes(model, self.input, self.data)
+        check_classes(model, self.input, self.data)
         if config.method == "bn":
             check_unfused(
                 model, "it has no gammas to train sparse or rank channels by", ", or slim it with --method l1"
@@ -438,19 +438,6 @@ class Pipeline:
         write_text_atomic(self.run / SUMMARY, json.dumps(summary, indent=2, default=_plain))
         paths = write_report([self.run], self.run / "report")
         return {k: str(p) for k, p in paths.items()}
-
-
-def _check_classes(model, weights: Path, data: Path) -> None:
-    """Refuse a dataset of another number of classes: training would silently rebuild the head, and the unpruned
-    model would be scored on classes it does not have."""
-    from yoloslim.data import split_images
-
-    names = split_images(data, "val")[1]
-    if len(model.names) != len(names):
-        raise YoloslimError(
-            f"{weights.name} detects {len(model.names)} classes and {data} has {len(names)}; pass the dataset it was "
-            "trained on"
-        )
 
 
 def _variant(name: str, stage: str, backend: str, precision: str, weights: Optional[str]) -> dict:
