@@ -1,6 +1,8 @@
 """The CPU flavour of INT8 (`yoloslim export --precision int8 --target cpu`): what ONNX Runtime's graph optimizer makes
 of it, what stays in float, and the refusals."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -255,3 +257,23 @@ def test_engines_are_not_built_from_the_cpu_flavour(cli, tmp_path):
 )
 def test_cli_refuses_bad_targets_in_one_line(cli, tmp_path, flags, words):
     assert_one_line_error(cli("export", "--weights", str(tmp_path / "missing.pt"), *flags), *words)
+
+
+def test_the_two_int8_flavours_are_written_to_different_files(tmp_path):
+    import shutil
+
+    from yoloslim.data import resolve_data
+    from yoloslim.export import ExportConfig, export
+    from yoloslim.utils.assets import BASELINE, shipped_file
+
+    weights = Path(shutil.copy(shipped_file("weights", BASELINE), tmp_path / "best.pt"))
+    written = {
+        target: export(
+            weights,
+            ExportConfig(precision="int8", target=target, imgsz=64, calibration_images=2),
+            data=resolve_data(None),
+        )
+        for target in ("tensorrt", "cpu")
+    }
+    assert {p.name for p in written.values()} == {"best-int8.onnx", "best-int8-cpu.onnx"}
+    assert all(p.is_file() for p in written.values())

@@ -82,7 +82,10 @@ def _export_onnx(weights: Path, config: ExportConfig, data, out: Optional[Path])
         raise YoloslimError(f"ONNX export takes an Ultralytics .pt checkpoint, not {weights.name}")
     if config.precision == "fp32":
         return export_onnx(weights, imgsz=config.imgsz, batch=config.batch, dynamic=config.dynamic, out=out)
-    target = output_path(out, weights.with_name(f"{weights.stem}-{config.precision}.onnx"), weights)
+    from yoloslim.export.qdq import int8_name
+
+    named = int8_name(weights.stem, config.target) if config.precision == "int8" else f"{weights.stem}-fp16.onnx"
+    target = output_path(out, weights.with_name(named), weights)
     trained = _trained_quantization(weights, config)
     if trained is not None and data:
         raise YoloslimError(

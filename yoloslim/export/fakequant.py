@@ -449,7 +449,7 @@ def quantize_trained(onnx_path: str | Path, trained: TrainedQuantization, out: s
     import onnx
     from onnxruntime.quantization import QuantType
 
-    from yoloslim.export.qdq import _copy_metadata, quantize_placed
+    from yoloslim.export.qdq import _copy_metadata, int8_name, quantize_placed
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path))
@@ -460,7 +460,7 @@ def quantize_trained(onnx_path: str | Path, trained: TrainedQuantization, out: s
         for tensor, (scale, zero) in trained.scales.items()
     }
     placement["extra_options"] = {**placement.get("extra_options", {}), "TensorQuantOverrides": overrides}
-    written = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-int8.onnx"), onnx_path)
+    written = output_path(out, onnx_path.with_name(int8_name(onnx_path.stem, trained.target)), onnx_path)
     with atomic_path(written) as tmp:
         quantize_placed(onnx_path, tmp, _GrayImage(model), placement)
         quantized = onnx.load(str(tmp))

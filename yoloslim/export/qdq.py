@@ -266,6 +266,11 @@ class LetterboxCalibrationReader:
         self.index = 0
 
 
+def int8_name(stem: str, target: str) -> str:
+    """The INT8 file's default name: the two flavours differ, so neither overwrites the other."""
+    return f"{stem}-int8{'-cpu' if target == 'cpu' else ''}.onnx"
+
+
 def quantize_int8(
     onnx_path: str | Path,
     data: str | Path,
@@ -287,7 +292,7 @@ def quantize_int8(
             f"{onnx_path} has a dynamic input shape; INT8 calibration needs a static one (export with --batch N)"
         )
     imgsz = dims[2].dim_value
-    written = output_path(out, onnx_path.with_name(f"{onnx_path.stem}-int8.onnx"), onnx_path)
+    written = output_path(out, onnx_path.with_name(int8_name(onnx_path.stem, target)), onnx_path)
     reader = LetterboxCalibrationReader(
         calibration_images(data, count), model.graph.input[0].name, imgsz, batch=dims[0].dim_value
     )
