@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-# Options naming files or folders: an empty one (a shell variable that was not set) would read as left out and pick
-# the default, the shipped model or dataset, without a word
+# Options naming files, folders or runs: an empty one (a shell variable that was not set) would read as left out and
+# pick the default, the shipped model or dataset, without a word
 PATH_OPTIONS = ("weights", "data", "out", "source", "teacher", "latency_table", "project", "name")
 
 
@@ -50,7 +50,7 @@ def check_no_empty_paths(args: argparse.Namespace) -> None:
     for dest in PATH_OPTIONS:
         value = getattr(args, dest, None)
         if "" in (value if isinstance(value, list) else [value]):
-            raise YoloslimError(f"--{dest.replace('_', '-')} is empty; pass a path, or leave the option out")
+            raise YoloslimError(f"--{dest.replace('_', '-')} is empty; give it a value, or leave the option out")
 
 
 def _parser() -> argparse.ArgumentParser:
