@@ -126,6 +126,23 @@ def test_a_bad_prune_amount_is_refused_before_any_training():
     assert SlimConfig(ratio=0.3).prune_config(320).target_flops is None
 
 
+def test_sr_reaches_sparsity_training_and_a_bad_one_is_refused(shipped_weights, tiny_data, tmp_path):
+    from yoloslim.config import TARGETED_SR
+    from yoloslim.utils.errors import YoloslimError
+
+    with pytest.raises(YoloslimError, match="sr must be a finite number"):
+        SlimConfig(sr=-1)
+    with pytest.raises(YoloslimError, match="method l1 skips; drop sr"):
+        SlimConfig(method="l1", sr=1)
+    for sr, used in ((None, TARGETED_SR), (1.0, 1.0)):
+        config = SlimConfig(
+            weights=str(shipped_weights), data=str(tiny_data), sr=sr, project=str(tmp_path), name=str(sr)
+        )
+        pipeline = Pipeline(config)
+        pipeline.finish("profile", pipeline.stage_profile())
+        assert pipeline.sparsity_config().sr == used
+
+
 # -- the bench stage ---------------------------------------------------------------------------------------------------
 
 

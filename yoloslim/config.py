@@ -331,6 +331,9 @@ class SlimConfig:
         "sparsity training is done)",
     )
     sparse_share: float = option(0.6, "the largest share of the budget that sparsity training may use")
+    sr: Optional[float] = option(
+        None, f"L1 strength of sparsity training's targeted penalty, as yoloslim train --sr (default {TARGETED_SR})"
+    )
     imgsz: Optional[int] = option(None, "training and evaluation size (default: the checkpoint's own)")
     precision: Literal["fp16", "int8"] = option("int8", "deployment precision to prepare", choices=("fp16", "int8"))
     qat: bool = option(
@@ -365,6 +368,10 @@ class SlimConfig:
             raise YoloslimError(
                 "target_flops 1 keeps every GFLOP, so there is nothing to slim; give a fraction below 1"
             )
+        if self.sr is not None:
+            if self.method == "l1":
+                raise YoloslimError("sr sets sparsity training's penalty, which method l1 skips; drop sr")
+            SparsityConfig(sr=self.sr)  # a bad strength is refused before any work
         # a bad amount or criterion is refused before any work
         self.prune_config(32, self.latency_table or SLIM_LATENCY_TABLE, self.method)
         self._check_qat()

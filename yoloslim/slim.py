@@ -240,6 +240,10 @@ class Pipeline:
         model = load_detection_checkpoint(self.input, classic=True)[0]
         return prune_model(model, self.config.prune_config(self.imgsz, None, self.config.method))
 
+    def sparsity_config(self) -> SparsityConfig:
+        """The sparsity stage's settings: the stop at the prune's GFLOPs, its rounding, and sr where given."""
+        return SparsityConfig(stop_at_flops=self.sparsity_stop(), round_to=self.prune_rounding(), sr=self.config.sr)
+
     def stage_sparse(self) -> dict:
         """Sparsity training with the recipe's defaults, ending once the prune to the target is free; it may use up
         to sparse_share of the budget, the finetune gets the rest."""
@@ -258,7 +262,7 @@ class Pipeline:
         start = resume_point(run / "weights" / "last.pt", self.input)
         if start:
             epochs = self.sparse_epochs()
-            config = SparsityConfig(stop_at_flops=self.sparsity_stop(), round_to=self.prune_rounding())
+            config = self.sparsity_config()
             train_sparse(
                 str(start[0]), config, data=str(self.data), resume=start[1], **self._train_args("sparse", epochs)
             )
