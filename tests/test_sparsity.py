@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import math
 from copy import deepcopy
@@ -49,6 +50,7 @@ def train(train_args, config, **overrides) -> SparsityTrainer:
         dict(stop_at_flops=1.0),
         dict(stop_at_flops=0.5, round_to=0),
         dict(stop_at_flops=0.5, min_keep=1.5),
+        dict(stall_epochs=-1),
         dict(targeted=True, stop_at_flops=0),
     ],
 )
@@ -124,12 +126,14 @@ def test_run_ends_once_the_zeroed_channels_give_the_target_prune(train_args):
     kept = [row["sparsity/zeroed_flops"] for row in read_results(stopped.save_dir)]
     assert len(kept) < 6 and kept[-1] <= 0.9 and all(k > 0.9 for k in kept[:-1])
     assert kept[-1] == pytest.approx(zeroed_flops_fraction(stopped.ema.ema, config, 64), abs=1e-4)
-    unreachable = train(
-        args,
-        SparsityConfig(targeted=False, sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1),
-        name="unreachable",
-    )
+    # under min_keep's floor: the zeroed channels stop growing once every gamma is zero, in the first epoch
+    floor = SparsityConfig(targeted=False, sr=30.0, include_head=True, stop_at_flops=0.01, round_to=1, stall_epochs=0)
+    unreachable = train(args, floor, name="unreachable")
     assert len(read_results(unreachable.save_dir)) == 6
+    stalled = train(args, dataclasses.replace(floor, stall_epochs=2), name="stalled")
+    kept = [row["sparsity/zeroed_flops"] for row in read_results(stalled.save_dir)]
+    counting = next(epoch for epoch, k in enumerate(kept) if k < 1)  # the EMA's gammas lag the model's
+    assert len(kept) == counting + 3 < 6 and kept[counting] == kept[-1] > 0.01
 
 
 @pytest.mark.slow

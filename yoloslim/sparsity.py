@@ -52,6 +52,8 @@ GAMMA_HISTORY = "gamma_history.json"
 GAMMA_PLOT = "gamma_distribution.png"
 # |gamma| histogram bins: one bin for exact zeros, then log-spaced up to 10
 _LOG_EDGES = np.concatenate([[0.0], np.logspace(-6, 1, 57)])
+# a change in the zeroed channels' GFLOPs fraction smaller than this is no progress (results.csv keeps 6 digits)
+STALL_TOLERANCE = 1e-4
 
 
 def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -264,6 +266,14 @@ class SparsityTrainer(SafeDetectionTrainer):
                 f"GFLOPs (target {target}); ending the run after epoch {self.epoch + 1}."
             )
             self.stop = True
+        elif self._stalled(kept):
+            LOGGER.warning(
+                f"Sparsity: the zeroed channels have stood at a prune to {kept:.3f} of the GFLOPs (target {target}) "
+                f"for {self.sparsity.stall_epochs} epochs: the targets left resist the penalty, so the run ends after "
+                f"epoch {self.epoch + 1}. A prune to {target} cuts them while they are live; if it loses more than the "
+                "finetune wins back, train with a higher sr."
+            )
+            self.stop = True
         elif self.epoch + 1 >= self.epochs:
             LOGGER.warning(
                 f"Sparsity: the last epoch ended with the zeroed channels worth a prune to {kept:.3f} of the GFLOPs, "
@@ -271,6 +281,15 @@ class SparsityTrainer(SafeDetectionTrainer):
                 "best.pt for more epochs with yoloslim train, or prune less."
             )
         return {"sparsity/zeroed_flops": kept}
+
+    def _stalled(self, kept: float) -> bool:
+        """Whether the zeroed channels, once they began to count, have not grown for stall_epochs epochs (this one
+        included); the earlier epochs' figures come from results.csv, which a resumed run keeps."""
+        patience = self.sparsity.stall_epochs
+        if not patience:
+            return False
+        history = [*self.read_results_csv().get("sparsity/zeroed_flops", []), kept][-(patience + 1) :]
+        return len(history) == patience + 1 and history[0] < 1 and min(history[1:]) >= history[0] - STALL_TOLERANCE
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
