@@ -152,6 +152,22 @@ def test_targeted_run_zeroes_its_targets_stops_and_leaves_the_rest_unpenalised(t
         assert (bn.weight.detach()[kept].abs() > 1e-2).all(), name
 
 
+def test_a_stall_counts_each_epoch_once_and_only_under_a_constant_penalty(tmp_path):
+    trainer = SparsityTrainer.__new__(SparsityTrainer)
+    trainer.csv = tmp_path / "results.csv"
+    logged = [(1, 1.0), (2, 0.6), (3, 0.6), (4, 0.6)]
+    trainer.csv.write_text("epoch,sparsity/zeroed_flops\n" + "".join(f"{e},{k}\n" for e, k in logged))
+    trainer.sparsity = SparsityConfig(stall_epochs=3)
+    trainer.epoch = 4  # the fifth epoch: 0.6 since the second, three epochs without growth
+    assert trainer._stalled(0.6)
+    assert not trainer._stalled(0.59)
+    trainer.epoch = 3  # the fourth again, after an interruption: its logged row is not an earlier epoch
+    assert not trainer._stalled(0.6)
+    trainer.epoch = 4
+    trainer.sparsity = SparsityConfig(stall_epochs=3, schedule="linear")  # the decay slows the zeroing by design
+    assert not trainer._stalled(0.6)
+
+
 def test_the_stop_measures_the_prune_with_its_guards():
     from ultralytics.nn.tasks import DetectionModel
 

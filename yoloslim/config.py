@@ -148,8 +148,8 @@ class SparsityConfig:
     # before its last targets gave way, so the stage waits one more.
     stall_epochs: int = option(
         5,
-        "with stop_at_flops: end early once the zeroed channels have not grown for this many epochs (the targets "
-        "left resist the penalty; the prune cuts them); 0 never",
+        "with stop_at_flops and a constant schedule: end early once the zeroed channels have not grown for this many "
+        "epochs (the channels left resist the penalty; the prune cuts them); 0 never",
     )
     round_to: int = option(8, "the rounding the later prune will use, for stop_at_flops")
     min_keep: float = option(0.1, "the later prune's per-layer minimum fraction, for stop_at_flops")

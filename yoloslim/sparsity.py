@@ -269,9 +269,9 @@ class SparsityTrainer(SafeDetectionTrainer):
         elif self._stalled(kept):
             LOGGER.warning(
                 f"Sparsity: the zeroed channels have stood at a prune to {kept:.3f} of the GFLOPs (target {target}) "
-                f"for {self.sparsity.stall_epochs} epochs: the targets left resist the penalty, so the run ends after "
-                f"epoch {self.epoch + 1}. A prune to {target} cuts them while they are live; if it loses more than the "
-                "finetune wins back, train with a higher sr."
+                f"for {self.sparsity.stall_epochs} epochs: the channels left resist the penalty, so the run ends after "
+                f"epoch {self.epoch + 1}. A prune to {target} cuts some of them while they are live; if it loses more "
+                "than the finetune wins back, train with a higher sr."
             )
             self.stop = True
         elif self.epoch + 1 >= self.epochs:
@@ -284,11 +284,15 @@ class SparsityTrainer(SafeDetectionTrainer):
 
     def _stalled(self, kept: float) -> bool:
         """Whether the zeroed channels, once they began to count, have not grown for stall_epochs epochs (this one
-        included); the earlier epochs' figures come from results.csv, which a resumed run keeps."""
+        included) under a constant penalty (a decaying schedule slows them by design). The earlier epochs' figures
+        come from results.csv, which a resumed run keeps; a row of this epoch from before an interruption is not one."""
         patience = self.sparsity.stall_epochs
-        if not patience:
+        if not patience or self.sparsity.schedule != "constant":
             return False
-        history = [*self.read_results_csv().get("sparsity/zeroed_flops", []), kept][-(patience + 1) :]
+        logged = self.read_results_csv()
+        rows = zip(logged.get("epoch", []), logged.get("sparsity/zeroed_flops", []))
+        earlier = [k for epoch, k in rows if epoch <= self.epoch]
+        history = [*earlier, kept][-(patience + 1) :]
         return len(history) == patience + 1 and history[0] < 1 and min(history[1:]) >= history[0] - STALL_TOLERANCE
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
