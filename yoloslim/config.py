@@ -142,14 +142,14 @@ class SparsityConfig:
         "every prunable gamma (Network Slimming's uniform penalty, trained with its SGD recipe)",
     )
     zero_gamma: float = option(1e-2, "|gamma| below which a channel counts as zeroed, for stop_at_flops")
-    # Under an Adam-family optimizer a parameter's step is at most about lr, the penalty's lr x sr: at sr near 1 a few
-    # targets whose gradient holds steady never reach zero and the stop is never met. The license-plate YOLO11n at sr 1
-    # stood a few channels short (0.501) from epoch 18 to the stage's last, 30; the YOLOv8n's stood still 4 epochs
-    # before its last targets gave way, so the stage waits one more.
+    # Under an Adam-family optimizer a parameter's step is at most about lr, the penalty's lr x sr at sr 1: a few
+    # targets whose gradient holds steady can hover above zero for good. The license-plate YOLO11n at sr 1 stood a few
+    # channels short (0.501) from epoch 18 to the stage's last, 30, and the prune that cut them live lost 2.3 points;
+    # the YOLOv8n's stood still 4 epochs before its last targets gave way, so the stage waits one more.
     stall_epochs: int = option(
         5,
-        "with stop_at_flops and a constant schedule: end early once the zeroed channels have not grown for this many "
-        "epochs (the channels left resist the penalty; the prune cuts them); 0 never",
+        "targeted, constant schedule: once the zeroed channels have not grown for this many epochs, the targets left "
+        "resist the penalty and sr triples (again after each such stall); 0 never",
     )
     round_to: int = option(8, "the rounding the later prune will use, for stop_at_flops")
     min_keep: float = option(0.1, "the later prune's per-layer minimum fraction, for stop_at_flops")
@@ -184,7 +184,7 @@ class SparsityConfig:
                 "targeted off (--no-targeted) to penalise every gamma for all epochs"
             )
         if self.stall_epochs < 0:
-            raise YoloslimError(f"stall_epochs must be >= 0 (0: never end on a stall), got {self.stall_epochs}")
+            raise YoloslimError(f"stall_epochs must be >= 0 (0: sr never rises), got {self.stall_epochs}")
         if not self.zero_gamma > 0 or self.round_to < 1 or not 0 <= self.min_keep <= 1:  # `not >`: NaN fails too
             raise YoloslimError(
                 f"zero_gamma must be > 0, round_to >= 1 and min_keep in [0, 1], got {self.zero_gamma}, "

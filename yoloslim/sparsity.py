@@ -9,8 +9,9 @@ group whose current learning rate is lr is soft-thresholded:
 This is the proximal step of the penalty sr_t * sum|gamma| with step size lr: what plain SGD does to that term. It is
 applied after the optimizer's own step, on the parameters directly, so Adam's gradient normalisation, the AMP loss
 scale, the loss being multiplied by the batch size, gradient accumulation and gradient-norm clipping cannot change it.
-sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch) and depends only
-on the epoch, so a resumed run continues it exactly.
+sr_t follows the schedule (constant, linear or cosine decay to `final_ratio * sr` at the last epoch); a targeted run
+under a constant penalty triples it after each `stall_epochs` epochs without new zeroed channels (see epoch_sr). Both
+depend only on the epoch and the epochs logged in results.csv, so a resumed run continues them exactly.
 
 Targeted (SparsityConfig.targeted): at each epoch start the later prune's own plan for stop_at_flops, made from the
 model as it stands, names the channels it would remove, and only their gammas take the step; the channels the prune
@@ -54,6 +55,8 @@ GAMMA_PLOT = "gamma_distribution.png"
 _LOG_EDGES = np.concatenate([[0.0], np.logspace(-6, 1, 57)])
 # a change in the zeroed channels' GFLOPs fraction smaller than this is no progress (results.csv keeps 6 digits)
 STALL_TOLERANCE = 1e-4
+# sr's rise at each stall: the penalty's step becomes three times the most that Adam's own step (about lr) can defend
+STALL_FACTOR = 3.0
 
 
 def prunable_batchnorms(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -124,7 +127,7 @@ class SparsityCallback:
         self.config = config
 
     def __call__(self, trainer) -> None:
-        trainer.sr = self.config.sr_at(trainer.epoch, trainer.epochs)
+        trainer.sr = trainer.epoch_sr()
         if self.config.targeted:
             trainer.select_targets()
 
@@ -266,14 +269,6 @@ class SparsityTrainer(SafeDetectionTrainer):
                 f"GFLOPs (target {target}); ending the run after epoch {self.epoch + 1}."
             )
             self.stop = True
-        elif self._stalled(kept):
-            LOGGER.warning(
-                f"Sparsity: the zeroed channels have stood at a prune to {kept:.3f} of the GFLOPs (target {target}) "
-                f"for {self.sparsity.stall_epochs} epochs: the channels left resist the penalty, so the run ends after "
-                f"epoch {self.epoch + 1}. A prune to {target} cuts some of them while they are live; if it loses more "
-                "than the finetune wins back, train with a higher sr."
-            )
-            self.stop = True
         elif self.epoch + 1 >= self.epochs:
             LOGGER.warning(
                 f"Sparsity: the last epoch ended with the zeroed channels worth a prune to {kept:.3f} of the GFLOPs, "
@@ -282,20 +277,24 @@ class SparsityTrainer(SafeDetectionTrainer):
             )
         return {"sparsity/zeroed_flops": kept}
 
-    def _stalled(self, kept: float) -> bool:
-        """Whether the zeroed channels, once they began to count, have not grown for stall_epochs epochs (this one
-        included) under a constant penalty (a decaying schedule slows them by design). The earlier epochs' figures
-        come from results.csv, which a resumed run keeps; a row of this epoch from before an interruption is not one."""
-        patience = self.sparsity.stall_epochs
-        if not patience or self.sparsity.schedule != "constant":
-            return False
+    def epoch_sr(self) -> float:
+        """This epoch's sr: the schedule's, times STALL_FACTOR for each stall so far of a targeted run under a constant
+        penalty. Every DDP rank derives it from results.csv at the epoch start (rank 0 wrote the last row before the
+        epoch-end broadcast); a row of this epoch or later from before an interruption is not history."""
+        scheduled = self.sparsity.sr_at(self.epoch, self.epochs)
+        if not (self.sparsity.targeted and self.sparsity.stall_epochs and self.sparsity.schedule == "constant"):
+            return scheduled
         logged = self.read_results_csv()
         rows = zip(logged.get("epoch", []), logged.get("sparsity/zeroed_flops", []))
-        earlier = [k for epoch, k in rows if epoch <= self.epoch]
-        history = [*earlier, kept][-(patience + 1) :]
-        return len(history) == patience + 1 and history[0] < 1 and min(history[1:]) >= history[0] - STALL_TOLERANCE
+        stalls = count_stalls([kept for epoch, kept in rows if epoch <= self.epoch], self.sparsity.stall_epochs)
+        sr = scheduled * STALL_FACTOR**stalls
+        if stalls and sr != getattr(self, "sr", sr):
+            LOGGER.warning(
+                f"Sparsity: the zeroed channels have not grown for {self.sparsity.stall_epochs} epochs: the targets "
+                f"left resist the penalty, so sr rises to {sr:g} from epoch {self.epoch + 1}."
+            )
+        return sr
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
         if isinstance(weights, nn.Module) and self.lineage().get("prune"):  # iterative slimming: keep the pruned widths
             return trainable_copy(weights, self.data["nc"])
@@ -328,6 +327,19 @@ class ClassicSparsityTrainer(ClassicTraining, SparsityTrainer):
     def select_targets(self) -> None:
         with plain_classic(unwrap_model(self.model)):  # chosen by a prune's plan, which traces the model
             super().select_targets()
+
+
+def count_stalls(zeroed_flops: list[float], patience: int) -> int:
+    """How often the zeroed channels' GFLOPs fraction, once below 1, went `patience` epochs without a new low."""
+    stalls, best, since = 0, 1.0, 0
+    for kept in zeroed_flops:
+        if kept < best - STALL_TOLERANCE:
+            best, since = kept, 0
+        elif best < 1:
+            since += 1
+            if since == patience:
+                stalls, since = stalls + 1, 0
+    return stalls
 
 
 def record_gamma_histogram(path: Path, epoch: int, sr: float, gammas: np.ndarray) -> dict:
