@@ -193,10 +193,13 @@ def test_stage_names_carry_the_settings_that_make_them_differ():
         round_to=8,
         targeted=False,
         sparse_recipe="sgd",
+        stall_epochs=bench_prune.DEFAULT_SPARSITY.stall_epochs,
     )
     assert bench_prune._sparse_tag(args) == "sr0.3-e20"
     targeted = bench_prune.argparse.Namespace(**{**vars(args), "targeted": True, "sparse_recipe": "finetune"})
     assert bench_prune._sparse_tag(targeted) == "sr0.3-e20-targeted-ftrecipe"
+    fixed = bench_prune.argparse.Namespace(**{**vars(targeted), "stall_epochs": 0})  # a stage whose sr never rises
+    assert bench_prune._sparse_tag(fixed) == "sr0.3-e20-targeted-ftrecipe-stall0"
     assert (
         bench_prune._sparse_tag(bench_prune.argparse.Namespace(**{**vars(args), "stop_at_flops": 0.5}))
         == "sr0.3-e20-stop0.5"

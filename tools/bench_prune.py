@@ -179,6 +179,13 @@ def main() -> None:
         "at most this fraction of the GFLOPs; the finetune gets the epochs it leaves (stages -stop<F>); "
         f"none trains every --sparse-epochs (default {DEFAULT_SPARSITY.stop_at_flops})",
     )
+    parser.add_argument(
+        "--stall-epochs",
+        type=int,
+        default=DEFAULT_SPARSITY.stall_epochs,
+        help="targeted, constant sr: sr triples after this many epochs without new zeroed channels (see yoloslim "
+        f"train --stall-epochs; stages -stall<N> when not the default {DEFAULT_SPARSITY.stall_epochs}; 0: sr fixed)",
+    )
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_RECIPE.epochs)
     parser.add_argument(
         "--round-to",
@@ -308,6 +315,7 @@ def main() -> None:
             round_to=args.round_to,
             min_keep=args.min_keep,
             targeted=args.targeted,
+            stall_epochs=args.stall_epochs,
         )
         sparse_recipe = {**recipe, **(SGD_TRAIN if args.sparse_recipe == "sgd" else {})}
         points["sparse"] = args.sparse or _train(
@@ -483,6 +491,8 @@ def _sparse_tag(args) -> str:
         return ""
     tag = f"sr{args.sr}-e{args.sparse_epochs}" + ("" if args.sr_schedule == "constant" else f"-{args.sr_schedule}")
     tag += ("-targeted" if args.targeted else "") + ("-ftrecipe" if args.sparse_recipe == "finetune" else "")
+    if args.stall_epochs != DEFAULT_SPARSITY.stall_epochs:
+        tag += f"-stall{args.stall_epochs}"
     if args.stop_at_flops is None:
         return tag
     # where the run stops depends on the prune it measures, so that prune's guards name the stage too
@@ -676,6 +686,10 @@ def _budgets(settings: dict) -> str:
         sparse = f"sparsity {settings['sparse_epochs']} epochs at sr {settings['sr']} ({settings['sr_schedule']})"
         if settings.get("targeted"):
             sparse += ", targeted (only the channels the prune would remove paid it)"
+            stall = settings.get("stall_epochs")
+            if stall is not None and settings["sr_schedule"] == "constant":
+                rises = f", sr tripled after each {stall} epochs without new zeroed channels"
+                sparse += rises if stall else ", sr fixed"
         if settings.get("sparse_recipe") == "finetune":
             nbs = settings.get("sparsity", {}).get("nbs")
             sparse += ", trained with the finetune recipe" + (f" at nbs {nbs}, a penalty step per batch" if nbs else "")
