@@ -134,7 +134,7 @@ def test_sr_reaches_sparsity_training_and_a_bad_one_is_refused(shipped_weights, 
         SlimConfig(sr=-1)
     with pytest.raises(YoloslimError, match="method l1 skips; drop sr"):
         SlimConfig(method="l1", sr=1)
-    for sr, used in ((None, TARGETED_SR), (1.0, 1.0)):
+    for sr, used in ((None, TARGETED_SR), (2.0, 2.0)):
         config = SlimConfig(
             weights=str(shipped_weights), data=str(tiny_data), sr=sr, project=str(tmp_path), name=str(sr)
         )
