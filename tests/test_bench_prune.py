@@ -309,13 +309,14 @@ def test_the_whole_benchmark_runs_on_each_family_and_resumes(cfg, tmp_path, monk
         weights = save_as_ultralytics_would(random_model(nc=classes, cfg=cfg), tmp_path / "best.pt")
     out = tmp_path / "bench"
     argv = ["bench_prune.py", "--smoke", "--weights", str(weights), "--out", str(out), "--threads", "1"]
-    tags = ["sr3.0-e1-targeted-ftrecipe-stop0.5-flops0.5"]
+    stage = f"sr{float(bench_prune.TARGETED_SR)}-e1-targeted-ftrecipe-stop0.5"  # the default stage, one epoch
+    tags = [f"{stage}-flops0.5"]
     if cfg == "yolov8n.yaml":  # and a prune to a latency, with a table whose timings are a known function of the plan
         from test_prune_latency import synthetic_table
 
         table = synthetic_table(weights, imgsz=64, out=tmp_path / "table.json")
         argv += ["--target-flops", "0.5", "--target-latency", "0.6", "--latency-table", str(tmp_path / "table.json")]
-        tags.append("sr3.0-e1-targeted-ftrecipe-stop0.5-lat0.6")
+        tags.append(f"{stage}-lat0.6")
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(bench_prune, "LATENCY_ROUNDS", 4)
     bench_prune.main()
