@@ -695,8 +695,8 @@ def _budgets(settings: dict) -> str:
             sparse += ", trained with the finetune recipe" + (f" at nbs {nbs}, a penalty step per batch" if nbs else "")
         if settings.get("stop_at_flops") is not None:
             sparse += (
-                f", ended once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the "
-                f"GFLOPs (after {settings['sparse_epochs_used']} epochs)"
+                f", to end once its channels below |gamma| 0.01 gave a prune to {settings['stop_at_flops']} of the "
+                f"GFLOPs (it trained {settings['sparse_epochs_used']} of its {settings['sparse_epochs']} epochs)"
             )
     min_keep = settings.get("min_keep", DEFAULT_PRUNE.min_keep)
     sparse += f"; pruned widths rounded to multiples of {settings['round_to']}, at least {min_keep} of each layer kept"
