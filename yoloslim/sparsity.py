@@ -295,6 +295,7 @@ class SparsityTrainer(SafeDetectionTrainer):
             )
         return sr
 
+    # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
         if isinstance(weights, nn.Module) and self.lineage().get("prune"):  # iterative slimming: keep the pruned widths
             return trainable_copy(weights, self.data["nc"])
