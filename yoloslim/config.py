@@ -137,9 +137,9 @@ class SparsityConfig:
     )
     # Targeted: the penalty falls only on the channels that a prune to stop_at_flops would remove if made now, chosen
     # again at each epoch start by the later prune's own plan, so the channels it keeps train as in the control run
-    # instead of shrinking with the rest. On the four license-plate models it ended 1.3 to 3.5 points under the control
-    # where the uniform penalty ended 2.6 to 10.0 under, and its prunes ran INT8 on the CPU at 0.56 to 0.72 of FP32
-    # (docs/sparsity.md).
+    # instead of shrinking with the rest. At sr 3 on four license-plate models it ended 1.3 to 3.5 points under the
+    # control where the uniform penalty ended 2.6 to 10.0 under, and its prunes ran INT8 on the CPU at 0.56 to 0.72 of
+    # FP32 (docs/sparsity.md).
     targeted: bool = option(
         True,
         "penalise only the channels a prune to stop_at_flops would remove now (chosen each epoch); --no-targeted: "
